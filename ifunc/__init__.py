@@ -1,0 +1,18 @@
+"""ifunc: influence functions for PyTorch as pure, composable transforms on torch.func."""
+from .attribute import attribute, self_influence
+from .curvature import CurvatureOperator, OutputLoss, curvature_operator, ggn, ggn_vp, hessian, hvp, output_loss
+from .functional import call, flatten, flatten_func, params_of
+from .grads import iter_per_sample_grads, per_sample_grads
+from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_solve, ihvp_arnoldi, ihvp_cg,
+                   ihvp_explicit, ihvp_from_matrix, ihvp_lissa, lanczos)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "params_of", "call", "flatten", "flatten_func",
+    "output_loss", "OutputLoss", "curvature_operator", "CurvatureOperator", "hvp", "ggn_vp", "hessian", "ggn",
+    "IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve", "CGResult",
+    "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
+    "per_sample_grads", "iter_per_sample_grads",
+    "attribute", "self_influence",
+]

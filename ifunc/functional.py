@@ -1,0 +1,166 @@
+"""Functional parameters: read a module's parameters as a pytree, call it with others, flatten.
+
+Everything here is pure: nothing reads parameters from the module when a pytree is given, and nothing
+writes to the module.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import optree
+import torch
+from torch import nn
+
+from ._types import Params
+
+__all__ = ["params_of", "call", "flatten", "flatten_func"]
+
+
+def params_of(
+    model: nn.Module,
+    *,
+    trainable_only: bool = True,
+    modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Detached copy-free view of a module's parameters as a ``dict`` name -> tensor.
+
+    Args:
+      model: any ``nn.Module``.
+      trainable_only: keep only parameters with ``requires_grad=True`` (default).
+      modules: restrict to the parameters of some sub-modules, given by their qualified names
+        (``["fc1", "head"]``) or a predicate ``(name, module) -> bool``. A name selects the module and
+        everything below it.
+
+    Returns:
+      ``{qualified_name: tensor}`` with tensors detached from autograd (they share storage with the
+      module; ifunc never writes to them).
+
+    Raises:
+      ValueError: a requested module name does not exist, or nothing was selected.
+
+    Example:
+      >>> params = params_of(torch.nn.Linear(3, 2))
+      >>> sorted(params)
+      ['bias', 'weight']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"params_of expects an nn.Module, got {type(model).__name__}")
+    selected: dict[str, torch.Tensor] = {}
+    if modules is None:
+        prefixes = None
+    elif callable(modules):
+        prefixes = [n for n, m in model.named_modules() if modules(n, m)]
+    else:
+        prefixes = list(modules)
+        known = dict(model.named_modules())
+        missing = [p for p in prefixes if p not in known]
+        if missing:
+            raise ValueError(
+                f"params_of: no sub-module named {missing}; available: {sorted(k for k in known if k)}"
+            )
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if prefixes is not None and not any(
+            pre == "" or name == pre or name.startswith(pre + ".") for pre in prefixes
+        ):
+            continue
+        selected[name] = p.detach()
+    if not selected:
+        raise ValueError("params_of: no parameters selected (check `modules` and `trainable_only`)")
+    return selected
+
+
+def call(model: nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
+    """Run ``model(*args, **kwargs)`` with ``params`` in place of its parameters.
+
+    A thin wrapper over ``torch.func.functional_call``: parameters not in ``params`` (and buffers) are
+    taken from the module. The module itself is not modified.
+    """
+    if not isinstance(params, dict):
+        raise TypeError(
+            "call(model, params, ...) needs params as a dict name -> tensor (from ifunc.params_of); "
+            f"got {type(params).__name__}. For a flat vector use the `unflatten` from ifunc.flatten first."
+        )
+    return torch.func.functional_call(model, params, args, kwargs, strict=False)
+
+
+class Unflatten:
+    """Inverse of :func:`flatten`: ``[d] -> pytree`` and ``[k, d] -> pytree of [k, *shape]``."""
+
+    def __init__(self, treespec, shapes: list[torch.Size], dtypes: list[torch.dtype]):
+        self.treespec = treespec
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.sizes = [s.numel() for s in shapes]
+        self.dim = sum(self.sizes)
+
+    def __call__(self, vector: torch.Tensor) -> Params:
+        if not isinstance(vector, torch.Tensor) or vector.dim() not in (1, 2) or vector.shape[-1] != self.dim:
+            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise ValueError(f"unflatten: expected a vector [{self.dim}] or a stack [k, {self.dim}], got {shape}")
+        lead = vector.shape[:-1]
+        pieces = torch.split(vector, self.sizes, dim=-1)
+        leaves = [p.reshape(tuple(lead) + tuple(s)) for p, s in zip(pieces, self.shapes)]
+        return optree.tree_unflatten(self.treespec, leaves)
+
+    def flatten_like(self, tree: Params, *, batched: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """Flatten a pytree with this structure to ``[d]`` or ``[k, d]``; returns ``(flat, batched)``."""
+        leaves, spec = optree.tree_flatten(tree, namespace="ifunc")
+        if spec != self.treespec:
+            raise ValueError(
+                f"pytree structure {spec} does not match the parameters' structure {self.treespec}; "
+                "pass a tree with the same keys as params, or a flat vector"
+            )
+        if batched is None:
+            batched = tuple(leaves[0].shape) != tuple(self.shapes[0])
+        for leaf, shape in zip(leaves, self.shapes):
+            want = shape if not batched else (leaves[0].shape[0], *shape)
+            if tuple(leaf.shape) != tuple(want):
+                raise ValueError(f"pytree leaf of shape {tuple(leaf.shape)} where {tuple(want)} was expected")
+        if batched:
+            flat = torch.cat([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], dim=1)
+        else:
+            flat = torch.cat([leaf.reshape(-1) for leaf in leaves])
+        return flat, batched
+
+
+def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
+    """Flatten a pytree of tensors to one vector.
+
+    Returns:
+      ``(vector [d], unflatten)``: ``unflatten(vector)`` gives back the pytree, and
+      ``unflatten(stack [k, d])`` gives a pytree whose leaves carry a leading ``k`` dimension.
+
+    Raises:
+      TypeError: a leaf is not a tensor; ValueError: leaves differ in dtype or device.
+
+    Example:
+      >>> flat, unflatten = flatten({"w": torch.ones(2, 3), "b": torch.zeros(2)})
+      >>> flat.shape, unflatten(flat)["w"].shape
+      (torch.Size([8]), torch.Size([2, 3]))
+    """
+    leaves, treespec = optree.tree_flatten(params, namespace="ifunc")
+    if not leaves:
+        raise ValueError("flatten: params is an empty pytree")
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"flatten: every leaf must be a tensor, found {type(leaf).__name__}")
+    dtypes = {leaf.dtype for leaf in leaves}
+    devices = {leaf.device for leaf in leaves}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"flatten: parameters mix dtypes {sorted(map(str, dtypes))} / devices {sorted(map(str, devices))}; "
+            "cast them to one (e.g. model.double()) first"
+        )
+    vector = torch.cat([leaf.detach().reshape(-1) for leaf in leaves])
+    return vector, Unflatten(treespec, [leaf.shape for leaf in leaves], [leaf.dtype for leaf in leaves])
+
+
+def flatten_func(f: Callable, unflatten: Callable[[torch.Tensor], Params]) -> Callable:
+    """``f(params, *args) -> f_flat(vector, *args)``, with ``vector`` the output of :func:`flatten`."""
+
+    def f_flat(vector: torch.Tensor, *args, **kwargs):
+        return f(unflatten(vector), *args, **kwargs)
+
+    return f_flat

@@ -1,0 +1,9 @@
+"""iHVP methods: one file per method, each returning an :class:`IHVP` closure."""
+from ._base import IHVP, ConvergenceError
+from .arnoldi import ihvp_arnoldi, lanczos
+from .cg import CGResult, cg_solve, ihvp_cg
+from .explicit import ihvp_explicit, ihvp_from_matrix
+from .lissa import LissaDivergenceWarning, ihvp_lissa
+
+__all__ = ["IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve",
+           "CGResult", "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos"]

@@ -1,0 +1,111 @@
+"""Small problems with known answers, shared by the tests, the demo and the benchmarks.
+
+Public so that people who extend ifunc can test their own methods the same way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .curvature import output_loss
+from .functional import call, params_of
+
+__all__ = ["random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
+           "synthetic_classification"]
+
+
+def random_spd(d: int, *, cond: float = 100.0, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """A ``[d, d]`` SPD matrix ``Q diag(λ) Qᵀ`` with eigenvalues log-spaced in ``[1/cond, 1]``."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    w = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), d, dtype=torch.float64)
+    return ((Q * w) @ Q.T).to(dtype)
+
+
+def mlp_problem(*, seed: int = 0, sizes=(3, 4, 2), n: int = 12, activation=nn.Tanh, task: str = "classification",
+                dtype=torch.float64):
+    """A random MLP with data: returns ``(model, params, loss, (x, y))``; ``loss`` is an ``output_loss``.
+
+    ``task="classification"`` uses summed cross-entropy, ``"regression"`` summed squared error (× 1/2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 and activation is not None:
+            layers.append(activation())
+    model = nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) / max(1, p.shape[-1]) ** 0.5)
+    x = torch.randn(n, sizes[0], generator=gen, dtype=dtype)
+    if task == "classification":
+        y = torch.randint(0, sizes[-1], (n,), generator=gen)
+        lo = lambda out, b: F.cross_entropy(out, b[1], reduction="sum")  # noqa: E731
+    elif task == "regression":
+        y = torch.randn(n, sizes[-1], generator=gen, dtype=dtype)
+        lo = lambda out, b: 0.5 * ((out - b[1]) ** 2).sum()  # noqa: E731
+    else:
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    loss = output_loss(lambda p, b: call(model, p, b[0]), lo)
+    return model, params_of(model), loss, (x, y)
+
+
+def synthetic_classification(n: int = 200, d: int = 5, *, seed: int = 0, noise: float = 1.0,
+                             dtype=torch.float64):
+    """Binary labels from a noisy linear rule: ``(x [n, d], y [n] in {0, 1})``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    w = torch.randn(d, generator=gen, dtype=dtype)
+    logits = x @ w + noise * torch.randn(n, generator=gen, dtype=dtype)
+    return x, (logits > 0).to(dtype)
+
+
+def logistic_loss(l2: float):
+    """Summed L2-regularised logistic loss on ``params = {"w": [d], "b": []}`` and ``batch = (x, y)``.
+
+    Per example: ``softplus(z) − y z + (l2/2)‖w‖²`` with ``z = x·w + b``; the mean over a data set is the
+    usual regularised objective, so its Hessian is the ``H`` ifunc's methods use (``curvature="hessian"``;
+    the loss is convex, so ``H`` is PSD).
+    """
+    def loss(params, batch):
+        x, y = batch
+        z = x @ params["w"] + params["b"]
+        return (F.softplus(z) - y * z).sum() + 0.5 * l2 * x.shape[0] * (params["w"] ** 2).sum()
+
+    return loss
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float, init: dict | None = None,
+                 weights: torch.Tensor | None = None, tol: float = 1e-12) -> dict[str, torch.Tensor]:
+    """Minimise the mean regularised logistic loss (Newton's method, float64); ``weights`` per example."""
+    n, d = x.shape
+    w = torch.zeros(d + 1, dtype=torch.float64) if init is None else torch.cat([init["w"], init["b"][None]]).double()
+    X = torch.cat([x.double(), torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    c = torch.ones(n, dtype=torch.float64) if weights is None else weights.double()
+    total = c.sum()
+    reg = torch.full((d + 1,), l2, dtype=torch.float64)
+    reg[-1] = 0.0
+    for _ in range(100):
+        z = X @ w
+        p = torch.sigmoid(z)
+        g = X.T @ (c * (p - y.double())) / total + reg * w
+        if g.norm() < tol:
+            break
+        H = (X.T * (c * p * (1 - p))) @ X / total + torch.diag(reg)
+        w = w - torch.linalg.solve(H, g)
+    return {"w": w[:d].to(x.dtype), "b": w[d].to(x.dtype)}
+
+
+def leave_one_out_losses(x, y, xq, yq, *, l2: float, indices) -> torch.Tensor:
+    """Query losses ``[len(indices), n_query]`` after retraining without each training example."""
+    full = fit_logistic(x, y, l2=l2)
+    out = []
+    for i in indices:
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+        keep[i] = False
+        p = fit_logistic(x[keep], y[keep], l2=l2, init=full)
+        z = xq @ p["w"] + p["b"]
+        out.append(F.softplus(z) - yq * z)
+    return torch.stack(out)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from hypothesis import given
+
+import ifunc
+from ifunc.testing import mlp_problem
+
+from .strategies import mlp_problems
+
+
+@given(mlp_problems())
+def test_hvp_and_ggn_vp_match_dense_matrices(problem):
+    _, params, loss, data = problem
+    H = ifunc.hessian(loss, params, data)
+    G = ifunc.ggn(loss, params, data)
+    d = H.shape[0]
+    V = torch.randn(3, d, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ifunc.hvp(loss, params, data, V), V @ H, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ifunc.ggn_vp(loss, params, data, V), V @ G, rtol=1e-8, atol=1e-10)
+    # GGN is PSD and symmetric
+    assert torch.linalg.eigvalsh(G).min() > -1e-10
+    torch.testing.assert_close(G, G.T)
+
+
+def test_curvature_of_several_batches_is_the_mean_not_a_sum():
+    _, params, loss, (x, y) = mlp_problem(seed=3, n=10)
+    whole = ifunc.hessian(loss, params, (x, y))
+    split = [(x[:3], y[:3]), (x[3:], y[3:])]
+    torch.testing.assert_close(ifunc.hessian(loss, params, split), whole)
+    v = torch.randn(whole.shape[0])
+    torch.testing.assert_close(ifunc.hvp(loss, params, split, v), whole @ v)
+    # and the explicit inverse over the split data is the inverse of the mean, not a sum of inverses
+    G = ifunc.ggn(loss, params, (x, y))
+    ih = ifunc.ihvp_explicit(loss, params, split, damping=0.1, curvature="ggn")
+    torch.testing.assert_close(ih(v), torch.linalg.solve(G + 0.1 * torch.eye(len(v)), v))
+
+
+def test_hvp_accepts_pytrees_and_stacks():
+    _, params, loss, data = mlp_problem(seed=1)
+    flat, unflatten = ifunc.flatten(params)
+    V = torch.randn(2, flat.numel())
+    out_tree = ifunc.hvp(loss, params, data, unflatten(V))
+    expected = unflatten(ifunc.hvp(loss, params, data, V))
+    assert list(out_tree) == list(params)
+    for name in params:
+        torch.testing.assert_close(out_tree[name], expected[name])
+    singles = torch.stack([ifunc.hvp(loss, params, data, v) for v in V])
+    torch.testing.assert_close(singles, ifunc.hvp(loss, params, data, V))
+
+
+def test_ggn_needs_split_loss_and_loss_must_be_scalar():
+    _, params, loss, data = mlp_problem(seed=1)
+    plain = lambda p, b: loss(p, b)  # noqa: E731
+    with pytest.raises(TypeError, match="output_loss"):
+        ifunc.ggn(plain, params, data)
+    with pytest.raises(ValueError, match="scalar"):
+        ifunc.curvature_operator(lambda p, b: loss.outputs(p, b), params, data, curvature="hessian")
+    with pytest.raises(ValueError, match="curvature='fisherish'"):
+        ifunc.curvature_operator(loss, params, data, curvature="fisherish")
