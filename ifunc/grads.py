@@ -61,6 +61,12 @@ def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chun
                     "per-sample gradients under vmap hit random operations (dropout?): put the model in "
                     "eval mode or make the loss deterministic"
                 ) from err
+            if "data-dependent control flow" in str(err) or ".item()" in str(err):
+                raise RuntimeError(
+                    "per-sample gradients under vmap hit data-dependent Python (.item(), float(tensor), "
+                    "`if tensor:`, one_hot) inside the loss or model: rewrite it with tensor operations "
+                    "(torch.where, masks); for Hugging Face models use attn_implementation='eager'"
+                ) from err
             raise
         bad = ~torch.isfinite(G).all(dim=1)
         if bool(bad.any()):

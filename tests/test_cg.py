@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ifunc
+from ifunc.testing import mlp_problem, random_spd
+
+
+@pytest.mark.parametrize("maxiter", [1, 3])
+def test_first_iterates_equal_scipy(maxiter):
+    A = random_spd(12, cond=50, seed=3)
+    b = torch.randn(12, generator=torch.Generator().manual_seed(4))
+    res = ifunc.cg_solve(lambda V: V @ A, b, tol=0.0, maxiter=maxiter)
+    expected, _ = scipy.sparse.linalg.cg(A.numpy(), b.numpy(), x0=np.zeros(12), rtol=0.0, atol=0.0,
+                                         maxiter=maxiter)
+    np.testing.assert_allclose(res.x.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert int(res.iterations[0]) == maxiter and not res.converged
+
+
+@given(d=st.integers(2, 20), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000), k=st.integers(1, 4))
+def test_exact_after_d_iterations_and_block_equals_single(d, cond, seed, k):
+    A = random_spd(d, cond=cond, seed=seed)
+    B = torch.randn(k, d, generator=torch.Generator().manual_seed(seed + 1))
+    res = ifunc.cg_solve(lambda V: V @ A, B, tol=1e-10, maxiter=4 * d)
+    assert res.converged
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, B.T).T, rtol=1e-6, atol=1e-8)
+    for i in range(k):
+        single = ifunc.cg_solve(lambda V: V @ A, B[i], tol=1e-10, maxiter=4 * d)
+        torch.testing.assert_close(single.x, res.x[i])
+        assert int(single.iterations[0]) == int(res.iterations[i])
+
+
+def test_stops_on_its_tolerance_and_reports_iterations():
+    A = random_spd(50, cond=1e3, seed=0)
+    b = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    loose = ifunc.cg_solve(lambda V: V @ A, b, tol=1e-2, maxiter=1000)
+    tight = ifunc.cg_solve(lambda V: V @ A, b, tol=1e-10, maxiter=1000)
+    assert loose.converged and tight.converged
+    assert int(loose.iterations[0]) < int(tight.iterations[0]) < 1000
+    assert float(loose.residual[0]) <= 1e-2 * float(b.norm())
+    assert float((b - A @ loose.x).norm()) == pytest.approx(float(loose.residual[0]), rel=1e-6)
+
+
+def test_exact_preconditioner_converges_in_one_iteration():
+    A = random_spd(30, cond=1e4, seed=5)
+    Ainv = torch.linalg.inv(A)
+    b = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
+    res = ifunc.cg_solve(lambda V: V @ A, b, tol=1e-8, preconditioner=lambda R: R @ Ainv)
+    assert res.converged and int(res.iterations.max()) == 1
+
+
+def test_ihvp_cg_raises_with_the_residual_when_it_does_not_converge():
+    _, params, loss, data = mlp_problem(seed=0, sizes=(3, 6, 3), n=10)
+    ihvp = ifunc.ihvp_cg(loss, params, data, damping=1e-6, tol=1e-14, maxiter=2)
+    with pytest.raises(ifunc.ConvergenceError, match=r"did not converge in 2 iterations: relative residual"):
+        ihvp(torch.ones(ihvp.dim))
+
+
+def test_ihvp_cg_accepts_another_ihvp_as_preconditioner():
+    _, params, loss, data = mlp_problem(seed=1, n=10)
+    exact = ifunc.ihvp_explicit(loss, params, data, damping=0.1)
+    pcg = ifunc.ihvp_cg(loss, params, data, damping=0.1, tol=1e-10, maxiter=2, preconditioner=exact)
+    v = torch.randn(exact.dim)
+    torch.testing.assert_close(pcg(v), exact(v))
+
+
+def test_not_positive_definite_is_reported():
+    A = -torch.eye(3)
+    with pytest.raises(ValueError, match="not positive definite"):
+        ifunc.cg_solve(lambda V: V @ A, torch.ones(3))
