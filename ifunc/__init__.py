@@ -5,6 +5,9 @@ from .functional import call, flatten, flatten_func, params_of
 from .grads import iter_per_sample_grads, per_sample_grads
 from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_solve, ihvp_arnoldi, ihvp_cg,
                    ihvp_explicit, ihvp_from_matrix, ihvp_lissa, lanczos)
+from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
+                   ihvp_kfac)
+from .capture import capture_layer_grads
 
 __version__ = "0.1.0"
 
@@ -13,6 +16,8 @@ __all__ = [
     "output_loss", "OutputLoss", "curvature_operator", "CurvatureOperator", "hvp", "ggn_vp", "hessian", "ggn",
     "IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve", "CGResult",
     "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
+    "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors", "KroneckerFactors",
+    "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",
     "attribute", "self_influence",
 ]

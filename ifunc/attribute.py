@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._types import Data, LossFn, Measurement, Params
+from ._kscore import kronecker_attribute, kronecker_self_influence, kronecker_state
 from .grads import iter_per_sample_grads, per_sample_grads
 from .ihvp._base import IHVP
 
@@ -23,7 +24,8 @@ def _solve(ihvp, V: torch.Tensor) -> torch.Tensor:
 
 def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
               measurement: Measurement | None = None, chunk_size: int | None = None,
-              max_memory: int | None = None) -> torch.Tensor:
+              max_memory: int | None = None, query_rank: int | None = None,
+              per_module: bool = False) -> torch.Tensor:
     """Pairwise influence scores of training examples on query measurements.
 
     ``scores[q, i] = ∇f(z_q)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, with ``f`` the measurement (default: the loss) and
@@ -41,6 +43,15 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
       train, query: batch, list of batches, Dataset or DataLoader.
       measurement: ``f(params, batch) -> scalar`` for the queries; default ``loss``.
       chunk_size, max_memory: examples per gradient chunk, or a byte budget (default 1 GiB).
+      query_rank: Kronecker family only: compress each preconditioned query to rank ``r`` per layer
+        (SVD), trading accuracy for speed.
+      per_module: Kronecker family only: return ``[n_modules, n_query, n_train]``, one slice per block of
+        ``ihvp.info["modules"]``, summing to the total.
+
+    When ``ihvp`` is a Kronecker-family closure built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``,
+    ``ihvp_diagonal``, ``ihvp_identity``), queries are preconditioned per layer and contracted with
+    captured layer inputs / output-gradients of the training examples (``Σ_t g_tᵀ Q̃ a_t``), with no
+    per-example gradient of the whole model; the result is the same as the generic path.
 
     Returns:
       ``[n_query, n_train]`` tensor in the parameters' dtype.
@@ -49,6 +60,12 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
+    if kronecker_state(ihvp) is not None:
+        return kronecker_attribute(loss, params, ihvp, train, query, measurement=measurement, chunk_size=chunk_size,
+                                   max_memory=max_memory, query_rank=query_rank, per_module=per_module)
+    if query_rank is not None or per_module:
+        raise ValueError("query_rank= and per_module=True need a Kronecker-family closure built with model= "
+                         "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
     Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
     _check_ihvp(ihvp, Q.shape[1])
     with torch.no_grad():
@@ -65,6 +82,8 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
     Large values flag examples the model finds surprising (often mislabelled). Each chunk of gradients is
     solved as one ``[c, d]`` block.
     """
+    if kronecker_state(ihvp) is not None:
+        return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size)
     out = []
     for G in iter_per_sample_grads(loss, params, train, chunk_size=chunk_size, max_memory=max_memory,
                                    name="train"):

@@ -1,0 +1,278 @@
+"""Kronecker factors of the layer curvature blocks: K-FAC covariances, eigenbases, EK-FAC eigenvalues.
+
+Normalisation (per example, consistent with ifunc's mean-loss ``H``): for a layer applied at ``T``
+positions per example (tokens, conv patches, repeated calls), with inputs ``a_{i,t}`` (a 1 appended for
+a tracked bias) and output-gradients ``g_{i,t}`` over ``n`` examples,
+
+* ``A = (1/(nT)) Σ_{i,t} a_{i,t} a_{i,t}ᵀ``     (mean over examples and positions)
+* ``S = (1/n) Σ_{i,t} g_{i,t} g_{i,t}ᵀ``        (sum over positions, mean over examples)
+* ``Λ = (1/n) Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (EK-FAC, per example)
+* ``D = (1/n) Σ_i DW_i²``                        (the diagonal, per example)
+
+so ``A ⊗ S`` (K-FAC, the "expand" approximation) and ``Λ`` (EK-FAC) both approximate the per-example
+(per-sequence) average ``(1/n) Σ_i vec(DW_i) vec(DW_i)ᵀ``: they are damped at the same scale.
+For ``T = 1`` Λ is one matrix product, ``(g̃²)ᵀ (ã²)`` with ``g̃ = g Q_S``, ``ã = a Q_A``; for ``T > 1``
+``Q_Sᵀ DW_i Q_A = (G_i Q_S)ᵀ (A_i Q_A)``, never a per-example gradient of the full model.
+
+``g`` depends on ``curvature``: ``"empirical_fisher"`` uses the data labels (gradients of the loss
+itself); ``"fisher"`` uses labels sampled from the model (a rule ``sample(outputs, generator) ->
+cotangent`` gives ``∂ℓ/∂outputs`` at a sampled label; ``"categorical"`` and ``"gaussian"`` built in);
+``"ggn"`` uses the exact output Hessian ``Λ_out = ∇²_out ℓ`` via its square root (``C`` backward passes
+for ``C`` outputs per position: exact, but costly for large vocabularies).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from .._data import DataSource, batch_size
+from .._types import Data, LossFn, Params
+from ..capture import LayerSpec, find_layers, layer_capture, param_names, requiring_grad
+from ..curvature import OutputLoss, check_scalar
+
+__all__ = ["LayerFactors", "KroneckerFactors", "fit_kronecker_factors", "sample_categorical",
+           "sample_gaussian"]
+
+CURVATURES = ("ggn", "fisher", "empirical_fisher")
+
+
+class LayerFactors(NamedTuple):
+    """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column)."""
+
+    A: torch.Tensor  #: ``[in(+1), in(+1)]`` input covariance
+    S: torch.Tensor  #: ``[out, out]`` output-gradient covariance
+    eig_A: torch.Tensor  #: ``[in(+1)]`` eigenvalues of A (clamped at 0)
+    Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
+    eig_S: torch.Tensor  #: ``[out]``
+    Q_S: torch.Tensor  #: ``[out, out]``
+    diag: torch.Tensor  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block
+    ekfac: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[(Q_Sᵀ DW Q_A)²]``, or None if not fitted
+
+
+class KroneckerFactors(NamedTuple):
+    """Everything :func:`ifunc.ihvp_ekfac` and friends need; plain tensors, strings and ints (storable)."""
+
+    layers: tuple[LayerSpec, ...]
+    factors: dict[str, LayerFactors]  #: module name -> factors
+    fallback: dict[str, torch.Tensor]  #: parameter name -> ``E[(∂ℓ/∂θ)²]`` (parameter's shape)
+    excluded: tuple[str, ...]  #: parameter names excluded by the user
+    n: int  #: number of examples averaged over
+    curvature: str
+
+
+def sample_categorical(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``∂ CE/∂ logits = softmax(z) − onehot(y)`` at ``y ~ softmax(z)`` over the last dim (any leading dims)."""
+    p = torch.softmax(outputs.detach().to(torch.float64), dim=-1)
+    flat = p.reshape(-1, p.shape[-1])
+    y = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+    u = flat - F.one_hot(y, flat.shape[-1]).to(flat.dtype)
+    return u.reshape(outputs.shape).to(outputs.dtype)
+
+
+def sample_gaussian(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``∂/∂out ½‖out − y‖² = −ε`` at ``y = out + ε``, ``ε ~ N(0, I)`` (unit-variance Gaussian likelihood)."""
+    return torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+
+
+_SAMPLERS = {"categorical": sample_categorical, "gaussian": sample_gaussian}
+
+
+def _resolve(loss, curvature, sample):
+    if curvature is None:
+        curvature = "fisher" if sample is not None else ("ggn" if isinstance(loss, OutputLoss) else "empirical_fisher")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature={curvature!r} is not supported by the Kronecker family; choose one of {CURVATURES}")
+    if curvature != "empirical_fisher" and not isinstance(loss, OutputLoss):
+        raise TypeError(
+            f'curvature="{curvature}" needs the model outputs: pass loss=ifunc.output_loss(outputs, '
+            'loss_on_outputs), or use curvature="empirical_fisher"'
+        )
+    if curvature == "fisher":
+        if sample is None:
+            raise ValueError('curvature="fisher" needs sample="categorical", "gaussian" or a callable '
+                             "sample(outputs, generator) -> dloss/doutputs at a sampled label")
+        if isinstance(sample, str):
+            if sample not in _SAMPLERS:
+                raise ValueError(f"sample={sample!r}: choose 'categorical', 'gaussian' or pass a callable")
+            sample = _SAMPLERS[sample]
+        elif not callable(sample):
+            raise TypeError(f"sample must be a string or a callable, got {type(sample).__name__}")
+    return curvature, sample
+
+
+def _ggn_cotangents(loss: OutputLoss, out: torch.Tensor, batch) -> list[torch.Tensor]:
+    """Columns of ``Λ_out^{1/2}`` per position: ``C`` cotangents with ``Σ_c u_c u_cᵀ = Λ_out``."""
+    o = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        g = torch.autograd.grad(check_scalar(loss.loss_on_outputs(o, batch)), o, create_graph=True)[0]
+        C = o.shape[-1]
+        cols = [torch.autograd.grad(g[..., c].sum(), o, retain_graph=c < C - 1)[0] for c in range(C)]
+    H = torch.stack(cols, dim=-1).detach().to(torch.float64)  # [..., C, C]
+    w, Q = torch.linalg.eigh((H + H.transpose(-1, -2)) / 2)
+    root = (Q * w.clamp_min(0).sqrt()[..., None, :]) @ Q.transpose(-1, -2)
+    return [root[..., :, c].to(out.dtype) for c in range(C)]
+
+
+def _draws(loss, p, batch, curvature, sample, n_samples, gen):
+    """Root tensor and ``[(cotangent or None, weight)]`` whose output-gradients give the curvature."""
+    if curvature == "empirical_fisher":
+        return check_scalar(loss(p, batch)), [(None, 1.0)]
+    out = loss.outputs(p, batch)
+    if curvature == "fisher":
+        return out, [(sample(out.detach(), gen), 1.0 / n_samples) for _ in range(n_samples)]
+    return out, [(u, 1.0) for u in _ggn_cotangents(loss, out, batch)]
+
+
+def rotated_sq_sum(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, *, budget: int = 1 << 24) -> torch.Tensor:
+    """``Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ``; ``Q=None`` means the identity."""
+    if Q_S is not None:
+        g, a = g @ Q_S, a @ Q_A
+    b, T, o = g.shape
+    i = a.shape[-1]
+    if T == 1:
+        return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
+    total = g.new_zeros(o, i)
+    step = max(1, budget // (o * i))
+    for s in range(0, b, step):
+        R = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step])
+        total += (R * R).sum(0)
+    return total
+
+
+def fallback_grads(loss, params, batch, names, cotangent=None) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``[b, *shape]`` of the parameters ``names`` only, by ``vmap(grad)``.
+
+    With a ``cotangent`` ``u`` (a sampled / output-Hessian-root direction per example) the gradient is
+    that of ``⟨outputs, u⟩``, i.e. ``J_θᵀ u``; without, that of the loss itself.
+    """
+    sub = {k: params[k] for k in names}
+
+    def per_example(sub_p, example, u):
+        full = {**params, **sub_p}
+        ex = optree.tree_map(lambda t: t.unsqueeze(0), example, namespace="ifunc")
+        if u is None:
+            return check_scalar(loss(full, ex))
+        return (loss.outputs(full, ex) * u.unsqueeze(0)).sum()
+
+    in_u = None if cotangent is None else 0
+    return vmap(grad(per_example), in_dims=(None, 0, in_u))(sub, batch, cotangent)
+
+
+def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: torch.nn.Module,
+                          modules=None, exclude=(), curvature: str | None = None, sample=None,
+                          n_samples: int = 1, generator: torch.Generator | None = None, ekfac: bool = True,
+                          fallback: bool = True, chunk_size: int = 256,
+                          eigen_dtype: torch.dtype = torch.float64) -> KroneckerFactors:
+    """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
+
+    One pass over ``data`` accumulates ``A``, ``S``, ``D`` and the diagonal of every parameter that no
+    supported layer covers; the eigendecompositions run in ``eigen_dtype``; a second pass (``ekfac=True``)
+    accumulates ``Λ`` in the eigenbases (same sampled labels as the first pass). Normalisation: see the
+    module docstring (per-example averaging for K-FAC and EK-FAC alike).
+
+    Args:
+      loss: ``loss(params, batch) -> scalar`` summed over the batch, calling ``model`` via
+        :func:`ifunc.call`; an :func:`ifunc.output_loss` for ``curvature="ggn"``/``"fisher"``.
+      params: dict from :func:`ifunc.params_of`.
+      data: batch, list of batches, Dataset or DataLoader.
+      model: the module the loss calls (hooks are attached to it and removed afterwards).
+      modules: module names or predicate ``(name, module) -> bool`` choosing the Kronecker layers
+        (default every supported layer).
+      exclude: parameter or module names to leave out (their block is zero: they get no influence).
+      curvature: ``"ggn"`` (default for an ``output_loss``), ``"fisher"`` (default when ``sample`` is
+        given) or ``"empirical_fisher"`` (default otherwise).
+      sample: for ``"fisher"``: ``"categorical"``, ``"gaussian"`` or ``sample(outputs, generator) ->
+        ∂ℓ/∂outputs`` at labels sampled from the model.
+      n_samples: sampled labels per example (``"fisher"``).
+      generator: ``torch.Generator`` for the sampling (default: a fresh one seeded 0; the global RNG is
+        never used).
+      ekfac: also fit the EK-FAC eigenvalues (second pass).
+      fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
+      chunk_size: examples per forward/backward.
+      eigen_dtype: dtype of the covariances and eigendecompositions.
+
+    Returns:
+      :class:`KroneckerFactors`.
+
+    Raises:
+      ValueError / TypeError: unknown curvature, a loss without outputs for ``"ggn"``/``"fisher"``,
+        non-finite factors, uncovered parameters with ``fallback=False``.
+    """
+    curvature, sample = _resolve(loss, curvature, sample)
+    if int(n_samples) < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    names = param_names(params)
+    excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
+    unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
+    if unknown:
+        raise ValueError(f"exclude: {unknown} match no parameter; parameters are {names}")
+    kept = {k: v for k, v in params.items() if k not in excl}
+    if not kept:
+        raise ValueError("exclude removed every parameter")
+    layers, uncovered = find_layers(model, kept, modules=modules)
+    if uncovered and not fallback:
+        raise ValueError(
+            f"parameters {uncovered} belong to no supported layer (nn.Linear, nn.Conv2d, Conv1D); pass "
+            "fallback=True for diagonal blocks, or exclude=[...] them"
+        )
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    start_state = gen.get_state()
+    source = DataSource(data, name="data")
+    dtype = next(iter(params.values())).dtype
+    acc = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
+    fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
+    n = 0
+
+    def one_pass(rotations):
+        nonlocal n
+        for batch in source.chunks(chunk_size):
+            p = requiring_grad(params)
+            with layer_capture(model, layers) as rec, torch.enable_grad():
+                root, draws = _draws(loss, p, batch, curvature, sample, n_samples, gen)
+            rec.check()
+            acts = {s.name: rec.activations(s) for s in layers}
+            for j, (u, w) in enumerate(draws):
+                gs = rec.output_grads(root, u, retain_graph=j < len(draws) - 1)
+                for s in layers:
+                    a, g, st = acts[s.name], gs[s.name], acc[s.name]
+                    if rotations is None:
+                        gf = g.reshape(-1, g.shape[-1]).to(eigen_dtype)
+                        st["S"] = st["S"] + w * (gf.T @ gf)
+                        st["D"] = st["D"] + w * rotated_sq_sum(g, a, None, None).to(eigen_dtype)
+                    else:
+                        Q_S, Q_A = rotations[s.name]
+                        st["L"] = st["L"] + w * rotated_sq_sum(g, a, Q_S, Q_A).to(eigen_dtype)
+                if rotations is None and uncovered:
+                    for k, v in fallback_grads(loss, params, batch, uncovered, u).items():
+                        fb[k] += w * (v ** 2).sum(0).to(eigen_dtype)
+            if rotations is None:
+                n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
+                for s in layers:
+                    a = acts[s.name]
+                    af = a.reshape(-1, a.shape[-1]).to(eigen_dtype)
+                    acc[s.name]["A"] = acc[s.name]["A"] + (af.T @ af) / a.shape[1]
+
+    one_pass(None)
+    factors = {}
+    for s in layers:
+        st = acc[s.name]
+        A, S, D = st["A"] / n, st["S"] / n, st["D"] / n
+        for what, M in (("A", A), ("S", S)):
+            if not torch.isfinite(M).all():
+                raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
+        eA, QA = torch.linalg.eigh((A + A.T) / 2)
+        eS, QS = torch.linalg.eigh((S + S.T) / 2)
+        factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
+    if ekfac and layers:
+        gen.set_state(start_state)
+        one_pass({s.name: (factors[s.name].Q_S.to(dtype), factors[s.name].Q_A.to(dtype)) for s in layers})
+        factors = {s.name: factors[s.name]._replace(ekfac=acc[s.name]["L"] / n) for s in layers}
+    return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
+
+
+#: ``sample(outputs, generator) -> ∂ℓ/∂outputs`` at labels drawn from the model's predictive distribution.
+SampleRule = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
