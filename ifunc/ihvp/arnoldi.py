@@ -5,8 +5,7 @@ import torch
 
 from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
-from ._base import IHVP, check_damping
-from ._eigen import eigen_solve, validated_damping
+from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 
 __all__ = ["ihvp_arnoldi", "lanczos"]
 
@@ -66,7 +65,7 @@ def lanczos(matvec, d: int, steps: int, *, dtype=torch.float64, device=None,
 
 def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping: float,
                  oversample: int | None = None, generator: torch.Generator | None = None,
-                 curvature: str | None = None) -> IHVP:
+                 curvature: str | None = None, blocks="full") -> IHVP:
     """Low-rank ``v -> (H + λI)^{-1} v`` from the top-``rank`` eigenpairs of the mean curvature.
 
     Runs ``m = min(d, rank + oversample)`` Lanczos steps (one HVP pass over ``data`` each) once, when
@@ -78,15 +77,20 @@ def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     ``rank = d`` this is the exact solve. Calls cost ``O(k d r)``; ``with_damping`` is free.
     Memory ``O(d m)`` in float64 during the build, ``O(d r)`` after.
 
+    With ``blocks="layer"`` (or a mapping) Lanczos runs on each diagonal block ``H_bb`` separately
+    (cross-block curvature dropped) and keeps ``min(rank, d_b)`` eigenpairs per block.
+
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader.
       rank: eigenpairs kept (1 <= rank <= d).
       damping: λ; must be > 0 when ``rank < d`` (the complement is scaled by ``1/λ``).
-      oversample: extra Krylov steps for accurate Ritz pairs; default ``rank`` (so ``m = 2 rank``).
-      generator: for the starting vector (default seeded with 0; the global RNG is never used).
-      curvature: ``"hessian"`` or ``"ggn"``.
+      oversample: extra Krylov steps for accurate Ritz pairs; default ``max(rank, 20)``.
+      generator: for the starting vector and the labels of ``curvature="fisher"`` (default seeded with 0;
+        the global RNG is never used).
+      curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+      blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``; ``rank`` is per block.
 
     Returns:
       :class:`IHVP` closure with ``info["eigenvalues"]`` (``[rank]``, float64).
@@ -94,23 +98,20 @@ def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     References:
       Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling up influence functions".
     """
-    op = curvature_operator(loss, params, data, curvature=curvature)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in [1, d={d}], got {rank}")
-    oversample = rank if oversample is None else int(oversample)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    theta, vectors = lanczos(op.matvec, d, rank + oversample, dtype=op.flat_params.dtype,
-                             device=op.flat_params.device, generator=generator)
-    keep = theta.abs().argsort(descending=True)[:rank]
-    w, U = theta[keep], vectors[:, keep]
-    complement = rank < d
-
-    def build(lam: float) -> IHVP:
-        lam = check_damping(lam, allow_zero=not complement)
-        lam = validated_damping(lam, w, "ihvp_arnoldi")
-        return IHVP(lambda V: eigen_solve(U, w, lam, V, complement=complement), name="arnoldi",
-                    damping=lam, unflatten=op.unflatten, like=op.flat_params.new_zeros(()), rebuild=build,
-                    info={"eigenvalues": w, "rank": rank})
-
-    return build(damping)
+    oversample = max(rank, 20) if oversample is None else int(oversample)
+    groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
+    factors = []
+    for block in groups:
+        d_b = block.index.numel()
+        r = min(rank, d_b)
+        theta, vectors = lanczos(restrict(op.matvec, block.index, d), d_b, r + oversample,
+                                 dtype=op.flat_params.dtype, device=op.flat_params.device, generator=generator)
+        keep = theta.abs().argsort(descending=True)[:r]
+        factors.append(EigenFactor(vectors[:, keep], theta[keep], r < d_b))
+    return eigen_blocks_ihvp(factors, groups, damping, name="arnoldi", unflatten=op.unflatten,
+                             like=op.flat_params.new_zeros(()), info={"rank": rank})

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .._types import Data, LossFn, Params
-from ..curvature import ggn, hessian, resolve_curvature
+from ..curvature import curvature_operator, ggn, hessian, operator_matrix, resolve_curvature
 from ..functional import flatten
 from ._base import IHVP
+from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
 from ._eigen import eigen_solve, validated_damping
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
@@ -41,25 +42,37 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0
 
 
 def ihvp_explicit(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0,
-                  curvature: str | None = None) -> IHVP:
+                  curvature: str | None = None, blocks="full",
+                  generator: torch.Generator | None = None) -> IHVP:
     """Exact ``v -> (H + λI)^{-1} v`` from the dense mean curvature matrix.
 
     ``H = (1/n) Σ_i ∇² ℓ_i`` over the ``n`` examples of ``data`` (the Hessian, or the Gauss-Newton matrix
-    with ``curvature="ggn"``). Forms ``H`` (``d`` HVP-columns, ``O(d²)`` memory), eigendecomposes it in
-    float64 once; each call then costs ``O(k d²)``. Changing the damping is free (``with_damping``).
+    with ``curvature="ggn"``, or a Fisher, see :func:`ifunc.curvature_operator`). Forms ``H`` (``d``
+    HVP-columns, ``O(d²)`` memory), eigendecomposes it in float64 once; each call then costs ``O(k d²)``.
+    Changing the damping is free (``with_damping``).
+
+    With ``blocks="layer"`` (or a mapping parameter name -> group) only the diagonal blocks ``H_bb`` are
+    formed (``d`` HVPs in total, ``O(Σ_b d_b²)`` memory) and each is inverted on its own: the cross-block
+    curvature is dropped, ``[(H + λI)^{-1} v]_b ≈ (H_bb + λI)^{-1} v_b``.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch (or an :func:`ifunc.output_loss`).
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader.
       damping: λ >= 0.
-      curvature: ``"hessian"`` or ``"ggn"``; default ``"ggn"`` for an ``output_loss``, else ``"hessian"``.
+      curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``; default ``"ggn"`` for an
+        ``output_loss``, else ``"hessian"``.
+      blocks: ``"full"`` (default), ``"layer"`` (group by module prefix: the name up to its last ``"."``)
+        or a mapping ``{parameter name: group}``.
+      generator: label sampling for ``curvature="fisher"`` (default seeded with 0).
 
     Returns:
-      :class:`IHVP` closure ``[d] -> [d]``, ``[k, d] -> [k, d]``, pytree -> pytree.
+      :class:`IHVP` closure ``[d] -> [d]``, ``[k, d] -> [k, d]``, pytree -> pytree, with
+      ``info["eigenvalues"]`` (float64; concatenated over blocks).
 
     Raises:
-      ValueError: non-scalar or non-finite loss, negative damping, ``H + λI`` not positive definite.
+      ValueError: non-scalar or non-finite loss, negative damping, ``H + λI`` not positive definite,
+        ``blocks`` not covering the parameters.
 
     Example:
       >>> ihvp = ifunc.ihvp_explicit(loss, params, (x, y), damping=1e-3)
@@ -67,5 +80,19 @@ def ihvp_explicit(loss: LossFn, params: Params, data: Data, *, damping: float = 
       >>> ihvp.with_damping(1e-2)(v)       # no recomputation
     """
     curvature = resolve_curvature(loss, curvature)
-    matrix = hessian(loss, params, data) if curvature == "hessian" else ggn(loss, params, data)
-    return ihvp_from_matrix(matrix, params, damping=damping)
+    flat, unflatten = flatten(params)
+    groups = resolve_blocks(blocks, unflatten, device=flat.device)
+    if len(groups) == 1 and curvature in ("hessian", "ggn"):
+        matrix = hessian(loss, params, data) if curvature == "hessian" else ggn(loss, params, data)
+        return ihvp_from_matrix(matrix, params, damping=damping)
+    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
+    d = flat.numel()
+    factors = []
+    for block in groups:
+        M = operator_matrix(op.matvec, d, like=flat, index=block.index).to(torch.float64)
+        if not torch.isfinite(M).all():
+            raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
+        w, Q = torch.linalg.eigh(M)
+        factors.append(EigenFactor(Q, w, False))
+    return eigen_blocks_ihvp(factors, groups, damping, name="explicit", unflatten=unflatten,
+                             like=flat.new_zeros(()), info={"curvature": curvature})

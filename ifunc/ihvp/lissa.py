@@ -10,6 +10,7 @@ from .._data import DataSource, batch_size as _batch_size, index_batch
 from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
 from ._base import IHVP, check_damping
+from ._blocks import block_diagonal, resolve_blocks
 
 __all__ = ["ihvp_lissa", "LissaDivergenceWarning"]
 
@@ -22,6 +23,11 @@ def _fresh(state: torch.Tensor) -> torch.Generator:
     gen = torch.Generator()
     gen.set_state(state)
     return gen
+
+
+def _child(gen: torch.Generator) -> torch.Generator:
+    """A generator seeded from ``gen`` (advancing it), for the labels of one step's true Fisher."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
 
 
 def _estimate_top_eigenvalue(matvec, d, like, generator, iters: int = 30) -> float:
@@ -39,7 +45,8 @@ def _estimate_top_eigenvalue(matvec, d, like, generator, iters: int = 30) -> flo
 
 def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scale: float | None = None,
                depth: int = 1000, repeat: int = 1, batch_size: int | None = None,
-               generator: torch.Generator | None = None, curvature: str | None = None) -> IHVP:
+               generator: torch.Generator | None = None, curvature: str | None = None,
+               blocks="full") -> IHVP:
     """``v -> (H + λI)^{-1} v`` by the LiSSA recursion.
 
     With ``x_0 = v`` and ``H_j`` the mean curvature on the ``j``-th sampled mini-batch,
@@ -48,6 +55,10 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     ``(0, 2)``, i.e. ``s > (λ_max(H) + λ)/2``, and the truncation error decays like ``(1 − λ_min/s)^depth``.
     With ``batch_size=None`` every step uses all of ``data`` and the result is exactly the truncated
     Neumann sum ``(1/s) Σ_{j<=depth} (I − (H + λI)/s)^j v``.
+
+    With ``blocks="layer"`` (or a mapping) every ``H_j`` is replaced by its block diagonal
+    ``Σ_b P_b H_j P_b`` (cross-block curvature dropped): the recursion then runs independently in each
+    block on shared mini-batches, with one batched product per step.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch.
@@ -61,7 +72,9 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
       generator: drives mini-batch sampling and the power iteration; its state at build time is replayed
         on every call, so the closure is deterministic. ``None`` = a generator seeded with 0. The global
         RNG is never used.
-      curvature: ``"hessian"`` or ``"ggn"``.
+      curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` (the true Fisher's labels
+        are drawn from ``generator`` too).
+      blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``.
 
     Returns:
       :class:`IHVP` closure (deterministic: two calls give the same answer).
@@ -78,13 +91,21 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     lam = check_damping(damping, allow_zero=False)
     if depth < 1 or repeat < 1:
         raise ValueError(f"depth and repeat must be >= 1, got depth={depth}, repeat={repeat}")
-    full = curvature_operator(loss, params, data, curvature=curvature)
     state = (generator if generator is not None else torch.Generator().manual_seed(0)).get_state()
+    full = curvature_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
     source = DataSource(data)
     like = full.flat_params
     d = like.numel()
+    groups = resolve_blocks(blocks, full.unflatten, device=like.device)
+
+    def block_op(matvec):
+        return block_diagonal(matvec, groups, d)
+
+    def labels(gen):  # only the true Fisher draws from gen here, so other curvatures keep their streams
+        return _child(gen) if full.curvature == "fisher" else None
+
     if scale is None:
-        scale = 1.5 * (_estimate_top_eigenvalue(full.matvec, d, like, _fresh(state)) + lam)
+        scale = 1.5 * (_estimate_top_eigenvalue(block_op(full.matvec), d, like, _fresh(state)) + lam)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     s = float(scale)
@@ -92,7 +113,7 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     if batch_size is None:
         def step_operator(gen):
             while True:
-                yield full.matvec
+                yield block_op(full.matvec)
     else:
         pool = source.in_memory()
         if pool is not None:
@@ -101,12 +122,14 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
             def step_operator(gen):
                 while True:
                     idx = torch.randint(n, (batch_size,), generator=gen)
-                    yield curvature_operator(loss, params, index_batch(pool, idx), curvature=full.curvature,
-                                             check=False).matvec
+                    yield block_op(curvature_operator(loss, params, index_batch(pool, idx),
+                                                      curvature=full.curvature, generator=labels(gen),
+                                                      check=False).matvec)
         else:
             def step_operator(gen):
                 for batch in itertools.cycle(source):
-                    yield curvature_operator(loss, params, batch, curvature=full.curvature, check=False).matvec
+                    yield block_op(curvature_operator(loss, params, batch, curvature=full.curvature,
+                                                      generator=labels(gen), check=False).matvec)
 
     def solve(V: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(V)
@@ -135,5 +158,6 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     return IHVP(solve, name="lissa", damping=lam, unflatten=full.unflatten, like=like.new_zeros(()),
                 rebuild=lambda new: ihvp_lissa(loss, params, data, damping=new, scale=s, depth=depth,
                                                repeat=repeat, batch_size=batch_size, generator=generator,
-                                               curvature=full.curvature),
-                info={"scale": s, "depth": depth, "repeat": repeat, "batch_size": batch_size})
+                                               curvature=full.curvature, blocks=blocks),
+                info={"scale": s, "depth": depth, "repeat": repeat, "batch_size": batch_size,
+                      "blocks": [block.name for block in groups]})

@@ -1,0 +1,150 @@
+"""Block-diagonal mode shared by the iHVP methods: group parameters, restrict operators, join solves.
+
+With blocks ``B_1, …, B_m`` (disjoint sets of flat indices covering all ``d`` parameters) the curvature is
+replaced by its block diagonal ``D = Σ_b P_b H P_b`` (``P_b`` the coordinate projection on ``B_b``): the
+cross-block curvature is dropped and ``(D + λI)^{-1} v`` is solved block by block,
+``[(D + λI)^{-1} v]_b = (H_bb + λI)^{-1} v_b``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Mapping, NamedTuple
+
+import optree
+import torch
+
+from ..functional import Unflatten
+from ._base import IHVP, check_damping
+from ._eigen import check_positive, eigen_solve
+
+__all__ = ["Block", "parameter_names", "resolve_blocks", "restrict", "block_diagonal", "join",
+           "eigen_blocks_ihvp"]
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Block(NamedTuple):
+    """One group of parameters: its name and its flat indices ``[d_b]`` (ascending)."""
+
+    name: str
+    index: torch.Tensor
+
+
+def parameter_names(unflatten: Unflatten) -> list[str]:
+    """Dotted name of every leaf of the parameter pytree, in flat order (``""`` for a bare tensor)."""
+    return [".".join(str(key) for key in path) for path in optree.treespec_paths(unflatten.treespec)]
+
+
+def _layer_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def resolve_blocks(blocks: str | Mapping[str, Hashable], unflatten: Unflatten, *, device=None,
+                   who: str = "blocks") -> list[Block]:
+    """Turn ``blocks="full" | "layer" | {name: group}`` into a list of :class:`Block` (one for ``"full"``).
+
+    ``"layer"`` groups parameters by module prefix, the name up to its last ``"."`` (``"fc1.weight"`` and
+    ``"fc1.bias"`` form the block ``"fc1"``). A mapping must give a group to every parameter name.
+
+    Raises:
+      ValueError: an unknown string, or a mapping that misses or invents parameter names.
+      TypeError: ``blocks`` is neither a string nor a mapping.
+    """
+    names = parameter_names(unflatten)
+    if isinstance(blocks, str):
+        if blocks == "full":
+            return [Block("full", torch.arange(unflatten.dim, device=device))]
+        if blocks != "layer":
+            raise ValueError(f'{who}={blocks!r}: use "full", "layer" or a mapping parameter name -> group')
+        groups = {name: _layer_of(name) for name in names}
+    elif isinstance(blocks, Mapping):
+        missing = [name for name in names if name not in blocks]
+        unknown = sorted(str(key) for key in blocks if key not in set(names))
+        if missing or unknown:
+            raise ValueError(
+                f"{who}: the mapping must give a group to every parameter and only to parameters; missing "
+                f"{missing}, unknown {unknown}; the parameter names are {names}"
+            )
+        groups = {name: blocks[name] for name in names}
+    else:
+        raise TypeError(f'{who} must be "full", "layer" or a mapping name -> group, got {type(blocks).__name__}')
+    members: dict[Hashable, list[torch.Tensor]] = {}
+    offset = 0
+    for name, size in zip(names, unflatten.sizes):
+        members.setdefault(groups[name], []).append(torch.arange(offset, offset + size, device=device))
+        offset += size
+    return [Block(str(group), torch.cat(parts)) for group, parts in members.items()]
+
+
+def is_full(blocks: list[Block]) -> bool:
+    return len(blocks) == 1
+
+
+def restrict(matvec: MatVec, index: torch.Tensor, d: int) -> MatVec:
+    """``V_b [k, d_b] -> H_bb V_b``: embed in ``[k, d]`` with zeros, multiply, keep the block's rows."""
+    if index.numel() == d:
+        return matvec
+
+    def restricted(Vb: torch.Tensor) -> torch.Tensor:
+        V = Vb.new_zeros(Vb.shape[0], d)
+        V[:, index] = Vb
+        return matvec(V)[:, index]
+
+    return restricted
+
+
+def block_diagonal(matvec: MatVec, blocks: list[Block], d: int) -> MatVec:
+    """``V [k, d] -> D V = Σ_b P_b H P_b V`` in one batched product with ``m·k`` vectors."""
+    if is_full(blocks):
+        return matvec
+    masks = torch.zeros(len(blocks), d, dtype=torch.bool, device=blocks[0].index.device)
+    for b, block in enumerate(blocks):
+        masks[b, block.index] = True
+
+    def diagonal(V: torch.Tensor) -> torch.Tensor:
+        m = masks.to(V.device)
+        stacked = (V[None] * m[:, None]).reshape(-1, V.shape[1])  # [m k, d], each row inside one block
+        out = matvec(stacked).reshape(len(blocks), V.shape[0], V.shape[1])
+        return (out * m[:, None]).sum(0)
+
+    return diagonal
+
+
+def join(solves: list[MatVec], blocks: list[Block]) -> MatVec:
+    """``V [k, d] -> X`` with ``X[:, B_b] = solve_b(V[:, B_b])`` for every block."""
+    if is_full(blocks):
+        return solves[0]
+
+    def joined(V: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(V)
+        for solve, block in zip(solves, blocks):
+            out[:, block.index] = solve(V[:, block.index])
+        return out
+
+    return joined
+
+
+class EigenFactor(NamedTuple):
+    """``H_bb ≈ Q diag(w) Qᵀ``; ``complement``: ``Q`` has fewer columns than the block (rest sees 1/λ)."""
+
+    Q: torch.Tensor
+    w: torch.Tensor
+    complement: bool
+
+
+def eigen_blocks_ihvp(factors: list[EigenFactor], blocks: list[Block], damping: float, *, name: str,
+                      unflatten: Unflatten, like: torch.Tensor, info: dict | None = None) -> IHVP:
+    """The :class:`IHVP` of per-block eigen-factorisations; ``with_damping`` reuses the factors."""
+    low_rank = any(f.complement for f in factors)
+    eigenvalues = factors[0].w if len(factors) == 1 else torch.cat([f.w for f in factors])
+
+    def build(lam: float) -> IHVP:
+        lam = check_damping(lam, allow_zero=not low_rank)
+        check_positive(eigenvalues, lam, f"ihvp_{name}")
+        solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
+        extra = {"eigenvalues": eigenvalues, **(info or {})}
+        if not is_full(blocks):
+            extra["blocks"] = [block.name for block in blocks]
+        return IHVP(join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like,
+                    rebuild=build, info=extra)
+
+    return build(damping)

@@ -1,0 +1,128 @@
+"""Randomized Nyström approximation of the curvature, inverted by Woodbury (Frangella, Tropp & Udell 2023)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._types import Data, LossFn, Params
+from ..curvature import curvature_operator
+from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._base import IHVP
+
+__all__ = ["ihvp_nystrom", "nystrom_sketch"]
+
+
+def nystrom_sketch(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, rank: int, *,
+                   generator: torch.Generator, dtype=torch.float64, device=None,
+                   name: str = "nystrom") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-form ``Ĥ = U diag(λ̂) Uᵀ`` of the rank-``rank`` Nyström approximation of a PSD operator.
+
+    With an orthonormal Gaussian test matrix ``Ω [d, r]`` and ``Y = H Ω`` (one batched product of ``r``
+    vectors), the Nyström approximation is ``Ĥ = Y (Ωᵀ Y)^{-1} Yᵀ``, the best PSD approximation of ``H``
+    whose range contains ``range(Y)``. It is formed stably with a small shift ``ν`` (Frangella et al.
+    2023, Alg. 2.1): ``Y_ν = Y + ν Ω``, ``Ωᵀ Y_ν = C Cᵀ`` (Cholesky), ``B = Y_ν C^{-T}``,
+    ``B = U Σ Vᵀ`` (thin SVD), ``λ̂ = max(Σ² − ν, 0)``, with ``ν = √d · eps · ‖Y‖₂``.
+    With ``rank = d`` (and ``H`` PSD) ``Ĥ = H`` up to rounding. For one generator seed the sketches are
+    nested (rank ``r + 1`` adds a column to the ``Ω`` of rank ``r``), so ``H − Ĥ`` shrinks as the rank grows.
+
+    Args:
+      matvec: ``[k, d] -> [k, d]``, the product with a symmetric PSD operator.
+      d: dimension. rank: sketch size ``r`` (1 <= r <= d).
+      generator: draws ``Ω`` (required: the sketch is random).
+      dtype, device: of the vectors passed to ``matvec``. The factorisation runs in float64.
+
+    Returns:
+      ``(U [d, r], λ̂ [r])`` in float64, ``U`` with orthonormal columns, ``λ̂ >= 0`` descending.
+
+    Raises:
+      ValueError: the operator is not PSD on the sketch (the Cholesky factorisation fails).
+
+    References:
+      Tropp, Yurtsever, Udell & Cevher (2017), "Fixed-rank approximation of a positive-semidefinite matrix
+      from streaming data"; Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning".
+    """
+    # rows drawn one probe at a time, so a larger rank extends the same sketch (nested ranges)
+    omega = torch.stack([torch.randn(d, generator=generator, dtype=torch.float64) for _ in range(rank)], 1)
+    omega = omega.to(device)
+    omega, _ = torch.linalg.qr(omega)
+    Y = matvec(omega.T.to(dtype)).T.to(torch.float64)  # [d, r] = H Ω
+    if not torch.isfinite(Y).all():
+        raise ValueError(f"{name}: the curvature products contain NaN/inf; check the loss and the data")
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
+    nu = d ** 0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+    nu = max(nu, torch.finfo(torch.float64).tiny)
+    Y_nu = Y + nu * omega
+    core = omega.T @ Y_nu
+    chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+    if int(info) != 0:
+        raise ValueError(
+            f"{name}: the curvature is not positive semi-definite on the sketch (Cholesky of Ωᵀ H Ω failed), "
+            'so the Nyström approximation does not exist; use a PSD curvature ("ggn", "fisher", '
+            '"empirical_fisher") or ihvp_arnoldi for an indefinite Hessian'
+        )
+    B = torch.linalg.solve_triangular(chol, Y_nu.T, upper=False).T  # Y_ν C^{-T}
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    return U, (S ** 2 - nu).clamp_min(0.0)
+
+
+def ihvp_nystrom(loss: LossFn, params: Params, data: Data, *, rank: int, damping: float,
+                 generator: torch.Generator | None = None, curvature: str | None = None,
+                 blocks="full") -> IHVP:
+    """Low-rank ``v -> (Ĥ + λI)^{-1} v`` from a randomized Nyström sketch of the mean curvature.
+
+    Once, at build time: ``rank`` curvature products in one batched pass over ``data``, then the
+    stable Nyström factorisation ``Ĥ = U diag(λ̂) Uᵀ`` (see :func:`nystrom_sketch`). The inverse follows
+    from Woodbury,
+
+        ``(U Λ̂ Uᵀ + λI)^{-1} v = U diag(1/(λ̂ + λ)) Uᵀ v + (v − U Uᵀ v) / λ``,
+
+    so directions outside the sketch see only the damping. Calls cost ``O(k d r)``; ``with_damping`` is
+    free. ``rank = d`` gives the exact solve. Compared with :func:`ihvp_arnoldi`: one data pass with
+    ``rank`` vectors instead of ``2·rank`` sequential passes, at somewhat lower accuracy for the same
+    rank when the spectrum decays slowly; it needs a PSD curvature.
+
+    With ``blocks="layer"`` (or a mapping) each diagonal block ``H_bb`` is sketched on its own with rank
+    ``min(rank, d_b)`` (cross-block curvature dropped).
+
+    Args:
+      loss: ``loss(params, batch) -> scalar`` summed over the batch.
+      params: pytree or flat vector ``[d]``.
+      data: batch, list of batches, Dataset or DataLoader; ``H`` is the curvature of the mean loss.
+      rank: sketch size (1 <= rank <= d), per block with ``blocks``.
+      damping: λ; must be > 0 when ``rank`` is smaller than a block.
+      generator: draws the sketch (and the labels of ``curvature="fisher"``); default seeded with 0,
+        the global RNG is never used.
+      curvature: ``"ggn"`` (default for an :func:`ifunc.output_loss`), ``"hessian"`` (only if PSD),
+        ``"fisher"`` or ``"empirical_fisher"``.
+      blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``.
+
+    Returns:
+      :class:`IHVP` closure with ``info["eigenvalues"]`` (``λ̂``, float64) and ``info["rank"]``.
+
+    Raises:
+      ValueError: rank out of range, damping <= 0 with a low rank, or the curvature is not PSD.
+
+    Example:
+      >>> ihvp = ifunc.ihvp_nystrom(loss, params, (x, y), rank=50, damping=1e-3)
+      >>> ihvp.with_damping(1e-2)(v)       # no new curvature products
+
+    References:
+      Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
+    d = op.flat_params.numel()
+    if not isinstance(rank, int) or not 1 <= rank <= d:
+        raise ValueError(f"ihvp_nystrom: rank must be an integer in [1, d={d}], got {rank!r}")
+    groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
+    factors = []
+    for block in groups:
+        d_b = block.index.numel()
+        r = min(rank, d_b)
+        U, lam_hat = nystrom_sketch(restrict(op.matvec, block.index, d), d_b, r, generator=generator,
+                                    dtype=op.flat_params.dtype, device=op.flat_params.device,
+                                    name="ihvp_nystrom")
+        factors.append(EigenFactor(U, lam_hat, r < d_b))
+    return eigen_blocks_ihvp(factors, groups, damping, name="nystrom", unflatten=op.unflatten,
+                             like=op.flat_params.new_zeros(()), info={"rank": rank, "curvature": op.curvature})

@@ -1,0 +1,92 @@
+"""Preconditioners: same CG solution in no more iterations; the diagonal and the sketch are right."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ifunc
+from ifunc.testing import mlp_problem, random_spd
+
+
+def _problem(d, cond, seed, spread):
+    """Random SPD ``S A S``: ``A`` with the given condition number, ``S`` a log-normal diagonal scaling."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    s = torch.exp(spread * torch.randn(d, generator=gen))
+    A = s[:, None] * random_spd(d, cond=cond, seed=seed) * s[None]
+    return A, torch.randn(3, d, generator=gen)
+
+
+@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000), spread=st.floats(1.0, 3.0))
+def test_jacobi_same_solution_in_no_more_iterations(d, cond, seed, spread):
+    A, B = _problem(d, cond, seed, spread)
+    matvec = lambda V: V @ A  # noqa: E731
+    plain = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d)
+    pre = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d,
+                         preconditioner=ifunc.jacobi_preconditioner(matvec, dim=d, damping=0.0))
+    assert plain.converged and pre.converged
+    torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-8 * float(plain.x.abs().max()))
+    assert bool((pre.iterations <= plain.iterations).all())
+
+
+@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000),
+       rank_fraction=st.floats(0.0, 1.0), log_damping=st.floats(-6.0, 0.0))
+def test_nystrom_same_solution_in_no_more_iterations(d, cond, seed, rank_fraction, log_damping):
+    A = random_spd(d, cond=cond, seed=seed)
+    B = torch.randn(3, d, generator=torch.Generator().manual_seed(seed))
+    lam = 10.0 ** log_damping
+    rank = max(1, round(rank_fraction * d))
+    matvec = lambda V: V @ A + lam * V  # noqa: E731
+    plain = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d)
+    pre = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d,
+                         preconditioner=ifunc.nystrom_preconditioner(lambda V: V @ A, dim=d, rank=rank,
+                                                                     damping=lam))
+    assert plain.converged and pre.converged
+    torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-8 * float(plain.x.abs().max()))
+    assert bool((pre.iterations <= plain.iterations).all())
+
+
+def test_full_rank_nystrom_preconditioner_solves_in_one_iteration():
+    A = random_spd(15, cond=1e4, seed=2)
+    b = torch.randn(15, generator=torch.Generator().manual_seed(0))
+    P = ifunc.nystrom_preconditioner(lambda V: V @ A, dim=15, rank=15, damping=1e-3)
+    res = ifunc.cg_solve(lambda V: V @ A + 1e-3 * V, b, tol=1e-8, preconditioner=P)
+    assert int(res.iterations[0]) <= 2 and res.converged  # P^{-1} ∝ (A + λI)^{-1}: one step up to rounding
+
+
+def test_jacobi_diagonal_exact_and_hutchinson():
+    A = random_spd(12, cond=10, seed=5)
+    exact = ifunc.jacobi_preconditioner(lambda V: V @ A, dim=12, damping=0.1)
+    torch.testing.assert_close(exact.diagonal, torch.diagonal(A))
+    D = torch.diag(torch.linspace(0.5, 3.0, 12))
+    one_probe = ifunc.jacobi_preconditioner(lambda V: V @ D, dim=12, damping=0.0, probes=1)
+    torch.testing.assert_close(one_probe.diagonal, torch.diagonal(D))  # z ⊙ D z = diag(D) for z = ±1
+    many = ifunc.jacobi_preconditioner(lambda V: V @ A, dim=12, damping=0.1, probes=4000,
+                                       generator=torch.Generator().manual_seed(1))
+    assert float((many.diagonal - torch.diagonal(A)).abs().max()) < 0.05
+    v = torch.ones(12)
+    torch.testing.assert_close(exact(v), v / (torch.diagonal(A) + 0.1))
+
+
+def test_with_ihvp_cg_on_a_model():
+    _, params, loss, data = mlp_problem(seed=6, sizes=(3, 6, 3), n=20)
+    op = ifunc.curvature_operator(loss, params, data)
+    lam = 1e-3
+    v = torch.randn(op.flat_params.numel(), generator=torch.Generator().manual_seed(2))
+    plain = ifunc.ihvp_cg(loss, params, data, damping=lam, tol=1e-10)(v)
+    for P in (ifunc.jacobi_preconditioner(op, damping=lam, probes=16),
+              ifunc.nystrom_preconditioner(op, rank=10, damping=lam)):
+        pre = ifunc.ihvp_cg(loss, params, data, damping=lam, tol=1e-10, preconditioner=P)(v)
+        torch.testing.assert_close(pre, plain, rtol=1e-6, atol=1e-8)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="dim=d"):
+        ifunc.jacobi_preconditioner(lambda V: V, damping=0.1)
+    with pytest.raises(TypeError, match="curvature_operator"):
+        ifunc.nystrom_preconditioner(3, rank=2, damping=0.1)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        ifunc.nystrom_preconditioner(lambda V: V, dim=4, rank=2, damping=0.0)
+    with pytest.raises(ValueError, match="rank must be"):
+        ifunc.nystrom_preconditioner(lambda V: V, dim=4, rank=5, damping=0.1)
+    with pytest.raises(ValueError, match="zero or non-finite"):
+        ifunc.jacobi_preconditioner(lambda V: 0 * V, dim=4, damping=0.0)
