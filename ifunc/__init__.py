@@ -9,8 +9,9 @@ from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_
 from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
                    ihvp_kfac)
 from .capture import capture_layer_grads
+from .store import load_scores, top_k
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "params_of", "call", "flatten", "flatten_func",
@@ -22,4 +23,5 @@ __all__ = [
     "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",
     "attribute", "self_influence",
+    "load_scores", "top_k",
 ]

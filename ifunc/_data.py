@@ -96,12 +96,47 @@ class DataSource:
                 raise ValueError(f"{self.name} holds no examples")
         return self._n
 
+    def count(self) -> int:
+        """Number of examples (one pass over the data unless it can be read off cheaply)."""
+        cheap = self.cheap_count()
+        return cheap if cheap is not None else len(self)
+
+    def cheap_count(self) -> int | None:
+        """Number of examples when known without loading data (in memory, or a plain DataLoader), else None."""
+        if self._n is not None:
+            return self._n
+        if isinstance(self._batches, list):
+            return len(self)
+        loader = self._batches
+        if isinstance(loader, DataLoader) and loader.batch_size is not None and not loader.drop_last:
+            try:
+                return len(loader.sampler)
+            except TypeError:
+                return None
+        return None
+
     def chunks(self, size: int) -> Iterator[Batch]:
-        """Yield batches of at most ``size`` examples, in order."""
+        """Yield batches of exactly ``size`` examples (the last may be smaller), in order.
+
+        Batches are split and joined across the data's own batch boundaries, so chunk ``i`` always holds
+        examples ``[i·size, (i+1)·size)`` whatever the DataLoader's batch size.
+        """
+        pending: list[Batch] = []
+        held = 0
         for b in self._batches:
+            b = tuple(b) if isinstance(b, list) else b  # a DataLoader collates (x, y) into [x, y]
             n = batch_size(b)
-            for start in range(0, n, size):
-                yield slice_batch(b, start, min(start + size, n))
+            start = 0
+            while start < n:
+                take = min(size - held, n - start)
+                pending.append(b if (start == 0 and take == n) else slice_batch(b, start, start + take))
+                held += take
+                start += take
+                if held == size:
+                    yield pending[0] if len(pending) == 1 else concat_batches(pending)
+                    pending, held = [], 0
+        if pending:
+            yield pending[0] if len(pending) == 1 else concat_batches(pending)
 
     def in_memory(self) -> Batch | None:
         """All examples as one batch when the data is already in memory (a batch or a list), else None."""

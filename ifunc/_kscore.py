@@ -24,7 +24,8 @@ from .grads import per_sample_grads
 from .ihvp.kfactors import fallback_grads
 from .ihvp.kronecker import KronBlock, KroneckerState, gather
 
-__all__ = ["kronecker_state", "kronecker_attribute", "kronecker_self_influence"]
+__all__ = ["kronecker_state", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_influence",
+           "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 256
 
@@ -62,19 +63,23 @@ def _layer_scores(Qt, lr, a, g) -> torch.Tensor:
     return Qt.reshape(q, o * i) @ DW.T
 
 
-def _train_chunks(loss, params, state: KroneckerState, train: Data, chunk_size):
-    """Per train chunk: ``({module: (a, g)}, {param: per-example grads})`` of the training loss."""
+def capture_chunk(loss, params, state: KroneckerState, batch):
+    """For one train batch: ``({module: (a, g)}, {param: per-example grads})`` of the training loss."""
     layers = [blk.spec for blk in state.blocks]
     fb_names = [d.name for d in state.diags]
+    p = requiring_grad(params)
+    with layer_capture(state.model, layers) as rec, torch.enable_grad():
+        value = loss(p, batch)
+    rec.check()
+    gs = rec.output_grads(value, retain_graph=False)
+    ag = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
+    fb = fallback_grads(loss, params, batch, fb_names) if fb_names else {}
+    return ag, fb
+
+
+def _train_chunks(loss, params, state: KroneckerState, train: Data, chunk_size):
     for batch in DataSource(train, name="train").chunks(chunk_size or DEFAULT_CHUNK):
-        p = requiring_grad(params)
-        with layer_capture(state.model, layers) as rec, torch.enable_grad():
-            value = loss(p, batch)
-        rec.check()
-        gs = rec.output_grads(value, retain_graph=False)
-        ag = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
-        fb = fallback_grads(loss, params, batch, fb_names) if fb_names else {}
-        yield ag, fb
+        yield capture_chunk(loss, params, state, batch)
 
 
 def _check(G: torch.Tensor, what: str):
@@ -83,11 +88,10 @@ def _check(G: torch.Tensor, what: str):
         raise ValueError(f"non-finite gradient for example {int(bad.nonzero()[0])} of a {what} chunk")
 
 
-def kronecker_attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
-                        measurement: Measurement | None = None, chunk_size: int | None = None,
-                        max_memory: int | None = None, query_rank: int | None = None,
-                        per_module: bool = False) -> torch.Tensor:
-    """Pairwise scores ``[n_query, n_train]`` (or ``[n_modules, n_query, n_train]``) by layer contractions."""
+def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
+                      measurement: Measurement | None = None, chunk_size: int | None = None,
+                      max_memory: int | None = None, query_rank: int | None = None):
+    """Query gradients preconditioned once, per layer: ``(Qp [q, d], {module: (Q̃, low-rank factors)})``."""
     state = kronecker_state(ihvp)
     if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
@@ -101,24 +105,29 @@ def kronecker_attribute(loss: LossFn, params: Params, ihvp, train: Data, query: 
             if lr is not None:
                 Qt = lr[0] @ lr[1]
             pre[blk.spec.name] = (Qt, lr)
+    return Qp, pre
+
+
+def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp, prepared, batch, *,
+                           per_module: bool = False) -> torch.Tensor:
+    """Scores of one train batch: ``[n_modules or 1, n_query, b]``."""
+    state = kronecker_state(ihvp)
+    Qp, pre = prepared
+    ag, fb = capture_chunk(loss, params, state, batch)
     group = {m: j for j, m in enumerate(state.modules)}
-    columns = []
-    for ag, fb in _train_chunks(loss, params, state, train, chunk_size):
-        with torch.no_grad():
-            b = next(iter(ag.values()))[0].shape[0] if ag else next(iter(fb.values())).shape[0]
-            out = Qp.new_zeros(len(state.modules) if per_module else 1, Qp.shape[0], b)
-            for blk in state.blocks:
-                a, g = ag[blk.spec.name]
-                _check(g, "train")
-                s = _layer_scores(*pre[blk.spec.name], a, g)
-                out[group[blk.spec.name] if per_module else 0] += s
-            for d in state.diags:
-                G = fb[d.name].reshape(b, -1)
-                _check(G, "train")
-                out[group[d.group] if per_module else 0] += Qp[:, d.sl] @ G.T
-        columns.append(out)
-    scores = torch.cat(columns, dim=2)
-    return scores if per_module else scores[0]
+    with torch.no_grad():
+        b = next(iter(ag.values()))[0].shape[0] if ag else next(iter(fb.values())).shape[0]
+        out = Qp.new_zeros(len(state.modules) if per_module else 1, Qp.shape[0], b)
+        for blk in state.blocks:
+            a, g = ag[blk.spec.name]
+            _check(g, "train")
+            s = _layer_scores(*pre[blk.spec.name], a, g)
+            out[group[blk.spec.name] if per_module else 0] += s
+        for d in state.diags:
+            G = fb[d.name].reshape(b, -1)
+            _check(G, "train")
+            out[group[d.group] if per_module else 0] += Qp[:, d.sl] @ G.T
+    return out
 
 
 def kronecker_self_influence(loss: LossFn, params: Params, ihvp, train: Data, *,

@@ -1,14 +1,23 @@
 """Influence scores: pairwise ``[n_query, n_train]`` and self-influence ``[n_train]``."""
 from __future__ import annotations
 
+import logging
+from typing import Callable, NamedTuple
+
 import torch
 
+from ._version import __version__ as _version
+from ._data import DataSource, batch_size as _batch_size
+from ._kscore import (DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_influence,
+                      kronecker_state)
 from ._types import Data, LossFn, Measurement, Params
-from ._kscore import kronecker_attribute, kronecker_self_influence, kronecker_state
-from .grads import iter_per_sample_grads, per_sample_grads
+from .functional import flatten
+from .grads import chunk_size_for, iter_per_sample_grads, per_sample_grads
 from .ihvp._base import IHVP
 
 __all__ = ["attribute", "self_influence"]
+
+log = logging.getLogger("ifunc")
 
 
 def _check_ihvp(ihvp, d: int):
@@ -22,10 +31,88 @@ def _solve(ihvp, V: torch.Tensor) -> torch.Tensor:
     return ihvp.solve(V) if isinstance(ihvp, IHVP) else ihvp(V)
 
 
+def _progress(iterable, *, total, desc, progress):
+    if progress is False:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing progress bar must never stop a run
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, disable=None if progress is None else not progress,
+                leave=False)
+
+
+class _Scorer(NamedTuple):
+    """Scores of one chunk of training examples against the prepared queries."""
+
+    chunk: int  #: examples per chunk
+    score: Callable  #: (batch, offset) -> [n_query, b] (or [n_modules, n_query, b])
+    meta: dict
+
+
+def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory) -> _Scorer:
+    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
+    _check_ihvp(ihvp, Q.shape[1])
+    with torch.no_grad():
+        Qp = _solve(ihvp, Q)
+    chunk = chunk_size or chunk_size_for(Q.shape[1], Q.element_size(), max_memory=max_memory)
+
+    def score(batch, offset):
+        cols = [Qp @ G.T for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk,
+                                                          name="train", offset=offset)]
+        return torch.cat(cols, dim=1)
+
+    return _Scorer(chunk, score, {"n_query": Qp.shape[0]})
+
+
+def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank,
+                      per_module) -> _Scorer:
+    prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
+                                 max_memory=max_memory, query_rank=query_rank)
+
+    def score(batch, offset):
+        out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module)
+        return out if per_module else out[0]
+
+    return _Scorer(chunk_size or DEFAULT_CHUNK, score, {"n_query": prepared[0].shape[0]})
+
+
+def _run_meta(loss, params, ihvp, query, measurement, query_rank) -> dict:
+    info = getattr(ihvp, "info", {}) or {}
+    simple = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    query_leaves = [t for b in DataSource(query, name="query") for t in _leaves(b)]
+    return {
+        "method": getattr(ihvp, "name", type(ihvp).__name__),
+        "damping": getattr(ihvp, "damping", None),
+        "method_info": simple,
+        "measurement": _name_of(measurement or loss),
+        "query_rank": query_rank,
+        "params": _store().fingerprint([flatten(params)[0]]),
+        "query": _store().fingerprint(query_leaves),
+        "versions": {"ifunc": _version, "torch": torch.__version__},
+    }
+
+
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _leaves(batch):
+    import optree
+
+    return [t for t in optree.tree_leaves(batch, namespace="ifunc") if isinstance(t, torch.Tensor)]
+
+
+def _store():
+    from . import store
+
+    return store
+
+
 def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
               measurement: Measurement | None = None, chunk_size: int | None = None,
               max_memory: int | None = None, query_rank: int | None = None,
-              per_module: bool = False) -> torch.Tensor:
+              per_module: bool = False, out=None, overwrite: bool = False, progress: bool | None = None):
     """Pairwise influence scores of training examples on query measurements.
 
     ``scores[q, i] = ∇f(z_q)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, with ``f`` the measurement (default: the loss) and
@@ -47,47 +134,92 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
         (SVD), trading accuracy for speed.
       per_module: Kronecker family only: return ``[n_modules, n_query, n_train]``, one slice per block of
         ``ihvp.info["modules"]``, summing to the total.
+      out: path of an HDF5 score store. Columns are written chunk by chunk (float32) and each chunk is
+        recorded as done only after its data is flushed; calling again with the same arguments resumes at
+        the first unfinished chunk and never recomputes a finished one. The file records the method,
+        damping and fingerprints of the parameters, queries and training data, and a call that differs is
+        refused. Read it with :func:`ifunc.load_scores` or :func:`ifunc.top_k`.
+      overwrite: with ``out``, replace an existing file instead of resuming it.
+      progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
 
     When ``ihvp`` is a Kronecker-family closure built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``,
     ``ihvp_diagonal``, ``ihvp_identity``), queries are preconditioned per layer and contracted with
     captured layer inputs / output-gradients of the training examples (``Σ_t g_tᵀ Q̃ a_t``), with no
     per-example gradient of the whole model; the result is the same as the generic path.
 
+    Memory: the query gradients ``[n_query, d]``, one chunk of training gradients and the output; the
+    training data streams (any DataLoader), so with ``out=`` peak memory does not grow with ``n_train``.
+
     Returns:
-      ``[n_query, n_train]`` tensor in the parameters' dtype.
+      ``[n_query, n_train]`` tensor in the parameters' dtype; with ``out=`` the path of the finished store.
 
     Example:
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
-    if kronecker_state(ihvp) is not None:
-        return kronecker_attribute(loss, params, ihvp, train, query, measurement=measurement, chunk_size=chunk_size,
-                                   max_memory=max_memory, query_rank=query_rank, per_module=per_module)
-    if query_rank is not None or per_module:
+    kron = kronecker_state(ihvp) is not None
+    if not kron and (query_rank is not None or per_module):
         raise ValueError("query_rank= and per_module=True need a Kronecker-family closure built with model= "
                          "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
-    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
-    _check_ihvp(ihvp, Q.shape[1])
-    with torch.no_grad():
-        Qp = _solve(ihvp, Q)
-    columns = [Qp @ G.T for G in iter_per_sample_grads(loss, params, train, chunk_size=chunk_size,
-                                                         max_memory=max_memory, name="train")]
-    return torch.cat(columns, dim=1)
+    if out is not None and per_module:
+        raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or "
+                                  "per_module")
+    source = DataSource(train, name="train")
+    if out is not None:
+        n_train = source.count()
+        meta = _run_meta(loss, params, ihvp, query, measurement, query_rank)
+    if kron:
+        scorer = _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank,
+                                   per_module)
+    else:
+        scorer = _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory)
+    chunks = source.chunks(scorer.chunk)
+    total = source.cheap_count()
+    total = -(-total // scorer.chunk) if total is not None else None
+    if out is None:
+        columns, offset = [], 0
+        for batch in _progress(chunks, total=total, desc="ifunc scores", progress=progress):
+            columns.append(scorer.score(batch, offset))
+            offset += _batch_size(batch)
+        return torch.cat(columns, dim=-1)
+
+    first = next(iter(source.chunks(scorer.chunk)))
+    meta["train"] = _store().fingerprint(_leaves(first))
+    with _store().ScoreWriter(out, n_query=scorer.meta["n_query"], n_train=n_train, chunk_size=scorer.chunk,
+                              meta=meta, overwrite=overwrite) as writer:
+        offset = 0
+        for index, batch in enumerate(_progress(chunks, total=writer.n_chunks, desc="ifunc scores",
+                                                progress=progress)):
+            b = _batch_size(batch)
+            if index not in writer.done:
+                cols = scorer.score(batch, offset)
+                writer.write(index, cols.detach().to("cpu", torch.float32).numpy())
+            offset += b
+        if len(writer.done) != writer.n_chunks:
+            raise ValueError(f"train data yielded fewer chunks than the {writer.n_chunks} recorded in {out}")
+    return out
 
 
 def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_size: int | None = None,
-                   max_memory: int | None = None) -> torch.Tensor:
+                   max_memory: int | None = None, progress: bool | None = None) -> torch.Tensor:
     """Self-influence ``s[i] = ∇ℓ(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, ``[n_train]``.
 
-    Large values flag examples the model finds surprising (often mislabelled). Each chunk of gradients is
-    solved as one ``[c, d]`` block.
+    Large values flag examples the model finds surprising (often mislabelled). Training data streams in
+    chunks; each chunk of gradients is solved as one ``[c, d]`` block (Kronecker-family closures use
+    per-layer contractions instead). ``progress`` as in :func:`attribute`.
     """
     if kronecker_state(ihvp) is not None:
         return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size)
-    out = []
-    for G in iter_per_sample_grads(loss, params, train, chunk_size=chunk_size, max_memory=max_memory,
-                                   name="train"):
-        _check_ihvp(ihvp, G.shape[1])
-        with torch.no_grad():
-            out.append((G * _solve(ihvp, G)).sum(dim=1))
+    source = DataSource(train, name="train")
+    d = flatten(params)[0]
+    chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
+    total = source.cheap_count()
+    out, offset = [], 0
+    for batch in _progress(source.chunks(chunk), total=None if total is None else -(-total // chunk),
+                           desc="ifunc self-influence", progress=progress):
+        for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset):
+            _check_ihvp(ihvp, G.shape[1])
+            with torch.no_grad():
+                out.append((G * _solve(ihvp, G)).sum(dim=1))
+            offset += G.shape[0]
     return torch.cat(out)

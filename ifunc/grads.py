@@ -28,11 +28,13 @@ def _one(t: torch.Tensor) -> torch.Tensor:
 
 
 def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,
-                          max_memory: int | None = None, name: str = "data") -> Iterator[torch.Tensor]:
+                          max_memory: int | None = None, name: str = "data",
+                          offset: int = 0) -> Iterator[torch.Tensor]:
     """Yield flat per-example gradients ``[c, d]`` chunk by chunk, in data order.
 
     The gradient of example ``i`` is ``∇_θ func(θ, batch_i)`` where ``batch_i`` is that example alone as a
-    batch of size 1 (so ``func`` is written for batches, summed over them).
+    batch of size 1 (so ``func`` is written for batches, summed over them). ``offset`` is added to example
+    indices in error messages (for data that is itself a chunk of a larger set).
 
     Raises:
       ValueError: ``func`` is not scalar-valued, or a gradient is NaN/inf (naming the example index).
@@ -47,7 +49,6 @@ def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chun
         return check_scalar(func(unflatten(x), example), "loss/measurement(params, batch)")
 
     g = vmap(grad(per_example), in_dims=(None, 0))
-    offset = 0
     first = True
     for chunk in source.chunks(size):
         if first:  # eager check outside vmap for a readable error on non-scalar outputs
