@@ -4,8 +4,8 @@ from .curvature import CurvatureOperator, OutputLoss, curvature_operator, ggn, g
 from .functional import call, flatten, flatten_func, params_of
 from .grads import iter_per_sample_grads, per_sample_grads
 from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_solve, ihvp_arnoldi, ihvp_cg,
-                   ihvp_explicit, ihvp_from_matrix, ihvp_lissa, ihvp_nystrom, jacobi_preconditioner, lanczos,
-                   nystrom_preconditioner, nystrom_sketch)
+                   ihvp_explicit, ihvp_from_matrix, ihvp_lissa, ihvp_datainf, ihvp_nystrom, jacobi_preconditioner,
+                   lanczos, nystrom_preconditioner, nystrom_sketch)
 from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
                    ihvp_kfac)
 from .capture import capture_layer_grads
@@ -19,6 +19,7 @@ __all__ = [
     "IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve", "CGResult",
     "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
     "ihvp_nystrom", "nystrom_sketch", "jacobi_preconditioner", "nystrom_preconditioner",
+    "ihvp_datainf",
     "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors", "KroneckerFactors",
     "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",

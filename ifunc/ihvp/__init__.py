@@ -4,6 +4,7 @@ from .arnoldi import ihvp_arnoldi, lanczos
 from .cg import CGResult, cg_solve, ihvp_cg
 from .explicit import ihvp_explicit, ihvp_from_matrix
 from .lissa import LissaDivergenceWarning, ihvp_lissa
+from .datainf import ihvp_datainf
 from .nystrom import ihvp_nystrom, nystrom_sketch
 from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
 from .kfactors import KroneckerFactors, LayerFactors, fit_kronecker_factors
@@ -12,5 +13,6 @@ from .kronecker import ihvp_diagonal, ihvp_ekfac, ihvp_identity, ihvp_kfac
 __all__ = ["IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve",
            "CGResult", "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
            "ihvp_nystrom", "nystrom_sketch", "jacobi_preconditioner", "nystrom_preconditioner",
+           "ihvp_datainf",
            "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors",
            "KroneckerFactors", "LayerFactors"]

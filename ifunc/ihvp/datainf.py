@@ -1,0 +1,113 @@
+"""DataInf: per-block average of Sherman–Morrison inverses of rank-one curvatures (Kwon et al. 2023)."""
+from __future__ import annotations
+
+import torch
+
+from .._data import DataSource
+from .._types import Data, LossFn, Params
+from ..curvature import (check_scalar, example_gradients, fisher_example_gradients, replayable,
+                         resolve_curvature)
+from ..functional import flatten
+from ._base import IHVP, check_damping
+from ._blocks import resolve_blocks
+
+__all__ = ["ihvp_datainf"]
+
+GRADIENT_CURVATURES = ("empirical_fisher", "fisher")
+
+
+def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, blocks="layer",
+                 curvature: str = "empirical_fisher", generator: torch.Generator | None = None,
+                 chunk_size: int = 64) -> IHVP:
+    """DataInf ``v -> (1/n) Σ_i (g_i g_iᵀ + λI)^{-1} v``, block by block, in closed form.
+
+    Within each block ``b`` of parameters (default: each layer) the damped curvature is the mean of
+    rank-one terms, ``G_b + λI = (1/n) Σ_i (g_ib g_ibᵀ + λI)``, with ``g_ib`` the block of example ``i``'s
+    gradient. DataInf swaps the inverse and the mean and inverts each term by Sherman–Morrison:
+
+        ``[ihvp(v)]_b = (1/n) Σ_i (g_ib g_ibᵀ + λI)^{-1} v_b
+                     = (1/λ) (v_b − (1/n) Σ_i g_ib (g_ibᵀ v_b) / (λ + ‖g_ib‖²))``.
+
+    What it approximates: the block-diagonal (per-layer) empirical Fisher (or, with
+    ``curvature="fisher"``, the sampled true Fisher), with the inverse of the mean replaced by the mean
+    of the inverses. This is exact for a single example per block (``n = 1``) and when all examples'
+    block gradients are equal; otherwise, since matrix inversion is operator convex, the result is
+    never smaller than the exact block solve in the quadratic form, ``vᵀ ihvp(v) >= vᵀ(G_b + λI)^{-1}v``
+    (it under-estimates the curvature). The gap grows with ``‖g‖²/λ`` and with the block size, so
+    DataInf suits small blocks (LoRA adapters) and large damping.
+
+    Cost: per-example gradients once at build (``n`` vmapped gradients, stored: ``O(n d)`` memory); each
+    call ``O(k n d)``; ``with_damping`` is free.
+
+    Args:
+      loss: ``loss(params, batch) -> scalar`` summed over the batch.
+      params: pytree or flat vector ``[d]``.
+      data: batch, list of batches, Dataset or DataLoader (``n`` examples).
+      damping: λ > 0.
+      blocks: ``"layer"`` (default: group by module prefix), ``"full"`` or a mapping ``{name: group}``.
+      curvature: ``"empirical_fisher"`` (default: gradients with the data's labels) or ``"fisher"``
+        (gradients at labels sampled from the model; needs ``output_loss(..., likelihood=...)``).
+      generator: label sampling for ``"fisher"`` (default seeded with 0).
+      chunk_size: examples per vmapped gradient call.
+
+    Returns:
+      :class:`IHVP` closure with ``info["blocks"]`` and ``info["n"]``.
+
+    Raises:
+      ValueError: damping <= 0; a curvature other than the two Fishers (DataInf needs rank-one
+        per-example terms); a non-finite gradient (naming the example).
+
+    Example:
+      >>> ihvp = ifunc.ihvp_datainf(loss, params, train_batch, damping=0.1)
+      >>> scores = ifunc.attribute(loss, params, ihvp, train_batch, query_batch)
+
+    References:
+      Kwon, Wu, Wu & Zou (2024), "DataInf: Efficiently estimating data influence in LoRA-tuned LLMs and
+      diffusion models", ICLR.
+    """
+    lam = check_damping(damping, allow_zero=False)
+    if curvature not in GRADIENT_CURVATURES:
+        raise ValueError(
+            f"ihvp_datainf: curvature={curvature!r} cannot be used; DataInf inverts per-example rank-one "
+            f"terms g gᵀ, so it needs one of {GRADIENT_CURVATURES}. For the Hessian or GGN per layer use "
+            'ihvp_explicit / ihvp_cg / ihvp_nystrom with blocks="layer"'
+        )
+    curvature = resolve_curvature(loss, curvature)
+    flat, unflatten = flatten(params)
+    groups = resolve_blocks(blocks, unflatten, device=flat.device)
+    source = DataSource(data, name="data")
+    gen = replayable(generator)() if curvature == "fisher" else None
+    parts, offset = [], 0
+    for chunk in source.chunks(chunk_size):
+        if offset == 0:
+            check_scalar(loss(unflatten(flat), chunk))
+        if curvature == "fisher":
+            G = fisher_example_gradients(loss, flat, unflatten, chunk, gen)
+        else:
+            G = example_gradients(loss, flat, unflatten, chunk)
+        bad = ~torch.isfinite(G).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"ihvp_datainf: non-finite gradient for example {offset + int(bad.nonzero()[0])}; "
+                             "check that example's inputs")
+        parts.append(G.detach())
+        offset += G.shape[0]
+    S = torch.cat(parts)  # [n, d]
+    n = S.shape[0]
+    pieces = [(block.index, S[:, block.index], (S[:, block.index] ** 2).sum(1)) for block in groups]
+
+    def build(lam: float) -> IHVP:
+        lam = check_damping(lam, allow_zero=False)
+
+        def solve(V: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(V)
+            for index, Sb, norms in pieces:
+                Vb = V[:, index]
+                coeff = (Vb @ Sb.T) / (lam + norms)  # [k, n]: g_iᵀ v / (λ + ‖g_i‖²)
+                out[:, index] = (Vb - coeff @ Sb / n) / lam
+            return out
+
+        return IHVP(solve, name="datainf", damping=lam, unflatten=unflatten, like=flat.new_zeros(()),
+                    rebuild=build, info={"blocks": [block.name for block in groups], "n": n,
+                                         "curvature": curvature})
+
+    return build(lam)
