@@ -9,7 +9,7 @@ from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_
 from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
                    ihvp_kfac)
 from .capture import capture_layer_grads
-from .store import load_scores, top_k
+from .store import load_factors, load_scores, save_factors, top_k
 
 from ._version import __version__
 
@@ -24,5 +24,5 @@ __all__ = [
     "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",
     "attribute", "self_influence",
-    "load_scores", "top_k",
+    "load_scores", "top_k", "save_factors", "load_factors",
 ]

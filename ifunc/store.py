@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["ScoreWriter", "load_scores", "top_k", "fingerprint"]
+__all__ = ["ScoreWriter", "load_scores", "top_k", "fingerprint", "save_factors", "load_factors"]
 
 FORMAT = "ifunc-scores"
 log = logging.getLogger("ifunc")
@@ -195,3 +195,108 @@ def top_k(path, k: int, *, block: int = 65536, largest: bool = True) -> tuple[to
             keep = cat_v.topk(min(k, cat_v.shape[1]), dim=1, largest=largest)
             best_v, best_i = keep.values, cat_i.gather(1, keep.indices)
         return best_v, best_i
+
+
+FACTORS_FORMAT = "ifunc-factors"
+_LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
+
+
+def _param_signature(params) -> tuple[str, dict]:
+    from .functional import flatten
+    import optree
+
+    flat, _ = flatten(params)
+    paths, leaves, _ = optree.tree_flatten_with_path(params, namespace="ifunc")
+    shapes = {".".join(map(str, p)): list(leaf.shape) for p, leaf in zip(paths, leaves)}
+    return fingerprint([flat]), shapes
+
+
+def save_factors(path, factors, params, *, overwrite: bool = False) -> None:
+    """Save Kronecker factors (from :func:`ifunc.fit_kronecker_factors`) to HDF5.
+
+    The file records the parameter names, shapes and a fingerprint of ``params`` (the model the factors
+    were fitted on), so :func:`load_factors` can refuse factors from another model. The file is written
+    under a temporary name and renamed into place: an existing file is never half-overwritten.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    h5py = _h5py()
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    digest, shapes = _param_signature(params)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FACTORS_FORMAT
+        f.attrs["meta"] = json.dumps({
+            "params": digest, "shapes": shapes, "n": int(factors.n), "curvature": factors.curvature,
+            "excluded": list(factors.excluded), "layers": [list(spec) for spec in factors.layers],
+            "versions": {"ifunc": _version(), "torch": torch.__version__},
+        }, sort_keys=True)
+        layers = f.create_group("layers")
+        for name, lf in factors.factors.items():
+            g = layers.create_group(name)
+            for field in _LAYER_FIELDS:
+                value = getattr(lf, field)
+                if value is not None:
+                    g.create_dataset(field, data=value.detach().cpu().numpy())
+        fb = f.create_group("fallback")
+        for name, value in factors.fallback.items():
+            fb.create_dataset(name, data=value.detach().cpu().numpy())
+    os.replace(tmp, path)
+
+
+def load_factors(path, params, *, check_params: bool = True):
+    """Load Kronecker factors saved by :func:`save_factors`, validated against ``params``.
+
+    Args:
+      path: the ``.h5`` file.
+      params: the parameters the factors will be used with (their dtype/device are used for the tensors).
+      check_params: also require the parameter *values* to match (fingerprint); names and shapes are
+        always checked.
+
+    Returns:
+      :class:`ifunc.KroneckerFactors`, usable as ``ifunc.ihvp_ekfac(loss, params, factors, model=...)``.
+
+    Raises:
+      ValueError: not a factor file, unreadable, or from another model (the message says what differs).
+    """
+    from .capture import LayerSpec
+    from .functional import flatten
+    from .ihvp.kfactors import KroneckerFactors, LayerFactors
+
+    h5py = _h5py()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read as an ifunc factor file ({err})") from None
+    with f:
+        if f.attrs.get("format") != FACTORS_FORMAT:
+            raise ValueError(f"{path} is not an ifunc factor file")
+        meta = json.loads(f.attrs["meta"])
+        digest, shapes = _param_signature(params)
+        if meta["shapes"] != shapes:
+            missing = sorted(set(meta["shapes"]) ^ set(shapes))
+            wrong = sorted(k for k in set(meta["shapes"]) & set(shapes) if meta["shapes"][k] != shapes[k])
+            raise ValueError(
+                f"{path} holds factors of another model: parameters only on one side {missing[:5]}, "
+                f"shapes differ for {wrong[:5]}"
+            )
+        if check_params and meta["params"] != digest:
+            raise ValueError(f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
+                             f"{digest}); refit, or pass check_params=False to use them anyway")
+        like = flatten(params)[0]
+        to = lambda a: torch.from_numpy(a[...]).to(device=like.device, dtype=like.dtype)  # noqa: E731
+        factors = {}
+        for name, g in f["layers"].items():
+            factors[name] = LayerFactors(**{k: (to(g[k]) if k in g else None) for k in _LAYER_FIELDS})
+        fallback = {name: to(ds) for name, ds in f["fallback"].items()}
+        layers = tuple(LayerSpec(*spec) for spec in meta["layers"])
+        return KroneckerFactors(layers, factors, fallback, tuple(meta["excluded"]), meta["n"], meta["curvature"])
+
+
+def _version() -> str:
+    from ._version import __version__
+
+    return __version__
