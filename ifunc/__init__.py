@@ -9,6 +9,7 @@ from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_
 from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
                    ihvp_kfac)
 from .capture import capture_layer_grads
+from .quality import IHVPError, ihvp_error
 from .store import load_factors, load_scores, save_factors, top_k
 
 from ._version import __version__
@@ -19,7 +20,7 @@ __all__ = [
     "IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve", "CGResult",
     "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
     "ihvp_nystrom", "nystrom_sketch", "jacobi_preconditioner", "nystrom_preconditioner",
-    "ihvp_datainf",
+    "ihvp_datainf", "ihvp_error", "IHVPError",
     "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors", "KroneckerFactors",
     "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",
