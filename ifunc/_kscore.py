@@ -2,7 +2,9 @@
 
 Queries are preconditioned once per layer, ``Q̃_l = (G_l + λ)^{-1} ∇_{W_l} f``; a training example's
 contribution is then ``Σ_t g_tᵀ Q̃_l a_t`` from captured inputs ``a`` and output-gradients ``g`` — no
-per-example gradient of the whole model. Per layer and train chunk the cheaper of three contractions is
+per-example gradient of the whole model. The queries stay in the layer's eigenbasis
+(``R̃ = (Q_Sᵀ ∇_W f Q_A) / (Λ + λ)``) and the training ``g, a`` are rotated instead (``g̃ = Q_Sᵀ g``,
+``ã = Q_Aᵀ a``, so ``gᵀ Q̃ a = g̃ᵀ R̃ ã``). Per layer and train chunk the cheaper of three contractions is
 chosen by a flop count:
 
 * direct, full rank (``T = 1``): ``((Q̃ a) ⊙ g)`` summed — ``q·b·out·in``;
@@ -14,6 +16,8 @@ Parameters outside the Kronecker layers (diagonal blocks) use ``vmap(grad)`` per
 those parameters only.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -88,45 +92,63 @@ def _check(G: torch.Tensor, what: str):
         raise ValueError(f"non-finite gradient for example {int(bad.nonzero()[0])} of a {what} chunk")
 
 
+class Prepared(NamedTuple):
+    """Preconditioned queries: diagonal-block columns ``[q, Σ sizes]`` and, per layer, ``R̃`` in its eigenbasis."""
+
+    diag: torch.Tensor  #: ``[q, Σ_diag numel]`` preconditioned query columns of the diagonal blocks
+    layers: dict  #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
+
+
 def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
                       measurement: Measurement | None = None, chunk_size: int | None = None,
-                      max_memory: int | None = None, query_rank: int | None = None):
-    """Query gradients preconditioned once, per layer: ``(Qp [q, d], {module: (Q̃, low-rank factors)})``."""
+                      max_memory: int | None = None, query_rank: int | None = None) -> Prepared:
+    """Query gradients preconditioned once per layer, kept in the layer's eigenbasis.
+
+    ``R̃_q = (Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)``, so that ``g_tᵀ Q̃_q a_t = (Q_Sᵀ g_t)ᵀ R̃_q (Q_Aᵀ a_t)``: the
+    rotation back to parameter space is never formed (training inputs are rotated instead, which costs
+    ``b·T·(out² + in²)`` rather than ``q·(out² in + out in²)``).
+    """
     state = kronecker_state(ihvp)
     if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
     Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
     with torch.no_grad():
-        Qp = ihvp.solve(Q.to(ihvp._like.dtype))
-        pre = {}
-        for blk in state.blocks:
-            Qt = gather(Qp, blk)
-            lr = _low_rank(Qt, query_rank) if query_rank is not None else None
-            if lr is not None:
-                Qt = lr[0] @ lr[1]
-            pre[blk.spec.name] = (Qt, lr)
-    return Qp, pre
+        Q = Q.to(ihvp._like.dtype)
+        layers = {}
+        for blk, lam in zip(state.blocks, state.block_damping):
+            M = gather(Q, blk)
+            if blk.Q_S is not None:
+                M = blk.Q_S.T @ M @ blk.Q_A
+            R = M / (blk.lam + lam)
+            lr = _low_rank(R, query_rank) if query_rank is not None else None
+            layers[blk.spec.name] = (lr[0] @ lr[1] if lr is not None else R, lr)
+        cols = [Q[:, d.sl] / (d.diag + lam) for d, lam in zip(state.diags, state.diag_damping)]
+        diag = torch.cat(cols, dim=1) if cols else Q.new_zeros(Q.shape[0], 0)
+    return Prepared(diag, layers)
 
 
-def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp, prepared, batch, *,
+def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp, prepared: Prepared, batch, *,
                            per_module: bool = False) -> torch.Tensor:
     """Scores of one train batch: ``[n_modules or 1, n_query, b]``."""
     state = kronecker_state(ihvp)
-    Qp, pre = prepared
     ag, fb = capture_chunk(loss, params, state, batch)
     group = {m: j for j, m in enumerate(state.modules)}
     with torch.no_grad():
         b = next(iter(ag.values()))[0].shape[0] if ag else next(iter(fb.values())).shape[0]
-        out = Qp.new_zeros(len(state.modules) if per_module else 1, Qp.shape[0], b)
+        out = prepared.diag.new_zeros(len(state.modules) if per_module else 1, prepared.diag.shape[0], b)
         for blk in state.blocks:
             a, g = ag[blk.spec.name]
             _check(g, "train")
-            s = _layer_scores(*pre[blk.spec.name], a, g)
-            out[group[blk.spec.name] if per_module else 0] += s
+            if blk.Q_S is not None:
+                g, a = g @ blk.Q_S, a @ blk.Q_A
+            out[group[blk.spec.name] if per_module else 0] += _layer_scores(*prepared.layers[blk.spec.name], a, g)
+        start = 0
         for d in state.diags:
             G = fb[d.name].reshape(b, -1)
             _check(G, "train")
-            out[group[d.group] if per_module else 0] += Qp[:, d.sl] @ G.T
+            stop = start + G.shape[1]
+            out[group[d.group] if per_module else 0] += prepared.diag[:, start:stop] @ G.T
+            start = stop
     return out
 
 
