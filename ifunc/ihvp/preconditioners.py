@@ -19,7 +19,7 @@ __all__ = ["jacobi_preconditioner", "nystrom_preconditioner"]
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _operator(operator, dim: int | None, who: str) -> tuple[MatVec, int, torch.Tensor]:
+def _operator(operator, dim: int | None, who: str, dtype=None) -> tuple[MatVec, int, torch.Tensor]:
     """``(matvec, d, like)`` from a :class:`CurvatureOperator` or a plain ``matvec`` with ``dim``."""
     if isinstance(operator, CurvatureOperator):
         return operator.matvec, operator.flat_params.numel(), operator.flat_params
@@ -28,18 +28,18 @@ def _operator(operator, dim: int | None, who: str) -> tuple[MatVec, int, torch.T
                         f"[k, d] -> [k, d], got {type(operator).__name__}")
     if dim is None or int(dim) < 1:
         raise ValueError(f"{who}: a plain matvec needs dim=d (the number of parameters), got dim={dim}")
-    return operator, int(dim), torch.zeros((), dtype=torch.get_default_dtype())
+    return operator, int(dim), torch.zeros((), dtype=dtype or torch.get_default_dtype())
 
 
 def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: float, probes: int | None = None,
-                          dim: int | None = None, generator: torch.Generator | None = None,
-                          chunk: int = 256) -> MatVec:
+                          dim: int | None = None, dtype: torch.dtype | None = None,
+                          generator: torch.Generator | None = None, chunk: int = 256) -> MatVec:
     """Diagonal (Jacobi) preconditioner ``V -> V / (diag(H) + λ)``.
 
     The diagonal is exact with ``probes=None`` (``d`` products with unit vectors, ``chunk`` at a time:
     small models only) or a Hutchinson estimate with ``probes = m`` Rademacher vectors ``z``:
     ``diag(H) ≈ (1/m) Σ_j z_j ⊙ H z_j`` (unbiased; one batched product of ``m`` vectors). Estimated
-    entries below zero are clipped to zero before adding λ.
+    entries <= 0 (noise, for a PSD ``H``) are replaced by the estimated mean diagonal ``tr(H)/d``.
 
     Args:
       operator: ``ifunc.curvature_operator(loss, params, data, ...)``, or a callable ``[k, d] -> [k, d]``
@@ -47,6 +47,7 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
       damping: λ of the system ``H + λI`` that CG solves (> 0 when a diagonal entry can be 0).
       probes: number of Hutchinson probes; ``None`` for the exact diagonal.
       dim: ``d`` when ``operator`` is a plain callable.
+      dtype: of the vectors passed to a plain callable (default: torch's default dtype).
       generator: draws the probes (default seeded with 0; the global RNG is never used).
       chunk: unit vectors per product for the exact diagonal.
 
@@ -66,7 +67,7 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
       Bekas, Kokiopoulou & Saad (2007), "An estimator for the diagonal of a matrix".
     """
     lam = check_damping(damping)
-    matvec, d, like = _operator(operator, dim, "jacobi_preconditioner")
+    matvec, d, like = _operator(operator, dim, "jacobi_preconditioner", dtype)
     if probes is None:
         diagonal = torch.empty(d, dtype=like.dtype, device=like.device)
         for start in range(0, d, chunk):
@@ -80,6 +81,9 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         Z = (2 * torch.randint(0, 2, (int(probes), d), generator=generator) - 1).to(like.dtype).to(like.device)
         diagonal = (Z * matvec(Z)).mean(0)
+        # a PSD diagonal is >= 0: where noise drove the estimate to <= 0, fall back to the mean diagonal
+        # trace / d (which Hutchinson estimates well)
+        diagonal = torch.where(diagonal > 0, diagonal, diagonal.mean().clamp_min(0))
     scale = diagonal.clamp_min(0) + lam
     if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
         raise ValueError("jacobi_preconditioner: diag(H) + λ has zero or non-finite entries; use damping > 0")
@@ -93,7 +97,8 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
 
 
 def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, damping: float,
-                           dim: int | None = None, generator: torch.Generator | None = None) -> MatVec:
+                           dim: int | None = None, dtype: torch.dtype | None = None,
+                           generator: torch.Generator | None = None) -> MatVec:
     """Randomized Nyström preconditioner for ``H + λI`` (Frangella, Tropp & Udell 2023).
 
     From the rank-``r`` Nyström approximation ``Ĥ = U diag(λ̂) Uᵀ`` (:func:`ifunc.nystrom_sketch`, one
@@ -112,6 +117,7 @@ def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, d
       rank: sketch size (1 <= rank <= d).
       damping: λ > 0 of the system ``H + λI`` that CG solves.
       dim: ``d`` when ``operator`` is a plain callable.
+      dtype: of the vectors passed to a plain callable (default: torch's default dtype).
       generator: draws the sketch (default seeded with 0; the global RNG is never used).
 
     Returns:
@@ -125,7 +131,7 @@ def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, d
       Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
     """
     lam = check_damping(damping, allow_zero=False)
-    matvec, d, like = _operator(operator, dim, "nystrom_preconditioner")
+    matvec, d, like = _operator(operator, dim, "nystrom_preconditioner", dtype)
     if not isinstance(rank, int) or not 1 <= rank <= d:
         raise ValueError(f"nystrom_preconditioner: rank must be an integer in [1, d={d}], got {rank!r}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
