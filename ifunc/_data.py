@@ -62,6 +62,7 @@ class DataSource:
                     f"{name}: a list of tensors is ambiguous; pass one batch as a tuple, e.g. (x, y), "
                     "or several batches as a list of tuples, e.g. [(x1, y1), (x2, y2)]"
                 )
+            data = [tuple(b) if isinstance(b, list) else b for b in data]  # collated [x, y] batches
             if not data or not all(_is_batch(b) for b in data):
                 raise TypeError(
                     f"{name}: a list must hold batches (tensors, tuples or dicts of tensors); "

@@ -76,3 +76,10 @@ def test_data_dependent_python_in_the_loss_gets_a_clear_message():
     bad = lambda p, b: loss(p, b) * (1.0 if float(b[0].sum()) > 0 else 2.0)  # noqa: E731
     with pytest.raises(RuntimeError, match="data-dependent Python"):
         ifunc.per_sample_grads(bad, params, data)
+
+
+def test_a_list_of_collated_dataloader_batches_is_accepted():
+    _, params, loss, (x, y) = mlp_problem(seed=1, n=10)
+    batches = list(DataLoader(TensorDataset(x, y), batch_size=4))        # [[x, y], [x, y], ...]
+    torch.testing.assert_close(ifunc.per_sample_grads(loss, params, batches),
+                               ifunc.per_sample_grads(loss, params, (x, y)))
