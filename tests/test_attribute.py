@@ -74,3 +74,12 @@ def test_float32_params_give_float32_scores():
     ref = ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y),
                           (x[:2], y[:2]))
     assert torch.corrcoef(torch.stack([scores.double().flatten(), ref.flatten()]))[0, 1] > 0.999
+
+
+def test_low_precision_scores_keep_the_ranking():
+    _, params, loss, (x, y), ihvp = _setup(seed=5, n=30)
+    exact = ifunc.attribute(loss, params, ihvp, (x, y), (x[:4], y[:4]))
+    low = ifunc.attribute(loss, params, ihvp, (x, y), (x[:4], y[:4]), dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    r = torch.corrcoef(torch.stack([low.double().flatten(), exact.flatten()]))[0, 1]
+    assert r > 0.99
