@@ -143,3 +143,11 @@ def test_progress_logging_is_quiet_when_asked(setup, tmp_path, caplog):
         ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=tmp_path / "s.h5", chunk_size=5,
                         progress=False)
     assert sum("written" in r.message for r in caplog.records) == 3
+
+
+def test_kronecker_closures_stream_into_a_store_too(tmp_path):
+    model, params, loss, (x, y) = mlp_problem(seed=2, sizes=(3, 5, 3), n=20)
+    ihvp = ifunc.ihvp_ekfac(loss, params, (x, y), model=model, damping=0.1)
+    expected = ifunc.attribute(loss, params, ihvp, (x, y), (x[:3], y[:3]))
+    path = ifunc.attribute(loss, params, ihvp, (x, y), (x[:3], y[:3]), chunk_size=6, out=tmp_path / "k.h5")
+    np.testing.assert_allclose(ifunc.load_scores(path), expected.numpy(), rtol=1e-5, atol=1e-6)
