@@ -56,11 +56,6 @@ def test_with_damping_is_free_and_exact():
     _, params, loss, data = mlp_problem(seed=3, sizes=(2, 3, 2), n=6)
     d = ifunc.flatten(params)[0].numel()
     calls = []
-
-    def counted(p, b):
-        calls.append(1)
-        return loss(p, b)
-
     counted = ifunc.output_loss(lambda p, b: (calls.append(1), loss.outputs(p, b))[1], loss.loss_on_outputs)
     ihvp = ifunc.ihvp_nystrom(counted, params, data, rank=d, damping=0.3)
     before = len(calls)
