@@ -1,4 +1,4 @@
-"""Curvature products of the mean training loss: Hessian- and Gauss-Newton-vector products, dense matrices.
+"""Curvature products of the mean training loss: Hessian, Gauss-Newton and Fisher products, dense matrices.
 
 Normalisation: with ``loss(params, batch)`` the loss of a batch **summed** over its examples and ``n`` the
 total number of examples in ``data``, the curvature is that of the *mean* loss,
