@@ -24,9 +24,8 @@ import torch
 from ._data import DataSource
 from ._types import Data, LossFn, Measurement, Params
 from .capture import layer_capture, requiring_grad
-from .grads import per_sample_grads
 from .ihvp.kfactors import fallback_grads
-from .ihvp.kronecker import KronBlock, KroneckerState, gather
+from .ihvp.kronecker import KronBlock, KroneckerState
 
 __all__ = ["kronecker_state", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_influence",
            "DEFAULT_CHUNK"]
@@ -106,24 +105,38 @@ def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
 
     ``R̃_q = (Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)``, so that ``g_tᵀ Q̃_q a_t = (Q_Sᵀ g_t)ᵀ R̃_q (Q_Aᵀ a_t)``: the
     rotation back to parameter space is never formed (training inputs are rotated instead, which costs
-    ``b·T·(out² + in²)`` rather than ``q·(out² in + out in²)``).
+    ``b·T·(out² + in²)`` rather than ``q·(out² in + out in²)``). Query gradients are captured layer by layer
+    like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
+    ``measurement`` must, like the loss, be a sum over examples that do not interact.
     """
     state = kronecker_state(ihvp)
     if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
-    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
+    func = measurement or loss
+    parts: dict[str, list] = {blk.spec.name: [] for blk in state.blocks}
+    cols: list[list] = [[] for _ in state.diags]
+    for batch in DataSource(query, name="query").chunks(chunk_size or DEFAULT_CHUNK):
+        ag, fb = capture_chunk(func, params, state, batch)  # query gradients of f, layer by layer
+        with torch.no_grad():
+            for blk, lam in zip(state.blocks, state.block_damping):
+                a, g = ag[blk.spec.name]
+                _check(g, "query")
+                if blk.Q_S is not None:
+                    g, a = g @ blk.Q_S, a @ blk.Q_A
+                parts[blk.spec.name].append(torch.einsum("bto,bti->boi", g, a) / (blk.lam + lam))
+            for j, (d, lam) in enumerate(zip(state.diags, state.diag_damping)):
+                G = fb[d.name].reshape(fb[d.name].shape[0], -1)
+                _check(G, "query")
+                cols[j].append(G / (d.diag + lam))
     with torch.no_grad():
-        Q = Q.to(ihvp._like.dtype)
         layers = {}
-        for blk, lam in zip(state.blocks, state.block_damping):
-            M = gather(Q, blk)
-            if blk.Q_S is not None:
-                M = blk.Q_S.T @ M @ blk.Q_A
-            R = M / (blk.lam + lam)
+        for name, chunks in parts.items():
+            R = torch.cat(chunks)
             lr = _low_rank(R, query_rank) if query_rank is not None else None
-            layers[blk.spec.name] = (lr[0] @ lr[1] if lr is not None else R, lr)
-        cols = [Q[:, d.sl] / (d.diag + lam) for d, lam in zip(state.diags, state.diag_damping)]
-        diag = torch.cat(cols, dim=1) if cols else Q.new_zeros(Q.shape[0], 0)
+            layers[name] = (lr[0] @ lr[1] if lr is not None else R, lr)
+        n_q = next(iter(layers.values()))[0].shape[0] if layers else sum(c.shape[0] for c in cols[0])
+        diag = torch.cat([torch.cat(c) for c in cols], dim=1) if cols else \
+            ihvp._like.new_zeros(n_q, 0)
     return Prepared(diag, layers)
 
 

@@ -106,6 +106,12 @@ def _resolve(loss, curvature, sample):
 
 def _ggn_cotangents(loss: OutputLoss, out: torch.Tensor, batch) -> list[torch.Tensor]:
     """Columns of ``Λ_out^{1/2}`` per position: ``C`` cotangents with ``Σ_c u_c u_cᵀ = Λ_out``."""
+    if out.dim() == 1:  # one scalar output per example: Λ_out is a number per example
+        o = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(check_scalar(loss.loss_on_outputs(o, batch)), o, create_graph=True)[0]
+            h = torch.autograd.grad(g.sum(), o)[0]
+        return [h.detach().clamp_min(0).sqrt()]
     o = out.detach().requires_grad_(True)
     with torch.enable_grad():
         g = torch.autograd.grad(check_scalar(loss.loss_on_outputs(o, batch)), o, create_graph=True)[0]
