@@ -207,6 +207,16 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     Raises:
       ValueError / TypeError: unknown curvature, a loss without outputs for ``"ggn"``/``"fisher"``,
         non-finite factors, uncovered parameters with ``fallback=False``.
+
+    Example:
+      >>> factors = ifunc.fit_kronecker_factors(loss, params, loader, model=model, sample="categorical",
+      ...                                       generator=torch.Generator().manual_seed(0))
+      >>> ekfac = ifunc.ihvp_ekfac(loss, params, factors, model=model)          # no refit
+      >>> kfac = ifunc.ihvp_kfac(loss, params, factors, model=model, damping=1e-3)
+
+    References:
+      Martens & Grosse (2015); George et al. (2018); Eschenhagen et al. (2023) for the "expand"
+      normalisation of weight-shared (token / patch) layers.
     """
     curvature, sample = _resolve(loss, curvature, sample)
     if int(n_samples) < 1:

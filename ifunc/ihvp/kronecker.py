@@ -223,6 +223,13 @@ _FIT_DOC = """
 """
 
 
+def _fit_doc(f):
+    """Insert the shared Args/Returns section at the ``{FIT_ARGS}`` line of ``f``'s docstring."""
+    f.__doc__ = f.__doc__.replace("    {FIT_ARGS}\n", _FIT_DOC + "\n")
+    return f
+
+
+@_fit_doc
 def ihvp_ekfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
                damping: float | None = None, **fit_kwargs) -> IHVP:
     """EK-FAC: ``v -> (G + λI)^{-1} v`` with ``G`` block-diagonal, each layer ``(Q_S ⊗ Q_A) Λ (Q_S ⊗ Q_A)ᵀ``.
@@ -231,7 +238,7 @@ def ihvp_ekfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, m
     layer block is never farther from the true one (Frobenius) than K-FAC's. Fit: two passes over the
     data, eigendecompositions of ``A [in, in]`` and ``S [out, out]``; each call costs
     ``O(k (out² in + out in²))`` per layer.
-    """ + _FIT_DOC + """
+    {FIT_ARGS}
     Example:
       >>> ihvp = ifunc.ihvp_ekfac(loss, params, loader, model=model, curvature="empirical_fisher")
       >>> scores = ifunc.attribute(loss, params, ihvp, train, query)   # fast Kronecker scoring
@@ -243,12 +250,16 @@ def ihvp_ekfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, m
     return _from_factors("ekfac", params, _factors(loss, params, data, model, True, fit_kwargs), model, damping)
 
 
+@_fit_doc
 def ihvp_kfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
               damping: float | None = None, **fit_kwargs) -> IHVP:
     """K-FAC: ``v -> (A ⊗ S + λI)^{-1} v`` per layer, via the eigenbases of ``A`` and ``S``.
 
     ``(A ⊗ S + λI)^{-1} vec(V) = vec(Q_S [(Q_Sᵀ V Q_A) / (λ_S λ_Aᵀ + λ)] Q_Aᵀ)``; one pass over the data.
-    """ + _FIT_DOC + """
+    {FIT_ARGS}
+    Example:
+      >>> ihvp = ifunc.ihvp_kfac(loss, params, loader, model=model, sample="categorical")
+
     References:
       Martens & Grosse (2015), "Optimizing neural networks with Kronecker-factored approximate curvature";
       Grosse & Martens (2016) for convolutions.
@@ -256,6 +267,7 @@ def ihvp_kfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, mo
     return _from_factors("kfac", params, _factors(loss, params, data, model, False, fit_kwargs), model, damping)
 
 
+@_fit_doc
 def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
                   damping: float | None = None, **fit_kwargs) -> IHVP:
     """Diagonal: ``v -> v / (diag(F) + λ)`` with ``diag(F) = E[(∂ℓ/∂θ)²]`` per parameter.
@@ -263,7 +275,10 @@ def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *
     ``F`` is the curvature chosen by ``curvature=`` (default the empirical Fisher for a plain loss, the
     GGN diagonal for an ``output_loss``); layer weights use captured ``E[(Σ_t g_t a_tᵀ)²]``, other
     parameters per-example gradients.
-    """ + _FIT_DOC
+    {FIT_ARGS}
+    Example:
+      >>> ihvp = ifunc.ihvp_diagonal(loss, params, loader, model=model, curvature="empirical_fisher")
+    """
     return _from_factors("diagonal", params, _factors(loss, params, data, model, False, fit_kwargs), model,
                          damping)
 
