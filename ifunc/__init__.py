@@ -1,5 +1,6 @@
 """ifunc: influence functions for PyTorch as pure, composable transforms on torch.func."""
 from .attribute import attribute, self_influence
+from .ensemble import attribute_ensemble
 from .curvature import CurvatureOperator, OutputLoss, curvature_operator, ggn, ggn_vp, hessian, hvp, output_loss
 from .functional import call, flatten, flatten_func, params_of
 from .grads import iter_per_sample_grads, per_sample_grads
@@ -24,6 +25,6 @@ __all__ = [
     "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors", "KroneckerFactors",
     "LayerFactors", "capture_layer_grads",
     "per_sample_grads", "iter_per_sample_grads",
-    "attribute", "self_influence",
+    "attribute", "self_influence", "attribute_ensemble",
     "load_scores", "top_k", "save_factors", "load_factors",
 ]
