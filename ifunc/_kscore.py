@@ -24,7 +24,7 @@ import torch
 from ._data import DataSource
 from ._types import Data, LossFn, Measurement, Params
 from .capture import layer_capture, requiring_grad
-from .ihvp.kfactors import fallback_grads
+from .ihvp.kfactors import fallback_grads, one_thread
 from .ihvp.kronecker import KronBlock, KroneckerState
 
 __all__ = ["kronecker_state", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_influence",
@@ -42,7 +42,8 @@ def kronecker_state(ihvp) -> KroneckerState | None:
 
 def _low_rank(Qt: torch.Tensor, rank: int):
     """Per query, the best rank-``r`` factors of ``Q̃ [q, out, in]``: ``(U σ [q, out, r], V [q, r, in])``."""
-    U, s, Vh = torch.linalg.svd(Qt, full_matrices=False)
+    with one_thread():
+        U, s, Vh = torch.linalg.svd(Qt, full_matrices=False)
     r = min(rank, s.shape[-1])
     return U[..., :r] * s[:, None, :r], Vh[:, :r]
 

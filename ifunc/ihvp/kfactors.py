@@ -22,7 +22,8 @@ for ``C`` outputs per position: exact, but costly for large vocabularies).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, Iterator, NamedTuple
 
 import optree
 import torch
@@ -35,9 +36,25 @@ from ..capture import LayerSpec, find_layers, layer_capture, param_names, requir
 from ..curvature import OutputLoss, check_scalar
 
 __all__ = ["LayerFactors", "KroneckerFactors", "fit_kronecker_factors", "sample_categorical",
-           "sample_gaussian"]
+           "sample_gaussian", "one_thread"]
 
 CURVATURES = ("ggn", "fisher", "empirical_fisher")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run dense LAPACK work (``eigh``, ``svd``) on one thread, restoring the thread count afterwards.
+
+    MKL's multithreaded ``eigh`` / batched ``svd`` on matrices of a few hundred rows is slower than one
+    thread, catastrophically so when the cores are shared (measured on 2 busy cores: ``eigh`` 785² 6×,
+    ``svd`` of ``[20, 512, 785]`` 20× slower with 2 threads than with 1).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class LayerFactors(NamedTuple):
@@ -280,8 +297,9 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
         for what, M in (("A", A), ("S", S)):
             if not torch.isfinite(M).all():
                 raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
-        eA, QA = torch.linalg.eigh((A + A.T) / 2)
-        eS, QS = torch.linalg.eigh((S + S.T) / 2)
+        with one_thread():
+            eA, QA = torch.linalg.eigh((A + A.T) / 2)
+            eS, QS = torch.linalg.eigh((S + S.T) / 2)
         factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
     if ekfac and layers:
         gen.set_state(start_state)
