@@ -348,3 +348,15 @@ def test_ekfac_scores_rank_like_exact_ggn(kind):
     s_ek = ifunc.attribute(loss, params, ek.with_damping(lam), train, query)
     s_ex = ifunc.attribute(loss, params, exact, train, query)
     assert spearman(s_ek, s_ex) >= 0.9
+
+
+def test_works_under_no_grad_and_with_a_dataloader():
+    model, params, loss, (x, y) = mlp_problem(seed=14, sizes=(3, 4, 2), n=9)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    ref = ifunc.ihvp_ekfac(loss, params, (x, y), model=model, damping=0.1)
+    with torch.no_grad():
+        ih = ifunc.ihvp_ekfac(loss, params, loader, model=model, damping=0.1)
+        s = ifunc.attribute(loss, params, ih, loader, (x[:2], y[:2]))
+    v = torch.randn(ih.dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ih(v), ref(v))
+    torch.testing.assert_close(s, ifunc.attribute(loss, params, ref, (x, y), (x[:2], y[:2])))
