@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import distributed
 from ._version import __version__ as _version
 from ._data import DataSource, batch_size as _batch_size
 from ._kscore import (DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_influence,
@@ -183,6 +184,11 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     chunks = source.chunks(scorer.chunk)
     total = source.cheap_count()
     total = -(-total // scorer.chunk) if total is not None else None
+    shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
+    if out is None and distributed.active():  # train chunks sharded over the ranks, columns all-gathered
+        scores = distributed.gather_chunks(chunks, scorer.score, wrap=lambda it: _progress(
+            it, total=total, desc="ifunc scores", progress=shown))
+        return scores.to(dtype) if dtype is not None else scores
     if out is None:
         columns, offset = [], 0
         for batch in _progress(chunks, total=total, desc="ifunc scores", progress=progress):
@@ -193,6 +199,11 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
 
     first = next(iter(source.chunks(scorer.chunk)))
     meta["train"] = _store().fingerprint(_leaves(first))
+    if distributed.active():  # one resumable store per rank, merged into `out` by rank 0
+        return distributed.scores_to_store(
+            out, chunks, scorer.score, n_query=scorer.meta["n_query"], n_train=n_train, chunk=scorer.chunk,
+            meta=meta, overwrite=overwrite,
+            wrap=lambda it, n: _progress(it, total=n, desc="ifunc scores", progress=shown))
     with _store().ScoreWriter(out, n_query=scorer.meta["n_query"], n_train=n_train, chunk_size=scorer.chunk,
                               meta=meta, overwrite=overwrite) as writer:
         offset = 0
@@ -217,11 +228,20 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
     per-layer contractions instead). ``progress`` as in :func:`attribute`.
     """
     if kronecker_state(ihvp) is not None:
+        if distributed.active():  # train chunks sharded over the ranks, entries all-gathered
+            step = chunk_size or DEFAULT_CHUNK
+            return distributed.gather_chunks(DataSource(train, name="train").chunks(step), lambda b, _: (
+                kronecker_self_influence(loss, params, ihvp, b, chunk_size=step)))
         return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size)
     source = DataSource(train, name="train")
     d = flatten(params)[0]
     chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
     total = source.cheap_count()
+    if distributed.active():  # gradients sharded by chunk, solved jointly (the solve may itself be distributed)
+        step = max(1, chunk // distributed.world()[1])
+        grads = lambda batch, offset: torch.cat(list(iter_per_sample_grads(  # noqa: E731
+            loss, params, batch, chunk_size=step, name="train", offset=offset)))
+        return distributed.solve_rounds(source.chunks(step), grads, lambda G: _self_terms(ihvp, G), d.numel())
     out, offset = [], 0
     for batch in _progress(source.chunks(chunk), total=None if total is None else -(-total // chunk),
                            desc="ifunc self-influence", progress=progress):
@@ -231,3 +251,10 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
                 out.append((G * _solve(ihvp, G)).sum(dim=1))
             offset += G.shape[0]
     return torch.cat(out)
+
+
+def _self_terms(ihvp, G: torch.Tensor) -> torch.Tensor:
+    """``[b]``: ``gᵢᵀ (H + λI)^{-1} gᵢ`` for the rows of ``G [b, d]``."""
+    _check_ihvp(ihvp, G.shape[1])
+    with torch.no_grad():
+        return (G * _solve(ihvp, G)).sum(dim=1)

@@ -24,6 +24,7 @@ import optree
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from . import distributed
 from ._data import DataSource, batch_size
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten
@@ -275,12 +276,17 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
         if not torch.isfinite(value):
             raise ValueError(f"loss(params, batch) is {value.item()} on the first batch; check inputs and params")
 
+    shards = distributed.batches(source, split=curvature != "fisher")  # the data itself without a process group
+
     def matvec(V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         gen = fresh() if curvature == "fisher" else None
-        for batch in source:
-            out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
-        return out / n
+        for mine, batch in distributed.shard(shards):  # every batch without a process group
+            if mine:
+                out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
+            elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
+                sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)
+        return distributed.reduce_sum([out])[0] / n
 
     return CurvatureOperator(matvec, flat, unflatten, n, curvature)
 
@@ -341,9 +347,10 @@ def hessian(loss: LossFn, params: Params, data: Data) -> torch.Tensor:
     flat, unflatten = flatten(params)
     source = DataSource(data)
     total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
-    for batch in source:
-        total += torch.func.hessian(lambda x: check_scalar(loss(unflatten(x), batch)))(flat)
-    return total / len(source)
+    for mine, batch in distributed.shard(distributed.batches(source)):
+        if mine:
+            total += torch.func.hessian(lambda x: check_scalar(loss(unflatten(x), batch)))(flat)
+    return distributed.reduce_sum([total])[0] / len(source)
 
 
 def ggn(loss: OutputLoss, params: Params, data: Data) -> torch.Tensor:
@@ -352,9 +359,11 @@ def ggn(loss: OutputLoss, params: Params, data: Data) -> torch.Tensor:
     flat, unflatten = flatten(params)
     source = DataSource(data)
     total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
-    for batch in source:
+    for mine, batch in distributed.shard(distributed.batches(source)):
+        if not mine:
+            continue
         out = loss.outputs(unflatten(flat), batch)
         J = torch.func.jacrev(lambda x: loss.outputs(unflatten(x), batch).reshape(-1))(flat)  # [m, d]
         Lam = torch.func.hessian(lambda o: loss.loss_on_outputs(o.reshape(out.shape), batch))(out.reshape(-1))
         total += J.T @ Lam @ J
-    return total / len(source)
+    return distributed.reduce_sum([total])[0] / len(source)

@@ -129,6 +129,11 @@ class ScoreWriter:
         self.done.add(index)
         log.info("ifunc: chunk %d/%d written to %s", index + 1, self.n_chunks, self.path)
 
+    def read(self, index: int) -> np.ndarray:
+        """The stored columns of chunk ``index``, ``[n_query, width]`` (used to merge per-rank stores)."""
+        start = index * self.chunk_size
+        return self._scores[:, start:start + self.chunk_size]
+
     def close(self) -> None:
         self._file.close()
 
@@ -137,6 +142,11 @@ class ScoreWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def remove_store(path) -> None:
+    """Delete a score store if it exists (a merged per-rank part, or before ``overwrite=True``)."""
+    Path(path).unlink(missing_ok=True)
 
 
 def _open_complete(path):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
+from .. import distributed
 from .._data import DataSource, batch_size
 from .._types import Data, LossFn, Params
 from ..capture import LayerSpec, find_layers, layer_capture, param_names, requiring_grad
@@ -262,7 +263,13 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
 
     def one_pass(rotations):
         nonlocal n
-        for batch in source.chunks(chunk_size):
+        step = distributed.chunk_size(source, chunk_size, split=curvature != "fisher")
+        for mine, batch in distributed.shard(source.chunks(step)):  # identity without a process group
+            if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
+                if curvature == "fisher":
+                    with torch.no_grad():
+                        _draws(loss, params, batch, curvature, sample, n_samples, gen)
+                continue
             p = requiring_grad(params)
             with layer_capture(model, layers) as rec, torch.enable_grad():
                 root, draws = _draws(loss, p, batch, curvature, sample, n_samples, gen)
@@ -290,20 +297,34 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                     acc[s.name]["A"] = acc[s.name]["A"] + (af.T @ af) / a.shape[1]
 
     one_pass(None)
-    factors = {}
+    distributed.reduce_stats(acc, "ASD", fb)  # sums over ranks (no-op without a process group)
+    n = distributed.reduce_count(n)
+    stats = {}
     for s in layers:
         st = acc[s.name]
         A, S, D = st["A"] / n, st["S"] / n, st["D"] / n
         for what, M in (("A", A), ("S", S)):
             if not torch.isfinite(M).all():
                 raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
+        stats[s.name] = (A, S, D)
+
+    def eig(name):
+        A, S, _ = stats[name]
         with one_thread():
-            eA, QA = torch.linalg.eigh((A + A.T) / 2)
-            eS, QS = torch.linalg.eigh((S + S.T) / 2)
+            return (*torch.linalg.eigh((A + A.T) / 2), *torch.linalg.eigh((S + S.T) / 2))
+
+    def zeros(name):
+        A, S, _ = stats[name]
+        return A.new_zeros(len(A)), torch.zeros_like(A), S.new_zeros(len(S)), torch.zeros_like(S)
+
+    factors = {}  # layer l's eigendecompositions run on rank l mod W and are shared (all of them without one)
+    for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros)):
+        A, S, D = stats[s.name]
         factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
     if ekfac and layers:
         gen.set_state(start_state)
         one_pass({s.name: (factors[s.name].Q_S.to(dtype), factors[s.name].Q_A.to(dtype)) for s in layers})
+        distributed.reduce_stats(acc, "L")
         factors = {s.name: factors[s.name]._replace(ekfac=acc[s.name]["L"] / n) for s in layers}
     return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
 
