@@ -40,12 +40,30 @@ def kronecker_state(ihvp) -> KroneckerState | None:
     return state if isinstance(state, KroneckerState) and state.model is not None else None
 
 
-def _low_rank(Qt: torch.Tensor, rank: int):
-    """Per query, the best rank-``r`` factors of ``Q̃ [q, out, in]``: ``(U σ [q, out, r], V [q, r, in])``."""
+def _low_rank(Qt: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 2):
+    """Per query, rank-``r`` factors of ``Q̃ [q, out, in]``: ``(U σ [q, out, r], V [q, r, in])``.
+
+    Exact truncated SVD when ``r + oversample >= min(out, in)``; otherwise a randomized range finder
+    (Halko et al. 2011) with ``power_iters`` subspace iterations and a fixed internal seed (deterministic,
+    the global RNG untouched), ``O(q·out·in·(r + oversample))`` instead of a full SVD per query.
+    """
+    q, o, i = Qt.shape
+    r = min(rank, o, i)
+    k = r + oversample
     with one_thread():
-        U, s, Vh = torch.linalg.svd(Qt, full_matrices=False)
-    r = min(rank, s.shape[-1])
-    return U[..., :r] * s[:, None, :r], Vh[:, :r]
+        if k >= min(o, i):
+            U, s, Vh = torch.linalg.svd(Qt, full_matrices=False)
+            return U[..., :r] * s[:, None, :r], Vh[:, :r]
+        gen = torch.Generator(device=Qt.device).manual_seed(0)
+        omega = torch.randn(i, k, generator=gen, dtype=Qt.dtype, device=Qt.device)
+        Y = torch.linalg.qr(Qt @ omega).Q  # [q, o, k]
+        for _ in range(power_iters):
+            Z = torch.linalg.qr(Qt.transpose(1, 2) @ Y).Q  # [q, i, k]
+            Y = torch.linalg.qr(Qt @ Z).Q
+        B = Y.transpose(1, 2) @ Qt  # [q, k, i]
+        Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+        U = Y @ Ub[..., :r]
+    return U * s[:, None, :r], Vh[:, :r]
 
 
 def _layer_scores(Qt, lr, a, g) -> torch.Tensor:

@@ -360,3 +360,14 @@ def test_works_under_no_grad_and_with_a_dataloader():
     v = torch.randn(ih.dim, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ih(v), ref(v))
     torch.testing.assert_close(s, ifunc.attribute(loss, params, ref, (x, y), (x[:2], y[:2])))
+
+
+def test_query_low_rank_is_exact_for_low_rank_queries():
+    from ifunc._kscore import _low_rank
+    gen = torch.Generator().manual_seed(3)
+    R = torch.randn(5, 30, 3, generator=gen) @ torch.randn(5, 3, 40, generator=gen)  # rank 3 each
+    U, V = _low_rank(R, 3, oversample=2)  # randomized path (3 + 2 < 30)
+    torch.testing.assert_close(U @ V, R)
+    U, V = _low_rank(R, 1)
+    best = torch.linalg.svdvals(R)[:, 1:].norm(dim=1)
+    assert torch.allclose((U @ V - R).norm(dim=(1, 2)), best, rtol=1e-6)
