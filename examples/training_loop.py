@@ -48,7 +48,7 @@ def train(seed, train_data, query, *, epochs=12, every=3, damping=1e-2, verbose=
     """Mini-batch SGD; returns the model and a list of (checkpoint params, learning rate)."""
     x, y = train_data
     gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)).float()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
