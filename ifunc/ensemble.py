@@ -14,7 +14,7 @@ __all__ = ["attribute_ensemble"]
 def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params],
                        ihvp: Callable[[Params], Callable] | Sequence[Callable], train: Data, query: Data, *,
                        weights: Sequence[float] | torch.Tensor | None = None, reduce: bool = True,
-                       **attribute_kwargs) -> torch.Tensor:
+                       stacked: bool = False, **attribute_kwargs) -> torch.Tensor:
     """Weighted sum of :func:`ifunc.attribute` scores over an ensemble of parameter sets.
 
     ``scores[q, i] = Σ_k w_k ∇f_k(z_q)ᵀ (H_k + λI)^{-1} ∇ℓ_k(z_i)``, where member ``k`` is one training
@@ -27,7 +27,8 @@ def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params]
     is TracIn (Pruthi et al. 2020) — ``ihvp=lambda p: ifunc.ihvp_identity(p)`` and ``weights=lrs``.
 
     Members are scored one after another, so peak memory is that of one :func:`ifunc.attribute` call plus
-    the running sum; the closures of earlier members are released before the next is built.
+    the running sum; the closures of earlier members are released before the next is built. (A ``vmap``
+    over members does not fit: iterative solvers stop on data-dependent tolerances.)
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch, shared by all members (the usual case:
@@ -41,6 +42,8 @@ def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params]
       weights: ``m`` member weights; default ``1/m`` each.
       reduce: ``False`` returns the weighted member scores stacked, ``[m, n_query, n_train]``
         (their sum over the first dimension is the ensemble).
+      stacked: ``params`` is one pytree whose leaves carry a leading member dimension ``m``, as returned by
+        ``torch.func.stack_module_state(models)[0]``.
       **attribute_kwargs: passed to every :func:`ifunc.attribute` call (``measurement``, ``chunk_size``,
         ``progress``, ...). ``out=`` is not supported: write each member to its own store instead.
 
@@ -63,6 +66,8 @@ def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params]
     if "out" in attribute_kwargs:
         raise TypeError("attribute_ensemble does not write score stores; call ifunc.attribute(..., out=) per "
                         "member instead")
+    if stacked:
+        params = _unstack(params)
     if isinstance(params, dict) or (isinstance(params, torch.Tensor) and params.dim() != 2):
         raise TypeError("params must be a sequence of parameter sets (one per checkpoint or seed) or a [m, d] "
                         f"stack of flat vectors, got {type(params).__name__}; wrap a single set in a list")
@@ -94,6 +99,18 @@ def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params]
         else:
             stacked.append(scores)
     return total if reduce else torch.stack(stacked)
+
+
+def _unstack(tree) -> list:
+    import optree
+
+    leaves, spec = optree.tree_flatten(tree, namespace="ifunc")
+    sizes = {leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else None for leaf in leaves}
+    if not leaves or len(sizes) != 1 or None in sizes:
+        raise ValueError("stacked=True needs every leaf of params to be a tensor with the same leading member "
+                         f"dimension; got leading sizes {sorted(map(str, sizes))}")
+    m = sizes.pop()
+    return [optree.tree_unflatten(spec, [leaf[k].detach() for leaf in leaves]) for k in range(m)]
 
 
 def _per_member(value, m: int, name: str) -> list:

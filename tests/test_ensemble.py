@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -80,3 +82,19 @@ def test_errors():
         ifunc.attribute_ensemble(loss, members, factory, train, query, out="x.h5")
     with pytest.raises(TypeError, match="factory"):
         ifunc.attribute_ensemble(loss, members, 3, train, query)
+
+
+def test_stacked_params_from_stack_module_state():
+    model, loss, members, train, query = _members(2)
+    modules = []
+    for p in members:
+        m = copy.deepcopy(model)
+        m.load_state_dict(p, strict=False)
+        modules.append(m)
+    stacked, _ = torch.func.stack_module_state(modules)
+    factory = lambda p: ifunc.ihvp_explicit(loss, p, train, damping=0.1)  # noqa: E731
+    torch.testing.assert_close(ifunc.attribute_ensemble(loss, stacked, factory, train, query, stacked=True),
+                               ifunc.attribute_ensemble(loss, members, factory, train, query))
+    with pytest.raises(ValueError, match="same leading member"):
+        ifunc.attribute_ensemble(loss, {"a": torch.zeros(2, 3), "b": torch.zeros(3)}, factory, train, query,
+                                 stacked=True)
