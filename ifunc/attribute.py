@@ -53,6 +53,7 @@ class _Scorer(NamedTuple):
 
 def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> _Scorer:
     Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
+    Q = distributed.same(Q)  # rank 0's bits on every rank: the solve may be distributed (no-op on one process)
     _check_ihvp(ihvp, Q.shape[1])
     with torch.no_grad():
         Qp = _solve(ihvp, Q)
@@ -71,6 +72,7 @@ def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_me
                       per_module) -> _Scorer:
     prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
                                  max_memory=max_memory, query_rank=query_rank)
+    prepared = distributed.same(prepared)  # identical preconditioned queries on every rank
 
     def score(batch, offset):
         out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module)

@@ -345,3 +345,27 @@ def solve_rounds(chunks: Iterable, grads: Callable, finish: Callable, d: int) ->
     if not out:
         raise ValueError("the training data yielded no examples")
     return torch.cat(out)
+
+
+def same(tree):
+    """Rank 0's tensors of a pytree on every rank (a broadcast); the tree itself without a process group.
+
+    Two processes running the same code on the same data can differ in the last bits (the BLAS kernels
+    depend on memory alignment). Whatever feeds a solver whose products are all-reduced (CG, LiSSA)
+    must be bitwise the same on every rank, or the ranks would take different branches (a converged
+    column dropped on one rank only) and their collectives would no longer match.
+    """
+    if not active():
+        return tree
+    import optree
+
+    dev = _device()
+
+    def bcast(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        buf = t.detach().to(dev).contiguous().clone()
+        torch.distributed.broadcast(buf, src=0)
+        return buf.to(t.device)
+
+    return optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)
