@@ -7,7 +7,9 @@ bias is handled by appending a constant 1 to ``a``. Capture records, per chosen 
 call (the loss is summed over examples, so each example's rows of ``g`` are its own gradients).
 
 Supported layers: ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero padding; inputs unfolded to patches)
-and GPT-2-style ``Conv1D`` (a module of that class name with ``weight`` ``[in, out]``). Hooks are removed
+and GPT-2-style ``Conv1D`` (a module of that class name with ``weight`` ``[in, out]``). The ``out_proj`` of
+``nn.MultiheadAttention`` is not a layer here (attention uses its weight without calling it): like the
+fused input projection it gets a diagonal block. Hooks are removed
 in ``finally``, also when the forward raises; the module is never modified and ``.grad`` never written.
 Dimension 0 of every layer input must be the example dimension.
 """
@@ -38,6 +40,8 @@ class LayerSpec(NamedTuple):
 
 
 def _kind(module: nn.Module) -> str | None:
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+        return None  # nn.MultiheadAttention's out_proj: its weight is used functionally, the module never called
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):

@@ -371,3 +371,36 @@ def test_query_low_rank_is_exact_for_low_rank_queries():
     U, V = _low_rank(R, 1)
     best = torch.linalg.svdvals(R)[:, 1:].norm(dim=1)
     assert torch.allclose((U @ V - R).norm(dim=(1, 2)), best, rtol=1e-6)
+
+
+class TinyLM(nn.Module):
+    """Embedding, one nn.TransformerEncoderLayer (attention, LayerNorms, MLP), a head."""
+
+    def __init__(self, vocab: int = 11, width: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.block = nn.TransformerEncoderLayer(width, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.emb(tokens)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_transformer_every_parameter_has_a_block():
+    torch.manual_seed(0)
+    model = TinyLM().double().eval()
+    toks = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0))
+    params = ifunc.params_of(model)
+    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[:, :-1]),
+                             lambda o, b: F.cross_entropy(o.reshape(-1, 11), b[:, 1:].reshape(-1), reduction="sum"))
+    ih = ifunc.ihvp_ekfac(loss, params, toks, model=model, sample="categorical",
+                          generator=torch.Generator().manual_seed(1))
+    blocks = ih.info["blocks"]
+    assert set(blocks) == set(params)
+    assert blocks["block.linear1.weight"] == ("ekfac", "block.linear1") and blocks["head.bias"] == ("ekfac", "head")
+    for name in ("emb.weight", "block.norm1.weight", "block.self_attn.in_proj_weight",
+                 "block.self_attn.out_proj.weight"):
+        assert blocks[name][0] == "diagonal"
+    fast = ifunc.attribute(loss, params, ih, toks, toks[:2])
+    torch.testing.assert_close(fast, ifunc.attribute(loss, params, lambda V: ih(V), toks, toks[:2]))
