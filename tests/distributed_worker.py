@@ -35,6 +35,15 @@ def compute(out_dir) -> dict:
     for name, ihvp in (("ekfac", ekfac), ("cg", cg)):
         res[f"scores/{name}"] = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=4, progress=False)
         res[f"self/{name}"] = ifunc.self_influence(loss, params, ihvp, train, chunk_size=4, progress=False)
+    others = {  # every other operator-based method goes through the same sharded curvature products
+        "explicit": ifunc.ihvp_explicit(loss, params, train, damping=0.1),
+        "arnoldi": ifunc.ihvp_arnoldi(loss, params, train, damping=0.1, rank=10),
+        "nystrom": ifunc.ihvp_nystrom(loss, params, train, damping=0.1, rank=10),
+        "lissa": ifunc.ihvp_lissa(loss, params, (torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])),
+                                  damping=0.1, depth=30, batch_size=8),
+    }
+    for name, ihvp in others.items():
+        res[f"scores/{name}"] = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=4, progress=False)
     path = os.path.join(out_dir, "scores.h5")
     ifunc.attribute(loss, params, cg, train, query, chunk_size=4, out=path, overwrite=True, progress=False)
     res["store/cg"] = torch.from_numpy(ifunc.load_scores(path))

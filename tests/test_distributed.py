@@ -63,7 +63,8 @@ def test_factors_equal_single_process(two_ranks, one_process, curvature):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["scores/ekfac", "scores/cg", "self/ekfac", "self/cg", "store/cg"])
+@pytest.mark.parametrize("what", ["scores/ekfac", "scores/cg", "self/ekfac", "self/cg", "store/cg", "scores/explicit",
+                                  "scores/arnoldi", "scores/nystrom", "scores/lissa"])
 def test_scores_equal_single_process(two_ranks, one_process, what):
     expected = one_process[what]
     assert expected.shape == ((4, 30) if "scores" in what or "store" in what else (30,))
