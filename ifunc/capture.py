@@ -209,7 +209,9 @@ def layer_capture(model: nn.Module, layers: list[LayerSpec]) -> Iterator[Recordi
             x = inputs[0].detach()
             if spec.kind == "conv2d":
                 if x.dim() != 4:
-                    raise ValueError(f"layer capture: Conv2d {spec.name!r} needs [b, C, H, W] input, got {tuple(x.shape)}")
+                    raise ValueError(
+                        f"layer capture: Conv2d {spec.name!r} needs [b, C, H, W] input, got {tuple(x.shape)}"
+                    )
                 x = _patches(module, x)
             rec.inputs[spec.name].append(x)
             rec.outputs[spec.name].append(output)

@@ -103,7 +103,9 @@ def _resolve(loss, curvature, sample):
     if curvature is None:
         curvature = "fisher" if sample is not None else ("ggn" if isinstance(loss, OutputLoss) else "empirical_fisher")
     if curvature not in CURVATURES:
-        raise ValueError(f"curvature={curvature!r} is not supported by the Kronecker family; choose one of {CURVATURES}")
+        raise ValueError(
+            f"curvature={curvature!r} is not supported by the Kronecker family; choose one of {CURVATURES}"
+        )
     if curvature != "empirical_fisher" and not isinstance(loss, OutputLoss):
         raise TypeError(
             f'curvature="{curvature}" needs the model outputs: pass loss=ifunc.output_loss(outputs, '

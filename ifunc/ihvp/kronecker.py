@@ -25,7 +25,7 @@ from torch import nn
 
 from .._types import Data, LossFn, Params
 from ..capture import LayerSpec, find_layers, param_names
-from ..functional import Unflatten, flatten
+from ..functional import flatten
 from ._base import IHVP, check_damping
 from .kfactors import KroneckerFactors, fit_kronecker_factors
 
@@ -170,7 +170,8 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
 
 def _from_factors(method: str, params, factors: KroneckerFactors, model, damping) -> IHVP:
     if not isinstance(factors, KroneckerFactors):
-        raise TypeError(f"expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got {type(factors).__name__}")
+        raise TypeError("expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got "
+                        f"{type(factors).__name__}")
     lay = layout(params)
     missing = [p for s in factors.layers for p in (s.weight, s.bias) if p and p not in lay]
     missing += [p for p in factors.fallback if p not in lay]
