@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._data import DataSource
+from ._data import DataSource, batch_size
 from ._types import Data, LossFn, Measurement, Params
 from .capture import layer_capture, requiring_grad
 from .ihvp.kfactors import fallback_grads, one_thread
@@ -104,10 +104,11 @@ def _train_chunks(loss, params, state: KroneckerState, train: Data, chunk_size):
         yield capture_chunk(loss, params, state, batch)
 
 
-def _check(G: torch.Tensor, what: str):
+def _check(G: torch.Tensor, what: str, offset: int = 0):
     bad = ~torch.isfinite(G.reshape(G.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
-        raise ValueError(f"non-finite gradient for example {int(bad.nonzero()[0])} of a {what} chunk")
+        raise ValueError(f"non-finite gradient for example {offset + int(bad.nonzero()[0])} of {what}; check "
+                         "that example's inputs")
 
 
 class Prepared(NamedTuple):
@@ -134,19 +135,21 @@ def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in state.blocks}
     cols: list[list] = [[] for _ in state.diags]
+    seen = 0
     for batch in DataSource(query, name="query").chunks(chunk_size or DEFAULT_CHUNK):
         ag, fb = capture_chunk(func, params, state, batch)  # query gradients of f, layer by layer
         with torch.no_grad():
             for blk, lam in zip(state.blocks, state.block_damping):
                 a, g = ag[blk.spec.name]
-                _check(g, "query")
+                _check(g, "query", seen)
                 if blk.Q_S is not None:
                     g, a = g @ blk.Q_S, a @ blk.Q_A
                 parts[blk.spec.name].append(torch.einsum("bto,bti->boi", g, a) / (blk.lam + lam))
             for j, (d, lam) in enumerate(zip(state.diags, state.diag_damping)):
                 G = fb[d.name].reshape(fb[d.name].shape[0], -1)
-                _check(G, "query")
+                _check(G, "query", seen)
                 cols[j].append(G / (d.diag + lam))
+            seen += batch_size(batch)
     with torch.no_grad():
         layers = {}
         for name, chunks in parts.items():
@@ -160,8 +163,8 @@ def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
 
 
 def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp, prepared: Prepared, batch, *,
-                           per_module: bool = False) -> torch.Tensor:
-    """Scores of one train batch: ``[n_modules or 1, n_query, b]``."""
+                           per_module: bool = False, offset: int = 0) -> torch.Tensor:
+    """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
     state = kronecker_state(ihvp)
     ag, fb = capture_chunk(loss, params, state, batch)
     group = {m: j for j, m in enumerate(state.modules)}
@@ -170,14 +173,14 @@ def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp, prepared: Prepare
         out = prepared.diag.new_zeros(len(state.modules) if per_module else 1, prepared.diag.shape[0], b)
         for blk in state.blocks:
             a, g = ag[blk.spec.name]
-            _check(g, "train")
+            _check(g, "train", offset)
             if blk.Q_S is not None:
                 g, a = g @ blk.Q_S, a @ blk.Q_A
             out[group[blk.spec.name] if per_module else 0] += _layer_scores(*prepared.layers[blk.spec.name], a, g)
         start = 0
         for d in state.diags:
             G = fb[d.name].reshape(b, -1)
-            _check(G, "train")
+            _check(G, "train", offset)
             stop = start + G.shape[1]
             out[group[d.group] if per_module else 0] += prepared.diag[:, start:stop] @ G.T
             start = stop

@@ -75,7 +75,7 @@ def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_me
     prepared = distributed.same(prepared)  # identical preconditioned queries on every rank
 
     def score(batch, offset):
-        out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module)
+        out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module, offset=offset)
         return out if per_module else out[0]
 
     return _Scorer(chunk_size or DEFAULT_CHUNK, score, {"n_query": prepared[0].shape[0]})
@@ -175,6 +175,7 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
         raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or "
                                   "per_module")
     source = DataSource(train, name="train")
+    distributed.check_data(source)  # every rank must hold all the data (no-op without a process group)
     if out is not None:
         n_train = source.count()
         meta = _run_meta(loss, params, ihvp, query, measurement, query_rank)

@@ -405,3 +405,12 @@ def test_transformer_every_parameter_has_a_block():
         assert blocks[name][0] == "diagonal"
     fast = ifunc.attribute(loss, params, ih, toks, toks[:2])
     torch.testing.assert_close(fast, ifunc.attribute(loss, params, lambda V: ih(V), toks, toks[:2]))
+
+
+def test_non_finite_train_gradient_names_the_example():
+    model, params, loss, (x, y) = mlp_problem(seed=15, sizes=(3, 4, 2), n=6)
+    ih = ifunc.ihvp_kfac(loss, params, (x, y), model=model, damping=0.1)
+    bad = x.clone()
+    bad[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="example 4 of train"):
+        ifunc.attribute(loss, params, ih, [(bad[:3], y[:3]), (bad[3:], y[3:])], (x[:2], y[:2]))
