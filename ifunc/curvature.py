@@ -276,6 +276,7 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
         if not torch.isfinite(value):
             raise ValueError(f"loss(params, batch) is {value.item()} on the first batch; check inputs and params")
 
+    distributed.check_data(source)  # every rank must hold all the data (no-op without a process group)
     shards = distributed.batches(source, split=curvature != "fisher")  # the data itself without a process group
 
     def matvec(V: torch.Tensor) -> torch.Tensor:

@@ -369,3 +369,27 @@ def same(tree):
         return buf.to(t.device)
 
     return optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)
+
+
+def check_data(source: DataSource) -> None:
+    """Raise on every rank unless all ranks see the same data: same size, same first batch.
+
+    ifunc shards the data itself, so each rank must pass all of it, in the same order; a
+    ``DistributedSampler`` (each rank a different part) or an unseeded shuffle would otherwise give
+    silently wrong sums. Costs a pass to count the data when its size is not known cheaply.
+    """
+    if not active():
+        return
+    import optree
+
+    from .store import fingerprint
+
+    first = next(iter(source))
+    leaves = [t for t in optree.tree_leaves(first, namespace="ifunc") if isinstance(t, torch.Tensor)]
+    seen = _gather_object((source.count(), fingerprint(leaves)))
+    if any(s != seen[0] for s in seen):
+        raise ValueError(
+            f"{source.name}: the ranks hold different data ({[s[0] for s in seen]} examples per rank, or a "
+            "different first batch); under torch.distributed every rank must pass the same, complete data in "
+            "the same order (no DistributedSampler, no unseeded shuffling): ifunc shards it across the ranks"
+        )

@@ -138,3 +138,28 @@ def test_killed_rank_resumes_without_recomputing_finished_chunks(tmp_path):
     ihvp = ifunc.ihvp_ekfac(loss, params, train, model=model, damping=0.1)
     expected = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=3)
     np.testing.assert_allclose(ifunc.load_scores(store), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+SPLIT_BY_HAND = textwrap.dedent("""
+    import torch
+    import ifunc
+    from distributed_worker import problem
+    torch.distributed.init_process_group("gloo")
+    torch.set_default_dtype(torch.float64)
+    model, params, loss, train, query = problem()
+    mine = train[torch.distributed.get_rank()::2]          # what a DistributedSampler would hand each rank
+    try:
+        ifunc.ihvp_cg(loss, params, mine, damping=0.1)
+    except ValueError as err:
+        print("refused:", err)
+    torch.distributed.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_ranks_holding_different_data_are_refused(tmp_path):
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_BY_HAND)
+    run = _torchrun(script)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("refused:") == 2 and "same, complete data" in run.stdout, run.stdout

@@ -258,6 +258,7 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     start_state = gen.get_state()
     source = DataSource(data, name="data")
+    distributed.check_data(source)  # every rank must hold all the data (no-op without a process group)
     dtype = next(iter(params.values())).dtype
     acc = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
