@@ -376,7 +376,8 @@ def check_data(source: DataSource) -> None:
 
     ifunc shards the data itself, so each rank must pass all of it, in the same order; a
     ``DistributedSampler`` (each rank a different part) or an unseeded shuffle would otherwise give
-    silently wrong sums. Costs a pass to count the data when its size is not known cheaply.
+    silently wrong sums. Never an extra pass over the data: the size is compared when it is known cheaply
+    (in memory, or a DataLoader's sampler, which is where a ``DistributedSampler`` shows).
     """
     if not active():
         return
@@ -386,7 +387,7 @@ def check_data(source: DataSource) -> None:
 
     first = next(iter(source))
     leaves = [t for t in optree.tree_leaves(first, namespace="ifunc") if isinstance(t, torch.Tensor)]
-    seen = _gather_object((source.count(), fingerprint(leaves)))
+    seen = _gather_object((source.cheap_count(), fingerprint(leaves)))
     if any(s != seen[0] for s in seen):
         raise ValueError(
             f"{source.name}: the ranks hold different data ({[s[0] for s in seen]} examples per rank, or a "
