@@ -287,7 +287,7 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
                 out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
             elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
                 sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)
-        return distributed.reduce_sum([out])[0] / n
+        return distributed.reduce_tensor(out) / n
 
     return CurvatureOperator(matvec, flat, unflatten, n, curvature)
 
@@ -351,7 +351,7 @@ def hessian(loss: LossFn, params: Params, data: Data) -> torch.Tensor:
     for mine, batch in distributed.shard(distributed.batches(source)):
         if mine:
             total += torch.func.hessian(lambda x: check_scalar(loss(unflatten(x), batch)))(flat)
-    return distributed.reduce_sum([total])[0] / len(source)
+    return distributed.reduce_tensor(total) / len(source)
 
 
 def ggn(loss: OutputLoss, params: Params, data: Data) -> torch.Tensor:
@@ -367,4 +367,4 @@ def ggn(loss: OutputLoss, params: Params, data: Data) -> torch.Tensor:
         J = torch.func.jacrev(lambda x: loss.outputs(unflatten(x), batch).reshape(-1))(flat)  # [m, d]
         Lam = torch.func.hessian(lambda o: loss.loss_on_outputs(o.reshape(out.shape), batch))(out.reshape(-1))
         total += J.T @ Lam @ J
-    return distributed.reduce_sum([total])[0] / len(source)
+    return distributed.reduce_tensor(total) / len(source)

@@ -18,7 +18,11 @@ How the work is split (``r`` the rank, ``W`` the world size, ``i`` the index of 
   owner's bits).
 - Scores: train chunk ``i`` is scored by rank ``i mod W``; the columns are all-gathered into the full
   ``[n_query, n_train]`` matrix on every rank, or written by each rank into its own resumable store
-  ``out.rank{r}of{W}`` and merged into ``out`` by rank 0 once all ranks are done.
+  ``out.rank{r}of{W}`` and merged into ``out`` by rank 0 once all ranks are done. Query gradients are
+  broadcast from rank 0 before they are preconditioned (once, by all ranks together when the solve is
+  distributed): float32 kernels can differ in the last bits between processes, and a distributed CG must
+  see the same right-hand sides everywhere. Self-influence gathers each round of ``W`` gradient chunks
+  and solves it jointly, for the same reason.
 
 Monte Carlo labels (``curvature="fisher"``) are drawn from one generator in data order; a rank that
 skips a batch still runs its forward pass and draws its labels, so the labels (and the result) equal the
@@ -34,8 +38,8 @@ import torch
 
 from ._data import DataSource, batch_size
 
-__all__ = ["world", "active", "shard", "batches", "reduce_sum", "reduce_count", "owner_map",
-           "gather_chunks", "scores_to_store"]
+__all__ = ["world", "active", "check_data", "shard", "batches", "chunk_size", "reduce_sum", "reduce_tensor", "reduce_count",
+           "reduce_stats", "owner_map", "same", "gather_chunks", "solve_rounds", "scores_to_store", "part_path"]
 
 
 def world() -> tuple[int, int]:
@@ -76,7 +80,8 @@ def batches(source: DataSource, *, split: bool = True) -> Iterable:
     return source
 
 
-def _device(like: torch.Tensor | None = None) -> torch.device:
+def _device() -> torch.device:
+    """Where collectives run: the current GPU for nccl, the CPU for gloo."""
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -131,6 +136,15 @@ def reduce_sum(values: Sequence) -> list:
         out.append(flat[start:start + size].reshape(a[0]).to(home, a[1]))
         start += size
     return out
+
+
+def reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of a tensor every rank holds (same shape and dtype): one all-reduce, no handshake."""
+    if not active():
+        return t
+    buf = t.detach().to(_device()).contiguous().clone()
+    torch.distributed.all_reduce(buf)
+    return buf.to(t.device)
 
 
 def reduce_count(n: int) -> int:
