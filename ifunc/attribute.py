@@ -11,6 +11,7 @@ from ._version import __version__ as _version
 from ._data import DataSource, batch_size as _batch_size
 from ._kscore import (DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_influence,
                       kronecker_state)
+from ._ktoken import check_per_token, token_chunk_scores
 from ._types import Data, LossFn, Measurement, Params
 from .functional import flatten
 from .grads import chunk_size_for, iter_per_sample_grads, per_sample_grads
@@ -117,7 +118,7 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
               measurement: Measurement | None = None, chunk_size: int | None = None,
               max_memory: int | None = None, query_rank: int | None = None,
               per_module: bool = False, out=None, overwrite: bool = False, progress: bool | None = None,
-              dtype: torch.dtype | None = None):
+              dtype: torch.dtype | None = None, per_token: bool = False, token_mask: Callable | None = None):
     """Pairwise influence scores of training examples on query measurements.
 
     ``scores[q, i] = ∇f(z_q)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, with ``f`` the measurement (default: the loss) and
@@ -151,6 +152,15 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
         parameters' dtype, eigendecompositions in float64. ``torch.bfloat16`` halves the memory traffic of
         the dominant ``[n_query, d] × [d, chunk]`` products; it keeps about 3 significant digits (score
         rankings correlate > 0.99 with float64 in our tests), so use it for ranking, not for exact values.
+      per_token: Kronecker family only: return ``[n_query, n_train, T]``, the contribution of each position
+        ``t`` of each training sequence, ``s[q, i, t] = Σ_l g_{l,t}ᵀ Q̃_l a_{l,t}`` over the tracked layers
+        (no per-token gradient is formed); ``s.sum(-1)`` equals the pairwise scores. A module called several
+        times per forward contributes all its calls at each position. Every parameter of the closure must
+        belong to a tracked layer (diagonal blocks such as embeddings and LayerNorms have no per-token
+        split: build the closure with ``exclude=``, see :func:`ifunc.language.untracked`). Chunks of
+        different lengths are padded with zeros at the end to the longest ``T``.
+      token_mask: with ``per_token``: ``token_mask(batch) -> [b, T]`` (1 = real token, 0 = padding); masked
+        positions get exactly 0.
 
     When ``ihvp`` is a Kronecker-family closure built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``,
     ``ihvp_diagonal``, ``ihvp_identity``), queries are preconditioned per layer and contracted with
@@ -161,12 +171,19 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     training data streams (any DataLoader), so with ``out=`` peak memory does not grow with ``n_train``.
 
     Returns:
-      ``[n_query, n_train]`` tensor in the parameters' dtype; with ``out=`` the path of the finished store.
+      ``[n_query, n_train]`` tensor in the parameters' dtype (``[n_query, n_train, T]`` with ``per_token``);
+      with ``out=`` the path of the finished store.
 
     Example:
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
+    if per_token:
+        return _per_token(loss, params, ihvp, train, query, measurement=measurement, chunk_size=chunk_size,
+                          max_memory=max_memory, query_rank=query_rank, token_mask=token_mask, progress=progress,
+                          dtype=dtype, unsupported=per_module or out is not None)
+    if token_mask is not None:
+        raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
     kron = kronecker_state(ihvp) is not None
     if not kron and (query_rank is not None or per_module):
         raise ValueError("query_rank= and per_module=True need a Kronecker-family closure built with model= "
@@ -220,6 +237,26 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
         if len(writer.done) != writer.n_chunks:
             raise ValueError(f"train data yielded fewer chunks than the {writer.n_chunks} recorded in {out}")
     return out
+
+
+def _per_token(loss, params, ihvp, train, query, *, measurement, chunk_size, max_memory, query_rank, token_mask,
+               progress, dtype, unsupported) -> torch.Tensor:
+    """``[n_query, n_train, T]`` per-token scores (see :func:`attribute`)."""
+    if unsupported or distributed.active():
+        raise NotImplementedError("per_token=True cannot be combined with per_module=True, out= or "
+                                  "torch.distributed yet; compute per-token scores for a slice of the train set")
+    check_per_token(ihvp)
+    prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
+                                 max_memory=max_memory, query_rank=query_rank)
+    source = DataSource(train, name="train")
+    step = chunk_size or DEFAULT_CHUNK
+    total = source.cheap_count()
+    parts = [token_chunk_scores(loss, params, ihvp, prepared, batch, token_mask=token_mask)
+             for batch in _progress(source.chunks(step), total=None if total is None else -(-total // step),
+                                    desc="ifunc per-token scores", progress=progress)]
+    T = max(p.shape[-1] for p in parts)
+    scores = torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[-1])) for p in parts], dim=1)
+    return scores.to(dtype) if dtype is not None else scores
 
 
 def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_size: int | None = None,

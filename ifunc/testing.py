@@ -12,7 +12,7 @@ from .curvature import output_loss
 from .functional import call, params_of
 
 __all__ = ["random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
-           "synthetic_classification"]
+           "synthetic_classification", "TinyGPT"]
 
 
 def random_spd(d: int, *, cond: float = 100.0, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -109,3 +109,54 @@ def leave_one_out_losses(x, y, xq, yq, *, l2: float, indices) -> torch.Tensor:
         z = xq @ p["w"] + p["b"]
         out.append(F.softplus(z) - yq * z)
     return torch.stack(out)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal multi-head attention (q, k, v, o Linear layers) and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.ModuleDict({k: nn.Linear(width, width) for k in ("q", "k", "v", "o")})
+        self.mlp = nn.ModuleDict({"fc": nn.Linear(width, 4 * width), "proj": nn.Linear(4 * width, width)})
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, T, w = h.shape
+        x = self.ln1(h)
+        q, k, v = (self.attn[n](x).reshape(b, T, self.heads, -1).transpose(1, 2) for n in ("q", "k", "v"))
+        att = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+        allowed = causal & mask[:, None, None, :]  # padded keys are never attended to
+        att = torch.softmax(att.masked_fill(~allowed, torch.finfo(att.dtype).min), dim=-1)
+        h = h + self.attn["o"]((att @ v).transpose(1, 2).reshape(b, T, w))
+        return h + self.mlp["proj"](F.gelu(self.mlp["fc"](self.ln2(h))))
+
+
+class TinyGPT(nn.Module):
+    """A small GPT-style causal LM in plain PyTorch (explicit attention, so ``vmap`` works).
+
+    ``forward(input_ids [b, L], attention_mask [b, L] | None) -> logits [b, L, vocab]``. Positions count
+    real tokens only (``cumsum(mask) − 1``), so left and right padding leave the real tokens' logits
+    unchanged. ``shared=True`` applies one block ``layers`` times (a module called several times per
+    forward); ``tied=True`` ties the head to the token embedding.
+    """
+
+    def __init__(self, vocab: int = 16, width: int = 8, heads: int = 2, layers: int = 1, context: int = 16,
+                 *, shared: bool = False, tied: bool = False):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.n_layers = layers
+        self.blocks = nn.ModuleList([_Block(width, heads) for _ in range(1 if shared else layers)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pos = (mask.long().cumsum(1) - 1).clamp_min(0)
+        h = self.tok(input_ids) + self.pos(pos)
+        for j in range(self.n_layers):
+            h = self.blocks[j % len(self.blocks)](h, mask)
+        return self.head(self.norm(h))

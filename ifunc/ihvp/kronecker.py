@@ -285,28 +285,35 @@ def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *
 
 
 def ihvp_identity(params: Params, *, model: nn.Module | None = None, modules=None,
-                  damping: float | None = None) -> IHVP:
+                  damping: float | None = None, exclude=()) -> IHVP:
     """Identity curvature: ``v -> v / λ`` (``damping=None`` means λ = 1: plain gradient dot products).
 
     With ``model`` the blocks follow its supported layers (``modules=`` chooses them; other parameters
     form diagonal blocks), which enables fast Kronecker scoring and ``per_module=True`` in
-    :func:`ifunc.attribute`; scores are then ``∇f(z_q)ᵀ ∇ℓ(z_i) / λ``.
+    :func:`ifunc.attribute`; scores are then ``∇f(z_q)ᵀ ∇ℓ(z_i) / λ``. ``exclude=`` names parameters (or
+    modules) to leave out: zero block, no influence (as in :func:`ihvp_ekfac`).
 
     Example:
       >>> ihvp = ifunc.ihvp_identity(params)          # TracIn-style dot products, one checkpoint
     """
     lam = 1.0 if damping is None else check_damping(damping, allow_zero=False)
     lay = layout(params)
+    names = param_names(params)
+    excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
+    unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
+    if unknown:
+        raise ValueError(f"exclude: {unknown} match no parameter; parameters are {names}")
+    kept = {k: v for k, v in params.items() if k not in excl}
     if model is None:
-        layers, uncovered = [], param_names(params)
+        layers, uncovered = [], [p for p in names if p not in excl]
     else:
-        layers, uncovered = find_layers(model, params, modules=modules)
+        layers, uncovered = find_layers(model, kept, modules=modules)
     flat, _ = flatten(params)
     blocks = [KronBlock(s, lay[s.weight], lay[s.bias] if s.bias else None, None, None,
                         flat.new_zeros(s.out_features, s.in_features + (s.bias is not None))) for s in layers]
     diags = [DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], flat.new_zeros(params[p].numel()))
              for p in uncovered]
-    factors = KroneckerFactors(tuple(layers), {}, {p: None for p in uncovered}, (), 0, "identity")
+    factors = KroneckerFactors(tuple(layers), {}, {p: None for p in uncovered}, excl, 0, "identity")
     info = {"blocks": _blocks_info(params, factors, "identity"), "curvature": "identity"}
     out = _build("identity", params, blocks, diags, model if layers else None, lam, info)
     return out

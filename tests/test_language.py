@@ -1,0 +1,183 @@
+"""Language models: per-token scores, padding, measurements (issue 7)."""
+import pytest
+import torch
+
+import ifunc
+from ifunc import language, measurements
+from ifunc.ihvp.kronecker import layout
+from ifunc.testing import TinyGPT
+
+VOCAB, L = 11, 7
+
+
+def _lm(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyGPT(vocab=VOCAB, width=8, heads=2, layers=2, context=L, **kw).double().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, VOCAB, (6, L), generator=gen)
+    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"], b.get("attention_mask")))
+    return model, ifunc.params_of(model), loss, {"input_ids": ids}
+
+
+def _closure(method, model, params, loss, data, **kw):
+    excl = language.untracked(model, params)
+    if method is ifunc.ihvp_identity:
+        return ifunc.ihvp_identity(params, model=model, exclude=excl, damping=0.5)
+    return method(loss, params, data, model=model, exclude=excl, damping=0.1, **kw)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("method", [ifunc.ihvp_ekfac, ifunc.ihvp_kfac, ifunc.ihvp_diagonal, ifunc.ihvp_identity])
+@pytest.mark.parametrize("shared", [False, True])
+def test_per_token_sums_to_pairwise(method, shared):
+    model, params, loss, data = _lm(shared=shared)
+    ih = _closure(method, model, params, loss, data)
+    query = {"input_ids": data["input_ids"][:2]}
+    pair = ifunc.attribute(loss, params, ih, data, query)
+    tok = ifunc.attribute(loss, params, ih, data, query, per_token=True, chunk_size=4)
+    assert tok.shape == (2, 6, L)
+    assert _rel(tok.sum(-1), pair) < 1e-5
+    torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ih(V), data, query))  # generic path
+    # true per-token scores: not the sequence score spread or put on one position; the last input position
+    # predicts nothing (no target) and nothing reads it (causal), so it gets exactly 0
+    assert torch.all(tok[..., -1] == 0)
+    assert (tok[..., :-1].abs() > 1e-8 * tok.abs().max()).float().mean() > 0.9
+    low = ifunc.attribute(loss, params, ih, data, query, per_token=True, query_rank=1)
+    assert _rel(low.sum(-1), ifunc.attribute(loss, params, ih, data, query, query_rank=1)) < 1e-5
+
+
+def test_shared_block_scores_every_call():
+    """A block applied twice: its per-token scores include both calls (Kronfluence falls back to sequences)."""
+    model, params, loss, data = _lm(shared=True)
+    ih = _closure(ifunc.ihvp_identity, model, params, loss, data)
+    G = ifunc.per_sample_grads(loss, params, data)
+    pair = ifunc.attribute(loss, params, ih, data, data)
+    # identity closure over the tracked layers = dot products of those parameters' gradients
+    lay, skip = layout(params), language.untracked(model, params)
+    idx = torch.cat([torch.arange(lay[p].start, lay[p].stop) for p in lay if p not in skip])
+    torch.testing.assert_close(pair, G[:, idx] @ G[:, idx].T / 0.5)
+    tok = ifunc.attribute(loss, params, ih, data, data, per_token=True)
+    assert _rel(tok.sum(-1), pair) < 1e-5
+
+
+def _pad(seqs, length, left=False):
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for j, s in enumerate(seqs):
+        sl = slice(length - len(s), length) if left else slice(0, len(s))
+        ids[j, sl], mask[j, sl] = s, True
+    ids[~mask] = 3  # any token: padding must not matter
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padding_gives_the_scores_of_unpadded_sequences(left):
+    model, params, loss, data = _lm(seed=2)
+    ih = _closure(ifunc.ihvp_ekfac, model, params, loss, data)  # factors fitted on full-length data
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (7, 4, 5, 2)]
+    query = {"input_ids": data["input_ids"][:2]}
+    padded = _pad(seqs, L, left=left)
+    tok = ifunc.attribute(loss, params, ih, padded, query, per_token=True, token_mask=language.token_mask)
+    pair = ifunc.attribute(loss, params, ih, padded, query)
+    for j, s in enumerate(seqs):
+        alone = {"input_ids": s[None]}
+        ref_tok = ifunc.attribute(loss, params, ih, alone, query, per_token=True)[:, 0]
+        real = padded["attention_mask"][j]
+        torch.testing.assert_close(tok[:, j][:, real], ref_tok)
+        assert torch.all(tok[:, j][:, ~real] == 0)
+        torch.testing.assert_close(pair[:, j], ifunc.attribute(loss, params, ih, alone, query)[:, 0])
+    # padded queries too
+    torch.testing.assert_close(ifunc.attribute(loss, params, ih, data, padded),
+                               torch.cat([ifunc.attribute(loss, params, ih, data, {"input_ids": s[None]})
+                                          for s in seqs]))
+
+
+def test_per_token_errors():
+    model, params, loss, data = _lm()
+    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
+    with pytest.raises(ValueError, match=r"diagonal blocks.*tok.weight"):
+        ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    with pytest.raises(ValueError, match="Kronecker-family"):
+        ifunc.attribute(loss, params, lambda V: V, data, data, per_token=True)
+    ih = _closure(ifunc.ihvp_identity, model, params, loss, data)
+    with pytest.raises(ValueError, match="token_mask"):
+        ifunc.attribute(loss, params, ih, data, data, per_token=True, token_mask=lambda b: torch.ones(2, 2))
+    with pytest.raises(ValueError, match="per_token=True"):
+        ifunc.attribute(loss, params, ih, data, data, token_mask=language.token_mask)
+    with pytest.raises(NotImplementedError):
+        ifunc.attribute(loss, params, ih, data, data, per_token=True, per_module=True)
+
+
+def test_tied_head_is_not_silently_dropped():
+    model, params, loss, data = _lm(tied=True)
+    assert "head.weight" not in params  # the embedding owns the tied weight: a diagonal block
+    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
+    assert ek.info["blocks"]["tok.weight"][0] == "diagonal"
+    with pytest.raises(ValueError, match="tok.weight"):
+        ifunc.attribute(loss, params, ek, data, data, per_token=True)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def _prompted(model):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (3, L), generator=gen)
+    completion = torch.zeros(3, L, dtype=torch.bool)
+    completion[:, 4:] = True  # the last 3 tokens are the completion
+    return {"input_ids": ids, "labels": ids.clone(), "completion": completion}
+
+
+def _f(model):
+    return measurements.completion_nll(lambda p, b: ifunc.call(model, p, b["input_ids"][:, :-1]),
+                                       targets=lambda b: b["labels"][:, 1:],
+                                       completion_mask=lambda b: b["completion"][:, 1:])
+
+
+def test_completion_nll_ignores_prompt_targets():
+    model, params, loss, data = _lm()
+    f, batch = _f(model), _prompted(model)
+    g1 = ifunc.per_sample_grads(f, params, batch)
+    changed = dict(batch, labels=batch["labels"].clone())
+    changed["labels"][:, 1:4] = (changed["labels"][:, 1:4] + 1) % VOCAB  # prompt targets only
+    torch.testing.assert_close(ifunc.per_sample_grads(f, params, changed), g1)
+    changed["labels"][:, 5] = (changed["labels"][:, 5] + 1) % VOCAB  # a completion target
+    assert not torch.allclose(ifunc.per_sample_grads(f, params, changed), g1)
+    # value: − Σ log p over completion targets; all-ones mask = the training loss
+    logits = model(batch["input_ids"][:, :-1])
+    lp = torch.log_softmax(logits, -1).gather(-1, batch["labels"][:, 1:, None])[..., 0]
+    torch.testing.assert_close(f(params, batch), -lp[:, 3:].sum())
+    full = dict(batch, completion=torch.ones_like(batch["completion"]))
+    torch.testing.assert_close(f(params, full), loss(params, {"input_ids": batch["input_ids"]}))
+    ih = _closure(ifunc.ihvp_ekfac, model, params, loss, data)
+    s = ifunc.attribute(loss, params, ih, data, batch, measurement=f, per_token=True)
+    assert s.shape == (3, 6, L)
+    with pytest.raises(ValueError, match="completion_nll"):
+        measurements.completion_nll(lambda p, b: torch.zeros(3, 2, VOCAB), targets=lambda b: b["labels"],
+                                    completion_mask=lambda b: b["completion"])(params, batch)
+
+
+def test_margin_and_output_measurement():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    y = torch.tensor([0, 1])
+    f = measurements.negative_margin(lambda p, b: p["z"], labels=lambda b: b)
+    ref = -sum(float(logits[j, y[j]] - torch.logsumexp(logits[j][torch.arange(3) != y[j]], 0)) for j in range(2))
+    assert float(f({"z": logits}, y)) == pytest.approx(ref)
+    g = measurements.output_measurement(lambda p, b: p["z"], lambda out, b: -out[:, 2].sum())
+    assert float(g({"z": logits}, y)) == pytest.approx(-(-1.0 + 0.3))
+    with pytest.raises(ValueError, match="labels"):
+        f({"z": logits}, torch.tensor([0]))
+
+
+def test_transformer_modules_picker():
+    model, params, _, _ = _lm()
+    mlp = language.transformer_modules(model, attention=False)
+    assert mlp == ["blocks.0.mlp.fc", "blocks.0.mlp.proj", "blocks.1.mlp.fc", "blocks.1.mlp.proj"]
+    both = language.transformer_modules(model)
+    assert len(both) == 12 and "head" not in both
+    with pytest.raises(ValueError):
+        language.transformer_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
