@@ -10,6 +10,7 @@ from .ihvp import (IHVP, CGResult, ConvergenceError, LissaDivergenceWarning, cg_
 from .ihvp import (KroneckerFactors, LayerFactors, fit_kronecker_factors, ihvp_diagonal, ihvp_ekfac, ihvp_identity,
                    ihvp_kfac)
 from .capture import capture_layer_grads
+from . import language, measurements
 from .quality import IHVPError, ihvp_error
 from .store import load_factors, load_scores, save_factors, top_k
 
@@ -27,4 +28,5 @@ __all__ = [
     "per_sample_grads", "iter_per_sample_grads",
     "attribute", "self_influence", "attribute_ensemble",
     "load_scores", "top_k", "save_factors", "load_factors",
+    "language", "measurements",
 ]
