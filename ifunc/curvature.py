@@ -25,6 +25,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from . import distributed
+from ._errors import explain
 from ._data import DataSource, batch_size
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten
@@ -284,7 +285,13 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
         gen = fresh() if curvature == "fisher" else None
         for mine, batch in distributed.shard(shards):  # every batch without a process group
             if mine:
-                out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
+                try:
+                    out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
+                except RuntimeError as err:
+                    readable = explain(err, f"{curvature} curvature products")
+                    if readable is not None:
+                        raise readable from err
+                    raise
             elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
                 sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)
         return distributed.reduce_tensor(out) / n

@@ -9,6 +9,7 @@ from torch.func import grad, vmap
 
 from ._data import DataSource, slice_batch
 from ._types import Data, Measurement, Params
+from ._errors import explain
 from .curvature import check_scalar
 from .functional import flatten
 
@@ -52,22 +53,21 @@ def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chun
     first = True
     for chunk in source.chunks(size):
         if first:  # eager check outside vmap for a readable error on non-scalar outputs
-            check_scalar(func(unflatten(flat), slice_batch(chunk, 0, 1)), "loss/measurement(params, batch)")
+            try:
+                value = func(unflatten(flat), slice_batch(chunk, 0, 1))
+            except (RuntimeError, ValueError) as err:
+                readable = explain(err, "per-sample gradients (one example at a time)")
+                if readable is not None:
+                    raise readable from err
+                raise
+            check_scalar(value, "loss/measurement(params, batch)")
             first = False
         try:
             G = g(flat, chunk)
         except RuntimeError as err:
-            if "randomness" in str(err):
-                raise RuntimeError(
-                    "per-sample gradients under vmap hit random operations (dropout?): put the model in "
-                    "eval mode or make the loss deterministic"
-                ) from err
-            if "data-dependent control flow" in str(err) or ".item()" in str(err):
-                raise RuntimeError(
-                    "per-sample gradients under vmap hit data-dependent Python (.item(), float(tensor), "
-                    "`if tensor:`, one_hot) inside the loss or model: rewrite it with tensor operations "
-                    "(torch.where, masks); for Hugging Face models use attn_implementation='eager'"
-                ) from err
+            readable = explain(err, "per-sample gradients")
+            if readable is not None:
+                raise readable from err
             raise
         bad = ~torch.isfinite(G).all(dim=1)
         if bool(bad.any()):

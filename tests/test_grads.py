@@ -83,3 +83,16 @@ def test_a_list_of_collated_dataloader_batches_is_accepted():
     batches = list(DataLoader(TensorDataset(x, y), batch_size=4))        # [[x, y], [x, y], ...]
     torch.testing.assert_close(ifunc.per_sample_grads(loss, params, batches),
                                ifunc.per_sample_grads(loss, params, (x, y)))
+
+
+def test_batchnorm_in_train_mode_gets_a_clear_message():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).train()
+    params = ifunc.params_of(model)
+    loss = lambda p, b: ifunc.call(model, p, b[0]).pow(2).sum()  # noqa: E731
+    data = (torch.randn(6, 3),)
+    with pytest.raises(RuntimeError, match=r"model.eval\(\)"):
+        ifunc.per_sample_grads(loss, params, data)
+    with pytest.raises(RuntimeError, match=r"curvature products: .*model.eval\(\)"):
+        ifunc.ihvp_cg(loss, params, data, damping=0.1)(torch.ones(ifunc.flatten(params)[0].numel()))
+    model.eval()
+    assert ifunc.per_sample_grads(loss, params, data).shape[0] == 6
