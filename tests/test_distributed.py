@@ -28,10 +28,17 @@ def _torchrun(script, *args, nproc=2, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    run = _torchrun(HERE / "distributed_worker.py", out)
-    assert run.returncode == 0, run.stderr[-4000:]
+def two_ranks(request, tmp_path_factory):
+    """The worker's results on two ranks; under pytest-xdist one launch serves every xdist worker."""
+    from filelock import FileLock  # a dependency of torch
+
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if hasattr(request.config, "workerinput") else base) / "two_ranks"
+    with FileLock(str(out) + ".lock"):
+        if not all((out / f"rank{r}.pt").exists() for r in range(2)):
+            out.mkdir(exist_ok=True)
+            run = _torchrun(HERE / "distributed_worker.py", out)
+            assert run.returncode == 0, run.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
