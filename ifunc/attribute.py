@@ -170,6 +170,10 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     Memory: the query gradients ``[n_query, d]``, one chunk of training gradients and the output; the
     training data streams (any DataLoader), so with ``out=`` peak memory does not grow with ``n_train``.
 
+    Under ``torchrun`` (a default process group), train chunk ``i`` is scored on rank ``i mod W`` and every
+    rank returns the full matrix; with ``out=`` each rank writes a resumable ``out.rank{r}of{W}`` that rank 0
+    merges into ``out``. Every rank passes the same data (see ``ifunc.distributed``).
+
     Returns:
       ``[n_query, n_train]`` tensor in the parameters' dtype (``[n_query, n_train, T]`` with ``per_token``);
       with ``out=`` the path of the finished store.

@@ -248,7 +248,9 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
       ``generator`` in data order and the same draws are replayed on every call, so ``M`` is one fixed
       PSD matrix (requires the data to be iterated in the same order each pass).
 
-    Each call passes over all of ``data`` once, with all ``k`` vectors batched by ``vmap``.
+    Each call passes over all of ``data`` once, with all ``k`` vectors batched by ``vmap``. Under ``torchrun``
+    (a default process group) rank ``r`` computes the batches ``i ≡ r (mod W)`` and the sum is all-reduced,
+    so every rank gets the same ``M V``; every rank must pass the same data.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch.

@@ -198,7 +198,9 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     One pass over ``data`` accumulates ``A``, ``S``, ``D`` and the diagonal of every parameter that no
     supported layer covers; the eigendecompositions run in ``eigen_dtype``; a second pass (``ekfac=True``)
     accumulates ``Λ`` in the eigenbases (same sampled labels as the first pass). Normalisation: see the
-    module docstring (per-example averaging for K-FAC and EK-FAC alike).
+    module docstring (per-example averaging for K-FAC and EK-FAC alike). Under ``torchrun`` (a default
+    process group) the chunks are split across the ranks and the sums all-reduced, and each layer's
+    eigendecompositions run on one rank and are shared: every rank ends with the same factors.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch, calling ``model`` via
