@@ -140,6 +140,10 @@ def test_killed_rank_resumes_without_recomputing_finished_chunks(tmp_path):
                   if "written" in line and part.name in line}
         assert redone == set(range(5 if r == 0 else 5)) - done[r], (r, new)  # 10 chunks: 5 per rank
         assert not part.exists()                  # merged into the store, then removed
+    logs = [Path(f"{log}.rank{r}").read_text() for r in range(2)]
+    third = _torchrun(script, store, log, "resume")   # the store is complete: nothing is computed or copied
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert all("written" not in Path(f"{log}.rank{r}").read_text()[len(logs[r]):] for r in range(2))
 
     model, params, loss, train, query = distributed_worker.problem()
     ihvp = ifunc.ihvp_ekfac(loss, params, train, model=model, damping=0.1)
