@@ -1,7 +1,7 @@
 """Speed-up of ``torchrun --nproc-per-node=2`` over one rank: EK-FAC fitting, EK-FAC scores, CG scores.
 
-    python benchmarks/distributed.py            # launches 1 and 2 gloo ranks (~1-2 min on 2 cores)
-    python benchmarks/distributed.py --quick    # smaller problem
+    python benchmarks/distributed_speedup.py            # launches 1 and 2 gloo ranks (~1-2 min on 2 cores)
+    python benchmarks/distributed_speedup.py --quick    # smaller problem
 
 The script relaunches itself with ``python -m torch.distributed.run --nproc-per-node=W`` for W = 1, 2 (one
 thread per rank, ``OMP_NUM_THREADS=1``), and every rank times, after a barrier, the same calls a user would
