@@ -9,6 +9,7 @@ import torch
 from . import distributed
 from ._version import __version__ as _version
 from ._data import DataSource, batch_size as _batch_size
+from ._progress import progress_bar
 from ._kscore import (DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_influence,
                       kronecker_state)
 from ._ktoken import check_per_token, token_chunk_scores
@@ -34,14 +35,7 @@ def _solve(ihvp, V: torch.Tensor) -> torch.Tensor:
 
 
 def _progress(iterable, *, total, desc, progress):
-    if progress is False:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a missing progress bar must never stop a run
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=None if progress is None else not progress,
-                leave=False)
+    return progress_bar(iterable, total=total, desc=desc, progress=progress)
 
 
 class _Scorer(NamedTuple):

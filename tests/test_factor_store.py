@@ -54,3 +54,15 @@ def test_existing_files_are_not_overwritten_and_foreign_files_refused(tmp_path):
         ifunc.load_factors(foreign, params)
     ifunc.save_factors(path, factors, params, overwrite=True)
     assert ifunc.load_factors(path, params).n == factors.n
+
+
+def test_progress_bars_can_be_forced_and_silenced(capsys):
+    model, params, loss, data = mlp_problem(seed=0, sizes=(3, 5, 3), n=12)
+    ifunc.fit_kronecker_factors(loss, params, data, model=model, progress=True)
+    shown = capsys.readouterr().err
+    assert "ifunc factors" in shown and "ifunc eigendecompositions" in shown and "EK-FAC eigenvalues" in shown
+    ifunc.fit_kronecker_factors(loss, params, data, model=model, progress=False)
+    ifunc.attribute(loss, params, ifunc.ihvp_identity(params, damping=1.0), data, data, progress=False)
+    assert capsys.readouterr().err == ""
+    ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, data, damping=1.0), data, data, progress=True)
+    assert "ifunc scores" in capsys.readouterr().err

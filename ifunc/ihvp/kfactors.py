@@ -33,6 +33,7 @@ from torch.func import grad, vmap
 from .. import distributed
 from .._data import DataSource, batch_size
 from .._types import Data, LossFn, Params
+from .._progress import progress_bar
 from ..capture import LayerSpec, find_layers, layer_capture, param_names, requiring_grad
 from ..curvature import OutputLoss, check_scalar
 
@@ -192,7 +193,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                           modules=None, exclude=(), curvature: str | None = None, sample=None,
                           n_samples: int = 1, generator: torch.Generator | None = None, ekfac: bool = True,
                           fallback: bool = True, chunk_size: int = 256,
-                          eigen_dtype: torch.dtype = torch.float64) -> KroneckerFactors:
+                          eigen_dtype: torch.dtype = torch.float64,
+                          progress: bool | None = None) -> KroneckerFactors:
     """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
 
     One pass over ``data`` accumulates ``A``, ``S``, ``D`` and the diagonal of every parameter that no
@@ -222,6 +224,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
       fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
       chunk_size: examples per forward/backward.
       eigen_dtype: dtype of the covariances and eigendecompositions.
+      progress: tqdm bars over the data passes and the per-layer eigendecompositions (``None``: only on
+        a terminal; ``False``: never).
 
     Returns:
       :class:`KroneckerFactors`.
@@ -269,7 +273,11 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     def one_pass(rotations):
         nonlocal n
         step = distributed.chunk_size(source, chunk_size, split=curvature != "fisher")
-        for mine, batch in distributed.shard(source.chunks(step)):  # identity without a process group
+        total = source.cheap_count()
+        chunks = progress_bar(source.chunks(step), total=None if total is None else -(-total // step),
+                              desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
+                              progress=progress)
+        for mine, batch in distributed.shard(chunks):  # identity without a process group
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
                 if curvature == "fisher":
                     with torch.no_grad():
@@ -313,10 +321,14 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                 raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
         stats[s.name] = (A, S, D)
 
+    bar = progress_bar(total=len(layers), desc="ifunc eigendecompositions", progress=progress)
+
     def eig(name):
         A, S, _ = stats[name]
         with one_thread():
-            return (*torch.linalg.eigh((A + A.T) / 2), *torch.linalg.eigh((S + S.T) / 2))
+            out = (*torch.linalg.eigh((A + A.T) / 2), *torch.linalg.eigh((S + S.T) / 2))
+        bar.update(1)
+        return out
 
     def zeros(name):
         A, S, _ = stats[name]
@@ -326,6 +338,7 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros)):
         A, S, D = stats[s.name]
         factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
+    bar.close()
     if ekfac and layers:
         gen.set_state(start_state)
         one_pass({s.name: (factors[s.name].Q_S.to(dtype), factors[s.name].Q_A.to(dtype)) for s in layers})
