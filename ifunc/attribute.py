@@ -258,19 +258,25 @@ def _per_token(loss, params, ihvp, train, query, *, measurement, chunk_size, max
 
 
 def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_size: int | None = None,
-                   max_memory: int | None = None, progress: bool | None = None) -> torch.Tensor:
+                   max_memory: int | None = None, progress: bool | None = None,
+                   per_module: bool = False) -> torch.Tensor:
     """Self-influence ``s[i] = ∇ℓ(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, ``[n_train]``.
 
     Large values flag examples the model finds surprising (often mislabelled). Training data streams in
     chunks; each chunk of gradients is solved as one ``[c, d]`` block (Kronecker-family closures use
-    per-layer contractions instead). ``progress`` as in :func:`attribute`.
+    per-layer contractions instead). ``progress`` as in :func:`attribute`. ``per_module=True`` (Kronecker
+    family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``, summing
+    to the total.
     """
     if kronecker_state(ihvp) is not None:
         if distributed.active():  # train chunks sharded over the ranks, entries all-gathered
             step = chunk_size or DEFAULT_CHUNK
             return distributed.gather_chunks(DataSource(train, name="train").chunks(step), lambda b, _: (
-                kronecker_self_influence(loss, params, ihvp, b, chunk_size=step)))
-        return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size)
+                kronecker_self_influence(loss, params, ihvp, b, chunk_size=step, per_module=per_module)))
+        return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size, per_module=per_module)
+    if per_module:
+        raise ValueError("per_module=True needs a Kronecker-family closure built with model= "
+                         "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
     source = DataSource(train, name="train")
     d = flatten(params)[0]
     chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
@@ -284,9 +290,7 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
     for batch in _progress(source.chunks(chunk), total=None if total is None else -(-total // chunk),
                            desc="ifunc self-influence", progress=progress):
         for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset):
-            _check_ihvp(ihvp, G.shape[1])
-            with torch.no_grad():
-                out.append((G * _solve(ihvp, G)).sum(dim=1))
+            out.append(_self_terms(ihvp, G))
             offset += G.shape[0]
     return torch.cat(out)
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -83,3 +84,17 @@ def test_low_precision_scores_keep_the_ranking():
     assert low.dtype == torch.bfloat16
     r = torch.corrcoef(torch.stack([low.double().flatten(), exact.flatten()]))[0, 1]
     assert r > 0.99
+
+
+def test_per_module_self_influence_sums_to_the_total():
+    model, params, loss, (x, y) = mlp_problem(seed=6, sizes=(3, 5, 3), n=10)
+    ihvp = ifunc.ihvp_ekfac(loss, params, (x, y), model=model, damping=0.1)
+    total = ifunc.self_influence(loss, params, ihvp, (x, y))
+    parts = ifunc.self_influence(loss, params, ihvp, (x, y), per_module=True)
+    assert parts.shape == (len(ihvp.info["modules"]), 10)
+    torch.testing.assert_close(parts.sum(0), total)
+    pairwise = ifunc.attribute(loss, params, ihvp, (x, y), (x, y), per_module=True)
+    torch.testing.assert_close(parts, pairwise.diagonal(dim1=1, dim2=2))
+    with pytest.raises(ValueError, match="Kronecker-family"):
+        ifunc.self_influence(loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y),
+                             per_module=True)
