@@ -67,3 +67,18 @@ def test_gpt2_ekfac_per_token_and_padding(gpt2, attention):
     tu = ifunc.attribute(loss, params, ih, {"input_ids": short}, query, per_token=True)
     torch.testing.assert_close(tp[..., :4], tu)
     assert torch.all(tp[..., 4:] == 0)
+
+
+def test_gpt2_tied_head_per_token(gpt2):
+    """wte is used by the embedding and by the tied lm_head, LayerNorms by their modules: all split per token.
+
+    wpe is looked up with position ids [1, T] (no example dimension), so it must be excluded, and is named.
+    """
+    model, params, loss, data = gpt2
+    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
+    with pytest.raises(ValueError, match="transformer.wpe.weight"):
+        ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1, exclude=["transformer.wpe.weight"])
+    pair = ifunc.attribute(loss, params, ek, data, data)
+    tok = ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    assert float((tok.sum(-1) - pair).abs().max()) <= 1e-5 * float(pair.abs().max())

@@ -19,8 +19,8 @@ def _lm(seed=0, **kw):
     return model, ifunc.params_of(model), loss, {"input_ids": ids}
 
 
-def _closure(method, model, params, loss, data, **kw):
-    excl = language.untracked(model, params)
+def _closure(method, model, params, loss, data, exclude=True, **kw):
+    excl = language.untracked(model, params) if exclude else []
     if method is ifunc.ihvp_identity:
         return ifunc.ihvp_identity(params, model=model, exclude=excl, damping=0.5)
     return method(loss, params, data, model=model, exclude=excl, damping=0.1, **kw)
@@ -31,10 +31,11 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("method", [ifunc.ihvp_ekfac, ifunc.ihvp_kfac, ifunc.ihvp_diagonal, ifunc.ihvp_identity])
-@pytest.mark.parametrize("shared", [False, True])
-def test_per_token_sums_to_pairwise(method, shared):
+@pytest.mark.parametrize("shared,exclude", [(False, True), (True, True), (False, False)])
+def test_per_token_sums_to_pairwise(method, shared, exclude):
+    """exclude=False: embeddings and LayerNorms are diagonal blocks, split per token from their own hooks."""
     model, params, loss, data = _lm(shared=shared)
-    ih = _closure(method, model, params, loss, data)
+    ih = _closure(method, model, params, loss, data, exclude=exclude)
     query = {"input_ids": data["input_ids"][:2]}
     pair = ifunc.attribute(loss, params, ih, data, query)
     tok = ifunc.attribute(loss, params, ih, data, query, per_token=True, chunk_size=4)
@@ -96,11 +97,36 @@ def test_padding_gives_the_scores_of_unpadded_sequences(left):
                                           for s in seqs]))
 
 
+class _Scaled(torch.nn.Module):
+    """A free parameter used outside any supported module, and a position embedding of arange(T)."""
+
+    def __init__(self, free: bool):
+        super().__init__()
+        self.free = free
+        self.tok, self.pos, self.lin = torch.nn.Embedding(5, 3), torch.nn.Embedding(4, 3), torch.nn.Linear(3, 5)
+        self.s = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, ids):
+        h = self.tok(ids) * self.s if self.free else self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.lin(torch.tanh(h))
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_per_token_refuses_uses_it_cannot_split(free):
+    model = _Scaled(free).double()
+    params = {k: v for k, v in ifunc.params_of(model).items() if free or k != "s"}
+    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"]))
+    data = {"input_ids": torch.randint(0, 5, (3, 4), generator=torch.Generator().manual_seed(0))}
+    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
+    with pytest.raises(ValueError, match=r"\['s \(in a _Scaled\)'\]" if free else "'pos.weight'.*exclude"):
+        ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    ok = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1, exclude=["s" if free else "pos"])
+    tok = ifunc.attribute(loss, params, ok, data, data, per_token=True)
+    assert _rel(tok.sum(-1), ifunc.attribute(loss, params, ok, data, data)) < 1e-5
+
+
 def test_per_token_errors():
     model, params, loss, data = _lm()
-    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
-    with pytest.raises(ValueError, match=r"diagonal blocks.*tok.weight"):
-        ifunc.attribute(loss, params, ek, data, data, per_token=True)
     with pytest.raises(ValueError, match="Kronecker-family"):
         ifunc.attribute(loss, params, lambda V: V, data, data, per_token=True)
     ih = _closure(ifunc.ihvp_identity, model, params, loss, data)
@@ -112,13 +138,21 @@ def test_per_token_errors():
         ifunc.attribute(loss, params, ih, data, data, per_token=True, per_module=True)
 
 
-def test_tied_head_is_not_silently_dropped():
+def test_tied_head_gives_true_per_token_scores():
+    """The tied weight is used by the embedding and by the head: both uses are split per token."""
     model, params, loss, data = _lm(tied=True)
     assert "head.weight" not in params  # the embedding owns the tied weight: a diagonal block
     ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
     assert ek.info["blocks"]["tok.weight"][0] == "diagonal"
-    with pytest.raises(ValueError, match="tok.weight"):
-        ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    pair = ifunc.attribute(loss, params, ek, data, data)
+    torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ek(V), data, data))
+    tok = ifunc.attribute(loss, params, ek, data, data, per_token=True)
+    assert _rel(tok.sum(-1), pair) < 1e-5
+    only = ifunc.ihvp_identity(params, model=model, exclude=[p for p in params if p != "tok.weight"
+                                                             and not p.startswith("blocks.0.mlp.fc")])
+    t_only = ifunc.attribute(loss, params, only, data, data, per_token=True)
+    assert _rel(t_only.sum(-1), ifunc.attribute(loss, params, only, data, data)) < 1e-5
+    assert (t_only[..., :-1].abs() > 0).float().mean() > 0.9  # not one position, not a flat spread
 
 
 # ---------------------------------------------------------------- measurements
