@@ -38,7 +38,7 @@ from .ihvp.kfactors import fallback_grads
 
 __all__ = ["check_per_token", "token_chunk_scores"]
 
-_BUDGET = 1 << 24  # elements of the largest temporary (query block × positions × features)
+_BUDGET = 1 << 25  # elements of the largest temporary (query block × positions × features)
 
 
 def check_per_token(ihvp) -> None:
@@ -213,12 +213,15 @@ def _layer_token_scores(R: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) -
             out[s:s + step] = (gu * av).sum(-1)
         return out.reshape(q, b, P)
     step = max(1, _BUDGET // (b * P * min(o, i)))
-    for s in range(0, q, step):  # q·bP·o·i multiply-adds, the temporary on the smaller side
+    for s in range(0, q, step):  # q·bP·o·i multiply-adds: one GEMM per query block, the reduction a bmm
         Rs = R[s:s + step]
-        if i <= o:
-            out[s:s + step] = (torch.matmul(G, Rs) * A).sum(-1)
+        k = Rs.shape[0]
+        if i <= o:  # X[p, (k, i)] = G_p R_k, then Σ_i X[p, k, i] A[p, i]
+            X = (G @ Rs.permute(1, 0, 2).reshape(o, k * i)).view(b * P, k, i)
+            out[s:s + k] = torch.bmm(X, A.unsqueeze(-1)).squeeze(-1).T
         else:
-            out[s:s + step] = (torch.matmul(A, Rs.transpose(1, 2)) * G).sum(-1)
+            X = (A @ Rs.permute(2, 0, 1).reshape(i, k * o)).view(b * P, k, o)
+            out[s:s + k] = torch.bmm(X, G.unsqueeze(-1)).squeeze(-1).T
     return out.reshape(q, b, P)
 
 
