@@ -42,7 +42,7 @@ _BUDGET = 1 << 25  # elements of the largest temporary (query block × positions
 
 
 def check_per_token(ihvp) -> None:
-    """Raise unless ``ihvp`` is a Kronecker-family closure whose every block is a tracked layer."""
+    """Raise unless every block of the Kronecker-family closure ``ihvp`` can be split per token by hooks."""
     state = kronecker_state(ihvp)
     if state is None:
         raise ValueError("per_token=True needs a Kronecker-family closure built with model= (ifunc.ihvp_ekfac, "
