@@ -41,17 +41,24 @@ def causal_lm_loss(logits: Callable[[Params, dict], torch.Tensor]) -> OutputLoss
         ``lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b["attention_mask"]).logits``).
 
     Returns:
-      an :class:`ifunc.OutputLoss` (``likelihood="categorical"``); the logits of the last position are
-      dropped, the targets are ``labels`` (default ``input_ids``) shifted by one, and a target has weight 0
-      when it is ``-100``, padding, or predicted from a padding position (``attention_mask`` 0).
+      an :class:`ifunc.OutputLoss` (``likelihood="categorical"``). The targets are ``labels`` (default
+      ``input_ids``) shifted by one; a target has weight 0 when it is ``-100``, padding, or predicted from a
+      padding position (``attention_mask`` 0). Its ``outputs`` are the logits ``[b, L-1, V]`` of the positions
+      that predict a target and 0 elsewhere (the last position, padding), so that true-Fisher label draws
+      (``sample="categorical"``) and the GGN see only real predictions.
     """
+
+    def outputs(params, batch) -> torch.Tensor:
+        _, w = _shifted_targets(batch)
+        out = logits(params, batch)[:, :-1]
+        return out * w.unsqueeze(-1).to(out.dtype)
 
     def on_outputs(out: torch.Tensor, batch) -> torch.Tensor:
         y, w = _shifted_targets(batch)
-        lp = torch.log_softmax(out[:, :-1], dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        lp = torch.log_softmax(out, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
         return -(lp * w.to(lp.dtype)).sum()
 
-    return output_loss(logits, on_outputs, likelihood="categorical")
+    return output_loss(outputs, on_outputs, likelihood="categorical")
 
 
 def token_mask(batch) -> torch.Tensor:

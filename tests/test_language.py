@@ -215,3 +215,17 @@ def test_transformer_modules_picker():
     assert len(both) == 12 and "head" not in both
     with pytest.raises(ValueError):
         language.transformer_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fisher_draws_ignore_padding_and_the_last_position():
+    """True-Fisher factors fitted on a right-padded batch equal those of the unpadded sequences (S, Λ)."""
+    model, params, loss, data = _lm(seed=4)
+    ids = data["input_ids"][:2]
+    padded = {"input_ids": torch.cat([ids, torch.full((2, 3), 5)], 1)[:, :L],
+              "attention_mask": torch.cat([torch.ones(2, 4), torch.zeros(2, 3)], 1).bool()}
+    short = {"input_ids": ids[:, :4]}
+    fit = lambda b: ifunc.fit_kronecker_factors(loss, params, b, model=model, curvature="ggn")  # noqa: E731
+    a, b = fit(padded), fit(short)
+    for name in b.factors:
+        torch.testing.assert_close(a.factors[name].S, b.factors[name].S)
+        torch.testing.assert_close(a.factors[name].diag, b.factors[name].diag)
