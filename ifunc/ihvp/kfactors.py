@@ -223,7 +223,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
       ekfac: also fit the EK-FAC eigenvalues (second pass).
       fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
       chunk_size: examples per forward/backward.
-      eigen_dtype: dtype of the covariances and eigendecompositions.
+      eigen_dtype: dtype of the covariances (summed over chunks; each chunk's product runs in the params'
+        dtype, as for the gradients themselves) and of the eigendecompositions.
       progress: tqdm bars over the data passes and the per-layer eigendecompositions (``None``: only on
         a terminal; ``False``: never).
 
@@ -292,9 +293,9 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                 gs = rec.output_grads(root, u, retain_graph=j < len(draws) - 1)
                 for s in layers:
                     a, g, st = acts[s.name], gs[s.name], acc[s.name]
-                    if rotations is None:
-                        gf = g.reshape(-1, g.shape[-1]).to(eigen_dtype)
-                        st["S"] = st["S"] + w * (gf.T @ gf)
+                    if rotations is None:  # chunk products in the params' dtype, sums over chunks in eigen_dtype
+                        gf = g.reshape(-1, g.shape[-1])
+                        st["S"] = st["S"] + w * (gf.T @ gf).to(eigen_dtype)
                         st["D"] = st["D"] + w * rotated_sq_sum(g, a, None, None).to(eigen_dtype)
                     else:
                         Q_S, Q_A = rotations[s.name]
@@ -306,8 +307,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                 n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
                 for s in layers:
                     a = acts[s.name]
-                    af = a.reshape(-1, a.shape[-1]).to(eigen_dtype)
-                    acc[s.name]["A"] = acc[s.name]["A"] + (af.T @ af) / a.shape[1]
+                    af = a.reshape(-1, a.shape[-1])
+                    acc[s.name]["A"] = acc[s.name]["A"] + (af.T @ af).to(eigen_dtype) / a.shape[1]
 
     one_pass(None)
     distributed.reduce_stats(acc, "ASD", fb)  # sums over ranks (no-op without a process group)
