@@ -229,3 +229,16 @@ def test_fisher_draws_ignore_padding_and_the_last_position():
     for name in b.factors:
         torch.testing.assert_close(a.factors[name].S, b.factors[name].S)
         torch.testing.assert_close(a.factors[name].diag, b.factors[name].diag)
+
+
+def test_ekfac_fit_skips_the_unused_diagonal():
+    """ihvp_ekfac / ihvp_kfac fit without D = E[DW²] (as costly as Λ for sequences); ihvp_diagonal asks for it."""
+    model, params, loss, data = _lm(seed=6)
+    f = ifunc.fit_kronecker_factors(loss, params, data, model=model, diagonal=False)
+    assert all(lf.diag is None and lf.ekfac is not None for lf in f.factors.values())
+    full = ifunc.fit_kronecker_factors(loss, params, data, model=model)
+    v = torch.randn(sum(t.numel() for t in params.values()), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1)(v),
+                               ifunc.ihvp_ekfac(loss, params, full, model=model, damping=0.1)(v))
+    with pytest.raises(ValueError, match="diagonal=True"):
+        ifunc.ihvp_diagonal(loss, params, f, model=model)

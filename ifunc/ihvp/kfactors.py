@@ -68,7 +68,7 @@ class LayerFactors(NamedTuple):
     Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
     eig_S: torch.Tensor  #: ``[out]``
     Q_S: torch.Tensor  #: ``[out, out]``
-    diag: torch.Tensor  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block
+    diag: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block (None: not fitted)
     ekfac: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[(Q_Sᵀ DW Q_A)²]``, or None if not fitted
 
 
@@ -192,7 +192,7 @@ def fallback_grads(loss, params, batch, names, cotangent=None) -> dict[str, torc
 def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: torch.nn.Module,
                           modules=None, exclude=(), curvature: str | None = None, sample=None,
                           n_samples: int = 1, generator: torch.Generator | None = None, ekfac: bool = True,
-                          fallback: bool = True, chunk_size: int = 256,
+                          fallback: bool = True, chunk_size: int = 256, diagonal: bool = True,
                           eigen_dtype: torch.dtype = torch.float64,
                           progress: bool | None = None) -> KroneckerFactors:
     """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
@@ -223,6 +223,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
       ekfac: also fit the EK-FAC eigenvalues (second pass).
       fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
       chunk_size: examples per forward/backward.
+      diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
+        it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
       eigen_dtype: dtype of the covariances (summed over chunks; each chunk's product runs in the params'
         dtype, as for the gradients themselves) and of the eigendecompositions.
       progress: tqdm bars over the data passes and the per-layer eigendecompositions (``None``: only on
@@ -296,7 +298,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                     if rotations is None:  # chunk products in the params' dtype, sums over chunks in eigen_dtype
                         gf = g.reshape(-1, g.shape[-1])
                         st["S"] = st["S"] + w * (gf.T @ gf).to(eigen_dtype)
-                        st["D"] = st["D"] + w * rotated_sq_sum(g, a, None, None).to(eigen_dtype)
+                        if diagonal:
+                            st["D"] = st["D"] + w * rotated_sq_sum(g, a, None, None).to(eigen_dtype)
                     else:
                         Q_S, Q_A = rotations[s.name]
                         st["L"] = st["L"] + w * rotated_sq_sum(g, a, Q_S, Q_A).to(eigen_dtype)
@@ -311,12 +314,12 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                     acc[s.name]["A"] = acc[s.name]["A"] + (af.T @ af).to(eigen_dtype) / a.shape[1]
 
     one_pass(None)
-    distributed.reduce_stats(acc, "ASD", fb)  # sums over ranks (no-op without a process group)
+    distributed.reduce_stats(acc, "ASD" if diagonal else "AS", fb)  # sums over ranks (no-op without a process group)
     n = distributed.reduce_count(n)
     stats = {}
     for s in layers:
         st = acc[s.name]
-        A, S, D = st["A"] / n, st["S"] / n, st["D"] / n
+        A, S, D = st["A"] / n, st["S"] / n, (st["D"] / n if diagonal else None)
         for what, M in (("A", A), ("S", S)):
             if not torch.isfinite(M).all():
                 raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")

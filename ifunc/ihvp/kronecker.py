@@ -187,6 +187,8 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
         elif method == "kfac":
             blk = (f.Q_S, f.Q_A, torch.outer(f.eig_S, f.eig_A))
         else:
+            if f.diag is None:
+                raise ValueError("these factors have no diagonal: refit with fit_kronecker_factors(..., diagonal=True)")
             blk = (None, None, f.diag)
         blocks.append(KronBlock(s, lay[s.weight], lay[s.bias] if s.bias else None, *blk))
     diags = [DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], v.reshape(-1))
@@ -195,13 +197,14 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
     return _build(method, params, blocks, diags, model, damping, info)
 
 
-def _factors(loss, params, data_or_factors, model, ekfac, kwargs) -> KroneckerFactors:
+def _factors(loss, params, data_or_factors, model, ekfac, kwargs, diagonal=False) -> KroneckerFactors:
     if isinstance(data_or_factors, KroneckerFactors):
         if kwargs:
             raise TypeError(f"{sorted(kwargs)} configure fitting; they cannot be used with precomputed factors")
         return data_or_factors
     if model is None:
         raise TypeError("the Kronecker family needs model= (the nn.Module your loss calls) to capture layers")
+    kwargs = {"diagonal": diagonal, **kwargs}  # D = E[DW²] only where it is used
     return fit_kronecker_factors(loss, params, data_or_factors, model=model, ekfac=ekfac, **kwargs)
 
 
@@ -280,7 +283,7 @@ def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *
     Example:
       >>> ihvp = ifunc.ihvp_diagonal(loss, params, loader, model=model, curvature="empirical_fisher")
     """
-    return _from_factors("diagonal", params, _factors(loss, params, data, model, False, fit_kwargs), model,
+    return _from_factors("diagonal", params, _factors(loss, params, data, model, False, fit_kwargs, True), model,
                          damping)
 
 
