@@ -7,7 +7,7 @@ a tracked bias) and output-gradients ``g_{i,t}`` over ``n`` examples,
 * ``A = (1/(nT)) Σ_{i,t} a_{i,t} a_{i,t}ᵀ``     (mean over examples and positions)
 * ``S = (1/n) Σ_{i,t} g_{i,t} g_{i,t}ᵀ``        (sum over positions, mean over examples)
 * ``Λ = (1/n) Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (EK-FAC, per example)
-* ``D = (1/n) Σ_i DW_i²``                        (the diagonal, per example)
+* ``D = (1/n) Σ_i DW_i²``                        (the diagonal, per example; fitted when ``diagonal=True``)
 
 so ``A ⊗ S`` (K-FAC, the "expand" approximation) and ``Λ`` (EK-FAC) both approximate the per-example
 (per-sequence) average ``(1/n) Σ_i vec(DW_i) vec(DW_i)ᵀ``: they are damped at the same scale.
