@@ -189,6 +189,16 @@ def fallback_grads(loss, params, batch, names, cotangent=None) -> dict[str, torc
     return vmap(grad(per_example), in_dims=(None, 0, in_u))(sub, batch, cotangent)
 
 
+def split_excluded(params, exclude) -> tuple[list[str], tuple[str, ...], dict]:
+    """``(names, excluded names, kept params)``; ``exclude`` holds parameter names or module prefixes."""
+    names = param_names(params)
+    excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
+    unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
+    if unknown:
+        raise ValueError(f"exclude: {unknown} match no parameter; parameters are {names}")
+    return names, excl, {k: v for k, v in params.items() if k not in excl}
+
+
 def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: torch.nn.Module,
                           modules=None, exclude=(), curvature: str | None = None, sample=None,
                           n_samples: int = 1, generator: torch.Generator | None = None, ekfac: bool = True,
@@ -250,12 +260,7 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     curvature, sample = _resolve(loss, curvature, sample)
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    names = param_names(params)
-    excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
-    unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
-    if unknown:
-        raise ValueError(f"exclude: {unknown} match no parameter; parameters are {names}")
-    kept = {k: v for k, v in params.items() if k not in excl}
+    names, excl, kept = split_excluded(params, exclude)
     if not kept:
         raise ValueError("exclude removed every parameter")
     layers, uncovered = find_layers(model, kept, modules=modules)

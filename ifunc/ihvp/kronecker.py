@@ -27,7 +27,7 @@ from .._types import Data, LossFn, Params
 from ..capture import LayerSpec, find_layers, param_names
 from ..functional import flatten
 from ._base import IHVP, check_damping
-from .kfactors import KroneckerFactors, fit_kronecker_factors
+from .kfactors import KroneckerFactors, fit_kronecker_factors, split_excluded
 
 __all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "KroneckerState"]
 
@@ -301,12 +301,7 @@ def ihvp_identity(params: Params, *, model: nn.Module | None = None, modules=Non
     """
     lam = 1.0 if damping is None else check_damping(damping, allow_zero=False)
     lay = layout(params)
-    names = param_names(params)
-    excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
-    unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
-    if unknown:
-        raise ValueError(f"exclude: {unknown} match no parameter; parameters are {names}")
-    kept = {k: v for k, v in params.items() if k not in excl}
+    names, excl, kept = split_excluded(params, exclude)
     if model is None:
         layers, uncovered = [], [p for p in names if p not in excl]
     else:
