@@ -2,16 +2,36 @@
 
 A *batch* is a tensor, or a tuple / list / dict of tensors whose leading dimensions are the examples.
 A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts or tensors).
+
+:func:`iter_chunks` is the one chunk loop of ifunc: every pass that walks the data in fixed-size chunks
+(gradients, scores, factors) takes ``(index, offset, batch)`` from it. :func:`fingerprint` is the one
+content hash (data sets, parameters, query sets).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import hashlib
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import optree
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 Batch = Any
+
+
+def tensor_leaves(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a batch (a pytree), in optree order."""
+    return [x for x in optree.tree_leaves(batch, namespace="ifunc") if isinstance(x, torch.Tensor)]
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 (first 32 hex digits) of the exact bytes, shapes and dtypes of a sequence of tensors."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
 
 
 def _is_batch(obj) -> bool:
@@ -25,7 +45,7 @@ def _is_batch(obj) -> bool:
 
 def batch_size(batch: Batch) -> int:
     """Number of examples in a batch: the shared leading dimension of its tensors."""
-    leaves = [x for x in optree.tree_leaves(batch, namespace="ifunc") if isinstance(x, torch.Tensor)]
+    leaves = tensor_leaves(batch)
     if not leaves:
         raise TypeError(f"a batch must contain tensors, got {type(batch).__name__}")
     sizes = {x.shape[0] if x.dim() else None for x in leaves}
@@ -52,7 +72,7 @@ def concat_batches(batches: list[Batch]) -> Batch:
 class DataSource:
     """A re-iterable view of user data as batches, with the total number of examples."""
 
-    def __init__(self, data, *, name: str = "data", batch_size_hint: int = 256):
+    def __init__(self, data, *, name: str = "data", batch_size_hint: int = 256, ordered: bool = False):
         self.name = name
         if _is_batch(data):
             self._batches: Iterable[Batch] = [data]
@@ -70,6 +90,12 @@ class DataSource:
                 )
             self._batches = data
         elif isinstance(data, DataLoader):
+            if ordered and _shuffles(data):
+                raise ValueError(
+                    f"{name}: the DataLoader shuffles (shuffle=True or a random sampler), so example i would not "
+                    "be the i-th example of the data and the scores' columns would be in a random order; pass a "
+                    "DataLoader with shuffle=False (the order of the data set itself)"
+                )
             self._batches = data
         elif isinstance(data, Dataset):
             self._batches = DataLoader(data, batch_size=batch_size_hint, shuffle=False)
@@ -139,8 +165,54 @@ class DataSource:
         if pending:
             yield pending[0] if len(pending) == 1 else concat_batches(pending)
 
+    def pieces(self, count: int) -> Iterable[Batch]:
+        """The data as at least ``count`` batches when it is in memory in fewer (views, re-iterable), else itself.
+
+        One in-memory batch would leave all but one of ``count`` workers idle; the cut does not change a sum
+        over examples (up to rounding).
+        """
+        if count > 1 and isinstance(self._batches, list) and len(self._batches) < count:
+            return list(self.chunks(-(-len(self) // count)))
+        return self
+
+    def first(self) -> Batch:
+        """The first batch of the data (one batch is loaded)."""
+        return next(iter(self))
+
     def in_memory(self) -> Batch | None:
         """All examples as one batch when the data is already in memory (a batch or a list), else None."""
         if isinstance(self._batches, list):
             return self._batches[0] if len(self._batches) == 1 else concat_batches(self._batches)
         return None
+
+
+def _shuffles(loader: DataLoader) -> bool:
+    """True when a DataLoader visits its data set in a random order."""
+    sampler = loader.sampler
+    return isinstance(sampler, RandomSampler) or bool(getattr(sampler, "shuffle", False))
+
+
+class Chunk(NamedTuple):
+    """One chunk of the data: its position in the chunk sequence, the index of its first example, the batch."""
+
+    index: int
+    offset: int
+    batch: Batch
+
+
+def iter_chunks(source: DataSource, size: int) -> Iterator[Chunk]:
+    """``(index, offset, batch)`` for consecutive chunks of ``size`` examples (the last may be smaller).
+
+    Chunk ``index`` holds examples ``[offset, offset + b)``, ``offset = index · size``, whatever the batch
+    size of the underlying DataLoader. This is the one chunk loop of ifunc.
+    """
+    offset = 0
+    for index, batch in enumerate(source.chunks(size)):
+        yield Chunk(index, offset, batch)
+        offset += batch_size(batch)
+
+
+def n_chunks(source: DataSource, size: int) -> int | None:
+    """Number of chunks of ``size`` when the example count is cheap to know, else None (for progress bars)."""
+    n = source.cheap_count()
+    return None if n is None else -(-n // size)

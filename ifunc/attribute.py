@@ -1,26 +1,30 @@
-"""Influence scores: pairwise ``[n_query, n_train]`` and self-influence ``[n_train]``."""
+"""Influence scores: pairwise ``[n_query, n_train]`` and self-influence ``[n_train]``.
+
+One loop serves every case: a *scorer* turns a chunk of training examples into score columns (the generic
+scorer from per-example gradients and one block solve of the queries, or the Kronecker contractions of a
+:class:`ifunc.KroneckerIHVP`), and a *sink* (:mod:`ifunc._sinks`) keeps them in memory, writes them to a
+resumable store, or shares them across ``torchrun`` ranks.
+"""
 from __future__ import annotations
 
-import logging
 from typing import Callable, NamedTuple
 
 import torch
 
 from . import distributed
-from ._version import __version__ as _version
-from ._data import DataSource, batch_size as _batch_size
+from ._data import DataSource, batch_size, fingerprint, iter_chunks, n_chunks, tensor_leaves
 from ._progress import progress_bar
-from ._kscore import (DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_influence,
-                      kronecker_state)
-from ._ktoken import check_per_token, token_chunk_scores
+from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink
 from ._types import Data, LossFn, Measurement, Params
+from ._version import __version__
 from .functional import flatten
 from .grads import chunk_size_for, iter_per_sample_grads, per_sample_grads
 from .ihvp._base import IHVP
+from .ihvp._operator import check_same_data
+from .ihvp.kronecker.score import DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_terms, scorable
+from .ihvp.kronecker.tokens import check_per_token, token_chunk_scores
 
 __all__ = ["attribute", "self_influence"]
-
-log = logging.getLogger("ifunc")
 
 
 def _check_ihvp(ihvp, d: int):
@@ -31,81 +35,77 @@ def _check_ihvp(ihvp, d: int):
 
 
 def _solve(ihvp, V: torch.Tensor) -> torch.Tensor:
-    return ihvp.solve(V) if isinstance(ihvp, IHVP) else ihvp(V)
+    _check_ihvp(ihvp, V.shape[1])
+    with torch.no_grad():
+        return ihvp.solve(V) if isinstance(ihvp, IHVP) else ihvp(V)
 
 
-def _progress(iterable, *, total, desc, progress):
-    return progress_bar(iterable, total=total, desc=desc, progress=progress)
-
-
-class _Scorer(NamedTuple):
-    """Scores of one chunk of training examples against the prepared queries."""
+class Scorer(NamedTuple):
+    """Score columns of one chunk of training examples against queries prepared once."""
 
     chunk: int  #: examples per chunk
-    score: Callable  #: (batch, offset) -> [n_query, b] (or [n_modules, n_query, b])
-    meta: dict
+    n_query: int
+    score: Callable  #: ``(batch, offset) -> [..., b]`` (examples on the last axis)
 
 
-def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> _Scorer:
-    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory)
-    Q = distributed.same(Q)  # rank 0's bits on every rank: the solve may be distributed (no-op on one process)
-    _check_ihvp(ihvp, Q.shape[1])
-    with torch.no_grad():
-        Qp = _solve(ihvp, Q)
+def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
+    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory,
+                         name="query")
+    Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be distributed
+    Qp = _solve(ihvp, Q)
     Qp = Qp.to(dtype or Qp.dtype)
     chunk = chunk_size or chunk_size_for(Q.shape[1], Q.element_size(), max_memory=max_memory)
 
     def score(batch, offset):
-        cols = [Qp @ G.to(Qp.dtype).T for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk,
-                                                                     name="train", offset=offset)]
-        return torch.cat(cols, dim=1)
+        return torch.cat([Qp @ G.to(Qp.dtype).T for G in iter_per_sample_grads(
+            loss, params, batch, chunk_size=chunk, name="train", offset=offset)], dim=1)
 
-    return _Scorer(chunk, score, {"n_query": Qp.shape[0]})
+    return Scorer(chunk, Qp.shape[0], score)
 
 
-def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank,
-                      per_module) -> _Scorer:
+def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank, per_module,
+                      per_token=False, token_mask=None) -> Scorer:
     prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
                                  max_memory=max_memory, query_rank=query_rank)
-    prepared = distributed.same(prepared)  # identical preconditioned queries on every rank
+    prepared = distributed.broadcast_from_rank0(prepared)  # identical preconditioned queries on every rank
 
     def score(batch, offset):
+        if per_token:
+            return token_chunk_scores(loss, params, ihvp, prepared, batch, token_mask=token_mask, offset=offset)
         out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module, offset=offset)
         return out if per_module else out[0]
 
-    return _Scorer(chunk_size or DEFAULT_CHUNK, score, {"n_query": prepared[0].shape[0]})
+    return Scorer(chunk_size or DEFAULT_CHUNK, prepared.diag.shape[0], score)
 
 
-def _run_meta(loss, params, ihvp, query, measurement, query_rank) -> dict:
+def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc: str, progress):
+    """The one scoring loop: every chunk in order, computed where the sink wants it."""
+    shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
+    with sink:
+        for index, offset, batch in progress_bar(iter_chunks(source, chunk), total=n_chunks(source, chunk),
+                                                 desc=desc, progress=shown):
+            if sink.wants(index):
+                sink.put(index, compute(batch, offset))
+            sink.seen(index, batch_size(batch))
+        return sink.result()
+
+
+def _run_meta(loss, params, ihvp, query, measurement, query_rank, first_train) -> dict:
     info = getattr(ihvp, "info", {}) or {}
     simple = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    query_leaves = [t for b in DataSource(query, name="query") for t in _leaves(b)]
+    query_leaves = [t for b in DataSource(query, name="query") for t in tensor_leaves(b)]
+    damping = getattr(ihvp, "damping", None)
     return {
         "method": getattr(ihvp, "name", type(ihvp).__name__),
-        "damping": getattr(ihvp, "damping", None),
+        "damping": dict(damping) if isinstance(damping, dict) else damping,
         "method_info": simple,
-        "measurement": _name_of(measurement or loss),
+        "measurement": getattr(measurement or loss, "__qualname__", type(measurement or loss).__name__),
         "query_rank": query_rank,
-        "params": _store().fingerprint([flatten(params)[0]]),
-        "query": _store().fingerprint(query_leaves),
-        "versions": {"ifunc": _version, "torch": torch.__version__},
+        "params": fingerprint([flatten(params)[0]]),
+        "query": fingerprint(query_leaves),
+        "train": fingerprint(tensor_leaves(first_train)),
+        "versions": {"ifunc": __version__, "torch": torch.__version__},
     }
-
-
-def _name_of(fn) -> str:
-    return getattr(fn, "__qualname__", type(fn).__name__)
-
-
-def _leaves(batch):
-    import optree
-
-    return [t for t in optree.tree_leaves(batch, namespace="ifunc") if isinstance(t, torch.Tensor)]
-
-
-def _store():
-    from . import store
-
-    return store
 
 
 def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
@@ -170,6 +170,9 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     rank returns the full matrix; with ``out=`` each rank writes a resumable ``out.rank{r}of{W}`` that rank 0
     merges into ``out``. Every rank passes the same data (see ``ifunc.distributed``).
 
+    ``train`` and ``query`` are read in order: a shuffling DataLoader is refused (its columns would be in a
+    random order).
+
     Returns:
       ``[n_query, n_train]`` tensor in the parameters' dtype (``[n_query, n_train, T]`` with ``per_token``);
       with ``out=`` the path of the finished store.
@@ -178,85 +181,37 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
-    if per_token:
-        return _per_token(loss, params, ihvp, train, query, measurement=measurement, chunk_size=chunk_size,
-                          max_memory=max_memory, query_rank=query_rank, token_mask=token_mask, progress=progress,
-                          dtype=dtype, unsupported=per_module or out is not None)
-    if token_mask is not None:
-        raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
-    kron = kronecker_state(ihvp) is not None
+    kron = scorable(ihvp)
     if not kron and (query_rank is not None or per_module):
         raise ValueError("query_rank= and per_module=True need a Kronecker-family closure built with model= "
                          "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
+    if token_mask is not None and not per_token:
+        raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
+    if per_token and (per_module or out is not None or distributed.active()):
+        raise NotImplementedError("per_token=True cannot be combined with per_module=True, out= or "
+                                  "torch.distributed yet; compute per-token scores for a slice of the train set")
     if out is not None and per_module:
         raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or "
                                   "per_module")
-    source = DataSource(train, name="train")
-    distributed.check_data(source)  # every rank must hold all the data (no-op without a process group)
-    if out is not None:
-        n_train = source.count()
-        meta = _run_meta(loss, params, ihvp, query, measurement, query_rank)
+    if per_token:
+        check_per_token(ihvp)
+    source = DataSource(train, name="train", ordered=True)
+    check_same_data(source)  # every rank must hold all the data (no-op without a process group)
     if kron:
         scorer = _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank,
-                                   per_module)
+                                   per_module, per_token, token_mask)
     else:
         scorer = _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype)
-    chunks = source.chunks(scorer.chunk)
-    total = source.cheap_count()
-    total = -(-total // scorer.chunk) if total is not None else None
-    shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
-    if out is None and distributed.active():  # train chunks sharded over the ranks, columns all-gathered
-        scores = distributed.gather_chunks(chunks, scorer.score, wrap=lambda it: _progress(
-            it, total=total, desc="ifunc scores", progress=shown))
-        return scores.to(dtype) if dtype is not None else scores
     if out is None:
-        columns, offset = [], 0
-        for batch in _progress(chunks, total=total, desc="ifunc scores", progress=progress):
-            columns.append(scorer.score(batch, offset))
-            offset += _batch_size(batch)
-        scores = torch.cat(columns, dim=-1)
-        return scores.to(dtype) if dtype is not None else scores
-
-    first = next(iter(source.chunks(scorer.chunk)))
-    meta["train"] = _store().fingerprint(_leaves(first))
-    if distributed.active():  # one resumable store per rank, merged into `out` by rank 0
-        return distributed.scores_to_store(
-            out, chunks, scorer.score, n_query=scorer.meta["n_query"], n_train=n_train, chunk=scorer.chunk,
-            meta=meta, overwrite=overwrite,
-            wrap=lambda it, n: _progress(it, total=n, desc="ifunc scores", progress=shown))
-    with _store().ScoreWriter(out, n_query=scorer.meta["n_query"], n_train=n_train, chunk_size=scorer.chunk,
-                              meta=meta, overwrite=overwrite) as writer:
-        offset = 0
-        for index, batch in enumerate(_progress(chunks, total=writer.n_chunks, desc="ifunc scores",
-                                                progress=progress)):
-            b = _batch_size(batch)
-            if index not in writer.done:
-                cols = scorer.score(batch, offset)
-                writer.write(index, cols.detach().to("cpu", torch.float32).numpy())
-            offset += b
-        if len(writer.done) != writer.n_chunks:
-            raise ValueError(f"train data yielded fewer chunks than the {writer.n_chunks} recorded in {out}")
-    return out
-
-
-def _per_token(loss, params, ihvp, train, query, *, measurement, chunk_size, max_memory, query_rank, token_mask,
-               progress, dtype, unsupported) -> torch.Tensor:
-    """``[n_query, n_train, T]`` per-token scores (see :func:`attribute`)."""
-    if unsupported or distributed.active():
-        raise NotImplementedError("per_token=True cannot be combined with per_module=True, out= or "
-                                  "torch.distributed yet; compute per-token scores for a slice of the train set")
-    check_per_token(ihvp)
-    prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
-                                 max_memory=max_memory, query_rank=query_rank)
-    source = DataSource(train, name="train")
-    step = chunk_size or DEFAULT_CHUNK
-    total = source.cheap_count()
-    parts = [token_chunk_scores(loss, params, ihvp, prepared, batch, token_mask=token_mask)
-             for batch in _progress(source.chunks(step), total=None if total is None else -(-total // step),
-                                    desc="ifunc per-token scores", progress=progress)]
-    T = max(p.shape[-1] for p in parts)
-    scores = torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[-1])) for p in parts], dim=1)
-    return scores.to(dtype) if dtype is not None else scores
+        sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
+    else:
+        meta = _run_meta(loss, params, ihvp, query, measurement, query_rank, next(source.chunks(scorer.chunk)))
+        kind = RankStoreSink if distributed.active() else StoreSink
+        sink = kind(out, n_query=scorer.n_query, n_train=source.count(), chunk=scorer.chunk, meta=meta,
+                    overwrite=overwrite)
+    desc = "ifunc per-token scores" if per_token else "ifunc scores"
+    scores = _score_loop(source, scorer.chunk, scorer.score, sink, desc=desc, progress=progress)
+    return scores.to(dtype) if dtype is not None and out is None else scores
 
 
 def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_size: int | None = None,
@@ -270,35 +225,48 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
     family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``, summing
     to the total.
     """
-    if kronecker_state(ihvp) is not None:
-        if distributed.active():  # train chunks sharded over the ranks, entries all-gathered
-            step = chunk_size or DEFAULT_CHUNK
-            return distributed.gather_chunks(DataSource(train, name="train").chunks(step), lambda b, _: (
-                kronecker_self_influence(loss, params, ihvp, b, chunk_size=step, per_module=per_module)))
-        return kronecker_self_influence(loss, params, ihvp, train, chunk_size=chunk_size, per_module=per_module)
+    source = DataSource(train, name="train", ordered=True)
+    check_same_data(source)
+    if scorable(ihvp):
+        step = chunk_size or DEFAULT_CHUNK
+        compute = lambda batch, offset: kronecker_self_terms(  # noqa: E731
+            loss, params, ihvp, batch, per_module=per_module, offset=offset)
+        sink = GatherSink() if distributed.active() else MemorySink()
+        s = _score_loop(source, step, compute, sink, desc="ifunc self-influence", progress=progress)
+        return s if per_module else s[0]
     if per_module:
         raise ValueError("per_module=True needs a Kronecker-family closure built with model= "
                          "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
-    source = DataSource(train, name="train")
     d = flatten(params)[0]
     chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
-    total = source.cheap_count()
-    if distributed.active():  # gradients sharded by chunk, solved jointly (the solve may itself be distributed)
-        step = max(1, chunk // distributed.world()[1])
-        grads = lambda batch, offset: torch.cat(list(iter_per_sample_grads(  # noqa: E731
-            loss, params, batch, chunk_size=step, name="train", offset=offset)))
-        return distributed.solve_rounds(source.chunks(step), grads, lambda G: _self_terms(ihvp, G), d.numel())
-    out, offset = [], 0
-    for batch in _progress(source.chunks(chunk), total=None if total is None else -(-total // chunk),
-                           desc="ifunc self-influence", progress=progress):
-        for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset):
-            out.append(_self_terms(ihvp, G))
-            offset += G.shape[0]
+    if distributed.active():  # a round of W chunks at a time: the solve may itself be distributed
+        chunk = max(1, chunk // distributed.world()[1])
+    rank, size = distributed.world()
+    out, held = [], []
+    bar = progress_bar(iter_chunks(source, chunk), total=n_chunks(source, chunk), desc="ifunc self-influence",
+                       progress=progress if rank == 0 else False)
+    for index, offset, batch in bar:
+        mine = index % size == rank
+        G = torch.cat(list(iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train",
+                                                 offset=offset))) if mine else None
+        held.append((batch_size(batch), G))
+        if len(held) == size:
+            out.append(_self_round(ihvp, held, d.numel()))
+            held = []
+    if held:
+        out.append(_self_round(ihvp, held, d.numel()))
+    if not out:
+        raise ValueError("the training data yielded no examples")
     return torch.cat(out)
 
 
-def _self_terms(ihvp, G: torch.Tensor) -> torch.Tensor:
-    """``[b]``: ``gᵢᵀ (H + λI)^{-1} gᵢ`` for the rows of ``G [b, d]``."""
-    _check_ihvp(ihvp, G.shape[1])
-    with torch.no_grad():
-        return (G * _solve(ihvp, G)).sum(dim=1)
+def _self_round(ihvp, held: list, d: int) -> torch.Tensor:
+    """``[Σ b]``: ``gᵢᵀ (H + λI)^{-1} gᵢ`` for one round of chunks, chunk ``r`` held by rank ``r``.
+
+    Every rank solves the whole round (all-gathered in chunk order), so a solver whose products are
+    all-reduced (CG, LiSSA) sees the same right-hand sides everywhere.
+    """
+    rank = distributed.world()[0]
+    local = held[rank][1] if rank < len(held) else None
+    G = distributed.gather_rows(local, [w for w, _ in held], d)
+    return (G * _solve(ihvp, G)).sum(dim=1)

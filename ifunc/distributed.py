@@ -1,6 +1,8 @@
-"""torch.distributed: data-parallel curvature, factors and scores, used automatically under ``torchrun``.
+"""Collectives for ``torchrun``: world and rank, all-reduce, broadcast, gather; no-ops without a process group.
 
-Nothing here is called by users. When a default process group is initialised (``gloo`` on CPU, ``nccl``
+A leaf: it imports no other ifunc module, and it is called only by the orchestrating layers (the solvers
+pass a partition of the data to the curvature operators; :func:`ifunc.attribute` picks a sink that gathers
+columns or merges per-rank stores). Nothing here is called by users. When a default process group is initialised (``gloo`` on CPU, ``nccl``
 on GPU) the public functions of ifunc split their work across the ``W`` ranks and return on every rank
 what one process would have returned; without a process group every hook below is the identity and
 costs nothing. Every rank must pass the *same* data, in the same order (not a ``DistributedSampler``).
@@ -31,15 +33,14 @@ single-process ones.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import optree
 import torch
 
-from ._data import DataSource, batch_size
-
-__all__ = ["world", "active", "check_data", "shard", "batches", "chunk_size", "reduce_sum", "reduce_tensor", "reduce_count",
-           "reduce_stats", "owner_map", "same", "gather_chunks", "solve_rounds", "scores_to_store", "part_path"]
+__all__ = ["world", "active", "shard", "chunk_size", "reduce_sum", "reduce_tensor", "reduce_count", "reduce_stats",
+           "owner_map", "broadcast_from_rank0", "broadcast_result", "gather_columns", "gather_rows", "barrier",
+           "check_same"]
 
 
 def world() -> tuple[int, int]:
@@ -58,26 +59,24 @@ def active() -> bool:
 def shard(items: Iterable) -> Iterator[tuple[bool, object]]:
     """``(mine, item)`` for every item, ``mine`` true on the rank ``index mod W``.
 
-    Every rank walks the whole sequence (skipped items may still need a cheap step, such as drawing
-    their Monte Carlo labels) and computes only its own.
+    Every rank iterates over all items (so data loaders and generators advance identically) and
+    computes only its own.
     """
     rank, size = world()
     for index, item in enumerate(items):
         yield index % size == rank, item
 
 
-def batches(source: DataSource, *, split: bool = True) -> Iterable:
-    """The batches to shard: the data's own batches, or ``W`` equal pieces of data held in fewer batches.
+def chunk_size(n: int | None, size: int, *, split: bool = True) -> int:
+    """Chunk width for sharded passes over ``n`` examples: ``size``, or ``⌈n / W⌉`` when that is smaller.
 
-    One in-memory batch (the common small case) would leave all but one rank idle, so with ``split`` the
-    data is cut into ``W`` chunks of ``⌈n / W⌉`` examples. The curvature is a sum over examples, so the
-    result does not depend on the cut (up to rounding).
+    Without it, data smaller than ``W`` chunks would keep some ranks idle. ``split=False`` (or an unknown
+    ``n``) keeps ``size`` (for Monte Carlo labels, whose draws are grouped per chunk).
     """
-    _, size = world()
-    held = source._batches
-    if size > 1 and split and isinstance(held, list) and len(held) < size:
-        return list(source.chunks(math.ceil(len(source) / size)))  # in memory already: views, re-iterable
-    return source
+    _, ranks = world()
+    if ranks == 1 or not split or not n:
+        return size
+    return max(1, min(size, math.ceil(n / ranks)))
 
 
 def _device() -> torch.device:
@@ -175,24 +174,25 @@ def owner_map(items: Sequence, fn: Callable[[object], tuple], empty: Callable[[o
     return out
 
 
-def gather_chunks(chunks: Iterable, compute: Callable, *, wrap=lambda it: it) -> torch.Tensor:
-    """Run ``compute(batch, offset)`` on this rank's chunks and all-gather the columns in chunk order.
-
-    ``compute`` returns ``[..., b]`` (examples on the last axis); the result is the concatenation over
-    all chunks, ``[..., n]``, on every rank. ``wrap`` decorates the chunk iterator (a progress bar).
-    """
-    rank, size = world()
-    mine, widths, offset = [], [], 0
-    for index, batch in enumerate(wrap(chunks)):
-        b = batch_size(batch)
-        if index % size == rank:
-            mine.append(compute(batch, offset))
-        widths.append(b)
-        offset += b
-    return _assemble(mine, widths)
+def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> None:
+    """All-reduce, in place, the entries ``keys`` of every ``acc[layer]`` and every entry of ``extra``."""
+    if not active():
+        return
+    extra = {} if extra is None else extra
+    where = [(acc[name], k) for name in acc for k in keys] + [(extra, k) for k in extra]
+    for (d, k), total in zip(where, reduce_sum([d[k] for d, k in where])):
+        d[k] = total
 
 
-def _assemble(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
+
+def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
+    """All-gather column blocks: block ``i`` (width ``widths[i]``, examples on the last axis) is held by rank
+    ``i mod W``; ``mine`` are this rank's blocks in order. Returns the concatenation ``[..., Σ widths]`` on
+    every rank (the blocks themselves without a process group)."""
+    if not active():
+        if not mine:
+            raise ValueError("the training data yielded no examples")
+        return torch.cat(mine, dim=-1)
     rank, size = world()
     local = torch.cat(mine, dim=-1) if mine else None
     specs = _gather_object(None if local is None else (tuple(local.shape[:-1]), local.dtype))
@@ -217,8 +217,10 @@ def _assemble(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
     return torch.cat(cols, dim=-1).to(home)
 
 
-def _broadcast_result(fn: Callable[[], object]):
-    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank."""
+def broadcast_result(fn: Callable[[], object]):
+    """Run ``fn`` on rank 0 and hand its result (or its error) to every rank (just ``fn()`` on one process)."""
+    if not active():
+        return fn()
     rank, _ = world()
     box = [None, None]
     if rank == 0:
@@ -232,136 +234,7 @@ def _broadcast_result(fn: Callable[[], object]):
     return box[0]
 
 
-def part_path(out, rank: int, size: int) -> Path:
-    """File of one rank's columns: ``out.rank{r}of{W}``."""
-    out = Path(out)
-    return out.with_name(f"{out.name}.rank{rank}of{size}")
-
-
-def scores_to_store(out, chunks: Iterable, compute: Callable, *, n_query: int, n_train: int, chunk: int,
-                    meta: dict, overwrite: bool, wrap=lambda it, total: it):
-    """Sharded ``attribute(..., out=)``: each rank writes its own chunks, rank 0 merges into ``out``.
-
-    Rank ``r`` stores the columns of its chunks ``i ≡ r (mod W)`` contiguously in ``out.rank{r}of{W}``
-    (local chunk ``j`` is global chunk ``jW + r``), a score store of its own with per-chunk done flags, so
-    a rank that dies loses at most the chunk it was computing and a relaunch resumes each rank where it
-    stopped. Once every rank has finished, rank 0 copies the chunks into ``out`` (also resumable; chunks
-    already in ``out`` are never recomputed or copied again) and deletes the rank files.
-    """
-    from . import store
-
-    rank, size = world()
-    n_chunks = -(-n_train // chunk)
-    widths = [min(chunk, n_train - i * chunk) for i in range(n_chunks)]
-    final_args = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta)
-
-    def part_args(r):
-        local = sum(w for i, w in enumerate(widths) if i % size == r)
-        return dict(n_query=n_query, n_train=local, chunk_size=chunk,
-                    meta=dict(meta, part=[r, size], n_train_total=n_train))
-
-    def finished_in_final():
-        if overwrite:
-            store.remove_store(out)
-        if not Path(out).exists():
-            return set()
-        with store.ScoreWriter(out, **final_args) as writer:  # validates: refuses another run's file
-            return set(writer.done)
-
-    finished = _broadcast_result(finished_in_final)
-    mine = [i for i in range(n_chunks) if i % size == rank and i not in finished]
-    if mine:
-        with store.ScoreWriter(part_path(out, rank, size), overwrite=overwrite, **part_args(rank)) as writer:
-            offset, seen, todo = 0, 0, set(mine)
-            for index, batch in enumerate(wrap(chunks, n_chunks)):
-                if index in todo and index // size not in writer.done:
-                    writer.write(index // size, compute(batch, offset).detach().to("cpu", torch.float32).numpy())
-                offset += batch_size(batch)
-                seen += 1
-            if seen != n_chunks:
-                raise ValueError(f"train data yielded {seen} chunks, expected the {n_chunks} of {n_train} examples")
-    torch.distributed.barrier()
-
-    def merge():
-        with store.ScoreWriter(out, **final_args) as final:
-            for r in range(size):
-                path = part_path(out, r, size)
-                if not path.exists():
-                    continue
-                with store.ScoreWriter(path, **part_args(r)) as part:
-                    for j in sorted(part.done):
-                        if j * size + r not in final.done:
-                            final.write(j * size + r, part.read(j))
-            missing = n_chunks - len(final.done)
-        if missing:
-            raise ValueError(f"{out}: {missing} of {n_chunks} chunks are missing after the merge")
-        for r in range(size):
-            store.remove_store(part_path(out, r, size))
-        return out
-
-    return _broadcast_result(merge)
-
-
-def chunk_size(source: DataSource, size: int, *, split: bool = True) -> int:
-    """Chunk width for sharded passes: ``size``, or ``⌈n / W⌉`` when that is smaller and ``n`` is known.
-
-    Without it, data smaller than ``W`` chunks would keep some ranks idle. ``split=False`` keeps ``size``
-    (for Monte Carlo labels, whose draws are grouped per chunk).
-    """
-    _, ranks = world()
-    n = source.cheap_count() if ranks > 1 and split else None
-    return max(1, min(size, math.ceil(n / ranks))) if n else size
-
-
-def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> None:
-    """All-reduce, in place, the entries ``keys`` of every ``acc[layer]`` and every entry of ``extra``."""
-    if not active():
-        return
-    extra = {} if extra is None else extra
-    where = [(acc[name], k) for name in acc for k in keys] + [(extra, k) for k in extra]
-    for (d, k), total in zip(where, reduce_sum([d[k] for d, k in where])):
-        d[k] = total
-
-
-def solve_rounds(chunks: Iterable, grads: Callable, finish: Callable, d: int) -> torch.Tensor:
-    """Per-example ``finish(G) [b]`` over all chunks, where ``finish`` may run a collective solve.
-
-    A solver whose products are all-reduced over the data (CG, LiSSA) must see the same right-hand sides
-    on every rank. So chunks go in rounds of ``W``: rank ``r`` computes the gradients ``G_r = grads(batch,
-    offset) [b_r, d]`` of the round's ``r``-th chunk, the blocks are all-gathered, and every rank calls
-    ``finish`` on the whole round ``[Σ b_r, d]`` (in chunk order), which is therefore the full result.
-    """
-    rank, size = world()
-    out, offset, held = [], 0, []
-
-    def flush():
-        widths = [b for b, _ in held]
-        local = next((g for r, (_, g) in enumerate(held) if r == rank and g is not None), None)
-        if local is None:
-            local = torch.zeros(0, d, dtype=torch.get_default_dtype())
-        home, dev = local.device, _device()
-        buf = torch.zeros(max(widths), d, dtype=local.dtype, device=dev)
-        buf[:local.shape[0]] = local.to(dev)
-        bufs = [torch.empty_like(buf) for _ in range(size)]
-        torch.distributed.all_gather(bufs, buf)
-        G = torch.cat([bufs[r][:w] for r, w in enumerate(widths)]).to(home)
-        out.append(finish(G))
-        held.clear()
-
-    for index, batch in enumerate(chunks):
-        b = batch_size(batch)
-        held.append((b, grads(batch, offset) if index % size == rank else None))
-        offset += b
-        if len(held) == size:
-            flush()
-    if held:
-        flush()
-    if not out:
-        raise ValueError("the training data yielded no examples")
-    return torch.cat(out)
-
-
-def same(tree):
+def broadcast_from_rank0(tree):
     """Rank 0's tensors of a pytree on every rank (a broadcast); the tree itself without a process group.
 
     Two processes running the same code on the same data can differ in the last bits (the BLAS kernels
@@ -371,8 +244,6 @@ def same(tree):
     """
     if not active():
         return tree
-    import optree
-
     dev = _device()
 
     def bcast(t):
@@ -385,26 +256,34 @@ def same(tree):
     return optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)
 
 
-def check_data(source: DataSource) -> None:
-    """Raise on every rank unless all ranks see the same data: same size, same first batch.
 
-    ifunc shards the data itself, so each rank must pass all of it, in the same order; a
-    ``DistributedSampler`` (each rank a different part) or an unseeded shuffle would otherwise give
-    silently wrong sums. Never an extra pass over the data: the size is compared when it is known cheaply
-    (in memory, or a DataLoader's sampler, which is where a ``DistributedSampler`` shows).
-    """
+
+def gather_rows(local: torch.Tensor | None, widths: list[int], d: int) -> torch.Tensor:
+    """All-gather one round of row blocks: rank ``r`` holds block ``r`` ``[widths[r], d]`` (or None when the
+    round has fewer blocks than ranks). Returns ``[Σ widths, d]`` in rank order on every rank."""
+    rank, size = world()
+    if local is None:
+        local = torch.zeros(0, d, dtype=torch.get_default_dtype())
+    if size == 1:
+        return local
+    home, dev = local.device, _device()
+    buf = torch.zeros(max(widths), d, dtype=local.dtype, device=dev)
+    buf[:local.shape[0]] = local.to(dev)
+    bufs = [torch.empty_like(buf) for _ in range(size)]
+    torch.distributed.all_gather(bufs, buf)
+    return torch.cat([bufs[r][:w] for r, w in enumerate(widths)]).to(home)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if active():
+        torch.distributed.barrier()
+
+
+def check_same(value, message: str) -> None:
+    """Raise ``ValueError(message)`` on every rank unless all ranks hold an equal (picklable) ``value``."""
     if not active():
         return
-    import optree
-
-    from .store import fingerprint
-
-    first = next(iter(source))
-    leaves = [t for t in optree.tree_leaves(first, namespace="ifunc") if isinstance(t, torch.Tensor)]
-    seen = _gather_object((source.cheap_count(), fingerprint(leaves)))
+    seen = _gather_object(value)
     if any(s != seen[0] for s in seen):
-        raise ValueError(
-            f"{source.name}: the ranks hold different data ({[s[0] for s in seen]} examples per rank, or a "
-            "different first batch); under torch.distributed every rank must pass the same, complete data in "
-            "the same order (no DistributedSampler, no unseeded shuffling): ifunc shards it across the ranks"
-        )
+        raise ValueError(f"{message} (per rank: {seen})")

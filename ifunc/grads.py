@@ -1,19 +1,26 @@
-"""Per-sample gradients by ``vmap(grad)``, chunked to a memory budget."""
+"""The per-example gradient primitive: ``vmap(grad)`` over the examples of a batch, chunked to a memory budget.
+
+Every per-example gradient in ifunc comes from :func:`batch_grads` (the gradients of a whole model for the
+generic scorer and the empirical Fisher, the sampled-label gradients ``J_iᵀ u_i`` of the true Fisher, the
+diagonal blocks of the Kronecker family), so its guards hold everywhere: the value must be a scalar, a
+torch.func limit (dropout, ``.item()``, BatchNorm in train mode) gets a readable error, and a NaN/inf
+gradient raises naming the example and the data set (``"train"``, ``"query"``, ...).
+"""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import optree
 import torch
 from torch.func import grad, vmap
 
-from ._data import DataSource, slice_batch
-from ._types import Data, Measurement, Params
+from ._data import DataSource, iter_chunks, slice_batch
 from ._errors import explain
-from .curvature import check_scalar
+from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
-__all__ = ["per_sample_grads", "iter_per_sample_grads", "chunk_size_for"]
+__all__ = ["per_sample_grads", "iter_per_sample_grads", "batch_grads", "check_scalar", "check_finite",
+           "chunk_size_for"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes for one chunk of gradients and their vmap intermediates
 
@@ -24,8 +31,88 @@ def chunk_size_for(d: int, itemsize: int, *, max_memory: int | None = None, copi
     return max(1, budget // max(1, copies * d * itemsize))
 
 
-def _one(t: torch.Tensor) -> torch.Tensor:
-    return t.unsqueeze(0)
+def check_scalar(value, what: str = "loss(params, batch)") -> torch.Tensor:
+    """``value`` as a 0-d tensor; ``ValueError`` naming ``what`` unless it is a one-element tensor."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() > 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{what} must return a scalar tensor (the loss summed over the batch), got {shape}; "
+            "use reduction='sum' or .sum()"
+        )
+    return value.reshape(())
+
+
+def check_finite(G, name: str, offset: int = 0) -> None:
+    """Raise naming the first example whose gradient (a tensor or pytree of ``[b, ...]``) has a NaN/inf."""
+    leaves = [t for t in optree.tree_leaves(G, namespace="ifunc") if isinstance(t, torch.Tensor)]
+    if not leaves:
+        return
+    ok = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in leaves]).all(dim=0)
+    if not bool(ok.all()):
+        index = offset + int((~ok).nonzero()[0])
+        raise ValueError(f"non-finite gradient for example {index} of {name} data; check that example's "
+                         "inputs (and the parameters)")
+
+
+def _one(t):
+    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
+
+
+def batch_grads(func: Callable, params: Params, batch: Batch, *, cotangent: torch.Tensor | None = None,
+                wrt: Sequence[str] | None = None, name: str = "data", offset: int = 0, check: bool = True):
+    """Per-example gradients of one batch: ``G_i = ∇_θ func(θ, batch_i)``, each example a batch of one.
+
+    Args:
+      func: ``func(params, batch) -> scalar`` summed over the batch; with ``cotangent`` it returns the
+        outputs ``[b, ...]`` instead, and ``G_i = J_iᵀ u_i`` is the gradient of ``⟨outputs_i, u_i⟩``.
+      params: any pytree (a flat vector ``[d]`` included); the gradient has its structure.
+      batch: ``b`` examples.
+      cotangent: ``u [b, ...]`` shaped like the outputs, one row per example.
+      wrt: for dict ``params``: differentiate only these entries (the others are constants).
+      name, offset: the data set and the index of the batch's first example, for error messages.
+      check: raise on a NaN/inf gradient.
+
+    Returns:
+      A pytree like ``params`` (or like ``{k: params[k] for k in wrt}``) with leaves ``[b, *shape]``.
+
+    Raises:
+      ValueError: ``func`` is not scalar-valued, or a gradient is NaN/inf (naming the example).
+      RuntimeError: a torch.func limit inside ``func``, with the cause and the fix.
+    """
+    if wrt is None:
+        sub, merge = params, (lambda s: s)
+    else:
+        sub = {k: params[k] for k in wrt}
+        merge = lambda s: {**params, **s}  # noqa: E731
+
+    def one(s, example, u):
+        value = func(merge(s), optree.tree_map(_one, example, namespace="ifunc"))
+        if u is None:
+            return check_scalar(value, "loss/measurement(params, batch)")
+        return (value * u.unsqueeze(0)).sum()
+
+    try:
+        G = vmap(grad(one), in_dims=(None, 0, None if cotangent is None else 0))(sub, batch, cotangent)
+    except RuntimeError as err:
+        readable = explain(err, f"per-example gradients of the {name} data")
+        if readable is not None:
+            raise readable from err
+        raise
+    if check:
+        check_finite(G, name, offset)
+    return G
+
+
+def _eager_check(func, params, chunk) -> None:
+    """Evaluate ``func`` on one example outside vmap: a readable error for non-scalar outputs and limits."""
+    try:
+        value = func(params, slice_batch(chunk, 0, 1))
+    except (RuntimeError, ValueError) as err:
+        readable = explain(err, "per-sample gradients (one example at a time)")
+        if readable is not None:
+            raise readable from err
+        raise
+    check_scalar(value, "loss/measurement(params, batch)")
 
 
 def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,
@@ -35,67 +122,43 @@ def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chun
 
     The gradient of example ``i`` is ``∇_θ func(θ, batch_i)`` where ``batch_i`` is that example alone as a
     batch of size 1 (so ``func`` is written for batches, summed over them). ``offset`` is added to example
-    indices in error messages (for data that is itself a chunk of a larger set).
+    indices in error messages (for data that is itself a chunk of a larger set); ``name`` names the data.
 
     Raises:
       ValueError: ``func`` is not scalar-valued, or a gradient is NaN/inf (naming the example index).
     """
     flat, unflatten = flatten(params)
-    d = flat.numel()
-    size = chunk_size or chunk_size_for(d, flat.element_size(), max_memory=max_memory)
-    source = DataSource(data, name=name)
-
-    def per_example(x, example):
-        example = optree.tree_map(_one, example, namespace="ifunc")
-        return check_scalar(func(unflatten(x), example), "loss/measurement(params, batch)")
-
-    g = vmap(grad(per_example), in_dims=(None, 0))
-    first = True
-    for chunk in source.chunks(size):
-        if first:  # eager check outside vmap for a readable error on non-scalar outputs
-            try:
-                value = func(unflatten(flat), slice_batch(chunk, 0, 1))
-            except (RuntimeError, ValueError) as err:
-                readable = explain(err, "per-sample gradients (one example at a time)")
-                if readable is not None:
-                    raise readable from err
-                raise
-            check_scalar(value, "loss/measurement(params, batch)")
-            first = False
-        try:
-            G = g(flat, chunk)
-        except RuntimeError as err:
-            readable = explain(err, "per-sample gradients")
-            if readable is not None:
-                raise readable from err
-            raise
-        bad = ~torch.isfinite(G).all(dim=1)
-        if bool(bad.any()):
-            index = offset + int(bad.nonzero()[0])
-            raise ValueError(f"non-finite gradient for example {index} of {name}; check that example's inputs")
-        offset += G.shape[0]
-        yield G
+    size = chunk_size or chunk_size_for(flat.numel(), flat.element_size(), max_memory=max_memory)
+    flat_func = lambda x, b: func(unflatten(x), b)  # noqa: E731
+    for chunk in iter_chunks(DataSource(data, name=name, ordered=True), size):
+        if chunk.index == 0:
+            _eager_check(flat_func, flat, chunk.batch)
+        yield batch_grads(flat_func, flat, chunk.batch, name=name, offset=offset + chunk.offset)
 
 
 def per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,
-                     max_memory: int | None = None, flat: bool = True):
+                     max_memory: int | None = None, flat: bool = True, name: str = "data"):
     """Per-example gradients of ``func`` (the training loss, or any measurement) over ``data``.
 
     Args:
       func: ``func(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
-      data: batch, list of batches, Dataset or DataLoader.
+      data: batch, list of batches, Dataset or DataLoader (in order: a shuffling DataLoader is refused).
       chunk_size: examples per ``vmap`` call; default from ``max_memory`` (1 GiB).
       flat: return ``[n, d]``; ``False`` returns a pytree like ``params`` with leaves ``[n, *shape]``.
+      name: the data set's name in error messages.
 
     Returns:
       ``[n, d]`` (or the pytree) in the parameters' dtype.
 
+    Raises:
+      ValueError: non-scalar ``func``, or a NaN/inf gradient (naming the example and the data set).
+
     Example:
       >>> G = ifunc.per_sample_grads(loss, params, (x, y))     # [n, d]
     """
-    G = torch.cat(list(iter_per_sample_grads(func, params, data, chunk_size=chunk_size,
-                                             max_memory=max_memory)))
+    G = torch.cat(list(iter_per_sample_grads(func, params, data, chunk_size=chunk_size, max_memory=max_memory,
+                                             name=name)))
     if flat:
         return G
     return flatten(params)[1](G)

@@ -3,7 +3,7 @@
 Conventions for token batches: a dict with ``"input_ids" [b, L]`` and optionally ``"attention_mask"
 [b, L]`` (1 = real token, 0 = padding) and ``"labels" [b, L]`` (``-100`` = not a target), the names
 Hugging Face uses. The loss of a sequence is the sum of its next-token cross-entropies over real targets,
-and the curvature ifunc fits is that of the mean loss per *sequence* (see :mod:`ifunc.ihvp.kfactors`).
+and the curvature ifunc fits is that of the mean loss per *sequence* (see :mod:`ifunc.ihvp.kronecker.fit`).
 Padding changes nothing: padded positions have no target, and a model that masks attention to padded keys
 sends them no gradient, so their per-token scores are exactly 0 (``token_mask`` makes that explicit).
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ._types import Params
-from .capture import find_layers
-from .curvature import OutputLoss, output_loss
+from .ihvp.kronecker.layers import find_layers, layer_kind
+from .likelihood import OutputLoss, output_loss
 
 __all__ = ["causal_lm_loss", "token_mask", "untracked", "transformer_modules"]
 
@@ -96,8 +96,6 @@ def transformer_modules(model: nn.Module, *, attention: bool = True, mlp: bool =
     """
     if not (attention or mlp):
         raise ValueError("transformer_modules: choose attention=True and/or mlp=True")
-    from .capture import _kind
-
     def part(name: str) -> str | None:
         for piece in name.split("."):
             low = piece.lower()
@@ -108,9 +106,9 @@ def transformer_modules(model: nn.Module, *, attention: bool = True, mlp: bool =
         return None
 
     wanted = ({"attention"} if attention else set()) | ({"mlp"} if mlp else set())
-    names = [n for n, m in model.named_modules() if _kind(m) is not None and part(n) in wanted]
+    names = [n for n, m in model.named_modules() if layer_kind(m) is not None and part(n) in wanted]
     if not names:
-        layers = [n for n, m in model.named_modules() if _kind(m) is not None]
+        layers = [n for n, m in model.named_modules() if layer_kind(m) is not None]
         raise ValueError(f"transformer_modules: no attention/MLP layer found by name among {layers}; pass "
                          "modules= explicitly")
     return names

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._types import Batch, Params
-from .curvature import OutputLoss, output_loss
+from .likelihood import OutputLoss, output_loss
 
 __all__ = ["completion_nll", "negative_margin", "output_measurement"]
 

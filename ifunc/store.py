@@ -15,7 +15,6 @@ All disk I/O of ifunc lives in this module.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["ScoreWriter", "load_scores", "top_k", "fingerprint", "save_factors", "load_factors"]
+from ._data import fingerprint
+from ._version import __version__
+
+__all__ = ["ScoreWriter", "load_scores", "top_k", "fingerprint", "remove_store", "part_path", "merge_parts",
+           "write_tensor_groups", "read_tensor_groups"]
 
 FORMAT = "ifunc-scores"
 log = logging.getLogger("ifunc")
@@ -35,16 +38,6 @@ def _h5py():
     import h5py
 
     return h5py
-
-
-def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of the exact bytes (and shapes/dtypes) of a sequence of tensors."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
 
 
 def _describe_difference(found: dict, wanted: dict) -> str:
@@ -207,26 +200,44 @@ def top_k(path, k: int, *, block: int = 65536, largest: bool = True) -> tuple[to
         return best_v, best_i
 
 
-FACTORS_FORMAT = "ifunc-factors"
-_LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
+def part_path(out, rank: int, size: int) -> Path:
+    """File of one rank's columns: ``out.rank{r}of{W}``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.rank{rank}of{size}")
 
 
-def _param_signature(params) -> tuple[str, dict]:
-    from .functional import flatten
-    import optree
+def merge_parts(out, size: int, final_args: dict, part_args) -> None:
+    """Copy the finished chunks of the per-rank stores ``out.rank{r}of{W}`` into ``out``, then delete them.
 
-    flat, _ = flatten(params)
-    paths, leaves, _ = optree.tree_flatten_with_path(params, namespace="ifunc")
-    shapes = {".".join(map(str, p)): list(leaf.shape) for p, leaf in zip(paths, leaves)}
-    return fingerprint([flat]), shapes
+    Rank ``r``'s local chunk ``j`` is global chunk ``j·W + r``. Resumable: chunks already in ``out`` are not
+    copied again. ``part_args(r)`` gives the :class:`ScoreWriter` arguments of rank ``r``'s store.
+
+    Raises:
+      ValueError: chunks are still missing after the merge (a rank did not finish).
+    """
+    with ScoreWriter(out, **final_args) as final:
+        for r in range(size):
+            path = part_path(out, r, size)
+            if not path.exists():
+                continue
+            with ScoreWriter(path, **part_args(r)) as part:
+                for j in sorted(part.done):
+                    if j * size + r not in final.done:
+                        final.write(j * size + r, part.read(j))
+        missing = final.n_chunks - len(final.done)
+        n_chunks = final.n_chunks
+    if missing:
+        raise ValueError(f"{out}: {missing} of {n_chunks} chunks are missing after the merge")
+    for r in range(size):
+        remove_store(part_path(out, r, size))
 
 
-def save_factors(path, factors, params, *, overwrite: bool = False) -> None:
-    """Save Kronecker factors (from :func:`ifunc.fit_kronecker_factors`) to HDF5.
+def write_tensor_groups(path, fmt: str, meta: dict, groups: dict[str, dict[str, torch.Tensor | None]], *,
+                        overwrite: bool = False) -> None:
+    """Write named groups of tensors with JSON metadata to HDF5, under a temporary name renamed into place.
 
-    The file records the parameter names, shapes and a fingerprint of ``params`` (the model the factors
-    were fitted on), so :func:`load_factors` can refuse factors from another model. The file is written
-    under a temporary name and renamed into place: an existing file is never half-overwritten.
+    A group name may hold ``/`` (nested HDF5 groups). ``None`` entries are skipped. The versions of ifunc and torch are added to ``meta``. An existing file is
+    never half-overwritten.
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -235,78 +246,46 @@ def save_factors(path, factors, params, *, overwrite: bool = False) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    digest, shapes = _param_signature(params)
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FACTORS_FORMAT
-        f.attrs["meta"] = json.dumps({
-            "params": digest, "shapes": shapes, "n": int(factors.n), "curvature": factors.curvature,
-            "excluded": list(factors.excluded), "layers": [list(spec) for spec in factors.layers],
-            "versions": {"ifunc": _version(), "torch": torch.__version__},
-        }, sort_keys=True)
-        layers = f.create_group("layers")
-        for name, lf in factors.factors.items():
-            g = layers.create_group(name)
-            for field in _LAYER_FIELDS:
-                value = getattr(lf, field)
-                if value is not None:
-                    g.create_dataset(field, data=value.detach().cpu().numpy())
-        fb = f.create_group("fallback")
-        for name, value in factors.fallback.items():
-            fb.create_dataset(name, data=value.detach().cpu().numpy())
-    os.replace(tmp, path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = fmt
+            f.attrs["meta"] = json.dumps(dict(meta, versions={"ifunc": __version__, "torch": torch.__version__}),
+                                         sort_keys=True)
+            for group, tensors in groups.items():
+                g = f.create_group(group)
+                for name, value in tensors.items():
+                    if value is not None:
+                        g.create_dataset(name, data=value.detach().cpu().numpy())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def load_factors(path, params, *, check_params: bool = True):
-    """Load Kronecker factors saved by :func:`save_factors`, validated against ``params``.
-
-    Args:
-      path: the ``.h5`` file.
-      params: the parameters the factors will be used with (their dtype/device are used for the tensors).
-      check_params: also require the parameter *values* to match (fingerprint); names and shapes are
-        always checked.
-
-    Returns:
-      :class:`ifunc.KroneckerFactors`, usable as ``ifunc.ihvp_ekfac(loss, params, factors, model=...)``.
+def read_tensor_groups(path, fmt: str, what: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """``(meta, {group: {name: array}})`` of a file written by :func:`write_tensor_groups` in format ``fmt``.
 
     Raises:
-      ValueError: not a factor file, unreadable, or from another model (the message says what differs).
+      ValueError: unreadable, or not a file of that format (``what`` names it in the message).
     """
-    from .capture import LayerSpec
-    from .functional import flatten
-    from .ihvp.kfactors import KroneckerFactors, LayerFactors
-
     h5py = _h5py()
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"{path} cannot be read as an ifunc factor file ({err})") from None
+        raise ValueError(f"{path} cannot be read as an ifunc {what} ({err})") from None
     with f:
-        if f.attrs.get("format") != FACTORS_FORMAT:
-            raise ValueError(f"{path} is not an ifunc factor file")
+        if f.attrs.get("format") != fmt:
+            raise ValueError(f"{path} is not an ifunc {what}")
         meta = json.loads(f.attrs["meta"])
-        digest, shapes = _param_signature(params)
-        if meta["shapes"] != shapes:
-            missing = sorted(set(meta["shapes"]) ^ set(shapes))
-            wrong = sorted(k for k in set(meta["shapes"]) & set(shapes) if meta["shapes"][k] != shapes[k])
-            raise ValueError(
-                f"{path} holds factors of another model: parameters only on one side {missing[:5]}, "
-                f"shapes differ for {wrong[:5]}"
-            )
-        if check_params and meta["params"] != digest:
-            raise ValueError(f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
-                             f"{digest}); refit, or pass check_params=False to use them anyway")
-        like = flatten(params)[0]
-        to = lambda a: torch.from_numpy(a[...]).to(device=like.device, dtype=like.dtype)  # noqa: E731
-        factors = {}
-        for name, g in f["layers"].items():
-            factors[name] = LayerFactors(**{k: (to(g[k]) if k in g else None) for k in _LAYER_FIELDS})
-        fallback = {name: to(ds) for name, ds in f["fallback"].items()}
-        layers = tuple(LayerSpec(*spec) for spec in meta["layers"])
-        return KroneckerFactors(layers, factors, fallback, tuple(meta["excluded"]), meta["n"], meta["curvature"])
+        groups: dict[str, dict[str, np.ndarray]] = {}
 
+        def collect(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, h5py.Dataset):
+                    groups.setdefault(prefix, {})[key] = value[...]
+                else:
+                    groups.setdefault(f"{prefix}/{key}" if prefix else key, {})
+                    collect(value, f"{prefix}/{key}" if prefix else key)
 
-def _version() -> str:
-    from ._version import __version__
-
-    return __version__
+        collect(f, "")
+        return meta, groups

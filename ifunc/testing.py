@@ -8,11 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .curvature import output_loss
+from .likelihood import output_loss
 from .functional import call, params_of
 
-__all__ = ["random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
-           "synthetic_classification", "TinyGPT"]
+__all__ = ["rel_error", "random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
+           "synthetic_classification", "Conv1D", "TokenModel", "SmallCNN", "TinyGPT"]
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``‖a − b‖ / ‖b‖`` (Frobenius norm over all entries) of ``a`` against the reference ``b``.
+
+    ``b`` is the trusted answer (a dense solve, the exact matrix); the result is a Python float, ``inf`` when
+    ``b`` is zero and ``a`` is not, and ``nan`` when both are zero.
+
+    Example:
+      >>> assert rel_error(ihvp(V), torch.linalg.solve(H + lam * I, V.T).T) < 1e-8
+    """
+    return float((a - b).norm() / b.norm())
 
 
 def random_spd(d: int, *, cond: float = 100.0, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -109,6 +121,56 @@ def leave_one_out_losses(x, y, xq, yq, *, l2: float, indices) -> torch.Tensor:
         z = xq @ p["w"] + p["b"]
         out.append(F.softplus(z) - yq * z)
     return torch.stack(out)
+
+
+class Conv1D(nn.Module):
+    """Stand-in for transformers' GPT-2 ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``[in, out]``.
+
+    Initialised from the global RNG (seed it for reproducible weights).
+    """
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class TokenModel(nn.Module):
+    """Sequence model ``[b, T, 3] -> [b, 2]``: a :class:`Conv1D`, a Linear used twice (shared), a Linear without bias.
+
+    Exercises per-token layers, a module called twice per forward, and a missing bias.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.c = Conv1D(4, 3)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))
+        return self.head(h).sum(dim=1)
+
+
+class SmallCNN(nn.Module):
+    """Images ``[b, 2, 6, 6] -> [b, 3]``: a strided padded Conv2d, a dilated "same" Conv2d without bias, a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 2, 2, dilation=2, padding="same", bias=False)
+        self.fc = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        return self.fc(h.flatten(1))
 
 
 class _Block(nn.Module):

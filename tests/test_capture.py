@@ -5,49 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import ifunc
-from ifunc.capture import capture_layer_grads, find_layers, layer_capture
-
-
-class Conv1D(nn.Module):
-    """Stand-in for transformers' GPT-2 Conv1D: ``y = x @ W + b`` with ``W`` stored ``[in, out]``."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
-
-
-class Tokens(nn.Module):
-    """Token model [b, T, 3]: a Conv1D, a Linear used twice (shared), a Linear without bias."""
-
-    def __init__(self):
-        super().__init__()
-        self.c = Conv1D(4, 3)
-        self.shared = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 2, bias=False)
-
-    def forward(self, x):
-        h = torch.tanh(self.c(x))
-        h = torch.tanh(self.shared(h))
-        h = torch.tanh(self.shared(h))
-        return self.head(h).sum(dim=1)
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        self.c2 = nn.Conv2d(3, 2, 2, dilation=2, padding="same", bias=False)
-        self.fc = nn.Linear(2 * 3 * 3, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.c1(x))
-        h = torch.tanh(self.c2(h))
-        return self.fc(h.flatten(1))
+from ifunc.ihvp.kronecker.capture import capture_layer_grads, layer_capture
+from ifunc.ihvp.kronecker.layers import find_layers
+from ifunc.testing import SmallCNN, TokenModel
 
 
 def _problem(model, x, y):
@@ -68,7 +28,7 @@ def _reference(loss, params, batch, spec):
 def test_captured_grads_equal_per_sample_grads(build):
     gen = torch.Generator().manual_seed(0)
     if build == "tokens":
-        model = Tokens().double()
+        model = TokenModel().double()
         x = torch.randn(5, 3, 3, generator=gen)
     else:
         model = SmallCNN().double()
@@ -84,7 +44,7 @@ def test_captured_grads_equal_per_sample_grads(build):
 
 
 def test_kinds_and_bias_detection():
-    model = Tokens().double()
+    model = TokenModel().double()
     layers, _ = find_layers(model, ifunc.params_of(model))
     kinds = {s.name: (s.kind, s.bias, s.out_features, s.in_features) for s in layers}
     assert kinds == {"c": ("conv1d", "c.bias", 4, 3), "shared": ("linear", "shared.bias", 4, 4),
@@ -111,7 +71,7 @@ def test_unsupported_module_named_raises():
 
 
 def test_hooks_removed_after_success_and_error():
-    model = Tokens().double()
+    model = TokenModel().double()
     loss, params, batch = _problem(model, torch.randn(3, 2, 3), torch.tensor([0, 1, 0]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     capture_layer_grads(loss, params, batch, model=model)
@@ -134,7 +94,7 @@ def test_hooks_removed_after_success_and_error():
 
 
 def test_wrong_model_is_reported():
-    model, other = Tokens().double(), Tokens().double()
+    model, other = TokenModel().double(), TokenModel().double()
     loss, params, batch = _problem(model, torch.randn(3, 2, 3), torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="not called"):
         capture_layer_grads(loss, params, batch, model=other)

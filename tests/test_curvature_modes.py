@@ -1,11 +1,11 @@
 """fisher and empirical_fisher: each matvec equals its dense definition; errors where a mode cannot apply."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import ifunc
-from ifunc.curvature import LIKELIHOODS
+from ifunc.likelihood import LIKELIHOODS
 from ifunc.testing import mlp_problem
 
 from .strategies import mlp_problems
@@ -22,7 +22,6 @@ def _jacobians(loss, params, data):
 
 
 @given(problem=mlp_problems(), seed=st.integers(0, 1000))
-@settings(max_examples=6)
 def test_empirical_fisher_is_the_mean_gradient_outer_product(problem, seed):
     _, params, loss, data = problem
     G = ifunc.per_sample_grads(loss, params, data)  # [n, d]
@@ -37,7 +36,6 @@ def test_empirical_fisher_is_the_mean_gradient_outer_product(problem, seed):
 
 
 @given(problem=mlp_problems(), seed=st.integers(0, 1000))
-@settings(max_examples=6)
 def test_fisher_matvec_is_the_mean_of_sampled_outer_products(problem, seed):
     """With a callable likelihood, the operator is (1/n) Σ_i J_iᵀ g_i g_iᵀ J_i for the draws g_i it returns."""
     _, params, loss, data = problem

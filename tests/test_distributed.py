@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import ifunc
-from ifunc import distributed
+from ifunc import distributed, store as score_store
+from ifunc.testing import rel_error
 
 from . import distributed_worker
 
@@ -52,10 +53,6 @@ def one_process(tmp_path_factory):
         torch.set_default_dtype(previous)
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])
 def test_factors_equal_single_process(two_ranks, one_process, curvature):
@@ -64,7 +61,7 @@ def test_factors_equal_single_process(two_ranks, one_process, curvature):
     for rank, res in enumerate(two_ranks):
         assert res[f"n_{curvature}"] == one_process[f"n_{curvature}"] == 30
         for k in keys:
-            assert _rel(one_process[k], res[k]) < 1e-6, (rank, k)
+            assert rel_error(res[k], one_process[k]) < 1e-6, (rank, k)
     for k in keys:  # every rank holds the same statistics, bit for bit
         assert torch.equal(two_ranks[0][k], two_ranks[1][k]), k
 
@@ -123,7 +120,7 @@ def test_killed_rank_resumes_without_recomputing_finished_chunks(tmp_path):
     script.write_text(KILLED)
     first = _torchrun(script, store, log, "kill")
     assert first.returncode != 0
-    parts = [distributed.part_path(store, r, 2) for r in range(2)]
+    parts = [score_store.part_path(store, r, 2) for r in range(2)]
     done = []
     for part in parts:
         with h5py.File(part, "r") as f:

@@ -4,7 +4,7 @@ import torch
 
 import ifunc
 from ifunc import language
-from ifunc.capture import capture_layer_grads, find_layers
+from ifunc.ihvp.kronecker import capture_layer_grads, find_layers
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[test]' installs it); skipping the "

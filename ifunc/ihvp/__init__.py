@@ -7,12 +7,13 @@ from .lissa import LissaDivergenceWarning, ihvp_lissa
 from .datainf import ihvp_datainf
 from .nystrom import ihvp_nystrom, nystrom_sketch
 from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
-from .kfactors import KroneckerFactors, LayerFactors, fit_kronecker_factors
-from .kronecker import ihvp_diagonal, ihvp_ekfac, ihvp_identity, ihvp_kfac
+from .kronecker import (KroneckerFactors, KroneckerIHVP, LayerFactors, capture_layer_grads, fit_kronecker_factors,
+                        ihvp_diagonal, ihvp_ekfac, ihvp_identity, ihvp_kfac, load_factors, save_factors)
 
 __all__ = ["IHVP", "ConvergenceError", "ihvp_explicit", "ihvp_from_matrix", "ihvp_cg", "cg_solve",
            "CGResult", "ihvp_lissa", "LissaDivergenceWarning", "ihvp_arnoldi", "lanczos",
            "ihvp_nystrom", "nystrom_sketch", "jacobi_preconditioner", "nystrom_preconditioner",
            "ihvp_datainf",
            "ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "fit_kronecker_factors",
-           "KroneckerFactors", "LayerFactors"]
+           "KroneckerFactors", "LayerFactors", "KroneckerIHVP", "capture_layer_grads", "load_factors",
+           "save_factors"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._types import Data, LossFn, Params
-from ..curvature import curvature_operator
+from ._operator import data_operator
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 
 __all__ = ["ihvp_arnoldi", "lanczos"]
@@ -99,7 +99,7 @@ def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping
       Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling up influence functions".
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
+    op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in [1, d={d}], got {rank}")

@@ -6,7 +6,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._types import Data, LossFn, Params, Preconditioner
-from ..curvature import curvature_operator
+from ._operator import data_operator
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, resolve_blocks
 
@@ -136,7 +136,7 @@ def ihvp_cg(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0, t
     References:
       Hestenes & Stiefel (1952); Martens (2010); Koh & Liang (2017).
     """
-    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
+    op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     if tol < 0 or atol < 0:
         raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .._data import DataSource
+from .._data import DataSource, iter_chunks
 from .._types import Data, LossFn, Params
-from ..curvature import (check_scalar, example_gradients, fisher_example_gradients, replayable,
-                         resolve_curvature)
+from ..curvature import example_gradients, resolve_curvature
+from ..likelihood import replayable
 from ..functional import flatten
+from ..grads import check_scalar
 from ._base import IHVP, check_damping
 from ._blocks import resolve_blocks
 
@@ -76,21 +77,13 @@ def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, bl
     flat, unflatten = flatten(params)
     groups = resolve_blocks(blocks, unflatten, device=flat.device)
     source = DataSource(data, name="data")
-    gen = replayable(generator)() if curvature == "fisher" else None
-    parts, offset = [], 0
-    for chunk in source.chunks(chunk_size):
-        if offset == 0:
+    gen = replayable(generator, flat.device)() if curvature == "fisher" else None
+    parts = []
+    for index, offset, chunk in iter_chunks(source, chunk_size):
+        if index == 0:
             check_scalar(loss(unflatten(flat), chunk))
-        if curvature == "fisher":
-            G = fisher_example_gradients(loss, flat, unflatten, chunk, gen)
-        else:
-            G = example_gradients(loss, flat, unflatten, chunk)
-        bad = ~torch.isfinite(G).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(f"ihvp_datainf: non-finite gradient for example {offset + int(bad.nonzero()[0])}; "
-                             "check that example's inputs")
+        G = example_gradients(loss, flat, unflatten, chunk, curvature=curvature, generator=gen, offset=offset)
         parts.append(G.detach())
-        offset += G.shape[0]
     S = torch.cat(parts)  # [n, d]
     n = S.shape[0]
     pieces = [(block.index, S[:, block.index], (S[:, block.index] ** 2).sum(1)) for block in groups]

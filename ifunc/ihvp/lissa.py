@@ -9,6 +9,7 @@ import torch
 from .._data import DataSource, batch_size as _batch_size, index_batch
 from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
+from ._operator import data_operator
 from ._base import IHVP, check_damping
 from ._blocks import block_diagonal, resolve_blocks
 
@@ -92,7 +93,7 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     if depth < 1 or repeat < 1:
         raise ValueError(f"depth and repeat must be >= 1, got depth={depth}, repeat={repeat}")
     state = (generator if generator is not None else torch.Generator().manual_seed(0)).get_state()
-    full = curvature_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
+    full = data_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
     source = DataSource(data)
     like = full.flat_params
     d = like.numel()

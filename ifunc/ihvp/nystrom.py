@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from .._types import Data, LossFn, Params
-from ..curvature import curvature_operator
+from ._operator import data_operator
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 from ._base import IHVP
 
@@ -111,7 +111,7 @@ def ihvp_nystrom(loss: LossFn, params: Params, data: Data, *, rank: int, damping
       Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    op = curvature_operator(loss, params, data, curvature=curvature, generator=generator)
+    op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
     if not isinstance(rank, int) or not 1 <= rank <= d:
         raise ValueError(f"ihvp_nystrom: rank must be an integer in [1, d={d}], got {rank!r}")

@@ -14,7 +14,7 @@ biases) get a diagonal block ``1 / (E[(∂ℓ/∂θ)²] + λ)``; excluded parame
 influence). ``ihvp.info["blocks"]`` maps each parameter name to ``(method, module)``.
 ``damping=None`` uses ``λ_l = 0.1 × mean(Λ_l)`` per layer (and per diagonal block); ``with_damping(λ)``
 re-damps every block with one λ without refitting. Normalisation of ``A, S, Λ``: per example, see
-:mod:`ifunc.ihvp.kfactors`.
+:mod:`ifunc.ihvp.kronecker.fit`.
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._types import Data, LossFn, Params
-from ..capture import LayerSpec, find_layers, param_names
-from ..functional import flatten
-from ._base import IHVP, check_damping
-from .kfactors import KroneckerFactors, fit_kronecker_factors, split_excluded
+from ..._types import Data, LossFn, Params
+from ...functional import flatten
+from .._base import IHVP, check_damping
+from .factors import KroneckerFactors
+from .fit import fit_kronecker_factors, split_excluded
+from .layers import LayerSpec, find_layers, kind_of, parameter_names
 
-__all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "KroneckerState"]
+__all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "KroneckerIHVP", "KronBlock", "DiagBlock",
+           "layout"]
 
 
 class KronBlock(NamedTuple):
@@ -38,7 +40,7 @@ class KronBlock(NamedTuple):
     b: slice | None  #: flat slice of the bias
     Q_S: torch.Tensor | None  #: None = identity basis
     Q_A: torch.Tensor | None
-    lam: torch.Tensor  #: ``[out, in(+1)]`` eigenvalues
+    eigenvalues: torch.Tensor  #: ``[out, in(+1)]`` the block's eigenvalues Λ in the basis ``Q_S ⊗ Q_A``
 
 
 class DiagBlock(NamedTuple):
@@ -48,21 +50,10 @@ class DiagBlock(NamedTuple):
     diag: torch.Tensor  #: flat ``[numel]``
 
 
-class KroneckerState(NamedTuple):
-    """What the fast scorer of :func:`ifunc.attribute` needs (``ihvp.info["kronecker"]``)."""
-
-    model: nn.Module | None
-    blocks: tuple[KronBlock, ...]
-    diags: tuple[DiagBlock, ...]
-    block_damping: tuple[float, ...]
-    diag_damping: tuple[float, ...]
-    modules: tuple[str, ...]  #: group names in ``per_module`` order
-
-
 def layout(params: Params) -> dict[str, slice]:
     """Flat slice of every parameter, in :func:`ifunc.flatten` order."""
     out, start = {}, 0
-    for name in param_names(params):
+    for name in parameter_names(params):
         size = params[name].numel()
         out[name] = slice(start, start + size)
         start += size
@@ -72,9 +63,7 @@ def layout(params: Params) -> dict[str, slice]:
 def gather(V: torch.Tensor, blk: KronBlock) -> torch.Tensor:
     """Flat ``[k, d]`` -> the layer's matrices ``[k, out, in(+1)]``."""
     k, s = V.shape[0], blk.spec
-    W = V[:, blk.w]
-    W = W.reshape(k, s.in_features, s.out_features).transpose(1, 2) if s.kind == "conv1d" \
-        else W.reshape(k, s.out_features, s.in_features)
+    W = kind_of(s).to_matrix(V[:, blk.w], s.out_features, s.in_features)
     if blk.b is not None:
         W = torch.cat([W, V[:, blk.b].reshape(k, s.out_features, 1)], dim=2)
     return W
@@ -82,10 +71,8 @@ def gather(V: torch.Tensor, blk: KronBlock) -> torch.Tensor:
 
 def scatter(out: torch.Tensor, blk: KronBlock, M: torch.Tensor) -> None:
     """Inverse of :func:`gather`: write ``[k, out, in(+1)]`` into the flat ``[k, d]``."""
-    s, k = blk.spec, M.shape[0]
-    W = M[..., : s.in_features]
-    W = W.transpose(1, 2) if s.kind == "conv1d" else W
-    out[:, blk.w] = W.reshape(k, -1)
+    s = blk.spec
+    out[:, blk.w] = kind_of(s).from_matrix(M[..., : s.in_features])
     if blk.b is not None:
         out[:, blk.b] = M[..., s.in_features]
 
@@ -93,9 +80,9 @@ def scatter(out: torch.Tensor, blk: KronBlock, M: torch.Tensor) -> None:
 def precondition_layer(blk: KronBlock, M: torch.Tensor, lam: float) -> torch.Tensor:
     """``Q_S [(Q_Sᵀ M Q_A) / (Λ + λ)] Q_Aᵀ`` for ``M [k, out, in(+1)]``."""
     if blk.Q_S is None:
-        return M / (blk.lam + lam)
+        return M / (blk.eigenvalues + lam)
     R = blk.Q_S.T @ M @ blk.Q_A
-    return blk.Q_S @ (R / (blk.lam + lam)) @ blk.Q_A.T
+    return blk.Q_S @ (R / (blk.eigenvalues + lam)) @ blk.Q_A.T
 
 
 def _auto(values: torch.Tensor, damping, what: str) -> float:
@@ -108,25 +95,52 @@ def _auto(values: torch.Tensor, damping, what: str) -> float:
     return lam
 
 
-def _build(name: str, params: Params, blocks, diags, model, damping, extra_info) -> IHVP:
+class KroneckerIHVP(IHVP):
+    """The closure of the Kronecker family: block-diagonal, one block per layer and per other parameter.
+
+    Besides being an :class:`IHVP`, it exposes what the fast scorers of :func:`ifunc.attribute` need:
+    ``model`` (None: no captured scoring), ``blocks`` (layer blocks, :class:`KronBlock`), ``diags``
+    (diagonal blocks, :class:`DiagBlock`), ``block_damping`` / ``diag_damping`` (λ of each), ``modules``
+    (group names in ``per_module`` order), ``dtype`` and ``device``. ``damping`` is the one λ of every
+    block, or a mapping block name -> λ when ``damping=None`` chose one per block.
+    """
+
+    def __init__(self, solve, *, name, damping, unflatten, like, rebuild, info, model, blocks, diags,
+                 block_damping, diag_damping, modules):
+        super().__init__(solve, name=name, damping=damping, unflatten=unflatten, like=like, rebuild=rebuild,
+                         info=info)
+        self.model = model
+        self.blocks: tuple[KronBlock, ...] = blocks
+        self.diags: tuple[DiagBlock, ...] = diags
+        self.block_damping: tuple[float, ...] = block_damping
+        self.diag_damping: tuple[float, ...] = diag_damping
+        self.modules: tuple[str, ...] = modules
+        self.dtype: torch.dtype = like.dtype
+        self.device: torch.device = like.device
+
+    def __repr__(self) -> str:
+        lam = "per-layer" if isinstance(self.damping, dict) else f"{self.damping:g}"
+        return f"IHVP({self.name}, d={self.dim}, damping={lam})"
+
+
+def _build(name: str, params: Params, blocks, diags, model, damping, extra_info) -> KroneckerIHVP:
     flat, unflatten = flatten(params)
     dtype = flat.dtype
     blocks = tuple(b._replace(Q_S=None if b.Q_S is None else b.Q_S.to(dtype),
-                              Q_A=None if b.Q_A is None else b.Q_A.to(dtype), lam=b.lam.to(dtype))
+                              Q_A=None if b.Q_A is None else b.Q_A.to(dtype), eigenvalues=b.eigenvalues.to(dtype))
                    for b in blocks)
     diags = tuple(d._replace(diag=d.diag.to(dtype)) for d in diags)
     groups = tuple(dict.fromkeys([b.spec.name for b in blocks] + [d.group for d in diags]))
 
-    def rebuild(lam) -> IHVP:
-        bl = tuple(_auto(b.lam, lam, f"layer {b.spec.name!r}") for b in blocks)
+    def rebuild(lam) -> KroneckerIHVP:
+        bl = tuple(_auto(b.eigenvalues, lam, f"layer {b.spec.name!r}") for b in blocks)
         dl = tuple(_auto(d.diag, lam, f"parameter {d.name!r}") for d in diags)
         for blk, l_ in zip(blocks, bl):
-            if not float(blk.lam.min()) + l_ > 0:
+            if not float(blk.eigenvalues.min()) + l_ > 0:
                 raise ValueError(f"{name}: layer {blk.spec.name!r} has a zero eigenvalue; use damping > 0")
         for d, l_ in zip(diags, dl):
             if not float(d.diag.min()) + l_ > 0:
                 raise ValueError(f"{name}: parameter {d.name!r} has zero curvature; use damping > 0")
-        state = KroneckerState(model, blocks, diags, bl, dl, groups)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(V)
@@ -136,23 +150,13 @@ def _build(name: str, params: Params, blocks, diags, model, damping, extra_info)
                 out[:, d.sl] = V[:, d.sl] / (d.diag + lam_d)
             return out
 
-        info = dict(extra_info)
-        info.update(kronecker=state, modules=groups,
-                    damping={**{b.spec.name: l_ for b, l_ in zip(blocks, bl)},
-                             **{d.name: l_ for d, l_ in zip(diags, dl)}})
-        scalar = lam if lam is not None else float("nan")
-        return _KIHVP(solve, name=name, damping=scalar, unflatten=unflatten, like=flat.new_zeros(()),
-                      rebuild=rebuild, info=info)
+        per_block = {**{b.spec.name: l_ for b, l_ in zip(blocks, bl)}, **{d.name: l_ for d, l_ in zip(diags, dl)}}
+        info = dict(extra_info, modules=groups, damping=per_block)
+        return KroneckerIHVP(solve, name=name, damping=lam if lam is not None else per_block, unflatten=unflatten,
+                             like=flat.new_zeros(()), rebuild=rebuild, info=info, model=model, blocks=blocks,
+                             diags=diags, block_damping=bl, diag_damping=dl, modules=groups)
 
     return rebuild(damping)
-
-
-class _KIHVP(IHVP):
-    """An :class:`IHVP` whose damping may be per block (``damping=None`` heuristic; see ``info["damping"]``)."""
-
-    def __repr__(self) -> str:
-        lam = "per-layer" if self.damping != self.damping else f"{self.damping:g}"
-        return f"IHVP({self.name}, d={self.dim}, damping={lam})"
 
 
 def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tuple[str, str | None]]:
@@ -165,7 +169,7 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
         info[p] = ("diagonal", p.rsplit(".", 1)[0] if "." in p else "")
     for p in factors.excluded:
         info[p] = ("excluded", None)
-    return {p: info[p] for p in param_names(params) if p in info}
+    return {p: info[p] for p in parameter_names(params) if p in info}
 
 
 def _from_factors(method: str, params, factors: KroneckerFactors, model, damping) -> IHVP:

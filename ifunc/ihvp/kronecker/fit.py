@@ -15,89 +15,30 @@ For ``T = 1`` Λ is one matrix product, ``(g̃²)ᵀ (ã²)`` with ``g̃ = g Q_S
 ``Q_Sᵀ DW_i Q_A = (G_i Q_S)ᵀ (A_i Q_A)``, never a per-example gradient of the full model.
 
 ``g`` depends on ``curvature``: ``"empirical_fisher"`` uses the data labels (gradients of the loss
-itself); ``"fisher"`` uses labels sampled from the model (a rule ``sample(outputs, generator) ->
-cotangent`` gives ``∂ℓ/∂outputs`` at a sampled label; ``"categorical"`` and ``"gaussian"`` built in);
+itself); ``"fisher"`` uses labels sampled from the model (a likelihood of :mod:`ifunc.likelihood`,
+``sample(outputs, generator) -> ∂ℓ/∂outputs`` at a sampled label; ``"categorical"`` and ``"gaussian"`` built in);
 ``"ggn"`` uses the exact output Hessian ``Λ_out = ∇²_out ℓ`` via its square root (``C`` backward passes
 for ``C`` outputs per position: exact, but costly for large vocabularies).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, NamedTuple
-
-import optree
 import torch
-import torch.nn.functional as F
-from torch.func import grad, vmap
 
-from .. import distributed
-from .._data import DataSource, batch_size
-from .._types import Data, LossFn, Params
-from .._progress import progress_bar
-from ..capture import LayerSpec, find_layers, layer_capture, param_names, requiring_grad
-from ..curvature import OutputLoss, check_scalar
+from ... import distributed
+from ..._data import DataSource, batch_size, n_chunks
+from ..._progress import progress_bar
+from ..._types import Data, LossFn, Params
+from ...grads import batch_grads, check_scalar
+from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
+from .._operator import check_same_data
+from ._kernels import one_thread, rotated_sq_sum
+from .capture import layer_capture, requiring_grad
+from .factors import KroneckerFactors, LayerFactors
+from .layers import find_layers, parameter_names
 
-__all__ = ["LayerFactors", "KroneckerFactors", "fit_kronecker_factors", "sample_categorical",
-           "sample_gaussian", "one_thread"]
+__all__ = ["fit_kronecker_factors", "split_excluded", "CURVATURES"]
 
 CURVATURES = ("ggn", "fisher", "empirical_fisher")
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run dense LAPACK work (``eigh``, ``svd``) on one thread, restoring the thread count afterwards.
-
-    MKL's multithreaded ``eigh`` / batched ``svd`` on matrices of a few hundred rows is slower than one
-    thread, catastrophically so when the cores are shared (measured on 2 busy cores: ``eigh`` 785² 6×,
-    ``svd`` of ``[20, 512, 785]`` 20× slower with 2 threads than with 1).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-class LayerFactors(NamedTuple):
-    """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column)."""
-
-    A: torch.Tensor  #: ``[in(+1), in(+1)]`` input covariance
-    S: torch.Tensor  #: ``[out, out]`` output-gradient covariance
-    eig_A: torch.Tensor  #: ``[in(+1)]`` eigenvalues of A (clamped at 0)
-    Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
-    eig_S: torch.Tensor  #: ``[out]``
-    Q_S: torch.Tensor  #: ``[out, out]``
-    diag: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block (None: not fitted)
-    ekfac: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[(Q_Sᵀ DW Q_A)²]``, or None if not fitted
-
-
-class KroneckerFactors(NamedTuple):
-    """Everything :func:`ifunc.ihvp_ekfac` and friends need; plain tensors, strings and ints (storable)."""
-
-    layers: tuple[LayerSpec, ...]
-    factors: dict[str, LayerFactors]  #: module name -> factors
-    fallback: dict[str, torch.Tensor]  #: parameter name -> ``E[(∂ℓ/∂θ)²]`` (parameter's shape)
-    excluded: tuple[str, ...]  #: parameter names excluded by the user
-    n: int  #: number of examples averaged over
-    curvature: str
-
-
-def sample_categorical(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``∂ CE/∂ logits = softmax(z) − onehot(y)`` at ``y ~ softmax(z)`` over the last dim (any leading dims)."""
-    p = torch.softmax(outputs.detach().to(torch.float64), dim=-1)
-    flat = p.reshape(-1, p.shape[-1])
-    y = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-    u = flat - F.one_hot(y, flat.shape[-1]).to(flat.dtype)
-    return u.reshape(outputs.shape).to(outputs.dtype)
-
-
-def sample_gaussian(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``∂/∂out ½‖out − y‖² = −ε`` at ``y = out + ε``, ``ε ~ N(0, I)`` (unit-variance Gaussian likelihood)."""
-    return torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
-
-
-_SAMPLERS = {"categorical": sample_categorical, "gaussian": sample_gaussian}
 
 
 def _resolve(loss, curvature, sample):
@@ -114,14 +55,11 @@ def _resolve(loss, curvature, sample):
         )
     if curvature == "fisher":
         if sample is None:
+            sample = loss.likelihood  # output_loss(..., likelihood=) says how to sample too
+        if sample is None:
             raise ValueError('curvature="fisher" needs sample="categorical", "gaussian" or a callable '
                              "sample(outputs, generator) -> dloss/doutputs at a sampled label")
-        if isinstance(sample, str):
-            if sample not in _SAMPLERS:
-                raise ValueError(f"sample={sample!r}: choose 'categorical', 'gaussian' or pass a callable")
-            sample = _SAMPLERS[sample]
-        elif not callable(sample):
-            raise TypeError(f"sample must be a string or a callable, got {type(sample).__name__}")
+        sample = resolve_likelihood(sample, argument="sample")
     return curvature, sample
 
 
@@ -150,48 +88,13 @@ def _draws(loss, p, batch, curvature, sample, n_samples, gen):
         return check_scalar(loss(p, batch)), [(None, 1.0)]
     out = loss.outputs(p, batch)
     if curvature == "fisher":
-        return out, [(sample(out.detach(), gen), 1.0 / n_samples) for _ in range(n_samples)]
+        return out, [(sample_with(sample, out, gen), 1.0 / n_samples) for _ in range(n_samples)]
     return out, [(u, 1.0) for u in _ggn_cotangents(loss, out, batch)]
-
-
-def rotated_sq_sum(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, *, budget: int = 1 << 24) -> torch.Tensor:
-    """``Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ``; ``Q=None`` means the identity."""
-    if Q_S is not None:
-        g, a = g @ Q_S, a @ Q_A
-    b, T, o = g.shape
-    i = a.shape[-1]
-    if T == 1:
-        return (g[:, 0] ** 2).T @ (a[:, 0] ** 2)
-    total = g.new_zeros(o, i)
-    step = max(1, budget // (o * i))
-    for s in range(0, b, step):
-        R = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step])
-        total += (R * R).sum(0)
-    return total
-
-
-def fallback_grads(loss, params, batch, names, cotangent=None) -> dict[str, torch.Tensor]:
-    """Per-example gradients ``[b, *shape]`` of the parameters ``names`` only, by ``vmap(grad)``.
-
-    With a ``cotangent`` ``u`` (a sampled / output-Hessian-root direction per example) the gradient is
-    that of ``⟨outputs, u⟩``, i.e. ``J_θᵀ u``; without, that of the loss itself.
-    """
-    sub = {k: params[k] for k in names}
-
-    def per_example(sub_p, example, u):
-        full = {**params, **sub_p}
-        ex = optree.tree_map(lambda t: t.unsqueeze(0), example, namespace="ifunc")
-        if u is None:
-            return check_scalar(loss(full, ex))
-        return (loss.outputs(full, ex) * u.unsqueeze(0)).sum()
-
-    in_u = None if cotangent is None else 0
-    return vmap(grad(per_example), in_dims=(None, 0, in_u))(sub, batch, cotangent)
 
 
 def split_excluded(params, exclude) -> tuple[list[str], tuple[str, ...], dict]:
     """``(names, excluded names, kept params)``; ``exclude`` holds parameter names or module prefixes."""
-    names = param_names(params)
+    names = parameter_names(params)
     excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
     unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
     if unknown:
@@ -269,20 +172,20 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
             f"parameters {uncovered} belong to no supported layer (nn.Linear, nn.Conv2d, Conv1D); pass "
             "fallback=True for diagonal blocks, or exclude=[...] them"
         )
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    start_state = gen.get_state()
-    source = DataSource(data, name="data")
-    distributed.check_data(source)  # every rank must hold all the data (no-op without a process group)
     dtype = next(iter(params.values())).dtype
+    device = next(iter(params.values())).device
+    gen = generator if generator is not None else default_generator(device)
+    start_state = gen.get_state()
+    source = DataSource(data, name="data", ordered=curvature == "fisher")
+    check_same_data(source)  # every rank must hold all the data (no-op without a process group)
     acc = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
     n = 0
 
     def one_pass(rotations):
         nonlocal n
-        step = distributed.chunk_size(source, chunk_size, split=curvature != "fisher")
-        total = source.cheap_count()
-        chunks = progress_bar(source.chunks(step), total=None if total is None else -(-total // step),
+        step = distributed.chunk_size(source.cheap_count(), chunk_size, split=curvature != "fisher")
+        chunks = progress_bar(source.chunks(step), total=n_chunks(source, step),
                               desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
                               progress=progress)
         for mine, batch in distributed.shard(chunks):  # identity without a process group
@@ -309,7 +212,8 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                         Q_S, Q_A = rotations[s.name]
                         st["L"] = st["L"] + w * rotated_sq_sum(g, a, Q_S, Q_A).to(eigen_dtype)
                 if rotations is None and uncovered:
-                    for k, v in fallback_grads(loss, params, batch, uncovered, u).items():
+                    func = loss if u is None else loss.outputs
+                    for k, v in batch_grads(func, params, batch, cotangent=u, wrt=uncovered).items():
                         fb[k] += w * (v ** 2).sum(0).to(eigen_dtype)
             if rotations is None:
                 n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
@@ -354,7 +258,3 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
         distributed.reduce_stats(acc, "L")
         factors = {s.name: factors[s.name]._replace(ekfac=acc[s.name]["L"] / n) for s in layers}
     return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
-
-
-#: ``sample(outputs, generator) -> ∂ℓ/∂outputs`` at labels drawn from the model's predictive distribution.
-SampleRule = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

@@ -1,0 +1,170 @@
+"""Where the columns of a score matrix go: memory, an HDF5 store, or all ranks (gathered or merged on disk).
+
+A *sink* receives column blocks ``[..., b]`` of chunk ``index`` (examples on the last axis). The one scoring
+loop of :func:`ifunc.attribute` asks each chunk ``sink.wants(index)`` (is it mine, and not already on disk?),
+computes only those, reports the width of every chunk, and ends with ``sink.result()``:
+
+* :class:`MemorySink`: every chunk, concatenated (per-token blocks ``[q, b, T]`` padded to the longest ``T``);
+* :class:`GatherSink` (``torchrun``): chunk ``i`` on rank ``i mod W``, all-gathered into the full matrix;
+* :class:`StoreSink`: chunks not yet done in a resumable :class:`ifunc.store.ScoreWriter`;
+* :class:`RankStoreSink` (``torchrun`` and ``out=``): each rank a resumable store of its own chunks,
+  merged into ``out`` by rank 0 once all are done.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import distributed, store
+
+__all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink"]
+
+
+class MemorySink:
+    """All columns in memory. ``tokens=True``: blocks ``[q, b, T]`` zero-padded at the end to the longest ``T``."""
+
+    def __init__(self, tokens: bool = False):
+        self.blocks: list[torch.Tensor] = []
+        self.tokens = tokens
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wants(self, index: int) -> bool:
+        return True
+
+    def put(self, index: int, block: torch.Tensor) -> None:
+        self.blocks.append(block)
+
+    def seen(self, index: int, width: int) -> None:
+        pass
+
+    def result(self):
+        if not self.blocks:
+            raise ValueError("the training data yielded no examples")
+        if self.tokens:
+            T = max(b.shape[-1] for b in self.blocks)
+            return torch.cat([torch.nn.functional.pad(b, (0, T - b.shape[-1])) for b in self.blocks], dim=-2)
+        return torch.cat(self.blocks, dim=-1)
+
+
+class GatherSink(MemorySink):
+    """Chunk ``i`` is computed on rank ``i mod W``; the columns are all-gathered in chunk order."""
+
+    def __init__(self):
+        super().__init__()
+        self.rank, self.size = distributed.world()
+        self.widths: list[int] = []
+
+    def wants(self, index: int) -> bool:
+        return index % self.size == self.rank
+
+    def seen(self, index: int, width: int) -> None:
+        self.widths.append(width)
+
+    def result(self):
+        return distributed.gather_columns(self.blocks, self.widths)
+
+
+def _columns(block: torch.Tensor):
+    return block.detach().to("cpu", torch.float32).numpy()
+
+
+class StoreSink:
+    """Chunks written to a resumable score store; a chunk already done is never recomputed."""
+
+    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool):
+        self.out = out
+        self.args = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta, overwrite=overwrite)
+        self.count = 0
+
+    def __enter__(self):
+        self.writer = store.ScoreWriter(self.out, **self.args)
+        return self
+
+    def __exit__(self, *exc):
+        self.writer.close()
+        return False
+
+    def wants(self, index: int) -> bool:
+        return index not in self.writer.done
+
+    def put(self, index: int, block: torch.Tensor) -> None:
+        self.writer.write(index, _columns(block))
+
+    def seen(self, index: int, width: int) -> None:
+        self.count += 1
+
+    def result(self):
+        if len(self.writer.done) != self.writer.n_chunks or self.count != self.writer.n_chunks:
+            raise ValueError(f"train data yielded {self.count} chunks, expected the {self.writer.n_chunks} recorded "
+                             f"in {self.out}")
+        return self.out
+
+
+class RankStoreSink:
+    """Rank ``r`` stores the columns of its chunks ``i ≡ r (mod W)`` in ``out.rank{r}of{W}``; rank 0 merges.
+
+    Local chunk ``j`` of rank ``r`` is global chunk ``j·W + r``. A rank that dies loses at most the chunk it
+    was computing; a relaunch resumes each rank where it stopped, and chunks already merged into ``out``
+    are neither recomputed nor copied again. The rank files are deleted after the merge.
+    """
+
+    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool):
+        self.out, self.overwrite = out, overwrite
+        self.rank, self.size = distributed.world()
+        self.n_chunks = -(-n_train // chunk)
+        self.widths = [min(chunk, n_train - i * chunk) for i in range(self.n_chunks)]
+        self.final_args = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta)
+        self.count = 0
+
+    def part_args(self, r: int) -> dict:
+        local = sum(w for i, w in enumerate(self.widths) if i % self.size == r)
+        return dict(n_query=self.final_args["n_query"], n_train=local, chunk_size=self.final_args["chunk_size"],
+                    meta=dict(self.final_args["meta"], part=[r, self.size], n_train_total=self.final_args["n_train"]))
+
+    def __enter__(self):
+        def finished_in_final():
+            if self.overwrite:
+                store.remove_store(self.out)
+            if not Path(self.out).exists():
+                return set()
+            with store.ScoreWriter(self.out, **self.final_args) as writer:  # refuses another run's file
+                return set(writer.done)
+
+        finished = distributed.broadcast_result(finished_in_final)
+        self.todo = {i for i in range(self.n_chunks) if i % self.size == self.rank and i not in finished}
+        self.writer = None
+        if self.todo:
+            self.writer = store.ScoreWriter(store.part_path(self.out, self.rank, self.size),
+                                            overwrite=self.overwrite, **self.part_args(self.rank))
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
+        return False
+
+    def wants(self, index: int) -> bool:
+        return index in self.todo and index // self.size not in self.writer.done
+
+    def put(self, index: int, block: torch.Tensor) -> None:
+        self.writer.write(index // self.size, _columns(block))
+
+    def seen(self, index: int, width: int) -> None:
+        self.count += 1
+
+    def result(self):
+        if self.count != self.n_chunks:
+            raise ValueError(f"train data yielded {self.count} chunks, expected the {self.n_chunks} of "
+                             f"{self.final_args['n_train']} examples")
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        distributed.barrier()
+        distributed.broadcast_result(lambda: store.merge_parts(self.out, self.size, self.final_args, self.part_args))
+        return self.out

@@ -1,0 +1,168 @@
+"""The one hook system of the Kronecker family: layer inputs ``a`` and output-gradients ``g`` from one forward.
+
+During one batched forward, forward hooks record per tracked layer its inputs (read through the layer's
+adapter, :mod:`.layers`) and outputs, and for any extra modules (the users of diagonal-block parameters,
+for per-token scores) their input and output; one ``torch.autograd.grad`` then gives every ``g``. The loss
+is summed over examples, so each example's rows of ``g`` are its own gradients. Hooks are removed in
+``finally``, also when the forward raises; the module is never modified and ``.grad`` never written.
+Dimension 0 of every layer input must be the example dimension.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..._types import Batch, LossFn, Params
+from .layers import LayerSpec, find_layers, kind_of
+
+__all__ = ["Recording", "layer_capture", "capture_layer_grads", "requiring_grad"]
+
+
+class Recording:
+    """What one forward pass recorded: per layer its inputs and outputs, per extra module its calls."""
+
+    def __init__(self, layers: list[LayerSpec], extra: list[str]):
+        self.layers = layers
+        self.inputs: dict[str, list[torch.Tensor]] = {s.name: [] for s in layers}
+        self.outputs: dict[str, list[torch.Tensor]] = {s.name: [] for s in layers}
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in extra}
+
+    def check(self) -> None:
+        """Raise unless every tracked layer was called and its outputs depend on the parameters."""
+        silent = [s.name for s in self.layers if not self.outputs[s.name]]
+        if silent:
+            raise ValueError(
+                f"layer capture: modules {silent} were not called by the loss; pass as model= the module "
+                "that the loss runs through ifunc.call(model, params, ...)"
+            )
+        for s in self.layers:
+            if any(not o.requires_grad for o in self.outputs[s.name]):
+                raise ValueError(f"layer capture: the output of {s.name!r} does not depend on params")
+        for m, calls in self.calls.items():
+            if any(not y.requires_grad for _, y in calls):
+                raise ValueError(f"layer capture: the output of {m!r} does not depend on params")
+
+    def positions(self, spec: LayerSpec) -> list[int]:
+        """Positions per example of each call of a layer."""
+        return [x.shape[1] for x in self.inputs[spec.name]]
+
+    def activations(self, spec: LayerSpec, dtype=None) -> torch.Tensor:
+        """``a`` as ``[b, T, in(+1)]`` (all calls concatenated along T; bias column of ones last)."""
+        parts = self.inputs[spec.name]
+        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if spec.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        return a if dtype is None else a.to(dtype)
+
+    def output_grads(self, root: torch.Tensor, grad_output: torch.Tensor | None = None, *,
+                     retain_graph: bool = True) -> dict[str, torch.Tensor]:
+        """``g`` per layer ``[b, T, out]`` for the cotangent ``grad_output`` on ``root`` (a scalar loss if None).
+
+        With extra modules, their output gradients are returned too, under ``"calls"`` of :meth:`call_grads`.
+        """
+        flat = [o for s in self.layers for o in self.outputs[s.name]]
+        extra = [y for m in self.calls for _, y in self.calls[m]]
+        grads = torch.autograd.grad(root, flat + extra, grad_outputs=grad_output, retain_graph=retain_graph,
+                                    allow_unused=True)
+        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(flat + extra, grads)]
+        out, i = {}, 0
+        for s in self.layers:
+            kind = kind_of(s)
+            parts = []
+            for _ in self.outputs[s.name]:
+                parts.append(kind.output_grads(grads[i]))
+                i += 1
+            out[s.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        self._call_grads = {}
+        for m in self.calls:
+            self._call_grads[m] = []
+            for x, y in self.calls[m]:
+                self._call_grads[m].append((x, y.detach(), grads[i]))
+                i += 1
+        return out
+
+    def call_grads(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per extra module, ``[(input, output, output gradient)]`` of each call (after :meth:`output_grads`)."""
+        return self._call_grads
+
+
+@contextlib.contextmanager
+def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: list[str] = ()) -> Iterator[Recording]:
+    """Context manager: forward hooks on ``layers`` (and on the modules named in ``extra``) record inputs and
+    outputs; removed on exit (also on error).
+
+    Example:
+      >>> with layer_capture(model, layers) as rec:
+      ...     value = loss(params_requiring_grad, batch)
+      >>> g = rec.output_grads(value)        # {name: [b, T, out]}
+    """
+    named = dict(model.named_modules())
+    rec = Recording(layers, list(extra))
+    handles = []
+
+    def layer_hook(spec: LayerSpec):
+        kind = kind_of(spec)
+
+        def hook(module, inputs, output):
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+                raise ValueError(
+                    f"layer capture: {spec.name!r} got an input without a leading example dimension; the "
+                    "Kronecker family needs batched inputs [batch, ..., features]"
+                )
+            rec.inputs[spec.name].append(kind.inputs(module, inputs[0].detach(), spec.name))
+            rec.outputs[spec.name].append(output)
+
+        return hook
+
+    def call_hook(name: str):
+        def hook(module, inputs, output):
+            rec.calls[name].append((inputs[0].detach(), output))
+
+        return hook
+
+    try:
+        for spec in layers:
+            handles.append(named[spec.name].register_forward_hook(layer_hook(spec)))
+        for name in extra:
+            handles.append(named[name].register_forward_hook(call_hook(name)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def requiring_grad(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh leaves sharing storage with ``params`` that require grad (so layer outputs join the graph)."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def capture_layer_grads(loss: LossFn, params: Params, batch: Batch, *, model: nn.Module,
+                        modules=None) -> dict[str, torch.Tensor]:
+    """Per-example weight gradients of chosen layers from one captured forward/backward.
+
+    ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` with ``g = ∂ loss/∂(layer output)``, ``a`` the layer input (a 1
+    appended when the bias is tracked). Equal to ``torch.func`` per-sample gradients of those parameters
+    (for models whose examples do not interact in the forward pass).
+
+    Args:
+      loss: ``loss(params, batch) -> scalar`` summed over the batch, calling ``model`` via :func:`ifunc.call`.
+      params: dict from :func:`ifunc.params_of`.
+      batch: one batch.
+      model: the module the loss calls.
+      modules: module names or predicate (default: every supported layer with a tracked weight).
+
+    Returns:
+      ``{module_name: [b, out, in(+1)]}`` in the weight matrix layout (Conv2d: ``in·kh·kw`` columns;
+      Conv1D: ``[out, in]``, the transpose of its stored weight).
+    """
+    layers, _ = find_layers(model, params, modules=modules)
+    p = requiring_grad(params)
+    with layer_capture(model, layers) as rec, torch.enable_grad():
+        value = loss(p, batch)
+    rec.check()
+    gs = rec.output_grads(value, retain_graph=False)
+    return {s.name: torch.einsum("bto,bti->boi", gs[s.name], rec.activations(s, gs[s.name].dtype))
+            for s in layers}

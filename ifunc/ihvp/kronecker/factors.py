@@ -1,0 +1,113 @@
+"""Kronecker factors as plain tensors (``KroneckerFactors``), and their HDF5 files.
+
+A factor file records the parameter names, shapes and a fingerprint of the parameters the factors were
+fitted on, so :func:`load_factors` refuses factors from another model. The file is written under a
+temporary name and renamed into place (:mod:`ifunc.store` does the disk I/O).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from ... import store
+from ..._data import fingerprint
+from ...functional import flatten
+from .layers import LayerSpec
+
+__all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
+
+FORMAT = "ifunc-factors"
+_LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
+
+
+class LayerFactors(NamedTuple):
+    """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column)."""
+
+    A: torch.Tensor  #: ``[in(+1), in(+1)]`` input covariance
+    S: torch.Tensor  #: ``[out, out]`` output-gradient covariance
+    eig_A: torch.Tensor  #: ``[in(+1)]`` eigenvalues of A (clamped at 0)
+    Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
+    eig_S: torch.Tensor  #: ``[out]``
+    Q_S: torch.Tensor  #: ``[out, out]``
+    diag: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block (None: not fitted)
+    ekfac: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[(Q_Sᵀ DW Q_A)²]``, or None if not fitted
+
+
+class KroneckerFactors(NamedTuple):
+    """Everything :func:`ifunc.ihvp_ekfac` and friends need; plain tensors, strings and ints (storable)."""
+
+    layers: tuple[LayerSpec, ...]
+    factors: dict[str, LayerFactors]  #: module name -> factors
+    fallback: dict[str, torch.Tensor]  #: parameter name -> ``E[(∂ℓ/∂θ)²]`` (parameter's shape)
+    excluded: tuple[str, ...]  #: parameter names excluded by the user
+    n: int  #: number of examples averaged over
+    curvature: str
+
+
+def _param_signature(params) -> tuple[str, dict]:
+    flat, _ = flatten(params)
+    paths, leaves, _ = optree.tree_flatten_with_path(params, namespace="ifunc")
+    shapes = {".".join(map(str, p)): list(leaf.shape) for p, leaf in zip(paths, leaves)}
+    return fingerprint([flat]), shapes
+
+
+def save_factors(path, factors: KroneckerFactors, params, *, overwrite: bool = False) -> None:
+    """Save Kronecker factors (from :func:`ifunc.fit_kronecker_factors`) to HDF5.
+
+    The file records the parameter names, shapes and a fingerprint of ``params`` (the model the factors
+    were fitted on), so :func:`load_factors` can refuse factors from another model. The file is written
+    under a temporary name and renamed into place: an existing file is never half-overwritten.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    digest, shapes = _param_signature(params)
+    meta = {"params": digest, "shapes": shapes, "n": int(factors.n), "curvature": factors.curvature,
+            "excluded": list(factors.excluded), "layers": [list(spec) for spec in factors.layers]}
+    groups = {f"layers/{name}": {field: getattr(lf, field) for field in _LAYER_FIELDS}
+              for name, lf in factors.factors.items()}
+    groups["fallback"] = dict(factors.fallback)
+    store.write_tensor_groups(path, FORMAT, meta, groups, overwrite=overwrite)
+
+
+def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors:
+    """Load Kronecker factors saved by :func:`save_factors`, validated against ``params``.
+
+    Args:
+      path: the ``.h5`` file.
+      params: the parameters the factors will be used with (their dtype/device are used for the tensors).
+      check_params: also require the parameter *values* to match (fingerprint); names and shapes are
+        always checked.
+
+    Returns:
+      :class:`KroneckerFactors`, usable as ``ifunc.ihvp_ekfac(loss, params, factors, model=...)``.
+
+    Raises:
+      ValueError: not a factor file, unreadable, or from another model (the message says what differs).
+    """
+    meta, groups = store.read_tensor_groups(path, FORMAT, "factor file")
+    digest, shapes = _param_signature(params)
+    if meta["shapes"] != shapes:
+        missing = sorted(set(meta["shapes"]) ^ set(shapes))
+        wrong = sorted(k for k in set(meta["shapes"]) & set(shapes) if meta["shapes"][k] != shapes[k])
+        raise ValueError(
+            f"{path} holds factors of another model: parameters only on one side {missing[:5]}, "
+            f"shapes differ for {wrong[:5]}"
+        )
+    if check_params and meta["params"] != digest:
+        raise ValueError(f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
+                         f"{digest}); refit, or pass check_params=False to use them anyway")
+    like = flatten(params)[0]
+
+    def to(a):
+        return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
+
+    layers = tuple(LayerSpec(*spec) for spec in meta["layers"])
+    factors = {}
+    for spec in layers:
+        g = groups.get(f"layers/{spec.name}", {})
+        factors[spec.name] = LayerFactors(**{k: (to(g[k]) if k in g else None) for k in _LAYER_FIELDS})
+    fallback = {name: to(a) for name, a in groups.get("fallback", {}).items()}
+    return KroneckerFactors(layers, factors, fallback, tuple(meta["excluded"]), meta["n"], meta["curvature"])

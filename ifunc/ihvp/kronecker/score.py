@@ -1,0 +1,141 @@
+"""Pairwise, per-module and self-influence scores of Kronecker-family closures, without per-example gradients.
+
+Used by :func:`ifunc.attribute` and :func:`ifunc.self_influence` for a :class:`KroneckerIHVP` built with ``model=``.
+
+Queries are preconditioned once per layer, ``Q̃_l = (G_l + λ)^{-1} ∇_{W_l} f``; a training example's
+contribution is then ``Σ_t g_tᵀ Q̃_l a_t`` from captured inputs ``a`` and output-gradients ``g`` — no
+per-example gradient of the whole model. The queries stay in the layer's eigenbasis
+(``R̃ = (Q_Sᵀ ∇_W f Q_A) / (Λ + λ)``) and the training ``g, a`` are rotated instead (``g̃ = Q_Sᵀ g``,
+``ã = Q_Aᵀ a``, so ``gᵀ Q̃ a = g̃ᵀ R̃ ã``). Per layer and train chunk the cheaper of three contractions is
+chosen by a flop count:
+
+* direct, full rank (``T = 1``): ``((Q̃ a) ⊙ g)`` summed — ``q·b·out·in``;
+* direct, rank ``r`` (``query_rank=r``; ``Q̃ ≈ Σ_r σ u vᵀ``): ``Σ_{t,r} σ (g_tᵀu)(vᵀa_t)`` —
+  ``q·b·T·r·(out+in)``;
+* per-example gradient: ``DW = Σ_t g_t a_tᵀ`` then one matmul — ``b·T·out·in + q·b·out·in``.
+
+Parameters outside the Kronecker layers (diagonal blocks) use ``vmap(grad)`` per-example gradients of
+those parameters only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..._data import DataSource, batch_size, iter_chunks
+from ..._types import Data, LossFn, Measurement, Params
+from ...grads import batch_grads, check_finite
+from ._kernels import layer_scores, low_rank, per_example_quadratic
+from .capture import layer_capture, requiring_grad
+from .closure import KroneckerIHVP
+
+__all__ = ["scorable", "capture_chunk", "PreparedQueries", "kronecker_prepare", "kronecker_chunk_scores",
+           "kronecker_self_terms", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 256
+
+
+def scorable(ihvp) -> bool:
+    """True for a Kronecker-family closure built with ``model=`` (captured scoring is possible)."""
+    return isinstance(ihvp, KroneckerIHVP) and ihvp.model is not None
+
+
+def capture_chunk(loss, params, ihvp: KroneckerIHVP, batch, *, name: str, offset: int):
+    """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example."""
+    layers = [blk.spec for blk in ihvp.blocks]
+    diag_names = [d.name for d in ihvp.diags]
+    p = requiring_grad(params)
+    with layer_capture(ihvp.model, layers) as rec, torch.enable_grad():
+        value = loss(p, batch)
+    rec.check()
+    gs = rec.output_grads(value, retain_graph=False)
+    check_finite(list(gs.values()), name, offset)
+    inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
+    diag = batch_grads(loss, params, batch, wrt=diag_names, name=name, offset=offset) if diag_names else {}
+    return inputs_grads, diag
+
+
+class PreparedQueries(NamedTuple):
+    """Preconditioned queries: diagonal-block columns ``[q, Σ sizes]`` and, per layer, ``R̃`` in its eigenbasis."""
+
+    diag: torch.Tensor  #: ``[q, Σ_diag numel]`` preconditioned query columns of the diagonal blocks
+    layers: dict  #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
+
+
+def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
+                      measurement: Measurement | None = None, chunk_size: int | None = None,
+                      max_memory: int | None = None, query_rank: int | None = None) -> PreparedQueries:
+    """Query gradients preconditioned once per layer, kept in the layer's eigenbasis.
+
+    ``R̃_q = (Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)``, so that ``g_tᵀ Q̃_q a_t = (Q_Sᵀ g_t)ᵀ R̃_q (Q_Aᵀ a_t)``: the
+    rotation back to parameter space is never formed (training inputs are rotated instead, which costs
+    ``b·T·(out² + in²)`` rather than ``q·(out² in + out in²)``). Query gradients are captured layer by layer
+    like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
+    ``measurement`` must, like the loss, be a sum over examples that do not interact.
+    """
+    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+        raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
+    func = measurement or loss
+    parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
+    cols: list[list] = [[] for _ in ihvp.diags]
+    for _, offset, batch in iter_chunks(DataSource(query, name="query", ordered=True), chunk_size or DEFAULT_CHUNK):
+        layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
+        with torch.no_grad():
+            for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
+                a, g = layer_parts[blk.spec.name]
+                if blk.Q_S is not None:
+                    g, a = g @ blk.Q_S, a @ blk.Q_A
+                parts[blk.spec.name].append(torch.einsum("bto,bti->boi", g, a) / (blk.eigenvalues + lam))
+            for j, (d, lam) in enumerate(zip(ihvp.diags, ihvp.diag_damping)):
+                G = diag[d.name].reshape(diag[d.name].shape[0], -1)
+                cols[j].append(G / (d.diag + lam))
+    with torch.no_grad():
+        layers = {}
+        for name, chunks in parts.items():
+            R = torch.cat(chunks)
+            factors = low_rank(R, query_rank) if query_rank is not None else None
+            layers[name] = (factors[0] @ factors[1] if factors is not None else R, factors)
+        n_q = next(iter(layers.values()))[0].shape[0] if layers else sum(c.shape[0] for c in cols[0])
+        diag = torch.cat([torch.cat(c) for c in cols], dim=1) if cols else \
+            torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
+    return PreparedQueries(diag, layers)
+
+
+def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp: KroneckerIHVP, prepared: PreparedQueries, batch, *,
+                           per_module: bool = False, offset: int = 0) -> torch.Tensor:
+    """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
+    layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    group = {m: j for j, m in enumerate(ihvp.modules)}
+    with torch.no_grad():
+        b = batch_size(batch)
+        out = prepared.diag.new_zeros(len(ihvp.modules) if per_module else 1, prepared.diag.shape[0], b)
+        for blk in ihvp.blocks:
+            a, g = layer_parts[blk.spec.name]
+            if blk.Q_S is not None:
+                g, a = g @ blk.Q_S, a @ blk.Q_A
+            out[group[blk.spec.name] if per_module else 0] += layer_scores(*prepared.layers[blk.spec.name], a, g)
+        start = 0
+        for d in ihvp.diags:
+            G = diag[d.name].reshape(b, -1)
+            stop = start + G.shape[1]
+            out[group[d.group] if per_module else 0] += prepared.diag[:, start:stop] @ G.T
+            start = stop
+    return out
+
+
+def kronecker_self_terms(loss: LossFn, params: Params, ihvp: KroneckerIHVP, batch, *, per_module: bool = False,
+                         offset: int = 0) -> torch.Tensor:
+    """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``."""
+    layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    group = {m: j for j, m in enumerate(ihvp.modules)}
+    with torch.no_grad():
+        b = batch_size(batch)
+        s = torch.zeros(len(ihvp.modules), b, dtype=ihvp.dtype, device=ihvp.device)
+        for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
+            a, g = layer_parts[blk.spec.name]
+            s[group[blk.spec.name]] += per_example_quadratic(blk.eigenvalues, blk.Q_S, blk.Q_A, a, g, lam)
+        for d, lam in zip(ihvp.diags, ihvp.diag_damping):
+            G = diag[d.name].reshape(b, -1)
+            s[group[d.group]] += (G * G / (d.diag + lam)).sum(dim=1)
+    return s if per_module else s.sum(dim=0, keepdim=True)
