@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ifunc
+from ifunc.quality import spearman
 
 L2 = 1e-2
 
@@ -62,13 +63,6 @@ def fit(model, x, y, *, tol=1e-7, max_iter=1000) -> torch.nn.Module:
 
     opt.step(closure)
     return model
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Spearman correlation, ``[k, n] × [k, n] -> [k]``."""
-    ra, rb = a.argsort(-1).argsort(-1).double(), b.argsort(-1).argsort(-1).double()
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
 
 
 def methods(loss, train, model, lam):

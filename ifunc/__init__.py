@@ -1,4 +1,29 @@
-"""ifunc: influence functions for PyTorch as pure, composable transforms on torch.func."""
+"""ifunc: influence functions for PyTorch as pure, composable transforms on torch.func.
+
+Module map, bottom layer first (a module imports only from its own layer or below; ``tests/test_layering.py``
+checks it):
+
+0 base        ``functional`` params_of / call / flatten (optree) · ``_types`` type aliases · ``_data`` data sources,
+              the one chunk loop ``iter_chunks`` and ``fingerprint`` · ``_errors`` readable torch.func errors ·
+              ``_progress`` progress bars · ``_version``
+0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather); a leaf, no-ops on one process
+1 store       ``store`` HDF5 I/O only: score stores (resumable, validated), per-rank merge, tensor files
+2 grads       ``grads`` the one per-example gradient primitive ``batch_grads`` (vmap(grad), NaN/inf guard)
+3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
+              operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
+4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg``, ``lissa``, ``arnoldi``, ``nystrom``,
+              ``datainf``, ``preconditioners``; ``_base`` the IHVP closure, ``_operator`` the data operator
+              sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves;
+              ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``capture`` (the one hook system),
+              ``fit`` (factors), ``factors`` (their type and files), ``blocks``, ``closure`` (KroneckerIHVP,
+              ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module, self), ``tokens`` (per-token),
+              ``_kernels`` (contractions)
+5 scoring     ``attribute`` attribute / self_influence = scorer × sink · ``_sinks`` memory, store, gathered,
+              per-rank store · ``ensemble`` · ``quality`` (ihvp_error, spearman)
+5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing``
+              test problems and helpers
+6 face        ``__init__`` re-exports · ``__main__`` ``python -m ifunc demo``
+"""
 from .attribute import attribute, self_influence
 from .ensemble import attribute_ensemble
 from .curvature import CurvatureOperator, curvature_operator, ggn, ggn_vp, hessian, hvp

@@ -18,17 +18,13 @@ import time
 
 import torch
 
+import ifunc
+from ifunc.quality import spearman
+from ifunc.testing import fit_logistic, leave_one_out_losses, logistic_loss, synthetic_classification
+
 METHODS = ("ekfac", "kfac", "cg", "explicit", "arnoldi", "nystrom", "lissa", "datainf", "diagonal", "identity")
 LOO_THRESHOLD = 0.95
 AGREEMENT_THRESHOLD = 0.5
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b`` (``[k, n] -> [k]``)."""
-    ra = a.argsort(dim=-1).argsort(dim=-1).double()
-    rb = b.argsort(dim=-1).argsort(dim=-1).double()
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
 
 
 # --------------------------------------------------------------------------------------------- digits
@@ -36,8 +32,6 @@ def digits_problem(*, n_train: int = 1000, hidden: int = 32, steps: int = 300, s
     """A tanh MLP 64-hidden-10 trained on the first ``n_train`` digits; returns a dict of everything."""
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
-
-    import ifunc
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float64) / 16.0
@@ -66,8 +60,6 @@ def digits_problem(*, n_train: int = 1000, hidden: int = 32, steps: int = 300, s
 
 def build_ihvp(method: str, prob: dict, damping: float):
     """The iHVP closure of ``method`` on the digits problem (generic and Kronecker methods alike)."""
-    import ifunc
-
     loss, params, train, model = prob["loss"], prob["params"], prob["train"], prob["model"]
     gen = torch.Generator().manual_seed(0)
     if method in ("ekfac", "kfac", "diagonal"):
@@ -108,8 +100,6 @@ def save_figure(path: str, images, y_tr, queries, y_te, pred, scores, k: int = 4
 def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float = 1e-2, n_queries: int = 4,
                 out: str | None = "ifunc-demo.png", n_train: int = 1000, k: int = 4) -> float:
     """Run the digits demo; returns the mean Spearman agreement of ``method`` with ``reference``."""
-    import ifunc
-
     t0 = time.perf_counter()
     prob = digits_problem(n_train=n_train)
     x_te, y_te = prob["test"]
@@ -151,8 +141,6 @@ def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float 
 # --------------------------------------------------------------------------------------- leave-one-out
 def loo_demo(n_train: int = 300, n_remove: int = 60, seed: int = 0) -> dict[str, float]:
     """Logistic regression: Pearson correlation of predicted vs actual leave-one-out change of the test loss."""
-    import ifunc
-    from ifunc.testing import fit_logistic, leave_one_out_losses, logistic_loss, synthetic_classification
 
     l2 = 1e-2
     x, y = synthetic_classification(n_train, 8, seed=seed)

@@ -1,6 +1,9 @@
 """Readable errors for what torch.func transforms reject inside a user's loss or model."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 _HINTS = (
     (("randomness",),
      "random operations (dropout?) inside a vmapped loss: put the model in eval mode (model.eval()) or make "
@@ -21,3 +24,15 @@ def explain(err: Exception, where: str) -> RuntimeError | None:
         if any(n in text for n in needles):
             return RuntimeError(f"{where}: torch.func hit {hint}")
     return None
+
+
+@contextlib.contextmanager
+def explained(where: str, kinds: tuple = (RuntimeError,)) -> Iterator[None]:
+    """Re-raise a known torch.func limit raised inside the block as a readable RuntimeError (see :func:`explain`)."""
+    try:
+        yield
+    except kinds as err:
+        readable = explain(err, where)
+        if readable is not None:
+            raise readable from err
+        raise

@@ -25,7 +25,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ._data import DataSource
-from ._errors import explain
+from ._errors import explained
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten
 from .grads import batch_grads, check_scalar
@@ -186,13 +186,8 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
         gen = fresh() if curvature == "fisher" else None
         for index, batch in enumerate(batches):
             if index % part.count == part.index:
-                try:
+                with explained(f"{curvature} curvature products"):
                     out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
-                except RuntimeError as err:
-                    readable = explain(err, f"{curvature} curvature products")
-                    if readable is not None:
-                        raise readable from err
-                    raise
             elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
                 sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)
         return part.reduce(out) / n

@@ -15,7 +15,7 @@ import torch
 from torch.func import grad, vmap
 
 from ._data import DataSource, iter_chunks, slice_batch
-from ._errors import explain
+from ._errors import explained
 from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
@@ -91,13 +91,8 @@ def batch_grads(func: Callable, params: Params, batch: Batch, *, cotangent: torc
             return check_scalar(value, "loss/measurement(params, batch)")
         return (value * u.unsqueeze(0)).sum()
 
-    try:
+    with explained(f"per-example gradients of the {name} data"):
         G = vmap(grad(one), in_dims=(None, 0, None if cotangent is None else 0))(sub, batch, cotangent)
-    except RuntimeError as err:
-        readable = explain(err, f"per-example gradients of the {name} data")
-        if readable is not None:
-            raise readable from err
-        raise
     if check:
         check_finite(G, name, offset)
     return G
@@ -105,13 +100,8 @@ def batch_grads(func: Callable, params: Params, batch: Batch, *, cotangent: torc
 
 def _eager_check(func, params, chunk) -> None:
     """Evaluate ``func`` on one example outside vmap: a readable error for non-scalar outputs and limits."""
-    try:
+    with explained("per-sample gradients (one example at a time)", (RuntimeError, ValueError)):
         value = func(params, slice_batch(chunk, 0, 1))
-    except (RuntimeError, ValueError) as err:
-        readable = explain(err, "per-sample gradients (one example at a time)")
-        if readable is not None:
-            raise readable from err
-        raise
     check_scalar(value, "loss/measurement(params, batch)")
 
 

@@ -142,15 +142,20 @@ def remove_store(path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-def _open_complete(path):
-    h5py = _h5py()
+def _open(path, fmt: str, what: str):
+    """An open read-only HDF5 file of format ``fmt``; ValueError naming ``what`` when unreadable or another format."""
     try:
-        f = h5py.File(path, "r")
+        f = _h5py().File(path, "r")
     except OSError as err:
-        raise ValueError(f"{path} cannot be read as an ifunc score store ({err})") from None
-    if f.attrs.get("format") != FORMAT:
+        raise ValueError(f"{path} cannot be read as an ifunc {what} ({err})") from None
+    if f.attrs.get("format") != fmt:
         f.close()
-        raise ValueError(f"{path} is not an ifunc score store")
+        raise ValueError(f"{path} is not an ifunc {what}")
+    return f
+
+
+def _open_complete(path):
+    f = _open(path, FORMAT, "score store")
     done = f["done"][...]
     if not done.all():
         missing = int((done == 0).sum())
@@ -269,13 +274,7 @@ def read_tensor_groups(path, fmt: str, what: str) -> tuple[dict, dict[str, dict[
       ValueError: unreadable, or not a file of that format (``what`` names it in the message).
     """
     h5py = _h5py()
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} cannot be read as an ifunc {what} ({err})") from None
-    with f:
-        if f.attrs.get("format") != fmt:
-            raise ValueError(f"{path} is not an ifunc {what}")
+    with _open(path, fmt, what) as f:
         meta = json.loads(f.attrs["meta"])
         groups: dict[str, dict[str, np.ndarray]] = {}
 

@@ -5,7 +5,7 @@ import torch
 
 from .._data import DataSource, iter_chunks
 from .._types import Data, LossFn, Params
-from ..curvature import example_gradients, resolve_curvature
+from ..curvature import CURVATURES, example_gradients, resolve_curvature
 from ..likelihood import replayable
 from ..functional import flatten
 from ..grads import check_scalar
@@ -14,7 +14,8 @@ from ._blocks import resolve_blocks
 
 __all__ = ["ihvp_datainf"]
 
-GRADIENT_CURVATURES = ("empirical_fisher", "fisher")
+#: The curvatures that are sums of per-example rank-one terms.
+GRADIENT_CURVATURES = tuple(c for c in CURVATURES if c in ("empirical_fisher", "fisher"))
 
 
 def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, blocks="layer",

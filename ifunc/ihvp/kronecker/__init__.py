@@ -5,7 +5,8 @@
 per-token contractions used by :func:`ifunc.attribute`); ``_kernels`` holds the dense linear algebra.
 """
 from .capture import capture_layer_grads
-from .closure import KroneckerIHVP, ihvp_diagonal, ihvp_ekfac, ihvp_identity, ihvp_kfac, layout
+from .blocks import layout
+from .closure import KroneckerIHVP, ihvp_diagonal, ihvp_ekfac, ihvp_identity, ihvp_kfac
 from .factors import KroneckerFactors, LayerFactors, load_factors, save_factors
 from .fit import fit_kronecker_factors
 from .layers import LayerSpec, find_layers

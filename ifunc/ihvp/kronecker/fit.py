@@ -28,6 +28,7 @@ from ... import distributed
 from ..._data import DataSource, batch_size, n_chunks
 from ..._progress import progress_bar
 from ..._types import Data, LossFn, Params
+from ...curvature import CURVATURES as ALL_CURVATURES
 from ...grads import batch_grads, check_scalar
 from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
 from .._operator import check_same_data
@@ -38,7 +39,8 @@ from .layers import find_layers, parameter_names
 
 __all__ = ["fit_kronecker_factors", "split_excluded", "CURVATURES"]
 
-CURVATURES = ("ggn", "fisher", "empirical_fisher")
+#: The curvatures the Kronecker family can factor (all but the full Hessian).
+CURVATURES = tuple(c for c in ALL_CURVATURES if c != "hessian")
 
 
 def _resolve(loss, curvature, sample):

@@ -1,0 +1,67 @@
+"""The blocks of a Kronecker-family closure and their products on flat vectors.
+
+A layer block holds eigenbases ``Q_S, Q_A`` (None: identity) and eigenvalues ``Λ [out, in(+1)]``; its damped
+inverse on the layer's slice ``V`` (as a matrix, bias last column) is ``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``.
+A diagonal block holds one parameter's curvature diagonal.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..._types import Params
+from .layers import LayerSpec, kind_of, parameter_names
+
+__all__ = ["KronBlock", "DiagBlock", "layout", "gather", "scatter", "precondition_layer"]
+
+
+class KronBlock(NamedTuple):
+    spec: LayerSpec
+    w: slice  #: flat slice of the weight
+    b: slice | None  #: flat slice of the bias
+    Q_S: torch.Tensor | None  #: None = identity basis
+    Q_A: torch.Tensor | None
+    eigenvalues: torch.Tensor  #: ``[out, in(+1)]`` the block's eigenvalues Λ in the basis ``Q_S ⊗ Q_A``
+
+
+class DiagBlock(NamedTuple):
+    name: str  #: parameter name
+    group: str  #: owning module name
+    sl: slice
+    diag: torch.Tensor  #: flat ``[numel]``
+
+
+def layout(params: Params) -> dict[str, slice]:
+    """Flat slice of every parameter, in :func:`ifunc.flatten` order."""
+    out, start = {}, 0
+    for name in parameter_names(params):
+        size = params[name].numel()
+        out[name] = slice(start, start + size)
+        start += size
+    return out
+
+
+def gather(V: torch.Tensor, blk: KronBlock) -> torch.Tensor:
+    """Flat ``[k, d]`` -> the layer's matrices ``[k, out, in(+1)]``."""
+    k, s = V.shape[0], blk.spec
+    W = kind_of(s).to_matrix(V[:, blk.w], s.out_features, s.in_features)
+    if blk.b is not None:
+        W = torch.cat([W, V[:, blk.b].reshape(k, s.out_features, 1)], dim=2)
+    return W
+
+
+def scatter(out: torch.Tensor, blk: KronBlock, M: torch.Tensor) -> None:
+    """Inverse of :func:`gather`: write ``[k, out, in(+1)]`` into the flat ``[k, d]``."""
+    s = blk.spec
+    out[:, blk.w] = kind_of(s).from_matrix(M[..., : s.in_features])
+    if blk.b is not None:
+        out[:, blk.b] = M[..., s.in_features]
+
+
+def precondition_layer(blk: KronBlock, M: torch.Tensor, lam: float) -> torch.Tensor:
+    """``Q_S [(Q_Sᵀ M Q_A) / (Λ + λ)] Q_Aᵀ`` for ``M [k, out, in(+1)]``."""
+    if blk.Q_S is None:
+        return M / (blk.eigenvalues + lam)
+    R = blk.Q_S.T @ M @ blk.Q_A
+    return blk.Q_S @ (R / (blk.eigenvalues + lam)) @ blk.Q_A.T

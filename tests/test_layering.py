@@ -1,0 +1,234 @@
+"""The package's import layering (DESIGN.md §3), read from the source with ``ast``: nothing is imported.
+
+A module may import ifunc modules of its own layer or of lower layers, never of a higher one; there are no
+import cycles among ifunc modules and no ifunc import inside a function (the usual way to dodge a cycle).
+Three extra rules: ``distributed.py`` is a leaf (it imports no ifunc module), ``store.py`` imports only the
+base modules, ``curvature.py`` never imports ``distributed.py``.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ifunc"
+
+# group -> (layer, files relative to ifunc/; a trailing "/" takes every module below that folder)
+GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "base": (0, ("_types.py", "_data.py", "_errors.py", "_progress.py", "_version.py", "functional.py")),
+    "ranks": (0, ("distributed.py",)),
+    "store": (1, ("store.py",)),
+    "grads": (2, ("grads.py",)),
+    "curvature": (3, ("curvature.py", "likelihood.py")),
+    "solvers": (4, ("ihvp/",)),
+    "scoring": (5, ("attribute.py", "_sinks.py", "ensemble.py", "quality.py")),
+    "models": (5, ("language.py", "measurements.py", "testing.py")),
+    "face": (6, ("__init__.py", "__main__.py")),
+}
+# group -> the only groups it may import (on top of the layer rule); absent = any group of its layer or below
+ONLY: dict[str, set[str]] = {
+    "ranks": set(),                       # a leaf: no ifunc import at all
+    "store": {"base"},                    # HDF5 I/O only: never distributed, ihvp or attribute
+}
+NEVER: dict[str, set[str]] = {
+    "curvature": {"ranks"},
+}
+
+
+class Import(NamedTuple):
+    source: str     # dotted name of the importing module
+    target: str     # dotted name of the imported ifunc module
+    line: int
+    in_function: bool
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def _group_of(path: Path) -> str | None:
+    rel = path.relative_to(PACKAGE).as_posix()
+    for group, (_, files) in GROUPS.items():
+        for f in files:
+            if rel == f or (f.endswith("/") and rel.startswith(f)):
+                return group
+    return None
+
+
+def _known(name: str, modules: dict[str, Path]) -> str | None:
+    """The longest prefix of ``name`` that is an ifunc module (``ifunc.x.func`` -> ``ifunc.x``)."""
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:k])
+        if prefix in modules:
+            return prefix
+    return None
+
+
+class _Collector(ast.NodeVisitor):
+    def __init__(self, name: str, path: Path, modules: dict[str, Path]):
+        self.name, self.modules, self.depth = name, modules, 0
+        self.package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        self.found: list[Import] = []
+
+    def _add(self, target: str | None, node: ast.AST):
+        imp = Import(self.name, target, node.lineno, self.depth > 0)
+        if target is not None and target != self.name and imp not in self.found:
+            self.found.append(imp)
+
+    def _function(self, node):
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def visit_Import(self, node: ast.Import):
+        for alias in node.names:
+            if alias.name == "ifunc" or alias.name.startswith("ifunc."):
+                self._add(_known(alias.name, self.modules), node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom):
+        if node.level:
+            base = self.package.split(".")
+            if node.level - 1 >= len(base):
+                raise AssertionError(f"{self.name}:{node.lineno}: relative import beyond the ifunc package")
+            base = base[:len(base) - (node.level - 1)]
+            origin = ".".join(base + ([node.module] if node.module else []))
+        else:
+            origin = node.module or ""
+        if not (origin == "ifunc" or origin.startswith("ifunc.")):
+            return
+        for alias in node.names:  # `from pkg import sub` imports the submodule pkg.sub when there is one
+            sub = f"{origin}.{alias.name}"
+            self._add(sub if sub in self.modules else _known(origin, self.modules), node)
+
+
+def _imports() -> tuple[dict[str, Path], list[Import]]:
+    modules = _modules()
+    found: list[Import] = []
+    for name, path in modules.items():
+        collector = _Collector(name, path, modules)
+        collector.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        found.extend(collector.found)
+    return modules, found
+
+
+MODULES, IMPORTS = _imports()
+
+
+def _where(imp: Import) -> str:
+    return f"{MODULES[imp.source].relative_to(PACKAGE.parent)}:{imp.line}"
+
+
+def test_every_module_has_a_layer():
+    unknown = [str(p.relative_to(PACKAGE.parent)) for p in MODULES.values() if _group_of(p) is None]
+    assert not unknown, (f"modules without a layer: {unknown}; add each to GROUPS in tests/test_layering.py "
+                         "(and to the layer diagram in DESIGN.md §3)")
+
+
+def test_no_module_imports_a_higher_layer():
+    bad = []
+    for imp in IMPORTS:
+        src, dst = _group_of(MODULES[imp.source]), _group_of(MODULES[imp.target])
+        if src is None or dst is None:
+            continue  # reported by test_every_module_has_a_layer
+        if GROUPS[dst][0] > GROUPS[src][0]:
+            bad.append(f"{_where(imp)}: {imp.source} ({src}, layer {GROUPS[src][0]}) imports {imp.target} "
+                       f"({dst}, layer {GROUPS[dst][0]})")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("group", sorted(set(ONLY) | set(NEVER)))
+def test_group_import_rules(group):
+    bad = []
+    for imp in IMPORTS:
+        if _group_of(MODULES[imp.source]) != group:
+            continue
+        dst = _group_of(MODULES[imp.target])
+        if (group in ONLY and dst not in ONLY[group]) or dst in NEVER.get(group, set()):
+            bad.append(f"{_where(imp)}: {imp.source} imports {imp.target} ({dst})")
+    allowed = (f"may import only {sorted(ONLY[group])}" if group in ONLY else
+               f"must never import {sorted(NEVER[group])}")
+    assert not bad, f"{group} {allowed}:\n" + "\n".join(bad)
+
+
+def test_no_function_level_imports_of_ifunc_modules():
+    bad = [f"{_where(imp)}: {imp.source} imports {imp.target} inside a function" for imp in IMPORTS if imp.in_function]
+    assert not bad, ("import at module level (a function-level import hides a cycle or a layer violation):\n"
+                     + "\n".join(bad))
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    edges: dict[str, set[str]] = {name: set() for name in MODULES}
+    for imp in IMPORTS:
+        edges[imp.source].add(imp.target)
+    cycles = _cycles(edges)
+    detail = []
+    for component in cycles:
+        members = set(component)
+        detail.append(" <-> ".join(component) + "\n    " + "\n    ".join(
+            f"{_where(imp)}: {imp.source} -> {imp.target}" for imp in IMPORTS
+            if imp.source in members and imp.target in members))
+    assert not cycles, "import cycles among ifunc modules:\n" + "\n".join(detail)
+
+
+def test_the_checker_resolves_relative_imports():
+    """Self-check on the collector: relative, submodule and absolute forms resolve to the right module."""
+    source = ("from . import _base\nfrom .. import functional\nfrom ..curvature import hvp\n"
+              "import ifunc.store\nfrom ifunc import testing\nimport torch\n"
+              "def f():\n    from ..grads import per_sample_grads\n")
+    modules = {n: PACKAGE for n in ("ifunc", "ifunc.ihvp", "ifunc.ihvp._base", "ifunc.functional",
+                                        "ifunc.curvature", "ifunc.store", "ifunc.testing", "ifunc.grads")}
+    collector = _Collector("ifunc.ihvp.cg", PACKAGE / "ihvp" / "cg.py", modules)
+    collector.visit(ast.parse(source))
+    assert [(i.target, i.in_function) for i in collector.found] == [
+        ("ifunc.ihvp._base", False), ("ifunc.functional", False), ("ifunc.curvature", False),
+        ("ifunc.store", False), ("ifunc.testing", False), ("ifunc.grads", True)]
+    package = _Collector("ifunc.ihvp", PACKAGE / "ihvp" / "__init__.py", modules)
+    package.visit(ast.parse("from ._base import IHVP\nfrom .. import store\n"))
+    assert [i.target for i in package.found] == ["ifunc.ihvp._base", "ifunc.store"]
