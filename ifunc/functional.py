@@ -13,7 +13,7 @@ from torch import nn
 
 from ._types import Params
 
-__all__ = ["params_of", "call", "flatten", "flatten_func"]
+__all__ = ["params_of", "call", "flatten", "flatten_func", "parameter_names"]
 
 
 def params_of(
@@ -164,3 +164,15 @@ def flatten_func(f: Callable, unflatten: Callable[[torch.Tensor], Params]) -> Ca
         return f(unflatten(vector), *args, **kwargs)
 
     return f_flat
+
+
+def parameter_names(tree) -> list[str]:
+    """Dotted name of every leaf of a parameter pytree (or its :class:`Unflatten`), in :func:`flatten` order.
+
+    ``""`` for a bare tensor; dict keys are sorted as optree sorts them.
+    """
+    if isinstance(tree, Unflatten):
+        paths = optree.treespec_paths(tree.treespec)
+    else:
+        paths = optree.tree_paths(tree, namespace="ifunc")
+    return [".".join(str(key) for key in path) for path in paths]

@@ -1,12 +1,12 @@
 """Block-diagonal mode: one block equals full; layer blocks equal solves with the dense diagonal blocks."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import ifunc
 from ifunc.ihvp._blocks import parameter_names, resolve_blocks
-from ifunc.testing import mlp_problem
+from ifunc.testing import mlp_problem, rel_error
 
 from .strategies import mlp_problems
 
@@ -39,10 +39,6 @@ def _block_diagonal(M, blocks):
     return D
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_one_block_equals_full(method):
     _, params, loss, data = mlp_problem(seed=11, sizes=(3, 3, 2), n=7)
@@ -51,12 +47,11 @@ def test_one_block_equals_full(method):
     V = torch.randn(3, d, generator=torch.Generator().manual_seed(0))
     full = build(loss, params, data, "full")(V)
     one = build(loss, params, data, {name: "everything" for name in params})(V)
-    assert _rel(one, full) < TOL[method]
+    assert rel_error(one, full) < TOL[method]
 
 
 @pytest.mark.parametrize("method", METHODS)
 @given(problem=mlp_problems(max_hidden=3, max_n=6), seed=st.integers(0, 1000))
-@settings(max_examples=3)
 def test_layer_blocks_equal_solves_with_the_dense_diagonal_blocks(method, problem, seed):
     _, params, loss, data = problem
     flat, unflatten = ifunc.flatten(params)
@@ -71,7 +66,7 @@ def test_layer_blocks_equal_solves_with_the_dense_diagonal_blocks(method, proble
                                 depth=int(top / LAM * 11.6) + 1)
     else:
         ihvp = _builders(d)[method](loss, params, data, "layer")
-    assert _rel(ihvp(V), torch.linalg.solve(D, V.T).T) < TOL[method]
+    assert rel_error(ihvp(V), torch.linalg.solve(D, V.T).T) < TOL[method]
 
 
 def test_custom_mapping_and_low_rank_per_block():
@@ -87,7 +82,8 @@ def test_custom_mapping_and_low_rank_per_block():
     v = torch.randn(d, generator=torch.Generator().manual_seed(1))
     ex = ifunc.ihvp_explicit(loss, params, data, damping=LAM, blocks=mapping)
     torch.testing.assert_close(ex(v), torch.linalg.solve(D, v))
-    assert ex.info["blocks"] == ["b", "w"]
+    assert sorted({block for _, block in ex.info["blocks"].values()}) == ["b", "w"]
+    assert all(method == "explicit" for method, _ in ex.info["blocks"].values())
     # rank 2 per block: 2 eigenpairs kept in each of the 2 blocks
     ar = ifunc.ihvp_arnoldi(loss, params, data, rank=2, damping=LAM, blocks=mapping)
     assert ar.info["eigenvalues"].numel() == 4

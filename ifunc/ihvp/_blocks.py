@@ -12,26 +12,27 @@ from typing import Callable, Hashable, Mapping, NamedTuple
 import optree
 import torch
 
-from ..functional import Unflatten
+from ..functional import Unflatten, parameter_names
 from ._base import IHVP, check_damping
 from ._eigen import check_positive, eigen_solve
 
-__all__ = ["Block", "parameter_names", "resolve_blocks", "restrict", "block_diagonal", "join",
+__all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join",
            "eigen_blocks_ihvp"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Block(NamedTuple):
-    """One group of parameters: its name and its flat indices ``[d_b]`` (ascending)."""
+    """One group of parameters: its name, its flat indices ``[d_b]`` (ascending) and its parameters."""
 
     name: str
     index: torch.Tensor
+    params: tuple[str, ...] = ()
 
 
-def parameter_names(unflatten: Unflatten) -> list[str]:
-    """Dotted name of every leaf of the parameter pytree, in flat order (``""`` for a bare tensor)."""
-    return [".".join(str(key) for key in path) for path in optree.treespec_paths(unflatten.treespec)]
+def blocks_info(method: str, blocks: list[Block]) -> dict[str, tuple[str, str]]:
+    """``info["blocks"]`` of every method: parameter name -> ``(method, block name)``."""
+    return {p: (method, block.name) for block in blocks for p in block.params}
 
 
 def _layer_of(name: str) -> str:
@@ -52,7 +53,7 @@ def resolve_blocks(blocks: str | Mapping[str, Hashable], unflatten: Unflatten, *
     names = parameter_names(unflatten)
     if isinstance(blocks, str):
         if blocks == "full":
-            return [Block("full", torch.arange(unflatten.dim, device=device))]
+            return [Block("full", torch.arange(unflatten.dim, device=device), tuple(names))]
         if blocks != "layer":
             raise ValueError(f'{who}={blocks!r}: use "full", "layer" or a mapping parameter name -> group')
         groups = {name: _layer_of(name) for name in names}
@@ -68,11 +69,13 @@ def resolve_blocks(blocks: str | Mapping[str, Hashable], unflatten: Unflatten, *
     else:
         raise TypeError(f'{who} must be "full", "layer" or a mapping name -> group, got {type(blocks).__name__}')
     members: dict[Hashable, list[torch.Tensor]] = {}
+    owners: dict[Hashable, list[str]] = {}
     offset = 0
     for name, size in zip(names, unflatten.sizes):
         members.setdefault(groups[name], []).append(torch.arange(offset, offset + size, device=device))
+        owners.setdefault(groups[name], []).append(name)
         offset += size
-    return [Block(str(group), torch.cat(parts)) for group, parts in members.items()]
+    return [Block(str(group), torch.cat(parts), tuple(owners[group])) for group, parts in members.items()]
 
 
 def is_full(blocks: list[Block]) -> bool:
@@ -141,9 +144,7 @@ def eigen_blocks_ihvp(factors: list[EigenFactor], blocks: list[Block], damping: 
         lam = check_damping(lam, allow_zero=not low_rank)
         check_positive(eigenvalues, lam, f"ihvp_{name}")
         solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
-        extra = {"eigenvalues": eigenvalues, **(info or {})}
-        if not is_full(blocks):
-            extra["blocks"] = [block.name for block in blocks]
+        extra = {"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})}
         return IHVP(join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like,
                     rebuild=build, info=extra)
 

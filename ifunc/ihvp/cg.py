@@ -8,7 +8,7 @@ import torch
 from .._types import Data, LossFn, Params, Preconditioner
 from ._operator import data_operator
 from ._base import IHVP, ConvergenceError, check_damping
-from ._blocks import block_diagonal, resolve_blocks
+from ._blocks import blocks_info, block_diagonal, resolve_blocks
 
 __all__ = ["ihvp_cg", "cg_solve", "CGResult"]
 
@@ -160,6 +160,6 @@ def ihvp_cg(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0, t
         return IHVP(solve, name="cg", damping=lam, unflatten=op.unflatten,
                     like=op.flat_params.new_zeros(()), rebuild=build,
                     info={"tol": tol, "atol": atol, "maxiter": maxiter, "curvature": op.curvature,
-                          "blocks": [block.name for block in groups]})
+                          "blocks": blocks_info("cg", groups)})
 
     return build(damping)

@@ -10,7 +10,7 @@ from ..likelihood import replayable
 from ..functional import flatten
 from ..grads import check_scalar
 from ._base import IHVP, check_damping
-from ._blocks import resolve_blocks
+from ._blocks import blocks_info, resolve_blocks
 
 __all__ = ["ihvp_datainf"]
 
@@ -101,7 +101,7 @@ def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, bl
             return out
 
         return IHVP(solve, name="datainf", damping=lam, unflatten=unflatten, like=flat.new_zeros(()),
-                    rebuild=build, info={"blocks": [block.name for block in groups], "n": n,
+                    rebuild=build, info={"blocks": blocks_info("datainf", groups), "n": n,
                                          "curvature": curvature})
 
     return build(lam)

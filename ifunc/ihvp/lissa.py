@@ -11,7 +11,7 @@ from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
 from ._operator import data_operator
 from ._base import IHVP, check_damping
-from ._blocks import block_diagonal, resolve_blocks
+from ._blocks import blocks_info, block_diagonal, resolve_blocks
 
 __all__ = ["ihvp_lissa", "LissaDivergenceWarning"]
 
@@ -161,4 +161,4 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
                                                repeat=repeat, batch_size=batch_size, generator=generator,
                                                curvature=full.curvature, blocks=blocks),
                 info={"scale": s, "depth": depth, "repeat": repeat, "batch_size": batch_size,
-                      "blocks": [block.name for block in groups]})
+                      "blocks": blocks_info("lissa", groups)})

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, NamedTuple
 
-import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..._types import Params
+from ...functional import parameter_names as leaf_names
 from ._kernels import TOKEN_BUDGET, layer_token_scores
 
 __all__ = ["LayerSpec", "LayerKind", "layer_kind", "kind_of", "find_layers", "parameter_names", "use_kind",
@@ -130,13 +130,13 @@ def kind_of(spec: LayerSpec) -> LayerKind:
 
 
 def parameter_names(params: Params) -> list[str]:
-    """Parameter names in the flat order of :func:`ifunc.flatten` (optree sorts dict keys)."""
+    """:func:`ifunc.functional.parameter_names` of a dict of parameters (names map parameters to layers)."""
     if not isinstance(params, dict):
         raise TypeError(
             "the Kronecker family needs params as a dict name -> tensor from ifunc.params_of(model) (names "
             f"map parameters to layers); got {type(params).__name__}"
         )
-    return [".".join(str(k) for k in path) for path in optree.tree_paths(params, namespace="ifunc")]
+    return leaf_names(params)
 
 
 def find_layers(model: nn.Module, params: Params, *,
