@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .ihvp._base import IHVP
+from .likelihood import default_generator
 
 __all__ = ["ihvp_error", "IHVPError", "spearman"]
 
@@ -105,9 +106,9 @@ def ihvp_error(ihvp: IHVP, reference: Callable[[torch.Tensor], torch.Tensor], *,
                          "of the same parameters")
     if train is not None and queries is None:
         raise ValueError("ihvp_error: train gradients need query gradients too (pass queries=...)")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    dtype = ihvp._like.dtype
-    V = torch.randn(int(probes), ihvp.dim, generator=generator, dtype=dtype).to(ihvp._like.device)
+    generator = generator if generator is not None else default_generator()
+    dtype = ihvp.dtype
+    V = torch.randn(int(probes), ihvp.dim, generator=generator, dtype=dtype).to(ihvp.device)
     with torch.no_grad():
         probe = _relative(ihvp(V), reference(V))
         query_error = cosine = rank = None

@@ -38,7 +38,9 @@ class IHVP:
       name: the method (``"explicit"``, ``"cg"``, ...).
       damping: λ.
       dim: d, the number of parameters.
-      info: method-specific values fixed at build time (eigenvalues, rank, scale, ...).
+      info: method-specific values fixed at build time (eigenvalues, rank, scale, ...); ``info["blocks"]``
+        maps each parameter name to ``(method, block name)``.
+      dtype, device: the parameters' dtype and device.
     """
 
     def __init__(self, solve: Callable[[torch.Tensor], torch.Tensor], *, name: str, damping: float,
@@ -50,6 +52,8 @@ class IHVP:
         self.unflatten = unflatten
         self.dim = unflatten.dim
         self._like = like  # dtype/device reference (a 0-d tensor)
+        self.dtype: torch.dtype = like.dtype  #: the parameters' dtype, in which the closure solves
+        self.device: torch.device = like.device  #: the parameters' device
         self._rebuild = rebuild
         self.info = dict(info or {})
 

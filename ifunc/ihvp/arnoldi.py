@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..likelihood import default_generator
 from .._types import Data, LossFn, Params
 from ._operator import data_operator
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
@@ -98,7 +99,7 @@ def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     References:
       Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling up influence functions".
     """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else default_generator()
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
     if not 1 <= rank <= d:

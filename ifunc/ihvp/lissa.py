@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from .._data import DataSource, batch_size as _batch_size, index_batch
+from ..likelihood import default_generator
 from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
 from ._operator import data_operator
@@ -92,7 +93,7 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     lam = check_damping(damping, allow_zero=False)
     if depth < 1 or repeat < 1:
         raise ValueError(f"depth and repeat must be >= 1, got depth={depth}, repeat={repeat}")
-    state = (generator if generator is not None else torch.Generator().manual_seed(0)).get_state()
+    state = (generator if generator is not None else default_generator()).get_state()
     full = data_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
     source = DataSource(data)
     like = full.flat_params

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from ..likelihood import default_generator
 from .._types import Data, LossFn, Params
 from ._operator import data_operator
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
@@ -110,7 +111,7 @@ def ihvp_nystrom(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     References:
       Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
     """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else default_generator()
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
     if not isinstance(rank, int) or not 1 <= rank <= d:

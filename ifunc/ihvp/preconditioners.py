@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..curvature import CurvatureOperator
+from ..likelihood import default_generator
 from ._base import check_damping
 from .nystrom import nystrom_sketch
 
@@ -78,7 +79,7 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
     else:
         if int(probes) < 1:
             raise ValueError(f"jacobi_preconditioner: probes must be >= 1 (or None for exact), got {probes}")
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        generator = generator if generator is not None else default_generator()
         Z = (2 * torch.randint(0, 2, (int(probes), d), generator=generator) - 1).to(like.dtype).to(like.device)
         diagonal = (Z * matvec(Z)).mean(0)
         # a PSD diagonal is >= 0: where noise drove the estimate to <= 0, fall back to the mean diagonal
@@ -134,7 +135,7 @@ def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, d
     matvec, d, like = _operator(operator, dim, "nystrom_preconditioner", dtype)
     if not isinstance(rank, int) or not 1 <= rank <= d:
         raise ValueError(f"nystrom_preconditioner: rank must be an integer in [1, d={d}], got {rank!r}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else default_generator()
     U, w = nystrom_sketch(matvec, d, rank, generator=generator, dtype=like.dtype, device=like.device,
                           name="nystrom_preconditioner")
     top_scale = (w[-1] + lam) / (w + lam)  # [r]

@@ -63,8 +63,6 @@ class KroneckerIHVP(IHVP):
         self.block_damping: tuple[float, ...] = block_damping
         self.diag_damping: tuple[float, ...] = diag_damping
         self.modules: tuple[str, ...] = modules
-        self.dtype: torch.dtype = like.dtype
-        self.device: torch.device = like.device
 
     def __repr__(self) -> str:
         lam = "per-layer" if isinstance(self.damping, dict) else f"{self.damping:g}"
