@@ -28,7 +28,7 @@ from ._data import DataSource
 from ._errors import explained
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten
-from .grads import batch_grads, check_scalar
+from .grads import batch_grads, check_scalar, check_summed
 from .likelihood import OutputLoss, replayable, sampled_output_gradients
 
 __all__ = ["curvature_operator", "CurvatureOperator", "Partition", "hvp", "ggn_vp", "hessian", "ggn",
@@ -178,6 +178,7 @@ def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: s
         value = check_scalar(loss(unflatten(flat), first))
         if not torch.isfinite(value):
             raise ValueError(f"loss(params, batch) is {value.item()} on the first batch; check inputs and params")
+        check_summed(lambda x, b: loss(unflatten(x), b), flat, first)
 
     batches = source.pieces(part.count) if curvature != "fisher" else source  # keep every worker busy
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._types import Params
 
-__all__ = ["params_of", "call", "flatten", "flatten_func", "parameter_names"]
+__all__ = ["params_of", "call", "flatten", "flatten_func", "parameter_names", "check_eval_mode"]
 
 
 def params_of(
@@ -71,12 +71,38 @@ def params_of(
     return selected
 
 
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def check_eval_mode(model: nn.Module, where: str = "ifunc.call") -> None:
+    """Raise unless every sub-module that behaves differently in training is in eval mode.
+
+    A BatchNorm in train mode would update its running statistics (the module would change) and mix the
+    examples of a batch; Dropout / RReLU in train mode make every evaluation random, so two identical
+    influence calls would differ. The curvature and gradients of a trained model are taken in eval mode.
+    """
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._NormBase) or (isinstance(m, _STOCHASTIC) and getattr(m, "p", 1) > 0):
+            raise ValueError(
+                f"{where}: module {name or type(model).__name__!r} ({type(m).__name__}) is in train mode, so "
+                "evaluating the model would change it or make the result random; call model.eval() before "
+                "computing influence (nothing of the model was changed)"
+            )
+
+
 def call(model: nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
     """Run ``model(*args, **kwargs)`` with ``params`` in place of its parameters.
 
     A thin wrapper over ``torch.func.functional_call``: parameters not in ``params`` (and buffers) are
-    taken from the module. The module itself is not modified.
+    taken from the module. The module itself is never modified: a model with BatchNorm, Dropout or RReLU
+    in train mode is refused before the forward pass (:func:`check_eval_mode`).
+
+    Raises:
+      TypeError: ``params`` is not a dict. ValueError: a train-mode module (call ``model.eval()``).
     """
+    check_eval_mode(model)
     if not isinstance(params, dict):
         raise TypeError(
             "call(model, params, ...) needs params as a dict name -> tensor (from ifunc.params_of); "

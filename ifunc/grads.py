@@ -14,12 +14,12 @@ import optree
 import torch
 from torch.func import grad, vmap
 
-from ._data import DataSource, iter_chunks, slice_batch
+from ._data import DataSource, batch_size, iter_chunks, slice_batch
 from ._errors import explained
 from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
-__all__ = ["per_sample_grads", "iter_per_sample_grads", "batch_grads", "check_scalar", "check_finite",
+__all__ = ["per_sample_grads", "iter_per_sample_grads", "batch_grads", "check_scalar", "check_summed", "check_finite",
            "chunk_size_for"]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes for one chunk of gradients and their vmap intermediates
@@ -40,6 +40,28 @@ def check_scalar(value, what: str = "loss(params, batch)") -> torch.Tensor:
             "use reduction='sum' or .sum()"
         )
     return value.reshape(())
+
+
+def check_summed(func: Callable, params: Params, batch: Batch, what: str = "loss(params, batch)") -> None:
+    """Raise when ``func`` looks mean-reduced: on two examples it returns the mean of their single values.
+
+    ifunc's losses and measurements are sums over the batch (``reduction="sum"``); PyTorch's default
+    ``reduction="mean"`` silently rescales every batch differently and changes rankings. Three evaluations
+    of at most two examples, without gradients.
+    """
+    if batch_size(batch) < 2:
+        return
+    with torch.no_grad():
+        both = float(check_scalar(func(params, slice_batch(batch, 0, 2)), what))
+        one = float(check_scalar(func(params, slice_batch(batch, 0, 1)), what))
+        two = float(check_scalar(func(params, slice_batch(batch, 1, 2)), what))
+    total, scale = one + two, max(abs(one), abs(two), 1e-30)
+    if abs(both - total) > 1e-3 * scale and abs(both - total / 2) <= 1e-4 * scale:
+        raise ValueError(
+            f"{what} looks mean-reduced: on two examples it gives {both:.6g}, the mean of their single values "
+            f"({one:.6g}, {two:.6g}), not their sum. ifunc needs the loss summed over the batch: use "
+            "reduction='sum' (or .sum() instead of .mean())"
+        )
 
 
 def check_finite(G, name: str, offset: int = 0) -> None:
@@ -103,6 +125,7 @@ def _eager_check(func, params, chunk) -> None:
     with explained("per-sample gradients (one example at a time)", (RuntimeError, ValueError)):
         value = func(params, slice_batch(chunk, 0, 1))
     check_scalar(value, "loss/measurement(params, batch)")
+    check_summed(func, params, chunk, "loss/measurement(params, batch)")
 
 
 def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .likelihood import output_loss
 from .functional import call, params_of
+from .likelihood import output_loss
 
 __all__ = ["rel_error", "random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
            "synthetic_classification", "Conv1D", "TokenModel", "SmallCNN", "TinyGPT"]

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import ifunc
 from ifunc.likelihood import LIKELIHOODS
-from ifunc.testing import mlp_problem
+from ifunc.testing import mlp_problem, rel_error
 
 from .strategies import mlp_problems
 
@@ -67,7 +67,7 @@ def test_fisher_is_a_fixed_matrix_and_deterministic():
     assert float(torch.linalg.eigvalsh(F1).min()) > -1e-12
     other = ifunc.curvature_operator(lik, params, data, curvature="fisher",
                                      generator=torch.Generator().manual_seed(4)).matvec(E)
-    assert not torch.allclose(F1, other)
+    assert rel_error(other, F1) > 0.1  # other labels, another one-sample Fisher (0.57 apart here)
 
 
 @pytest.mark.parametrize("task,likelihood", [("classification", "categorical"), ("regression", "gaussian")])
@@ -80,7 +80,7 @@ def test_builtin_likelihoods_give_the_ggn_in_expectation(task, likelihood):
     E = torch.eye(ifunc.flatten(params)[0].numel())
     F = ifunc.hvp(lik, params, big, E, curvature="fisher", generator=torch.Generator().manual_seed(0))
     G = ifunc.ggn(loss, params, (x, y))
-    assert float((F - G).norm() / G.norm()) < 0.08
+    assert rel_error(F, G) < 0.08
 
 
 def test_categorical_rule_samples_from_the_softmax():

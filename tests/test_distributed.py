@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import ifunc
-from ifunc import distributed, store as score_store
+from ifunc import distributed
+from ifunc import store as score_store
 from ifunc.testing import rel_error
 
 from . import distributed_worker

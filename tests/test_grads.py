@@ -67,7 +67,7 @@ def test_dropout_under_vmap_gets_a_clear_message():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)).train()
     params = ifunc.params_of(model)
     loss = lambda p, b: ifunc.call(model, p, b[0]).sum()  # noqa: E731
-    with pytest.raises(RuntimeError, match="eval mode"):
+    with pytest.raises(ValueError, match=r"'1' \(Dropout\) is in train mode.*model.eval\(\)"):
         ifunc.per_sample_grads(loss, params, (torch.randn(4, 3),))
 
 
@@ -90,9 +90,14 @@ def test_batchnorm_in_train_mode_gets_a_clear_message():
     params = ifunc.params_of(model)
     loss = lambda p, b: ifunc.call(model, p, b[0]).pow(2).sum()  # noqa: E731
     data = (torch.randn(6, 3),)
-    with pytest.raises(RuntimeError, match=r"model.eval\(\)"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\(BatchNorm1d\) is in train mode.*model.eval\(\)"):
         ifunc.per_sample_grads(loss, params, data)
-    with pytest.raises(RuntimeError, match=r"curvature products: .*model.eval\(\)"):
-        ifunc.ihvp_cg(loss, params, data, damping=0.1)(torch.ones(ifunc.flatten(params)[0].numel()))
+    with pytest.raises(ValueError, match=r"\(BatchNorm1d\) is in train mode.*model.eval\(\)"):
+        ifunc.ihvp_cg(loss, params, data, damping=0.1)
+    with pytest.raises(ValueError, match=r"\(BatchNorm1d\) is in train mode"):
+        ifunc.ihvp_ekfac(loss, params, data, model=model, curvature="empirical_fisher")
+    after = model.state_dict()  # nothing of the model changed: running statistics, counters, weights
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
     model.eval()
     assert ifunc.per_sample_grads(loss, params, data).shape[0] == 6

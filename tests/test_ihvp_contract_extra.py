@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ifunc
-from ifunc.testing import mlp_problem
+from ifunc.testing import mlp_problem, rel_error
 
 BUILDERS = {
     "nystrom-low-rank": lambda loss, p, data, lam: ifunc.ihvp_nystrom(loss, p, data, rank=6, damping=lam),
@@ -22,10 +22,6 @@ BUILDERS = {
 }
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("method", sorted(BUILDERS))
 def test_closure_contract(method):
     """[k, d] equals k single calls; deterministic; symmetric; positive; pytrees; float32 in and out."""
@@ -33,17 +29,17 @@ def test_closure_contract(method):
     ihvp = BUILDERS[method](loss, params, data, 0.3)
     V = torch.randn(4, ihvp.dim, generator=torch.Generator().manual_seed(0))
     X = ihvp(V)
-    assert _rel(torch.stack([ihvp(v) for v in V]), X) < 1e-8
-    assert _rel(BUILDERS[method](loss, params, data, 0.3)(V), X) < 1e-12  # deterministic build and call
+    assert rel_error(torch.stack([ihvp(v) for v in V]), X) < 1e-8
+    assert rel_error(BUILDERS[method](loss, params, data, 0.3)(V), X) < 1e-12  # deterministic build and call
     u, v = V[0], V[1]
     assert abs(float(u @ ihvp(v) - ihvp(u) @ v)) < 1e-8 * float(u.norm() * v.norm())
     assert bool(((V * X).sum(1) > 0).all())
     unflatten = ifunc.flatten(params)[1]
     out = ihvp(unflatten(V))
-    assert set(out) == set(params) and _rel(unflatten.flatten_like(out)[0], X) < 1e-12
+    assert set(out) == set(params) and rel_error(unflatten.flatten_like(out)[0], X) < 1e-12
     with torch.no_grad():
         single = ihvp(V[0].float())
-    assert single.dtype == torch.float32 and _rel(single.double(), X[0]) < 1e-5
+    assert single.dtype == torch.float32 and rel_error(single.double(), X[0]) < 1e-5
 
 
 @pytest.mark.parametrize("method", sorted(BUILDERS))

@@ -7,10 +7,9 @@ from torch import nn
 
 import ifunc
 from ifunc.ihvp.kronecker import layout
-from ifunc.testing import mlp_problem
+from ifunc.testing import SmallCNN, TokenModel, mlp_problem, rel_error
 
 from .strategies import mlp_problems
-from .test_capture import SmallCNN, Tokens
 
 LAM = 1.0
 
@@ -231,7 +230,7 @@ def test_input_errors():
 def _problem(kind):
     gen = torch.Generator().manual_seed(11)
     if kind == "tokens":
-        model, x = Tokens().double(), torch.randn(7, 3, 3, generator=gen)
+        model, x = TokenModel().double(), torch.randn(7, 3, 3, generator=gen)
     elif kind == "cnn":
         model, x = SmallCNN().double(), torch.randn(7, 2, 6, 6, generator=gen)
     else:
@@ -256,7 +255,7 @@ def test_fast_scoring_equals_generic(kind, method):
     torch.testing.assert_close(per.sum(0), generic)
     torch.testing.assert_close(ifunc.attribute(loss, params, ih, (x, y), query, query_rank=64), generic)
     low = ifunc.attribute(loss, params, ih, (x, y), query, query_rank=1)
-    assert torch.isfinite(low).all() and not torch.allclose(low, generic)
+    assert 1e-3 < rel_error(low, generic) < 1  # lossy but informative (0.02-0.43 on these problems)
     torch.testing.assert_close(ifunc.self_influence(loss, params, ih, (x, y), chunk_size=2),
                                ifunc.self_influence(loss, params, lambda V: ih(V), (x, y)))
 
@@ -327,16 +326,26 @@ class TinyCNN(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_ekfac_scores_rank_like_exact_ggn(kind):
+_CNN_BELOW = ("EK-FAC vs exact-GGN Spearman on the CNN is below 0.9 for some seeds: observed 0.884 (seed 0) and "
+              "0.872 (seed 2); seeds 0-5 give 0.884, 0.935, 0.872, 0.897, 0.926, 0.874 (the bound held for the "
+              "one seed it was written with, 1); the MLP gives 0.958-0.992 over the same seeds")
+
+
+@pytest.mark.parametrize("kind,seed", [
+    ("mlp", 0), ("mlp", 1), ("mlp", 2),
+    pytest.param("cnn", 0, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
+    ("cnn", 1),
+    pytest.param("cnn", 2, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
+])
+def test_ekfac_scores_rank_like_exact_ggn(kind, seed):
     """Briefly trained regression nets, damping λ = mean EK-FAC eigenvalue (10× the default heuristic).
 
     Measured over seeds 0-2 (see the report of issue 3): Spearman 0.97-0.99 (MLP), 0.87-0.94 (CNN); at the
     default 0.1× heuristic 0.70-0.80; classification nets agree less (0.6-0.9 here), because K-FAC's
     independence of ``a`` and ``g`` fails when the output Hessian varies strongly between examples.
     """
-    gen = torch.Generator().manual_seed(1)
-    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     model = (nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)) if kind == "mlp" else TinyCNN()).double()
     x = torch.randn(128, 6, generator=gen) if kind == "mlp" else torch.randn(128, 1, 5, 5, generator=gen)
     y = torch.sin(x.flatten(1)[:, :3].sum(1, keepdim=True)) + 0.1 * torch.randn(128, 1, generator=gen)
@@ -364,7 +373,7 @@ def test_works_under_no_grad_and_with_a_dataloader():
 
 
 def test_query_low_rank_is_exact_for_low_rank_queries():
-    from ifunc._kscore import _low_rank
+    from ifunc.ihvp.kronecker._kernels import low_rank as _low_rank
     gen = torch.Generator().manual_seed(3)
     R = torch.randn(5, 30, 3, generator=gen) @ torch.randn(5, 3, 40, generator=gen)  # rank 3 each
     U, V = _low_rank(R, 3, oversample=2)  # randomized path (3 + 2 < 30)

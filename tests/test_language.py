@@ -5,7 +5,7 @@ import torch
 import ifunc
 from ifunc import language, measurements
 from ifunc.ihvp.kronecker import layout
-from ifunc.testing import TinyGPT
+from ifunc.testing import TinyGPT, rel_error
 
 VOCAB, L = 11, 7
 
@@ -26,10 +26,6 @@ def _closure(method, model, params, loss, data, exclude=True, **kw):
     return method(loss, params, data, model=model, exclude=excl, damping=0.1, **kw)
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize("method", [ifunc.ihvp_ekfac, ifunc.ihvp_kfac, ifunc.ihvp_diagonal, ifunc.ihvp_identity])
 @pytest.mark.parametrize("shared,exclude", [(False, True), (True, True), (False, False)])
 def test_per_token_sums_to_pairwise(method, shared, exclude):
@@ -40,14 +36,14 @@ def test_per_token_sums_to_pairwise(method, shared, exclude):
     pair = ifunc.attribute(loss, params, ih, data, query)
     tok = ifunc.attribute(loss, params, ih, data, query, per_token=True, chunk_size=4)
     assert tok.shape == (2, 6, L)
-    assert _rel(tok.sum(-1), pair) < 1e-5
+    assert rel_error(tok.sum(-1), pair) < 1e-5
     torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ih(V), data, query))  # generic path
     # true per-token scores: not the sequence score spread or put on one position; the last input position
     # predicts nothing (no target) and nothing reads it (causal), so it gets exactly 0
     assert torch.all(tok[..., -1] == 0)
     assert (tok[..., :-1].abs() > 1e-8 * tok.abs().max()).float().mean() > 0.9
     low = ifunc.attribute(loss, params, ih, data, query, per_token=True, query_rank=1)
-    assert _rel(low.sum(-1), ifunc.attribute(loss, params, ih, data, query, query_rank=1)) < 1e-5
+    assert rel_error(low.sum(-1), ifunc.attribute(loss, params, ih, data, query, query_rank=1)) < 1e-5
 
 
 def test_shared_block_scores_every_call():
@@ -61,7 +57,7 @@ def test_shared_block_scores_every_call():
     idx = torch.cat([torch.arange(lay[p].start, lay[p].stop) for p in lay if p not in skip])
     torch.testing.assert_close(pair, G[:, idx] @ G[:, idx].T / 0.5)
     tok = ifunc.attribute(loss, params, ih, data, data, per_token=True)
-    assert _rel(tok.sum(-1), pair) < 1e-5
+    assert rel_error(tok.sum(-1), pair) < 1e-5
 
 
 def _pad(seqs, length, left=False):
@@ -122,7 +118,7 @@ def test_per_token_refuses_uses_it_cannot_split(free):
         ifunc.attribute(loss, params, ek, data, data, per_token=True)
     ok = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1, exclude=["s" if free else "pos"])
     tok = ifunc.attribute(loss, params, ok, data, data, per_token=True)
-    assert _rel(tok.sum(-1), ifunc.attribute(loss, params, ok, data, data)) < 1e-5
+    assert rel_error(tok.sum(-1), ifunc.attribute(loss, params, ok, data, data)) < 1e-5
 
 
 def test_per_token_errors():
@@ -147,11 +143,11 @@ def test_tied_head_gives_true_per_token_scores():
     pair = ifunc.attribute(loss, params, ek, data, data)
     torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ek(V), data, data))
     tok = ifunc.attribute(loss, params, ek, data, data, per_token=True)
-    assert _rel(tok.sum(-1), pair) < 1e-5
+    assert rel_error(tok.sum(-1), pair) < 1e-5
     only = ifunc.ihvp_identity(params, model=model, exclude=[p for p in params if p != "tok.weight"
                                                              and not p.startswith("blocks.0.mlp.fc")])
     t_only = ifunc.attribute(loss, params, only, data, data, per_token=True)
-    assert _rel(t_only.sum(-1), ifunc.attribute(loss, params, only, data, data)) < 1e-5
+    assert rel_error(t_only.sum(-1), ifunc.attribute(loss, params, only, data, data)) < 1e-5
     assert (t_only[..., :-1].abs() > 0).float().mean() > 0.9  # not one position, not a flat spread
 
 
@@ -180,7 +176,8 @@ def test_completion_nll_ignores_prompt_targets():
     changed["labels"][:, 1:4] = (changed["labels"][:, 1:4] + 1) % VOCAB  # prompt targets only
     torch.testing.assert_close(ifunc.per_sample_grads(f, params, changed), g1)
     changed["labels"][:, 5] = (changed["labels"][:, 5] + 1) % VOCAB  # a completion target
-    assert not torch.allclose(ifunc.per_sample_grads(f, params, changed), g1)
+    g2 = ifunc.per_sample_grads(f, params, changed)
+    assert bool(((g2 - g1).norm(dim=1) > 0.1 * g1.norm(dim=1)).all())  # every example's gradient moves (~0.8)
     # value: − Σ log p over completion targets; all-ones mask = the training loss
     logits = model(batch["input_ids"][:, :-1])
     lp = torch.log_softmax(logits, -1).gather(-1, batch["labels"][:, 1:, None])[..., 0]
@@ -235,7 +232,8 @@ def test_ekfac_fit_skips_the_unused_diagonal():
     """ihvp_ekfac / ihvp_kfac fit without D = E[DW²] (as costly as Λ for sequences); ihvp_diagonal asks for it."""
     model, params, loss, data = _lm(seed=6)
     f = ifunc.fit_kronecker_factors(loss, params, data, model=model, diagonal=False)
-    assert all(lf.diag is None and lf.ekfac is not None for lf in f.factors.values())
+    assert all(lf.diag is None and lf.ekfac.shape == (lf.eig_S.numel(), lf.eig_A.numel())
+               for lf in f.factors.values())
     full = ifunc.fit_kronecker_factors(loss, params, data, model=model)
     v = torch.randn(sum(t.numel() for t in params.values()), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1)(v),

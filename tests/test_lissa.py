@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ifunc
-from ifunc.testing import mlp_problem
+from ifunc.testing import mlp_problem, rel_error
 
 
 def test_full_batch_lissa_is_the_truncated_neumann_sum():
@@ -52,10 +52,11 @@ def test_minibatch_lissa_is_deterministic_for_a_generator_and_close_to_exact():
                             generator=gen)
     first = ihvp(v)
     torch.testing.assert_close(ihvp(v), first)  # the closure replays its generator state
-    assert float((first - exact(v)).norm() / exact(v).norm()) < 0.1
+    assert rel_error(first, exact(v)) < 0.1
     other = ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, depth=300, repeat=4, batch_size=20,
                              generator=torch.Generator().manual_seed(7))(v)
-    assert not torch.equal(other, first)
+    assert rel_error(other, exact(v)) < 0.1
+    assert rel_error(other, first) > 1e-4  # other mini-batches, another estimate (3.7e-3)
 
 
 def test_damping_must_be_positive():

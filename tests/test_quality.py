@@ -41,10 +41,13 @@ def test_better_approximations_report_smaller_errors():
     assert errors[0].probe_error > errors[1].probe_error > errors[2].probe_error
     assert errors[2].probe_error < 1e-8 and errors[2].score_spearman == pytest.approx(1.0)
     # without train gradients the scores are query x query; pytrees are accepted too
-    by_tree = ifunc.ihvp_error(ifunc.ihvp_nystrom(loss, params, data, rank=2, damping=0.01), exact,
-                               queries=exact.unflatten(Q))
+    low = ifunc.ihvp_nystrom(loss, params, data, rank=2, damping=0.01)
+    by_tree = ifunc.ihvp_error(low, exact, queries=exact.unflatten(Q))
+    by_flat = ifunc.ihvp_error(low, exact, queries=Q)
     assert by_tree.query_error == pytest.approx(errors[0].query_error)
-    assert by_tree.score_cosine is not None
+    assert by_tree.score_cosine == pytest.approx(by_flat.score_cosine)
+    assert by_tree.score_spearman == pytest.approx(by_flat.score_spearman)
+    assert 0 < by_tree.score_cosine < 1
 
 
 def test_probes_are_deterministic_for_a_generator():

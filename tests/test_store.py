@@ -1,6 +1,5 @@
 """HDF5 score stores: crash-and-resume, validation, reading without loading."""
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -137,11 +136,14 @@ def test_truncated_and_foreign_files_give_clear_errors(setup, tmp_path):
     assert text.read_text() == "my notes"
 
 
-def test_progress_logging_is_quiet_when_asked(setup, tmp_path, caplog):
+def test_progress_logging_is_quiet_when_asked(setup, tmp_path, caplog, capfd):
+    """progress=False prints nothing (no bar, no message, on either stream); the log records remain."""
     params, loss, ihvp, (x, y) = setup
+    capfd.readouterr()
     with caplog.at_level(logging.INFO, logger="ifunc"):
         ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=tmp_path / "s.h5", chunk_size=5,
                         progress=False)
+    assert capfd.readouterr() == ("", "")
     assert sum("written" in r.message for r in caplog.records) == 3
 
 

@@ -8,7 +8,7 @@ from .._types import Data, LossFn, Params
 from ..curvature import CURVATURES, example_gradients, resolve_curvature
 from ..likelihood import replayable
 from ..functional import flatten
-from ..grads import check_scalar
+from ..grads import check_scalar, check_summed
 from ._base import IHVP, check_damping
 from ._blocks import blocks_info, resolve_blocks
 
@@ -83,6 +83,7 @@ def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, bl
     for index, offset, chunk in iter_chunks(source, chunk_size):
         if index == 0:
             check_scalar(loss(unflatten(flat), chunk))
+            check_summed(lambda x, b: loss(unflatten(x), b), flat, chunk)
         G = example_gradients(loss, flat, unflatten, chunk, curvature=curvature, generator=gen, offset=offset)
         parts.append(G.detach())
     S = torch.cat(parts)  # [n, d]

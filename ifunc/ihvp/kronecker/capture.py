@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..._types import Batch, LossFn, Params
+from ...functional import check_eval_mode
 from .layers import LayerSpec, find_layers, kind_of
 
 __all__ = ["Recording", "layer_capture", "capture_layer_grads", "requiring_grad"]
@@ -99,6 +100,7 @@ def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: list[str] = 
       ...     value = loss(params_requiring_grad, batch)
       >>> g = rec.output_grads(value)        # {name: [b, T, out]}
     """
+    check_eval_mode(model, "Kronecker layer capture")  # before any forward: the model never changes
     named = dict(model.named_modules())
     rec = Recording(layers, list(extra))
     handles = []

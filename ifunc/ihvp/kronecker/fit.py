@@ -29,7 +29,7 @@ from ..._data import DataSource, batch_size, n_chunks
 from ..._progress import progress_bar
 from ..._types import Data, LossFn, Params
 from ...curvature import CURVATURES as ALL_CURVATURES
-from ...grads import batch_grads, check_scalar
+from ...grads import batch_grads, check_scalar, check_summed
 from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
 from .._operator import check_same_data
 from ._kernels import one_thread, rotated_sq_sum
@@ -180,6 +180,7 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     start_state = gen.get_state()
     source = DataSource(data, name="data", ordered=curvature == "fisher")
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
+    check_summed(loss, params, source.first())
     acc = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
     n = 0

@@ -25,7 +25,7 @@ import torch
 
 from ..._data import DataSource, batch_size, iter_chunks
 from ..._types import Data, LossFn, Measurement, Params
-from ...grads import batch_grads, check_finite
+from ...grads import batch_grads, check_finite, check_summed
 from ._kernels import layer_scores, low_rank, per_example_quadratic
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
@@ -80,6 +80,8 @@ def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
     for _, offset, batch in iter_chunks(DataSource(query, name="query", ordered=True), chunk_size or DEFAULT_CHUNK):
+        if offset == 0:
+            check_summed(func, params, batch, "measurement(params, batch)")
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
         with torch.no_grad():
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
