@@ -1,8 +1,10 @@
 """Where the columns of a score matrix go: memory, an HDF5 store, or all ranks (gathered or merged on disk).
 
 A *sink* receives column blocks ``[..., b]`` of chunk ``index`` (examples on the last axis). The one scoring
-loop of :func:`ifunc.attribute` asks each chunk ``sink.wants(index)`` (is it mine, and not already on disk?),
-computes only those, reports the width of every chunk, and ends with ``sink.result()``:
+loop of :func:`ifunc.attribute` shows the sink every chunk first, ``sink.seen(index, batch)`` (the stores
+fingerprint it: a chunk already on disk must hold the same training data, a new one is recorded with its
+columns), then asks ``sink.wants(index)`` (is it mine, and not already on disk?), computes only those
+(``sink.put(index, block)``), and ends with ``sink.result()``:
 
 * :class:`MemorySink`: every chunk, concatenated (per-token blocks ``[q, b, T]`` padded to the longest ``T``);
 * :class:`GatherSink` (``torchrun``): chunk ``i`` on rank ``i mod W``, all-gathered into the full matrix;
@@ -10,13 +12,16 @@ computes only those, reports the width of every chunk, and ends with ``sink.resu
 * :class:`RankStoreSink` (``torchrun`` and ``out=``): each rank a resumable store of its own chunks,
   merged into ``out`` by rank 0 once all are done.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import distributed, store
+from ._data import batch_size, fingerprint, tensor_leaves
 
 __all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink"]
 
@@ -40,7 +45,7 @@ class MemorySink:
     def put(self, index: int, block: torch.Tensor) -> None:
         self.blocks.append(block)
 
-    def seen(self, index: int, width: int) -> None:
+    def seen(self, index: int, batch) -> None:
         pass
 
     def result(self):
@@ -63,8 +68,8 @@ class GatherSink(MemorySink):
     def wants(self, index: int) -> bool:
         return index % self.size == self.rank
 
-    def seen(self, index: int, width: int) -> None:
-        self.widths.append(width)
+    def seen(self, index: int, batch) -> None:
+        self.widths.append(batch_size(batch))
 
     def result(self):
         return distributed.gather_columns(self.blocks, self.widths)
@@ -74,13 +79,25 @@ def _columns(block: torch.Tensor):
     return block.detach().to("cpu", torch.float32).numpy()
 
 
-class StoreSink:
-    """Chunks written to a resumable score store; a chunk already done is never recomputed."""
+def _fingerprint(batch) -> str:
+    return fingerprint(tensor_leaves(batch))
 
-    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool):
+
+class StoreSink:
+    """Chunks written to a resumable score store; a chunk already done is never recomputed.
+
+    Every chunk is fingerprinted: a chunk already done must match the fingerprint recorded with it (else the
+    training data changed and the run is refused before anything is written), a new one is written with it.
+    ``resume`` (``refuse_resume``, ``warn_resume``) goes to :class:`ifunc.store.ScoreWriter`.
+    """
+
+    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool, **resume):
         self.out = out
-        self.args = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta, overwrite=overwrite)
+        self.args: dict[str, Any] = dict(
+            n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta, overwrite=overwrite, **resume
+        )
         self.count = 0
+        self.pending: dict[int, str] = {}
 
     def __enter__(self):
         self.writer = store.ScoreWriter(self.out, **self.args)
@@ -91,18 +108,26 @@ class StoreSink:
         return False
 
     def wants(self, index: int) -> bool:
-        return index not in self.writer.done
+        return index < self.writer.n_chunks and index not in self.writer.done
 
     def put(self, index: int, block: torch.Tensor) -> None:
-        self.writer.write(index, _columns(block))
+        self.writer.write(index, _columns(block), self.pending.pop(index))
 
-    def seen(self, index: int, width: int) -> None:
+    def seen(self, index: int, batch) -> None:
         self.count += 1
+        if index >= self.writer.n_chunks:
+            return  # more data than recorded: result() says so
+        fp = _fingerprint(batch)
+        if index in self.writer.done:
+            self.writer.check(index, fp)
+        else:
+            self.pending[index] = fp
 
     def result(self):
         if len(self.writer.done) != self.writer.n_chunks or self.count != self.writer.n_chunks:
-            raise ValueError(f"train data yielded {self.count} chunks, expected the {self.writer.n_chunks} recorded "
-                             f"in {self.out}")
+            raise ValueError(
+                f"train data yielded {self.count} chunks, expected the {self.writer.n_chunks} recorded in {self.out}"
+            )
         return self.out
 
 
@@ -114,34 +139,44 @@ class RankStoreSink:
     are neither recomputed nor copied again. The rank files are deleted after the merge.
     """
 
-    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool):
+    def __init__(self, out, *, n_query: int, n_train: int, chunk: int, meta: dict, overwrite: bool, **resume):
         self.out, self.overwrite = out, overwrite
         self.rank, self.size = distributed.world()
         self.n_chunks = -(-n_train // chunk)
         self.widths = [min(chunk, n_train - i * chunk) for i in range(self.n_chunks)]
-        self.final_args = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta)
+        self.final_args: dict[str, Any] = dict(n_query=n_query, n_train=n_train, chunk_size=chunk, meta=meta, **resume)
         self.count = 0
+        self.pending: dict[int, str] = {}
 
     def part_args(self, r: int) -> dict:
         local = sum(w for i, w in enumerate(self.widths) if i % self.size == r)
-        return dict(n_query=self.final_args["n_query"], n_train=local, chunk_size=self.final_args["chunk_size"],
-                    meta=dict(self.final_args["meta"], part=[r, self.size], n_train_total=self.final_args["n_train"]))
+        args = dict(
+            self.final_args,
+            n_train=local,
+            meta=dict(self.final_args["meta"], part=[r, self.size], n_train_total=self.final_args["n_train"]),
+        )
+        args.pop("warn_resume", None)  # said when a rank resumes its part, not again by the merge
+        return args
 
     def __enter__(self):
         def finished_in_final():
             if self.overwrite:
-                store.remove_store(self.out)
+                store.remove_store(self.out)  # only if no other process has it open
             if not Path(self.out).exists():
-                return set()
+                return {}
             with store.ScoreWriter(self.out, **self.final_args) as writer:  # refuses another run's file
-                return set(writer.done)
+                return {i: writer.fingerprint(i) for i in writer.done}
 
-        finished = distributed.broadcast_result(finished_in_final)
-        self.todo = {i for i in range(self.n_chunks) if i % self.size == self.rank and i not in finished}
-        self.writer = None
+        self.finished: dict[int, str] = distributed.broadcast_result(finished_in_final)  # type: ignore[assignment]
+        self.todo = {i for i in range(self.n_chunks) if i % self.size == self.rank and i not in self.finished}
+        self.writer: Any = None  # a store.ScoreWriter when this rank has chunks to compute
         if self.todo:
-            self.writer = store.ScoreWriter(store.part_path(self.out, self.rank, self.size),
-                                            overwrite=self.overwrite, **self.part_args(self.rank))
+            self.writer = store.ScoreWriter(
+                store.part_path(self.out, self.rank, self.size),
+                overwrite=self.overwrite,
+                warn_resume=self.final_args.get("warn_resume"),
+                **self.part_args(self.rank),
+            )
         return self
 
     def __exit__(self, *exc):
@@ -153,15 +188,27 @@ class RankStoreSink:
         return index in self.todo and index // self.size not in self.writer.done
 
     def put(self, index: int, block: torch.Tensor) -> None:
-        self.writer.write(index // self.size, _columns(block))
+        self.writer.write(index // self.size, _columns(block), self.pending.pop(index))
 
-    def seen(self, index: int, width: int) -> None:
+    def seen(self, index: int, batch) -> None:
+        """Fingerprint this rank's chunks: check those already on disk (merged or in its part), record the rest."""
         self.count += 1
+        if index % self.size != self.rank or index >= self.n_chunks:
+            return
+        fp = _fingerprint(batch)
+        if index in self.finished:
+            store.check_fingerprint(self.out, index, self.finished[index], fp)
+        elif index // self.size in self.writer.done:
+            store.check_fingerprint(self.out, index, self.writer.fingerprint(index // self.size), fp)
+        else:
+            self.pending[index] = fp
 
     def result(self):
         if self.count != self.n_chunks:
-            raise ValueError(f"train data yielded {self.count} chunks, expected the {self.n_chunks} of "
-                             f"{self.final_args['n_train']} examples")
+            raise ValueError(
+                f"train data yielded {self.count} chunks, expected the {self.n_chunks} of "
+                f"{self.final_args['n_train']} examples"
+            )
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -84,28 +84,71 @@ def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc
     with sink:
         for index, offset, batch in progress_bar(iter_chunks(source, chunk), total=n_chunks(source, chunk),
                                                  desc=desc, progress=shown):
+            sink.seen(index, batch)  # first: a store checks a chunk it has against its fingerprint
             if sink.wants(index):
                 sink.put(index, compute(batch, offset))
-            sink.seen(index, batch_size(batch))
         return sink.result()
 
 
-def _run_meta(loss, params, ihvp, query, measurement, query_rank, first_train) -> dict:
+def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tuple[dict, dict]:
+    """What defines the scores of a store, and how far resuming one can be trusted: ``(meta, resume)``.
+
+    ``meta`` holds the method's build inputs as far as the closure shows them: its name, the damping
+    resolved per block (Kronecker family), every JSON-able ``info`` value (tolerances, rank, curvature kind,
+    ``info["blocks"]``), a summary ``[numel, Σ|x|, Σx²]`` of each curvature tensor it holds (eigenvalues, the
+    eigenvalues and diagonals of Kronecker blocks), its ``identity`` attribute if it has one, the measurement,
+    query rank, score dtype and fingerprints of the parameters and queries. Training data is fingerprinted
+    chunk by chunk by the store sinks. ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume``
+    for a callable that is not an ifunc closure and carries no ``identity`` (nothing tells two apart);
+    ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf).
+    """
+    def summary(t: torch.Tensor) -> list:  # robust to last-bit differences, unlike a hash
+        t = t.detach().to("cpu", torch.float64)
+        return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
+
+    def plain(v):  # JSON-able; an object by its type only (its repr may hold a memory address)
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return v
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return f"<{type(v).__name__}>"
+
     info = getattr(ihvp, "info", {}) or {}
-    simple = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    identity = getattr(ihvp, "identity", None)
+    curvature = {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)}
+    curvature.update({f"layer {b.spec.name}": summary(b.eigenvalues) for b in getattr(ihvp, "blocks", ())
+                      if hasattr(b, "eigenvalues")})
+    curvature.update({f"diagonal {d.name}": summary(d.diag) for d in getattr(ihvp, "diags", ()) if hasattr(d, "diag")})
+    settings = {k: plain(v) for k, v in info.items() if k != "damping" and not isinstance(v, torch.Tensor)}
+    damping = info.get("damping") if isinstance(info.get("damping"), dict) else getattr(ihvp, "damping", None)
     query_leaves = [t for b in DataSource(query, name="query") for t in tensor_leaves(b)]
-    damping = getattr(ihvp, "damping", None)
-    return {
-        "method": getattr(ihvp, "name", type(ihvp).__name__),
-        "damping": dict(damping) if isinstance(damping, dict) else damping,
-        "method_info": simple,
+    meta = {
+        "method": getattr(ihvp, "name", None) or getattr(ihvp, "__qualname__", type(ihvp).__name__),
+        "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
+        "method_info": settings,
+        "curvature": curvature,
+        "identity": None if identity is None else str(identity),
         "measurement": getattr(measurement or loss, "__qualname__", type(measurement or loss).__name__),
         "query_rank": query_rank,
+        "score_dtype": None if dtype is None else str(dtype),
         "params": fingerprint([flatten(params)[0]]),
         "query": fingerprint(query_leaves),
-        "train": fingerprint(tensor_leaves(first_train)),
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }
+    resume = {}
+    if not isinstance(ihvp, IHVP) and identity is None:
+        resume["refuse_resume"] = (
+            f"ihvp is a custom callable ({meta['method']}), which ifunc cannot tell apart from another one, so its "
+            "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
+            "ihvp.identity = '<a name that changes whenever the closure does>' before the first run")
+    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and identity is None:
+        resume["warn_resume"] = (
+            f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
+            "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "
+            "ihvp.identity = '<a name for that data>' before the first run to have it checked)")
+    return meta, resume
 
 
 def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
@@ -134,12 +177,17 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
         (SVD), trading accuracy for speed.
       per_module: Kronecker family only: return ``[n_modules, n_query, n_train]``, one slice per block of
         ``ihvp.info["modules"]``, summing to the total.
-      out: path of an HDF5 score store. Columns are written chunk by chunk (float32) and each chunk is
-        recorded as done only after its data is flushed; calling again with the same arguments resumes at
-        the first unfinished chunk and never recomputes a finished one. The file records the method,
-        damping and fingerprints of the parameters, queries and training data, and a call that differs is
-        refused. Read it with :func:`ifunc.load_scores` or :func:`ifunc.top_k`.
-      overwrite: with ``out``, replace an existing file instead of resuming it.
+      out: path of an HDF5 score store (a file, not a directory). Columns are written chunk by chunk
+        (float32, with a checksum) and each chunk is recorded as done only after its data is flushed;
+        calling again with the same arguments resumes at the first unfinished chunk and never recomputes a
+        finished one, and on a finished store is a no-op that opens it read-only. The file records what
+        defines the scores (method, damping per block, settings, curvature summaries, fingerprints of the
+        parameters and queries) and a fingerprint of every training chunk; a call that differs, or whose
+        training data differs in a finished chunk, is refused. A custom callable ``ihvp`` is resumable only
+        with an ``identity`` attribute (a string). Another process writing the same file is refused
+        (:class:`BlockingIOError`). Read it with :func:`ifunc.load_scores` or :func:`ifunc.top_k`.
+      overwrite: with ``out``, replace an existing file instead of resuming it (never one that another
+        process has open).
       progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
       dtype: precision of the contraction of preconditioned queries with training gradients and of the
         returned scores (default: the parameters' dtype). Gradients and the iHVP solve stay in the
@@ -205,10 +253,10 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     if out is None:
         sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
     else:
-        meta = _run_meta(loss, params, ihvp, query, measurement, query_rank, next(source.chunks(scorer.chunk)))
+        meta, resume = _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype)
         kind = RankStoreSink if distributed.active() else StoreSink
         sink = kind(out, n_query=scorer.n_query, n_train=source.count(), chunk=scorer.chunk, meta=meta,
-                    overwrite=overwrite)
+                    overwrite=overwrite, **resume)
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
     scores = _score_loop(source, scorer.chunk, scorer.score, sink, desc=desc, progress=progress)
     return scores.to(dtype) if dtype is not None and out is None else scores

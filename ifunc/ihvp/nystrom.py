@@ -53,9 +53,19 @@ def nystrom_sketch(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, rank:
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
     nu = d ** 0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
     nu = max(nu, torch.finfo(torch.float64).tiny)
+    core = omega.T @ Y
+    core = (core + core.T) / 2
+    chol, info = torch.linalg.cholesky_ex(core + nu * torch.eye(rank, dtype=core.dtype, device=core.device))
+    if int(info) != 0:
+        # A singular PSD curvature (every cross-entropy GGN: shifting all logits changes nothing) can show
+        # eigenvalues of Ωᵀ H Ω just below 0 from the rounding of the products: shift past them, and only
+        # call the operator indefinite when its negative part is above that rounding level.
+        lowest = float(torch.linalg.eigvalsh(core)[0])
+        rounding = d * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+        if -lowest <= 100 * rounding:
+            nu = nu + 2 * max(-lowest, 0.0)
+            chol, info = torch.linalg.cholesky_ex(core + nu * torch.eye(rank, dtype=core.dtype, device=core.device))
     Y_nu = Y + nu * omega
-    core = omega.T @ Y_nu
-    chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
     if int(info) != 0:
         raise ValueError(
             f"{name}: the curvature is not positive semi-definite on the sketch (Cholesky of Ωᵀ H Ω failed), "
