@@ -24,6 +24,7 @@ Curvature: ifunc uses the Gauss-Newton matrix; dattri's iHVPs use the Hessian (a
 pyDVL (its Gauss-Newton mode returned plain gradient dot products, scaled, or NaN here), so their agreement
 also measures the Hessian–GGN gap; Kronfluence estimates its Fisher with sampled labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,16 @@ def make_problem(n_train: int, n_query: int, path: str) -> None:
         opt.zero_grad()
         F.cross_entropy(model(x[:n_train]), y[:n_train]).backward()
         opt.step()
-    torch.save({"state": model.state_dict(), "x": x[:n_train], "y": y[:n_train],
-                "xq": x[n_train:n_train + n_query], "yq": y[n_train:n_train + n_query]}, path)
+    torch.save(
+        {
+            "state": model.state_dict(),
+            "x": x[:n_train],
+            "y": y[:n_train],
+            "xq": x[n_train : n_train + n_query],
+            "yq": y[n_train : n_train + n_query],
+        },
+        path,
+    )
 
 
 def load_model(problem: dict) -> torch.nn.Module:
@@ -88,8 +97,9 @@ def run_ifunc(method: str, problem: dict, dtype=torch.float32) -> torch.Tensor:
     model = load_model(problem).to(dtype)
     x, y, xq, yq = problem["x"].to(dtype), problem["y"], problem["xq"].to(dtype), problem["yq"]
     params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     train = (x, y)
     g = torch.Generator().manual_seed(0)
     build = {
@@ -97,8 +107,7 @@ def run_ifunc(method: str, problem: dict, dtype=torch.float32) -> torch.Tensor:
         "cg": lambda: ifunc.ihvp_cg(loss, params, train, damping=DAMPING),
         "arnoldi": lambda: ifunc.ihvp_arnoldi(loss, params, train, rank=RANK, damping=DAMPING, generator=g),
         "nystrom": lambda: ifunc.ihvp_nystrom(loss, params, train, rank=RANK, damping=DAMPING, generator=g),
-        "lissa": lambda: ifunc.ihvp_lissa(loss, params, train, damping=DAMPING, depth=300, batch_size=100,
-                                          generator=g),
+        "lissa": lambda: ifunc.ihvp_lissa(loss, params, train, damping=DAMPING, depth=300, batch_size=100, generator=g),
         "datainf": lambda: ifunc.ihvp_datainf(loss, params, train, damping=DAMPING),
         "ekfac": lambda: ifunc.ihvp_ekfac(loss, params, train, model=model, damping=DAMPING),
         "kfac": lambda: ifunc.ihvp_kfac(loss, params, train, model=model, damping=DAMPING),
@@ -131,12 +140,23 @@ def run_kronfluence(method: str, problem: dict) -> torch.Tensor:
     train, query = TensorDataset(problem["x"], problem["y"]), TensorDataset(problem["xq"], problem["yq"])
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("compare", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
-        analyzer.fit_all_factors("f", dataset=train, per_device_batch_size=len(train), overwrite_output_dir=True,
-                                 factor_args=FactorArguments(strategy=method))
-        analyzer.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train,
-                                         per_device_query_batch_size=len(query),
-                                         per_device_train_batch_size=len(train), overwrite_output_dir=True,
-                                         score_args=ScoreArguments(damping_factor=DAMPING))
+        analyzer.fit_all_factors(
+            "f",
+            dataset=train,
+            per_device_batch_size=len(train),
+            overwrite_output_dir=True,
+            factor_args=FactorArguments(strategy=method),
+        )
+        analyzer.compute_pairwise_scores(
+            "s",
+            "f",
+            query_dataset=query,
+            train_dataset=train,
+            per_device_query_batch_size=len(query),
+            per_device_train_batch_size=len(train),
+            overwrite_output_dir=True,
+            score_args=ScoreArguments(damping_factor=DAMPING),
+        )
         return analyzer.load_pairwise_scores("s")["all_modules"].detach().clone()
 
 
@@ -149,7 +169,7 @@ def run_dattri(method: str, problem: dict) -> torch.Tensor:
 
     def loss_func(params, data):
         x, y = data
-        if x.dim() == 1:                      # dattri vmaps single examples for per-example gradients
+        if x.dim() == 1:  # dattri vmaps single examples for per-example gradients
             x, y = x.unsqueeze(0), y.unsqueeze(0)
         return F.cross_entropy(torch.func.functional_call(model, params, x), y)
 
@@ -159,19 +179,26 @@ def run_dattri(method: str, problem: dict) -> torch.Tensor:
     attributor = {
         "explicit": lambda: algorithm.IFAttributorExplicit(task, regularization=DAMPING),
         "cg": lambda: algorithm.IFAttributorCG(task, regularization=DAMPING, max_iter=50, tol=1e-4),
-        "arnoldi": lambda: algorithm.IFAttributorArnoldi(task, regularization=DAMPING, proj_dim=RANK,
-                                                         max_iter=2 * RANK),
+        "arnoldi": lambda: algorithm.IFAttributorArnoldi(
+            task, regularization=DAMPING, proj_dim=RANK, max_iter=2 * RANK
+        ),
         "lissa": lambda: algorithm.IFAttributorLiSSA(task, damping=DAMPING, recursion_depth=300, batch_size=100),
         "datainf": lambda: algorithm.IFAttributorDataInf(task, regularization=DAMPING),
         "ekfac": lambda: algorithm.IFAttributorEKFAC(task, damping=DAMPING),
     }[method]()
     attributor.cache(train)
-    return attributor.attribute(train, query).T.detach().clone()       # dattri returns [n_train, n_query]
+    return attributor.attribute(train, query).T.detach().clone()  # dattri returns [n_train, n_query]
 
 
 def run_pydvl(method: str, problem: dict) -> torch.Tensor:
-    from pydvl.influence.torch import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence,
-                                       LissaInfluence, NystroemSketchInfluence)
+    from pydvl.influence.torch import (
+        ArnoldiInfluence,
+        CgInfluence,
+        DirectInfluence,
+        EkfacInfluence,
+        LissaInfluence,
+        NystroemSketchInfluence,
+    )
     from pydvl.influence.torch.util import SecondOrderMode
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -182,8 +209,7 @@ def run_pydvl(method: str, problem: dict) -> torch.Tensor:
     ggn = dict(second_order_mode=SecondOrderMode.HESSIAN)
     infl = {
         "explicit": lambda: DirectInfluence(model, loss, regularization=DAMPING, **ggn),
-        "cg": lambda: CgInfluence(model, loss, regularization=DAMPING, rtol=1e-4, solve_simultaneously=True,
-                                  **ggn),
+        "cg": lambda: CgInfluence(model, loss, regularization=DAMPING, rtol=1e-4, solve_simultaneously=True, **ggn),
         "arnoldi": lambda: ArnoldiInfluence(model, loss, regularization=DAMPING, rank=RANK, **ggn),
         "nystrom": lambda: NystroemSketchInfluence(model, loss, regularization=DAMPING, rank=RANK, **ggn),
         "lissa": lambda: LissaInfluence(model, loss, regularization=DAMPING, maxiter=300, **ggn),
@@ -191,11 +217,15 @@ def run_pydvl(method: str, problem: dict) -> torch.Tensor:
     }[method]()
     infl = infl.fit(DataLoader(TensorDataset(problem["x"], problem["y"]), batch_size=100))
     up = infl.influences(problem["xq"], problem["yq"], problem["x"], problem["y"])
-    return up.detach().clone()           # same sign as ifunc: self-influences come out positive
+    return up.detach().clone()  # same sign as ifunc: self-influences come out positive
 
 
-PRELOAD = {"ifunc": ["ifunc"], "kronfluence": ["kronfluence.analyzer"], "dattri": ["dattri.algorithm", "dattri.task"],
-           "pydvl": ["pydvl.influence.torch"]}
+PRELOAD = {
+    "ifunc": ["ifunc"],
+    "kronfluence": ["kronfluence.analyzer"],
+    "dattri": ["dattri.algorithm", "dattri.task"],
+    "pydvl": ["pydvl.influence.torch"],
+}
 
 
 def peak_rss_mb() -> float:
@@ -211,12 +241,13 @@ def worker(library: str, method: str, problem_path: str, out: str) -> None:
     import importlib
 
     torch.set_num_threads(1)
-    for name in PRELOAD[library]:              # imports are not part of the measured time
+    for name in PRELOAD[library]:  # imports are not part of the measured time
         importlib.import_module(name)
     problem = torch.load(problem_path)
     start = time.perf_counter()
-    scores = {"ifunc": run_ifunc, "kronfluence": run_kronfluence, "dattri": run_dattri,
-              "pydvl": run_pydvl}[library](method, problem)
+    scores = {"ifunc": run_ifunc, "kronfluence": run_kronfluence, "dattri": run_dattri, "pydvl": run_pydvl}[library](
+        method, problem
+    )
     seconds = time.perf_counter() - start
     torch.save(scores.double(), out)
     print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb()}))
@@ -246,8 +277,10 @@ def main(argv=None) -> None:
         make_problem(n_train, 50, path)
         problem = torch.load(path)
         reference = run_ifunc("explicit", problem, dtype=torch.float64)
-        print(f"digits MLP 64-32-10 (2,410 parameters, float32), {n_train} training / 50 query images, "
-              f"damping {DAMPING}, 1 thread per run; reference: ifunc explicit GGN solve in float64\n")
+        print(
+            f"digits MLP 64-32-10 (2,410 parameters, float32), {n_train} training / 50 query images, "
+            f"damping {DAMPING}, 1 thread per run; reference: ifunc explicit GGN solve in float64\n"
+        )
         print("| library | method | seconds | × ifunc time | peak RSS MB | Spearman vs exact |")
         print("|---|---|---|---|---|---|")
         ours: dict[str, float] = {}
@@ -275,8 +308,10 @@ def main(argv=None) -> None:
                 ratio = f"{stats['seconds'] / ours[method]:.1f}" if method in ours else ""
                 finite = bool(torch.isfinite(scores).all())
                 rho = f"{spearman(reference, scores):.3f}" if finite else "non-finite scores"
-                print(f"| {library} | {method} | {stats['seconds']:.2f} | {ratio} | {stats['rss_mb']:.0f} | {rho} |",
-                      flush=True)
+                print(
+                    f"| {library} | {method} | {stats['seconds']:.2f} | {ratio} | {stats['rss_mb']:.0f} | {rho} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ so two ranks on two cores is the ideal ×2; the redundant per-rank work (query g
 eigendecompositions and solves every rank repeats), the all-reduce / all-gather traffic and other load on
 the machine eat into it. Reference figures are in the README ("Past one machine").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,19 @@ import ifunc
 
 def problem(n: int, width: int, n_query: int):
     gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
-                                torch.nn.Tanh(), torch.nn.Linear(width, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 10),
+    )
     x = torch.randn(n + n_query, 64, generator=gen)
     y = torch.randint(0, 10, (n + n_query,), generator=gen)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
-    train = [(x[i:i + 256], y[i:i + 256]) for i in range(0, n, 256)]
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
+    train = [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)]
     return model, ifunc.params_of(model), loss, train, (x[n:], y[n:])
 
 
@@ -80,8 +87,18 @@ def launch(nproc: int, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "times.json")
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-               "--rdzv-endpoint=localhost:0", __file__, "--worker", result, *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:0",
+            __file__,
+            "--worker",
+            result,
+            *argv,
+        ]
         subprocess.run(cmd, check=True, env=env)
         with open(result) as f:
             return json.load(f)
@@ -99,11 +116,12 @@ def main():
     args.width = args.width or (128 if args.quick else 256)
     if args.worker:
         return worker(args)
-    argv = ["--n-train", str(args.n_train), "--width", str(args.width), "--queries", str(args.queries),
-            ]
+    argv = ["--n-train", str(args.n_train), "--width", str(args.width), "--queries", str(args.queries)]
     one, two = launch(1, argv), launch(2, argv)
-    print(f"MLP 64-{args.width}-{args.width}-10, {args.n_train} training examples, {args.queries} queries, gloo, "
-          f"one thread per rank")
+    print(
+        f"MLP 64-{args.width}-{args.width}-10, {args.n_train} training examples, {args.queries} queries, gloo, "
+        f"one thread per rank"
+    )
     print(f"{'step':<16}{'1 rank (s)':>12}{'2 ranks (s)':>13}{'speed-up':>10}   {'CPU s per rank, 1 / 2 ranks':>28}")
     for name in one:
         (w1, c1), (w2, c2) = one[name], two[name]

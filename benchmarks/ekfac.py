@@ -17,6 +17,7 @@ Usage:
   python benchmarks/ekfac.py            # full size (about 3 minutes on 2 cores)
   python benchmarks/ekfac.py --small    # 1,000 train / 20 query
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,14 @@ def make_problem(n_train: int, n_query: int, path: str, steps: int = 100) -> Non
     y = torch.randint(0, 10, (n_train + n_query,), generator=gen)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, n_train, (128,), generator=gen)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    torch.save({"state": model.state_dict(), "x": x[:n_train], "y": y[:n_train], "xq": x[n_train:],
-                "yq": y[n_train:]}, path)
+    torch.save(
+        {"state": model.state_dict(), "x": x[:n_train], "y": y[:n_train], "xq": x[n_train:], "yq": y[n_train:]}, path
+    )
 
 
 def peak_rss_mb() -> float:
@@ -82,8 +84,9 @@ def run_ifunc(problem: dict, out: str) -> dict:
 
     train, query = (problem["x"], problem["y"]), (problem["xq"], problem["yq"])
     t0, c0 = time.perf_counter(), time.process_time()
-    factors = ifunc.fit_kronecker_factors(loss, params, train, model=model, curvature="empirical_fisher",
-                                          chunk_size=500)
+    factors = ifunc.fit_kronecker_factors(
+        loss, params, train, model=model, curvature="empirical_fisher", chunk_size=500
+    )
     ihvp = ifunc.ihvp_ekfac(loss, params, factors, model=model, damping=DAMPING)
     t1, c1 = time.perf_counter(), time.process_time()
     scores = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=500)
@@ -92,8 +95,14 @@ def run_ifunc(problem: dict, out: str) -> dict:
     low = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=500, query_rank=QUERY_RANK)
     t3 = time.perf_counter()
     torch.save({"scores": scores, "low_rank": low}, out)
-    return {"fit": t1 - t0, "score": t2 - t1, "fit_cpu": c1 - c0, "score_cpu": c2 - c1, "rss": rss,
-            "score_low_rank": t3 - t2}
+    return {
+        "fit": t1 - t0,
+        "score": t2 - t1,
+        "fit_cpu": c1 - c0,
+        "score_cpu": c2 - c1,
+        "rss": rss,
+        "score_low_rank": t3 - t2,
+    }
 
 
 def run_kronfluence(problem: dict, out: str) -> dict:
@@ -125,12 +134,24 @@ def run_kronfluence(problem: dict, out: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
         t0, c0 = time.perf_counter(), time.process_time()
-        analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=500, overwrite_output_dir=True,
-                                 factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True))
+        analyzer.fit_all_factors(
+            "ekfac",
+            dataset=train,
+            per_device_batch_size=500,
+            overwrite_output_dir=True,
+            factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+        )
         t1, c1 = time.perf_counter(), time.process_time()
-        analyzer.compute_pairwise_scores("s", "ekfac", query_dataset=query, train_dataset=train,
-                                         per_device_query_batch_size=len(query), per_device_train_batch_size=500,
-                                         score_args=ScoreArguments(damping_factor=DAMPING), overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(
+            "s",
+            "ekfac",
+            query_dataset=query,
+            train_dataset=train,
+            per_device_query_batch_size=len(query),
+            per_device_train_batch_size=500,
+            score_args=ScoreArguments(damping_factor=DAMPING),
+            overwrite_output_dir=True,
+        )
         scores = analyzer.load_pairwise_scores("s")["all_modules"]
         t2, c2 = time.perf_counter(), time.process_time()
     torch.save({"scores": scores.detach().clone()}, out)
@@ -145,8 +166,22 @@ def worker(which: str, problem_path: str, out: str, threads: int) -> None:
 
 
 def spawn(which: str, problem_path: str, out: str, threads: int) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, "--worker", which, "--problem", problem_path, "--out", out,
-                           "--threads", str(threads)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            which,
+            "--problem",
+            problem_path,
+            "--out",
+            out,
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -174,8 +209,9 @@ def _cg_problem(scale_inputs: bool):
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda o, b: F.cross_entropy(o, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda o, b: F.cross_entropy(o, b[1], reduction="sum")
+    )
     return model, params, loss, (x, y)
 
 
@@ -183,26 +219,32 @@ def preconditioner_table(threads: int) -> None:
     """CG iterations on the GGN of a small MLP, with and without EK-FAC / K-FAC preconditioning."""
     torch.set_num_threads(threads)
     dampings = [1e-3, 1e-2, 1e-1]
-    print("\nEK-FAC as CG preconditioner (ifunc.ihvp_cg(..., preconditioner=ekfac)): MLP 64-64-64-10 (8,970 "
-          "params), 500 examples, GGN, 4 right-hand sides, tol 1e-4. CG iterations (max over right-hand sides):")
+    print(
+        "\nEK-FAC as CG preconditioner (ifunc.ihvp_cg(..., preconditioner=ekfac)): MLP 64-64-64-10 (8,970 "
+        "params), 500 examples, GGN, 4 right-hand sides, tol 1e-4. CG iterations (max over right-hand sides):"
+    )
     for scaled in (False, True):
         model, params, loss, data = _cg_problem(scaled)
         op = ifunc.curvature_operator(loss, params, data, curvature="ggn")
         B = ifunc.per_sample_grads(loss, params, (data[0][:4], data[1][:4]))
         fit = lambda **kw: ifunc.fit_kronecker_factors(loss, params, data, model=model, **kw)  # noqa: E731
-        fits = {"EK-FAC, GGN (exact output Hessian)": fit(curvature="ggn"),
-                "EK-FAC, true Fisher (1 sample)": fit(sample="categorical"),
-                "EK-FAC, empirical Fisher": fit(curvature="empirical_fisher")}
-        rows = [("none", None, None)] + [(k, ifunc.ihvp_ekfac, v) for k, v in fits.items()] + \
-            [("K-FAC, GGN", ifunc.ihvp_kfac, fits["EK-FAC, GGN (exact output Hessian)"])]
+        fits = {
+            "EK-FAC, GGN (exact output Hessian)": fit(curvature="ggn"),
+            "EK-FAC, true Fisher (1 sample)": fit(sample="categorical"),
+            "EK-FAC, empirical Fisher": fit(curvature="empirical_fisher"),
+        }
+        rows = (
+            [("none", None, None)]
+            + [(k, ifunc.ihvp_ekfac, v) for k, v in fits.items()]
+            + [("K-FAC, GGN", ifunc.ihvp_kfac, fits["EK-FAC, GGN (exact output Hessian)"])]
+        )
         title = "inputs with feature scales 1e-2..10" if scaled else "standard normal inputs"
         print(f"  {title:40s}" + "".join(f"{'λ=' + format(d, 'g'):>10s}" for d in dampings))
         for name, method, factors in rows:
             cells = []
             for lam in dampings:
                 pre = None if method is None else method(loss, params, factors, damping=lam).solve
-                res = ifunc.cg_solve(lambda P: op.matvec(P) + lam * P, B, tol=1e-4, maxiter=1000,
-                                     preconditioner=pre)
+                res = ifunc.cg_solve(lambda P: op.matvec(P) + lam * P, B, tol=1e-4, maxiter=1000, preconditioner=pre)
                 cells.append(f"{int(res.iterations.max())}{'' if res.converged else '*'}")
             print(f"  {name:40s}" + "".join(f"{c:>10s}" for c in cells))
     print("  (* = not converged in 1,000 iterations)")
@@ -228,20 +270,30 @@ def main() -> None:
         res = {"ifunc": spawn("ifunc", path, os.path.join(tmp, "ifunc.pt"), args.threads)}
         try:
             import kronfluence  # noqa: F401
+
             res["kronfluence"] = spawn("kronfluence", path, os.path.join(tmp, "kf.pt"), args.threads)
         except ImportError:
             print("kronfluence is not installed (pip install kronfluence): comparison skipped")
             res["kronfluence"] = None
-        scores = {k: torch.load(os.path.join(tmp, f)) for k, f in (("ifunc", "ifunc.pt"), ("kronfluence", "kf.pt"))
-                  if res.get(k) and os.path.exists(os.path.join(tmp, f))}
-    print(f"\nEK-FAC, MLP 784-512-512-10 (669,706 params), {n_train:,} train / {n_query} query, float32, "
-          f"empirical Fisher, damping {DAMPING:g}, {args.threads} threads, torch {torch.__version__}, "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
+        scores = {
+            k: torch.load(os.path.join(tmp, f))
+            for k, f in (("ifunc", "ifunc.pt"), ("kronfluence", "kf.pt"))
+            if res.get(k) and os.path.exists(os.path.join(tmp, f))
+        }
+    print(
+        f"\nEK-FAC, MLP 784-512-512-10 (669,706 params), {n_train:,} train / {n_query} query, float32, "
+        f"empirical Fisher, damping {DAMPING:g}, {args.threads} threads, torch {torch.__version__}, "
+        f"load average at the end {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'':22s}{'ifunc':>12s}{'Kronfluence':>14s}{'ratio':>10s}   (ratio = ifunc / Kronfluence)")
     ours, theirs = res["ifunc"], res.get("kronfluence")
-    for key, label, unit in (("fit", "fit, wall (s)", "{:.2f}"), ("score", "pairwise, wall (s)", "{:.2f}"),
-                             ("fit_cpu", "fit, CPU (s)", "{:.2f}"), ("score_cpu", "pairwise, CPU (s)", "{:.2f}"),
-                             ("rss", "peak RSS (MB)", "{:.0f}")):
+    for key, label, unit in (
+        ("fit", "fit, wall (s)", "{:.2f}"),
+        ("score", "pairwise, wall (s)", "{:.2f}"),
+        ("fit_cpu", "fit, CPU (s)", "{:.2f}"),
+        ("score_cpu", "pairwise, CPU (s)", "{:.2f}"),
+        ("rss", "peak RSS (MB)", "{:.0f}"),
+    ):
         a = unit.format(ours[key]) if ours else "-"
         b = unit.format(theirs[key]) if theirs else "-"
         r = f"{ours[key] / theirs[key]:.2f}" if ours and theirs else "-"
@@ -251,14 +303,18 @@ def main() -> None:
         print(f"{'total (s)':22s}{t_ours:>12.2f}{t_theirs:>14.2f}{t_ours / t_theirs:>10.2f}")
     if "ifunc" in scores:
         full, low = scores["ifunc"]["scores"].double(), scores["ifunc"]["low_rank"].double()
-        print(f"ifunc with query_rank={QUERY_RANK}: pairwise {ours['score_low_rank']:.2f} s wall, Pearson with "
-              f"full rank {float(torch.corrcoef(torch.stack([full.flatten(), low.flatten()]))[0, 1]):.4f}, "
-              f"Spearman {rank_corr(full, low):.4f}")
+        print(
+            f"ifunc with query_rank={QUERY_RANK}: pairwise {ours['score_low_rank']:.2f} s wall, Pearson with "
+            f"full rank {float(torch.corrcoef(torch.stack([full.flatten(), low.flatten()]))[0, 1]):.4f}, "
+            f"Spearman {rank_corr(full, low):.4f}"
+        )
     if len(scores) == 2:
         a, b = scores["ifunc"]["scores"].double(), scores["kronfluence"]["scores"].double()
         pearson = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
-        print(f"score agreement: Pearson {pearson:.5f}, Spearman {rank_corr(a, b):.5f}, "
-              f"max |diff| / max |score| {float((a - b).abs().max() / b.abs().max()):.2e}")
+        print(
+            f"score agreement: Pearson {pearson:.5f}, Spearman {rank_corr(a, b):.5f}, "
+            f"max |diff| / max |score| {float((a - b).abs().max() / b.abs().max()):.2e}"
+        )
     if not args.skip_cg:
         preconditioner_table(args.threads)
 

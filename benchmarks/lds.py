@@ -17,6 +17,7 @@ Ensembles average the scores of models trained from 5 different initialisations 
 (``ifunc.attribute_ensemble``); the subset models are retrained from the first of them, or each from its own
 random initialisation with ``--random-init`` (then seed noise is part of what is predicted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def load(n_train: int, n_query: int):
     y = torch.tensor(digits.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
-    return (x[:n_train], y[:n_train]), (x[n_train:n_train + n_query], y[n_train:n_train + n_query])
+    return (x[:n_train], y[:n_train]), (x[n_train : n_train + n_query], y[n_train : n_train + n_query])
 
 
 def init_model(seed: int) -> torch.nn.Module:
@@ -52,12 +53,19 @@ def init_model(seed: int) -> torch.nn.Module:
 
 
 def fit(model, x, y, *, tol=1e-7, max_iter=1000) -> torch.nn.Module:
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=max_iter, tolerance_grad=tol,
-                            tolerance_change=1e-14, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
-        objective = F.cross_entropy(model(x), y) + 0.5 * L2 * sum((p ** 2).sum() for p in model.parameters())
+        objective = F.cross_entropy(model(x), y) + 0.5 * L2 * sum((p**2).sum() for p in model.parameters())
         objective.backward()
         return objective
 
@@ -72,11 +80,13 @@ def methods(loss, train, model, lam):
         "explicit": lambda p: ifunc.ihvp_explicit(loss, p, train, damping=lam),
         "cg (tol 1e-4, default)": lambda p: ifunc.ihvp_cg(loss, p, train, damping=lam),
         "cg + EK-FAC preconditioner": lambda p: ifunc.ihvp_cg(
-            loss, p, train, damping=lam, preconditioner=ifunc.ihvp_ekfac(loss, p, train, model=model, damping=lam)),
+            loss, p, train, damping=lam, preconditioner=ifunc.ihvp_ekfac(loss, p, train, model=model, damping=lam)
+        ),
         "arnoldi (rank 100)": lambda p: ifunc.ihvp_arnoldi(loss, p, train, rank=100, damping=lam, generator=g()),
         "nystrom (rank 100)": lambda p: ifunc.ihvp_nystrom(loss, p, train, rank=100, damping=lam, generator=g()),
-        "lissa (depth 300)": lambda p: ifunc.ihvp_lissa(loss, p, train, damping=lam, depth=300, batch_size=100,
-                                                        generator=g()),
+        "lissa (depth 300)": lambda p: ifunc.ihvp_lissa(
+            loss, p, train, damping=lam, depth=300, batch_size=100, generator=g()
+        ),
         "datainf": lambda p: ifunc.ihvp_datainf(loss, p, train, damping=lam),
         "ekfac": lambda p: ifunc.ihvp_ekfac(loss, p, train, model=model, damping=lam),
         "kfac": lambda p: ifunc.ihvp_kfac(loss, p, train, model=model, damping=lam),
@@ -92,9 +102,11 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=5, help="ensemble members (default 5)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="retrain each subset from its own random initialisation (TRAK's setting) instead of "
-                             "the first seed's")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="retrain each subset from its own random initialisation (TRAK's setting) instead of the first seed's",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n_subsets = args.subsets or (20 if args.quick else 100)
@@ -105,8 +117,10 @@ def main(argv=None):
     model = models[0]
     with torch.no_grad():
         acc = (model(xq).argmax(1) == yq).double().mean().item()
-    print(f"digits MLP 64-16-10 (1,210 parameters), {n} training images, {len(yq)} query images, l2 = damping = "
-          f"{L2}; test accuracy {acc:.3f}; {args.seeds} seeds trained in {time.perf_counter() - start:.1f} s")
+    print(
+        f"digits MLP 64-16-10 (1,210 parameters), {n} training images, {len(yq)} query images, l2 = damping = "
+        f"{L2}; test accuracy {acc:.3f}; {args.seeds} seeds trained in {time.perf_counter() - start:.1f} s"
+    )
 
     # ground truth: retrain on random half subsets
     gen = torch.Generator().manual_seed(1)
@@ -122,25 +136,39 @@ def main(argv=None):
     init = "its own random initialisation" if args.random_init else "the first seed's initialisation"
     print(f"retrained on {n_subsets} half subsets, each from {init}, in {time.perf_counter() - start:.1f} s\n")
 
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     train, query = (x, y), (xq, yq)
     params = [ifunc.params_of(mod) for mod in models]
     table = methods(loss, train, model, L2)
-    ensembles = {"explicit": table["explicit"], "ekfac": table["ekfac"],
-                 "identity (gradient dot products)": table["identity (gradient dot products)"]}
+    ensembles = {
+        "explicit": table["explicit"],
+        "ekfac": table["ekfac"],
+        "identity (gradient dot products)": table["identity (gradient dot products)"],
+    }
 
     def lds(scores):
-        predicted = -scores @ masks.double().T                      # [n_query, n_subsets]
+        predicted = -scores @ masks.double().T  # [n_query, n_subsets]
         return spearman(predicted, actual)
 
     print(f"| method | LDS (mean ± s.e. over {len(yq)} queries) | seconds |")
     print("|---|---|---|")
-    rows = [(name, lambda f=f: ifunc.attribute(loss, params[0], f(params[0]), train, query, progress=False))
-            for name, f in table.items()]
-    rows += [(f"{name}, ensemble of {args.seeds} seeds",
-              lambda f=f: ifunc.attribute_ensemble(loss, params, f, train, query, progress=False))
-             for name, f in ensembles.items()] if args.seeds > 1 else []
+    rows = [
+        (name, lambda f=f: ifunc.attribute(loss, params[0], f(params[0]), train, query, progress=False))
+        for name, f in table.items()
+    ]
+    rows += (
+        [
+            (
+                f"{name}, ensemble of {args.seeds} seeds",
+                lambda f=f: ifunc.attribute_ensemble(loss, params, f, train, query, progress=False),
+            )
+            for name, f in ensembles.items()
+        ]
+        if args.seeds > 1
+        else []
+    )
     for name, run in rows:
         start = time.perf_counter()
         scores = run()

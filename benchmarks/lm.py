@@ -1,4 +1,6 @@
-"""Language-model workload of PEERS.md: EK-FAC / K-FAC / identity fit, pairwise and per-token scores, ifunc vs Kronfluence.
+"""Language-model workload of PEERS.md: EK-FAC / K-FAC / identity fit, pairwise and per-token scores.
+
+ifunc vs Kronfluence.
 
 A GPT-style causal transformer (2 blocks, d_model 128, 4 heads, context 64, vocabulary 256, fused q/k/v:
 9 Linear layers tracked, embeddings and LayerNorms not; ~470k parameters) trained briefly on a seeded
@@ -14,6 +16,7 @@ Kronfluence is not an ifunc dependency: ``pip install kronfluence`` by hand; wit
     python benchmarks/lm.py                 # the full workload (a few minutes on 2 cores)
     python benchmarks/lm.py --small         # 400 train / 10 query sequences, shorter training
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,15 +91,18 @@ def make_problem(n_train: int, n_query: int, steps: int, path: str) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(3)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for _step in range(steps):
         batch = train[torch.randint(0, n_train, (32,), generator=gen)]
         opt.zero_grad()
         loss = lm_loss(model(batch[:, :-1]), batch) / batch[:, 1:].numel()
         loss.backward()
         opt.step()
-    print(f"trained {steps} steps in {time.perf_counter() - t0:.1f} s, final token loss {loss.item():.3f} "
-          f"(uniform: {torch.log(torch.tensor(float(VOCAB))):.3f}); "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    print(
+        f"trained {steps} steps in {time.perf_counter() - t0:.1f} s, final token loss {loss.item():.3f} "
+        f"(uniform: {torch.log(torch.tensor(float(VOCAB))):.3f}); "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters",
+        flush=True,
+    )
     torch.save({"state": model.state_dict(), "train": train, "query": query}, path)
 
 
@@ -119,8 +125,7 @@ def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
         ih = ifunc.ihvp_identity(params, model=model, exclude=exclude, damping=1.0)
     else:
         build = ifunc.ihvp_ekfac if method == "ekfac" else ifunc.ihvp_kfac
-        ih = build(loss, params, train, model=model, exclude=exclude, damping=DAMPING,
-                   curvature="empirical_fisher")
+        ih = build(loss, params, train, model=model, exclude=exclude, damping=DAMPING, curvature="empirical_fisher")
     t1 = time.perf_counter()
     pair = ifunc.attribute(loss, params, ih, train, query, progress=False)
     t2 = time.perf_counter()
@@ -129,8 +134,14 @@ def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
     rss = peak_rss_mb()
     low = ifunc.attribute(loss, params, ih, train, query, per_token=True, query_rank=32, progress=False)
     t4 = time.perf_counter()
-    return {"fit": t1 - t0, "pairwise": t2 - t1, "per_token": t3 - t2, "rss": rss, "per_token_r32": t4 - t3,
-            "spearman_r32": spearman(low, tok)}, {"pairwise": pair, "per_token": tok}
+    return {
+        "fit": t1 - t0,
+        "pairwise": t2 - t1,
+        "per_token": t3 - t2,
+        "rss": rss,
+        "per_token_r32": t4 - t3,
+        "spearman_r32": spearman(low, tok),
+    }, {"pairwise": pair, "per_token": tok}
 
 
 class _Sequences(torch.utils.data.Dataset):
@@ -162,23 +173,36 @@ def run_kronfluence(problem: dict, method: str) -> tuple[dict, dict]:
     task = LM()
     model = prepare_model(model, task)
     train, query = _Sequences(problem["train"]), _Sequences(problem["query"])
-    kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=len(query),
-              per_device_train_batch_size=64, overwrite_output_dir=True)
+    kw = dict(
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=len(query),
+        per_device_train_batch_size=64,
+        overwrite_output_dir=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         an = Analyzer("lm", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
         t0 = time.perf_counter()
-        an.fit_all_factors(method, dataset=train, per_device_batch_size=64, overwrite_output_dir=True,
-                           factor_args=FactorArguments(strategy=method, use_empirical_fisher=True))
+        an.fit_all_factors(
+            method,
+            dataset=train,
+            per_device_batch_size=64,
+            overwrite_output_dir=True,
+            factor_args=FactorArguments(strategy=method, use_empirical_fisher=True),
+        )
         t1 = time.perf_counter()
         an.compute_pairwise_scores("pair", method, score_args=ScoreArguments(damping_factor=DAMPING), **kw)
         pair = an.load_pairwise_scores("pair")["all_modules"].clone()
         t2 = time.perf_counter()
-        an.compute_pairwise_scores("tok", method, score_args=ScoreArguments(
-            damping_factor=DAMPING, compute_per_token_scores=True), **kw)
+        an.compute_pairwise_scores(
+            "tok", method, score_args=ScoreArguments(damping_factor=DAMPING, compute_per_token_scores=True), **kw
+        )
         tok = an.load_pairwise_scores("tok")["all_modules"].clone()
         t3 = time.perf_counter()
-    return {"fit": t1 - t0, "pairwise": t2 - t1, "per_token": t3 - t2, "rss": peak_rss_mb()}, \
-        {"pairwise": pair, "per_token": tok}
+    return {"fit": t1 - t0, "pairwise": t2 - t1, "per_token": t3 - t2, "rss": peak_rss_mb()}, {
+        "pairwise": pair,
+        "per_token": tok,
+    }
 
 
 def worker(which: str, method: str, problem_path: str, out: str, threads: int) -> None:
@@ -190,8 +214,24 @@ def worker(which: str, method: str, problem_path: str, out: str, threads: int) -
 
 
 def spawn(which: str, method: str, problem: str, out: str, threads: int) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, "--worker", which, "--method", method, "--problem", problem,
-                           "--out", out, "--threads", str(threads)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            which,
+            "--method",
+            method,
+            "--problem",
+            problem,
+            "--out",
+            out,
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -226,12 +266,16 @@ def main() -> None:
     n_train, n_query, steps = (400, 10, 60) if args.small else (2000, 20, 200)
     try:
         import kronfluence  # noqa: F401
+
         libraries = ("ifunc", "kronfluence")
     except ImportError:
         print("kronfluence is not installed (pip install kronfluence): running ifunc only")
         libraries = ("ifunc",)
-    print(f"workload: {n_train} train x {n_query} query sequences of {CONTEXT} tokens, damping {DAMPING}, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"workload: {n_train} train x {n_query} query sequences of {CONTEXT} tokens, damping {DAMPING}, "
+        f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         problem = os.path.join(tmp, "problem.pt")
@@ -243,9 +287,12 @@ def main() -> None:
                 res[lib] = spawn(lib, method, problem, out, args.threads)
                 scores[lib] = torch.load(out) if res[lib] else None
                 if res[lib]:
-                    print(f"{method:8s} {lib:11s} fit {res[lib]['fit']:7.2f} s  pairwise {res[lib]['pairwise']:7.2f} s"
-                          f"  per-token {res[lib]['per_token']:7.2f} s  peak RSS {res[lib]['rss']:6.0f} MB  "
-                          f"per-token sum error {sum_error(scores[lib]):.1e}", flush=True)
+                    print(
+                        f"{method:8s} {lib:11s} fit {res[lib]['fit']:7.2f} s  pairwise {res[lib]['pairwise']:7.2f} s"
+                        f"  per-token {res[lib]['per_token']:7.2f} s  peak RSS {res[lib]['rss']:6.0f} MB  "
+                        f"per-token sum error {sum_error(scores[lib]):.1e}",
+                        flush=True,
+                    )
             rows.append((method, res, scores))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print("\n| method | step | ifunc | Kronfluence | ratio |\n|---|---|---|---|---|")
@@ -253,8 +300,12 @@ def main() -> None:
         ours, theirs = res.get("ifunc"), res.get("kronfluence")
         if ours is None:
             continue
-        for key, label in (("fit", "fit (s)"), ("pairwise", "pairwise (s)"), ("per_token", "per-token (s)"),
-                           ("rss", "peak RSS (MB)")):
+        for key, label in (
+            ("fit", "fit (s)"),
+            ("pairwise", "pairwise (s)"),
+            ("per_token", "per-token (s)"),
+            ("rss", "peak RSS (MB)"),
+        ):
             t = f"{theirs[key]:.2f}" if theirs else "—"
             r = f"{ours[key] / theirs[key]:.2f}" if theirs and theirs[key] > 0 else "—"
             print(f"| {method} | {label} | {ours[key]:.2f} | {t} | {r} |")
@@ -263,12 +314,18 @@ def main() -> None:
             total_t = theirs["fit"] + theirs["per_token"]
             print(f"| {method} | fit + per-token (s) | {total_o:.2f} | {total_t:.2f} | {total_o / total_t:.2f} |")
             a, b = scores["ifunc"], scores["kronfluence"]
-            print(f"| {method} | Spearman ifunc vs Kronfluence (pairwise / per-token) | "
-                  f"{spearman(a['pairwise'], b['pairwise']):.4f} | {spearman(a['per_token'], b['per_token']):.4f} | |")
-        print(f"| {method} | ifunc per-token with query_rank=32 (s; Spearman vs full rank) | "
-              f"{ours['per_token_r32']:.2f} | {ours['spearman_r32']:.4f} | |")
-        print(f"| {method} | per-token sum error (max rel.) | {sum_error(scores['ifunc']):.1e} | "
-              f"{sum_error(scores['kronfluence']) if theirs else float('nan'):.1e} | |")
+            print(
+                f"| {method} | Spearman ifunc vs Kronfluence (pairwise / per-token) | "
+                f"{spearman(a['pairwise'], b['pairwise']):.4f} | {spearman(a['per_token'], b['per_token']):.4f} | |"
+            )
+        print(
+            f"| {method} | ifunc per-token with query_rank=32 (s; Spearman vs full rank) | "
+            f"{ours['per_token_r32']:.2f} | {ours['spearman_r32']:.4f} | |"
+        )
+        print(
+            f"| {method} | per-token sum error (max rel.) | {sum_error(scores['ifunc']):.1e} | "
+            f"{sum_error(scores['kronfluence']) if theirs else float('nan'):.1e} | |"
+        )
 
 
 if __name__ == "__main__":

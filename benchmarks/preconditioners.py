@@ -26,6 +26,7 @@ are noisy, iterations are not):
 Jacobi wins when coordinates are badly scaled but doubles the iterations on the MLP's GGN (its diagonal
 says little about a spectrum dominated by a few directions); Nyström cut iterations on every problem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def spiked_problem(d: int, seed: int = 0, damping: float = 1e-3):
 def mlp_problem(n: int, seed: int = 0, damping: float = 1e-4):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initialisation only; ifunc never touches the global RNG
-    model = torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48),
-                                torch.nn.Tanh(), torch.nn.Linear(48, 5)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(), torch.nn.Linear(48, 5)
+    ).double()
     x = torch.randn(n, 20, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (n,), generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -65,8 +67,9 @@ def mlp_problem(n: int, seed: int = 0, damping: float = 1e-4):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     op = ifunc.curvature_operator(loss, ifunc.params_of(model), (x, y))
     return op, (lambda V: op.matvec(V) + damping * V), op.flat_params.numel(), damping
 
@@ -97,31 +100,60 @@ def main(argv=None):
 
     d = 200 if args.quick else 400
     matvec, d = scaled_problem(d)
-    run("scaled", matvec, d, {
-        "none": None,
-        "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(matvec, dim=d, dtype=torch.float64, damping=0.0),
-        "jacobi (64 probes)": lambda: ifunc.jacobi_preconditioner(matvec, dim=d, dtype=torch.float64, damping=0.0, probes=64),
-        "nystrom (rank 50)": lambda: ifunc.nystrom_preconditioner(matvec, dim=d, dtype=torch.float64, rank=50, damping=1e-6),
-    }, rows)
+    run(
+        "scaled",
+        matvec,
+        d,
+        {
+            "none": None,
+            "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(matvec, dim=d, dtype=torch.float64, damping=0.0),
+            "jacobi (64 probes)": lambda: ifunc.jacobi_preconditioner(
+                matvec, dim=d, dtype=torch.float64, damping=0.0, probes=64
+            ),
+            "nystrom (rank 50)": lambda: ifunc.nystrom_preconditioner(
+                matvec, dim=d, dtype=torch.float64, rank=50, damping=1e-6
+            ),
+        },
+        rows,
+    )
 
     H, system, d, lam = spiked_problem(200 if args.quick else 400)
-    run("spiked", system, d, {
-        "none": None,
-        "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(H, dim=d, dtype=torch.float64, damping=lam),
-        "nystrom (rank 25)": lambda: ifunc.nystrom_preconditioner(H, dim=d, dtype=torch.float64, rank=25, damping=lam),
-        "nystrom (rank 100)": lambda: ifunc.nystrom_preconditioner(H, dim=d, dtype=torch.float64, rank=100, damping=lam),
-    }, rows)
+    run(
+        "spiked",
+        system,
+        d,
+        {
+            "none": None,
+            "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(H, dim=d, dtype=torch.float64, damping=lam),
+            "nystrom (rank 25)": lambda: ifunc.nystrom_preconditioner(
+                H, dim=d, dtype=torch.float64, rank=25, damping=lam
+            ),
+            "nystrom (rank 100)": lambda: ifunc.nystrom_preconditioner(
+                H, dim=d, dtype=torch.float64, rank=100, damping=lam
+            ),
+        },
+        rows,
+    )
 
     op, system, d, lam = mlp_problem(200 if args.quick else 400)
-    run("mlp GGN", system, d, {
-        "none": None,
-        "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(op, damping=lam),
-        "jacobi (64 probes)": lambda: ifunc.jacobi_preconditioner(op, damping=lam, probes=64),
-        "nystrom (rank 50)": lambda: ifunc.nystrom_preconditioner(op, rank=50, damping=lam),
-        "nystrom (rank 200)": lambda: ifunc.nystrom_preconditioner(op, rank=200, damping=lam),
-    }, rows, dense=False)
+    run(
+        "mlp GGN",
+        system,
+        d,
+        {
+            "none": None,
+            "jacobi (exact)": lambda: ifunc.jacobi_preconditioner(op, damping=lam),
+            "jacobi (64 probes)": lambda: ifunc.jacobi_preconditioner(op, damping=lam, probes=64),
+            "nystrom (rank 50)": lambda: ifunc.nystrom_preconditioner(op, rank=50, damping=lam),
+            "nystrom (rank 200)": lambda: ifunc.nystrom_preconditioner(op, rank=200, damping=lam),
+        },
+        rows,
+        dense=False,
+    )
 
-    header = f"{'problem':<9} {'d':>6}  {'preconditioner':<20} {'CG iters':>8} {'build s':>8} {'solve s':>8} {'rel err':>9}"
+    header = (
+        f"{'problem':<9} {'d':>6}  {'preconditioner':<20} {'CG iters':>8} {'build s':>8} {'solve s':>8} {'rel err':>9}"
+    )
     print(header)
     print("-" * len(header))
     for name, d, label, iters, built, solved, error, converged in rows:

@@ -8,6 +8,7 @@ reach at this size (d² ≈ 9·10⁹ entries), so the reference is CG in float64
 the same damped Gauss-Newton matrix. Reported: build time, solve time, and the relative error
 ‖x − x_ref‖ / ‖x_ref‖ over the right-hand sides (query gradients, as in attribution).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import ifunc
 def make_problem(n_train: int, seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initialisation only; ifunc itself never touches the global RNG
-    model = torch.nn.Sequential(torch.nn.Linear(100, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
-                                torch.nn.Tanh(), torch.nn.Linear(256, 10)).to(dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(100, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)
+    ).to(dtype)
     x = torch.randn(n_train + 64, 100, generator=gen, dtype=dtype)
     y = torch.randint(0, 10, (n_train + 64,), generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -31,9 +33,10 @@ def make_problem(n_train: int, seed: int = 0, dtype=torch.float32):
         opt.zero_grad()
         F.cross_entropy(model(x[:n_train]), y[:n_train]).backward()
         opt.step()
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
-    train = [(x[i:i + 250], y[i:i + 250]) for i in range(0, n_train, 250)]
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
+    train = [(x[i : i + 250], y[i : i + 250]) for i in range(0, n_train, 250)]
     query = (x[n_train:], y[n_train:])
     return model, loss, train, query
 
@@ -63,10 +66,10 @@ def main(argv=None):
     methods = {
         "cg (tol 1e-4)": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam),
         "cg (tol 1e-6)": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam, tol=1e-6),
-        "arnoldi (rank 50)": lambda: ifunc.ihvp_arnoldi(loss, params, train, rank=50, damping=lam,
-                                                        generator=gen()),
-        "lissa (depth 300, batch 100)": lambda: ifunc.ihvp_lissa(loss, params, train, damping=lam, depth=300,
-                                                                 batch_size=100, generator=gen()),
+        "arnoldi (rank 50)": lambda: ifunc.ihvp_arnoldi(loss, params, train, rank=50, damping=lam, generator=gen()),
+        "lissa (depth 300, batch 100)": lambda: ifunc.ihvp_lissa(
+            loss, params, train, damping=lam, depth=300, batch_size=100, generator=gen()
+        ),
     }
     optional = {
         "nystrom (rank 50)": ("ihvp_nystrom", dict(rank=50, damping=lam, generator=gen())),
@@ -74,7 +77,7 @@ def main(argv=None):
     }
     for label, (fn, kw) in optional.items():
         if hasattr(ifunc, fn):
-            methods[label] = (lambda fn=fn, kw=kw: getattr(ifunc, fn)(loss, params, train, **kw))
+            methods[label] = lambda fn=fn, kw=kw: getattr(ifunc, fn)(loss, params, train, **kw)
     if hasattr(ifunc, "ihvp_ekfac"):
         methods["ekfac"] = lambda: ifunc.ihvp_ekfac(loss, params, train, model=model, damping=lam)
     if hasattr(ifunc, "ihvp_kfac"):

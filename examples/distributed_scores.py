@@ -14,6 +14,7 @@ Every rank must hold the same parameters and the same data in the same order (no
 here the model is trained identically on every rank and its parameters are broadcast from rank 0 anyway,
 as one would after any training run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,11 @@ def main():
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
         params = ifunc.params_of(model)
-        loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                                 lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
-        train_data = [(x[i:i + 100], y[i:i + 100]) for i in range(0, len(x), 100)]  # any DataLoader works too
-        query = (xq[:args.queries], yq[:args.queries])
+        loss = ifunc.output_loss(
+            lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+        )
+        train_data = [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(x), 100)]  # any DataLoader works too
+        query = (xq[: args.queries], yq[: args.queries])
 
         start = time.perf_counter()
         ihvp = ifunc.ihvp_ekfac(loss, params, train_data, model=model, damping=1e-3)  # statistics all-reduced
@@ -82,8 +84,7 @@ def main():
             print(f"{world} rank(s): scores {tuple(scores.shape)}")
             for q in range(min(3, scores.shape[0])):
                 top = scores[q].topk(3).indices.tolist()
-                print(f"  query {q} (label {int(yq[q])}): most helpful training images {top}, "
-                      f"labels {y[top].tolist()}")
+                print(f"  query {q} (label {int(yq[q])}): most helpful training images {top}, labels {y[top].tolist()}")
             print(f"fit {fitted - start:.2f} s, scores {done - fitted:.2f} s, total {done - start:.2f} s")
     finally:
         if launched:

@@ -17,6 +17,7 @@ often the most helpful training image shares the query's label. Agreeing with on
 what the ensembles aim at (they average out the idiosyncrasies of one run); ``benchmarks/lds.py`` measures
 how well each predicts actual retraining.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,9 @@ def train(seed, train_data, query, *, epochs=12, every=3, damping=1e-2, verbose=
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=0.5)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     checkpoints, previous = [], None
     for epoch in range(1, epochs + 1):
         for idx in torch.randperm(len(y), generator=gen).split(50):
@@ -71,9 +73,15 @@ def train(seed, train_data, query, *, epochs=12, every=3, damping=1e-2, verbose=
                 scores = ifunc.attribute(loss, params, ihvp, train_data, query, progress=False)
                 with torch.no_grad():
                     acc = (ifunc.call(model, params, query[0]).argmax(1) == query[1]).float().mean()
-                change = "" if previous is None else f", Spearman with the previous checkpoint {spearman(scores, previous):.3f}"
-                print(f"  epoch {epoch:2d}: query accuracy {acc:.2f}, most helpful for query 0: "
-                      f"{scores[0].topk(3).indices.tolist()}{change}")
+                change = (
+                    ""
+                    if previous is None
+                    else f", Spearman with the previous checkpoint {spearman(scores, previous):.3f}"
+                )
+                print(
+                    f"  epoch {epoch:2d}: query accuracy {acc:.2f}, most helpful for query 0: "
+                    f"{scores[0].topk(3).indices.tolist()}{change}"
+                )
                 previous = scores
         sched.step()
     return model, loss, checkpoints
@@ -90,22 +98,30 @@ def main():
     lrs = [lr for _, lr in checkpoints]
     final = params[-1]
 
-    reference = ifunc.attribute(loss, final, ifunc.ihvp_cg(loss, final, train_data, damping=damping, tol=1e-6),
-                                train_data, query, progress=False)
+    reference = ifunc.attribute(
+        loss,
+        final,
+        ifunc.ihvp_cg(loss, final, train_data, damping=damping, tol=1e-6),
+        train_data,
+        query,
+        progress=False,
+    )
     ekfac = lambda p: ifunc.ihvp_ekfac(loss, p, train_data, model=model, damping=damping)  # noqa: E731
     results = {
         "EK-FAC, final checkpoint": ifunc.attribute(loss, final, ekfac(final), train_data, query, progress=False),
         "TracIn (identity, lr-weighted sum over checkpoints)": ifunc.attribute_ensemble(
-            loss, params, lambda p: ifunc.ihvp_identity(p, model=model), train_data, query, weights=lrs,
-            progress=False),
-        "EK-FAC, mean over checkpoints": ifunc.attribute_ensemble(loss, params, ekfac, train_data, query,
-                                                                  progress=False),
+            loss, params, lambda p: ifunc.ihvp_identity(p, model=model), train_data, query, weights=lrs, progress=False
+        ),
+        "EK-FAC, mean over checkpoints": ifunc.attribute_ensemble(
+            loss, params, ekfac, train_data, query, progress=False
+        ),
     }
     # seed ensemble: the same recipe from other initialisations; the loss of each run calls its own module,
     # but modules of one architecture are interchangeable under ifunc.call, so one loss and model serve all
     finals = [final] + [train(seed, train_data, query, verbose=False)[2][-1][0] for seed in (1, 2, 3)]
     results["EK-FAC, mean over 4 seeds (final checkpoints)"] = ifunc.attribute_ensemble(
-        loss, finals, ekfac, train_data, query, progress=False)
+        loss, finals, ekfac, train_data, query, progress=False
+    )
 
     y_train, y_query = train_data[1], query[1]
     print(f"\nagreement with CG influence on the final model ({len(y_query)} queries, 1000 training images):")

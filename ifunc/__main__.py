@@ -10,6 +10,7 @@ Exits non-zero when influence is off (the leave-one-out correlation, or the agre
 falls below its threshold). scikit-learn and matplotlib come with ``pip install -e ".[examples]"``; without
 them only the leave-one-out check runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,20 @@ def digits_problem(*, n_train: int = 1000, hidden: int = 32, steps: int = 300, s
         F.cross_entropy(model(x_tr), y_tr).backward()
         opt.step()
     params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     with torch.no_grad():
         acc = (model(x_te).argmax(1) == y_te).double().mean().item()
-    return {"model": model, "params": params, "loss": loss, "train": (x_tr, y_tr), "test": (x_te, y_te),
-            "accuracy": acc, "images": digits.images[perm.numpy()]}
+    return {
+        "model": model,
+        "params": params,
+        "loss": loss,
+        "train": (x_tr, y_tr),
+        "test": (x_te, y_te),
+        "accuracy": acc,
+        "images": digits.images[perm.numpy()],
+    }
 
 
 def build_ihvp(method: str, prob: dict, damping: float):
@@ -66,8 +75,14 @@ def build_ihvp(method: str, prob: dict, damping: float):
         return getattr(ifunc, f"ihvp_{method}")(loss, params, train, model=model, damping=damping)
     if method == "identity":
         return ifunc.ihvp_identity(params, model=model, damping=damping)
-    extra = {"cg": dict(tol=1e-6), "arnoldi": dict(rank=64, generator=gen), "nystrom": dict(rank=64, generator=gen),
-             "lissa": dict(depth=500, batch_size=100, generator=gen), "explicit": {}, "datainf": {}}[method]
+    extra = {
+        "cg": dict(tol=1e-6),
+        "arnoldi": dict(rank=64, generator=gen),
+        "nystrom": dict(rank=64, generator=gen),
+        "lissa": dict(depth=500, batch_size=100, generator=gen),
+        "explicit": {},
+        "datainf": {},
+    }[method]
     return getattr(ifunc, f"ihvp_{method}")(loss, params, train, damping=damping, **extra)
 
 
@@ -79,8 +94,9 @@ def save_figure(path: str, images, y_tr, queries, y_te, pred, scores, k: int = 4
     import matplotlib.pyplot as plt
 
     n_train = len(y_tr)
-    fig, axes = plt.subplots(len(queries), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.7 * len(queries) + 0.3),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(queries), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.7 * len(queries) + 0.3), squeeze=False
+    )
     for row, q in enumerate(queries):
         top = scores[row].topk(k).indices.tolist()
         bottom = (-scores[row]).topk(k).indices.tolist()
@@ -97,8 +113,16 @@ def save_figure(path: str, images, y_tr, queries, y_te, pred, scores, k: int = 4
     plt.close(fig)
 
 
-def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float = 1e-2, n_queries: int = 4,
-                out: str | None = "ifunc-demo.png", n_train: int = 1000, k: int = 4) -> float:
+def digits_demo(
+    *,
+    method: str = "ekfac",
+    reference: str = "cg",
+    damping: float = 1e-2,
+    n_queries: int = 4,
+    out: str | None = "ifunc-demo.png",
+    n_train: int = 1000,
+    k: int = 4,
+) -> float:
     """Run the digits demo; returns the mean Spearman agreement of ``method`` with ``reference``."""
     t0 = time.perf_counter()
     prob = digits_problem(n_train=n_train)
@@ -111,8 +135,10 @@ def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float 
     queries = (wrong + [i for i in range(len(y_te)) if i not in wrong])[:n_queries]
     query = (x_te[queries], y_te[queries])
     d = sum(p.numel() for p in prob["params"].values())
-    print(f"digits: MLP 64-32-10 ({d:,} parameters) trained on {n_train} images in {time.perf_counter() - t0:.1f} s,"
-          f" test accuracy {prob['accuracy']:.3f}; damping {damping}")
+    print(
+        f"digits: MLP 64-32-10 ({d:,} parameters) trained on {n_train} images in {time.perf_counter() - t0:.1f} s,"
+        f" test accuracy {prob['accuracy']:.3f}; damping {damping}"
+    )
     scores = {}
     for name in dict.fromkeys([method, reference]):
         start = time.perf_counter()
@@ -125,8 +151,10 @@ def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float 
         top = main[row].topk(k).indices.tolist()
         bottom = (-main[row]).topk(k).indices.tolist()
         fmt = lambda idx: ", ".join(f"#{i}({int(y_tr[i])})" for i in idx)  # noqa: E731
-        print(f"  test image {q} (label {int(y_te[q])}, predicted {int(pred[q])}), Spearman({method}, {reference}) "
-              f"= {rho[row]:.3f}\n    most helpful: {fmt(top)}\n    most harmful: {fmt(bottom)}")
+        print(
+            f"  test image {q} (label {int(y_te[q])}, predicted {int(pred[q])}), Spearman({method}, {reference}) "
+            f"= {rho[row]:.3f}\n    most helpful: {fmt(top)}\n    most harmful: {fmt(bottom)}"
+        )
     agreement = float(rho.mean())
     print(f"  mean Spearman({method}, {reference}) over {len(queries)} queries: {agreement:.3f}")
     if out:
@@ -134,7 +162,7 @@ def digits_demo(*, method: str = "ekfac", reference: str = "cg", damping: float 
             save_figure(out, prob["images"], y_tr, queries, y_te, pred, main, k=k)
             print(f"  figure: {out}")
         except ImportError:
-            print("  (matplotlib not installed: no figure; pip install -e \".[examples]\")")
+            print('  (matplotlib not installed: no figure; pip install -e ".[examples]")')
     return agreement
 
 
@@ -152,20 +180,23 @@ def loo_demo(n_train: int = 300, n_remove: int = 60, seed: int = 0) -> dict[str,
         return loss(p, batch) - 0.5 * l2 * batch[0].shape[0] * (p["w"] ** 2).sum()  # test loss, unregularised
 
     removed = list(range(n_remove))
-    loo = leave_one_out_losses(x, y, xq, yq, l2=l2, indices=removed)          # [n_remove, n_query]
+    loo = leave_one_out_losses(x, y, xq, yq, l2=l2, indices=removed)  # [n_remove, n_query]
     z = xq @ params["w"] + params["b"]
-    actual = (loo - (torch.nn.functional.softplus(z) - yq * z)).sum(dim=1)   # change of total test loss
-    print(f"leave-one-out check: logistic regression, {n_train} training points, {len(yq)} test points, l2={l2}, "
-          f"{n_remove} points removed and the model retrained each time")
+    actual = (loo - (torch.nn.functional.softplus(z) - yq * z)).sum(dim=1)  # change of total test loss
+    print(
+        f"leave-one-out check: logistic regression, {n_train} training points, {len(yq)} test points, l2={l2}, "
+        f"{n_remove} points removed and the model retrained each time"
+    )
     results = {}
-    for name, build in [("explicit", lambda: ifunc.ihvp_explicit(loss, params, (x, y))),
-                        ("cg", lambda: ifunc.ihvp_cg(loss, params, (x, y), tol=1e-8)),
-                        ("arnoldi(rank=4)", lambda: ifunc.ihvp_arnoldi(loss, params, (x, y), rank=4,
-                                                                        damping=1e-2))]:
+    for name, build in [
+        ("explicit", lambda: ifunc.ihvp_explicit(loss, params, (x, y))),
+        ("cg", lambda: ifunc.ihvp_cg(loss, params, (x, y), tol=1e-8)),
+        ("arnoldi(rank=4)", lambda: ifunc.ihvp_arnoldi(loss, params, (x, y), rank=4, damping=1e-2)),
+    ]:
         start = time.perf_counter()
         scores = ifunc.attribute(loss, params, build(), (x, y), (xq, yq), measurement=query_loss, progress=False)
         seconds = time.perf_counter() - start
-        predicted = scores[:, removed].sum(dim=0) / n_train                   # removal: +score / n
+        predicted = scores[:, removed].sum(dim=0) / n_train  # removal: +score / n
         r = float(torch.corrcoef(torch.stack([predicted, actual]))[0, 1])
         results[name] = r
         print(f"  {name:16s} Pearson(predicted, actual leave-one-out change) = {r:.4f}   ({seconds:.2f} s)")
@@ -173,8 +204,9 @@ def loo_demo(n_train: int = 300, n_remove: int = 60, seed: int = 0) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ifunc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ifunc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["demo"])
     parser.add_argument("--method", choices=METHODS, default="ekfac", help="method shown (default ekfac)")
     parser.add_argument("--reference", choices=METHODS, default="cg", help="method compared with (default cg)")
@@ -193,11 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import sklearn  # noqa: F401
         except ImportError:
-            print("scikit-learn is not installed, so the digits demo is skipped; install the extras with\n"
-                  "  pip install -e \".[examples]\"   (scikit-learn + matplotlib)\n")
+            print(
+                "scikit-learn is not installed, so the digits demo is skipped; install the extras with\n"
+                '  pip install -e ".[examples]"   (scikit-learn + matplotlib)\n'
+            )
         else:
-            agreement = digits_demo(method=args.method, reference=args.reference, damping=args.damping,
-                                    n_queries=args.queries, out=args.out or None, n_train=args.n_train)
+            agreement = digits_demo(
+                method=args.method,
+                reference=args.reference,
+                damping=args.damping,
+                n_queries=args.queries,
+                out=args.out or None,
+                n_train=args.n_train,
+            )
             if agreement < AGREEMENT_THRESHOLD:
                 print(f"FAIL: agreement {agreement:.3f} < {AGREEMENT_THRESHOLD}")
                 ok = False

@@ -7,10 +7,12 @@ A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts 
 (gradients, scores, factors) takes ``(index, offset, batch)`` from it. :func:`fingerprint` is the one
 content hash (data sets, parameters, query sets).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 import optree
 import torch

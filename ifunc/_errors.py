@@ -1,19 +1,26 @@
 """Readable errors for what torch.func transforms reject inside a user's loss or model."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 _HINTS = (
-    (("randomness",),
-     "random operations (dropout?) inside a vmapped loss: put the model in eval mode (model.eval()) or make "
-     "the loss deterministic"),
-    (("data-dependent control flow", ".item()"),
-     "data-dependent Python (.item(), float(tensor), `if tensor:`, one_hot) inside the loss or model: rewrite "
-     "it with tensor operations (torch.where, masks); for Hugging Face models use attn_implementation='eager'"),
-    (("mutate a captured Tensor", "in-place operation", "more than 1 value per channel when training"),
-     "an in-place update of a tensor the model holds (BatchNorm running statistics in train mode?): call "
-     "model.eval() before computing influence (the curvature of a trained model is taken in eval mode)"),
+    (
+        ("randomness",),
+        "random operations (dropout?) inside a vmapped loss: put the model in eval mode (model.eval()) or make "
+        "the loss deterministic",
+    ),
+    (
+        ("data-dependent control flow", ".item()"),
+        "data-dependent Python (.item(), float(tensor), `if tensor:`, one_hot) inside the loss or model: rewrite "
+        "it with tensor operations (torch.where, masks); for Hugging Face models use attn_implementation='eager'",
+    ),
+    (
+        ("mutate a captured Tensor", "in-place operation", "more than 1 value per channel when training"),
+        "an in-place update of a tensor the model holds (BatchNorm running statistics in train mode?): call "
+        "model.eval() before computing influence (the curvature of a trained model is taken in eval mode)",
+    ),
 )
 
 

@@ -1,4 +1,5 @@
 """Progress bars (tqdm) for ifunc's long loops; ``progress=False`` silences them, ``None`` = only on a terminal."""
+
 from __future__ import annotations
 
 
@@ -10,8 +11,7 @@ def progress_bar(iterable=None, *, total=None, desc: str, progress: bool | None)
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but a missing progress bar must never stop a run
         return iterable if iterable is not None else _Silent()
-    return tqdm(iterable, total=total, desc=desc, disable=None if progress is None else not progress,
-                leave=False)
+    return tqdm(iterable, total=total, desc=desc, disable=None if progress is None else not progress, leave=False)
 
 
 class _Silent:

@@ -1,4 +1,5 @@
 """Type aliases that say what a value means."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol

@@ -5,6 +5,7 @@ scorer from per-example gradients and one block solve of the queries, or the Kro
 :class:`ifunc.KroneckerIHVP`), and a *sink* (:mod:`ifunc._sinks`) keeps them in memory, writes them to a
 resumable store, or shares them across ``torchrun`` ranks.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -21,7 +22,13 @@ from .functional import flatten
 from .grads import chunk_size_for, iter_per_sample_grads, per_sample_grads
 from .ihvp._base import IHVP
 from .ihvp._operator import check_same_data
-from .ihvp.kronecker.score import DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare, kronecker_self_terms, scorable
+from .ihvp.kronecker.score import (
+    DEFAULT_CHUNK,
+    kronecker_chunk_scores,
+    kronecker_prepare,
+    kronecker_self_terms,
+    scorable,
+)
 from .ihvp.kronecker.tokens import check_per_token, token_chunk_scores
 
 __all__ = ["attribute", "self_influence"]
@@ -49,24 +56,47 @@ class Scorer(NamedTuple):
 
 
 def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
-    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory,
-                         name="query")
+    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory, name="query")
     Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be distributed
     Qp = _solve(ihvp, Q)
     Qp = Qp.to(dtype or Qp.dtype)
     chunk = chunk_size or chunk_size_for(Q.shape[1], Q.element_size(), max_memory=max_memory)
 
     def score(batch, offset):
-        return torch.cat([Qp @ G.to(Qp.dtype).T for G in iter_per_sample_grads(
-            loss, params, batch, chunk_size=chunk, name="train", offset=offset)], dim=1)
+        return torch.cat(
+            [
+                Qp @ G.to(Qp.dtype).T
+                for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset)
+            ],
+            dim=1,
+        )
 
     return Scorer(chunk, Qp.shape[0], score)
 
 
-def _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank, per_module,
-                      per_token=False, token_mask=None) -> Scorer:
-    prepared = kronecker_prepare(loss, params, ihvp, query, measurement=measurement, chunk_size=chunk_size,
-                                 max_memory=max_memory, query_rank=query_rank)
+def _kronecker_scorer(
+    loss,
+    params,
+    ihvp,
+    query,
+    measurement,
+    chunk_size,
+    max_memory,
+    query_rank,
+    per_module,
+    per_token=False,
+    token_mask=None,
+) -> Scorer:
+    prepared = kronecker_prepare(
+        loss,
+        params,
+        ihvp,
+        query,
+        measurement=measurement,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        query_rank=query_rank,
+    )
     prepared = distributed.broadcast_from_rank0(prepared)  # identical preconditioned queries on every rank
 
     def score(batch, offset):
@@ -82,8 +112,9 @@ def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc
     """The one scoring loop: every chunk in order, computed where the sink wants it."""
     shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
     with sink:
-        for index, offset, batch in progress_bar(iter_chunks(source, chunk), total=n_chunks(source, chunk),
-                                                 desc=desc, progress=shown):
+        for index, offset, batch in progress_bar(
+            iter_chunks(source, chunk), total=n_chunks(source, chunk), desc=desc, progress=shown
+        ):
             sink.seen(index, batch)  # first: a store checks a chunk it has against its fingerprint
             if sink.wants(index):
                 sink.put(index, compute(batch, offset))
@@ -102,6 +133,7 @@ def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tupl
     for a callable that is not an ifunc closure and carries no ``identity`` (nothing tells two apart);
     ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf).
     """
+
     def summary(t: torch.Tensor) -> list:  # robust to last-bit differences, unlike a hash
         t = t.detach().to("cpu", torch.float64)
         return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
@@ -118,8 +150,13 @@ def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tupl
     info = getattr(ihvp, "info", {}) or {}
     identity = getattr(ihvp, "identity", None)
     curvature = {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)}
-    curvature.update({f"layer {b.spec.name}": summary(b.eigenvalues) for b in getattr(ihvp, "blocks", ())
-                      if hasattr(b, "eigenvalues")})
+    curvature.update(
+        {
+            f"layer {b.spec.name}": summary(b.eigenvalues)
+            for b in getattr(ihvp, "blocks", ())
+            if hasattr(b, "eigenvalues")
+        }
+    )
     curvature.update({f"diagonal {d.name}": summary(d.diag) for d in getattr(ihvp, "diags", ()) if hasattr(d, "diag")})
     settings = {k: plain(v) for k, v in info.items() if k != "damping" and not isinstance(v, torch.Tensor)}
     damping = info.get("damping") if isinstance(info.get("damping"), dict) else getattr(ihvp, "damping", None)
@@ -142,20 +179,36 @@ def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tupl
         resume["refuse_resume"] = (
             f"ihvp is a custom callable ({meta['method']}), which ifunc cannot tell apart from another one, so its "
             "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
-            "ihvp.identity = '<a name that changes whenever the closure does>' before the first run")
+            "ihvp.identity = '<a name that changes whenever the closure does>' before the first run"
+        )
     elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and identity is None:
         resume["warn_resume"] = (
             f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
             "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "
-            "ihvp.identity = '<a name for that data>' before the first run to have it checked)")
+            "ihvp.identity = '<a name for that data>' before the first run to have it checked)"
+        )
     return meta, resume
 
 
-def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
-              measurement: Measurement | None = None, chunk_size: int | None = None,
-              max_memory: int | None = None, query_rank: int | None = None,
-              per_module: bool = False, out=None, overwrite: bool = False, progress: bool | None = None,
-              dtype: torch.dtype | None = None, per_token: bool = False, token_mask: Callable | None = None):
+def attribute(
+    loss: LossFn,
+    params: Params,
+    ihvp,
+    train: Data,
+    query: Data,
+    *,
+    measurement: Measurement | None = None,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    query_rank: int | None = None,
+    per_module: bool = False,
+    out=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    dtype: torch.dtype | None = None,
+    per_token: bool = False,
+    token_mask: Callable | None = None,
+):
     """Pairwise influence scores of training examples on query measurements.
 
     ``scores[q, i] = ∇f(z_q)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, with ``f`` the measurement (default: the loss) and
@@ -231,23 +284,37 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     """
     kron = scorable(ihvp)
     if not kron and (query_rank is not None or per_module):
-        raise ValueError("query_rank= and per_module=True need a Kronecker-family closure built with model= "
-                         "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
+        raise ValueError(
+            "query_rank= and per_module=True need a Kronecker-family closure built with model= "
+            "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+        )
     if token_mask is not None and not per_token:
         raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
     if per_token and (per_module or out is not None or distributed.active()):
-        raise NotImplementedError("per_token=True cannot be combined with per_module=True, out= or "
-                                  "torch.distributed yet; compute per-token scores for a slice of the train set")
+        raise NotImplementedError(
+            "per_token=True cannot be combined with per_module=True, out= or "
+            "torch.distributed yet; compute per-token scores for a slice of the train set"
+        )
     if out is not None and per_module:
-        raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or "
-                                  "per_module")
+        raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or per_module")
     if per_token:
         check_per_token(ihvp)
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
     if kron:
-        scorer = _kronecker_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, query_rank,
-                                   per_module, per_token, token_mask)
+        scorer = _kronecker_scorer(
+            loss,
+            params,
+            ihvp,
+            query,
+            measurement,
+            chunk_size,
+            max_memory,
+            query_rank,
+            per_module,
+            per_token,
+            token_mask,
+        )
     else:
         scorer = _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype)
     if out is None:
@@ -255,16 +322,31 @@ def attribute(loss: LossFn, params: Params, ihvp, train: Data, query: Data, *,
     else:
         meta, resume = _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype)
         kind = RankStoreSink if distributed.active() else StoreSink
-        sink = kind(out, n_query=scorer.n_query, n_train=source.count(), chunk=scorer.chunk, meta=meta,
-                    overwrite=overwrite, **resume)
+        sink = kind(
+            out,
+            n_query=scorer.n_query,
+            n_train=source.count(),
+            chunk=scorer.chunk,
+            meta=meta,
+            overwrite=overwrite,
+            **resume,
+        )
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
     scores = _score_loop(source, scorer.chunk, scorer.score, sink, desc=desc, progress=progress)
     return scores.to(dtype) if dtype is not None and out is None else scores
 
 
-def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_size: int | None = None,
-                   max_memory: int | None = None, progress: bool | None = None,
-                   per_module: bool = False) -> torch.Tensor:
+def self_influence(
+    loss: LossFn,
+    params: Params,
+    ihvp,
+    train: Data,
+    *,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    progress: bool | None = None,
+    per_module: bool = False,
+) -> torch.Tensor:
     """Self-influence ``s[i] = ∇ℓ(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, ``[n_train]``.
 
     Large values flag examples the model finds surprising (often mislabelled). Training data streams in
@@ -278,25 +360,35 @@ def self_influence(loss: LossFn, params: Params, ihvp, train: Data, *, chunk_siz
     if scorable(ihvp):
         step = chunk_size or DEFAULT_CHUNK
         compute = lambda batch, offset: kronecker_self_terms(  # noqa: E731
-            loss, params, ihvp, batch, per_module=per_module, offset=offset)
+            loss, params, ihvp, batch, per_module=per_module, offset=offset
+        )
         sink = GatherSink() if distributed.active() else MemorySink()
         s = _score_loop(source, step, compute, sink, desc="ifunc self-influence", progress=progress)
         return s if per_module else s[0]
     if per_module:
-        raise ValueError("per_module=True needs a Kronecker-family closure built with model= "
-                         "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)")
+        raise ValueError(
+            "per_module=True needs a Kronecker-family closure built with model= "
+            "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+        )
     d = flatten(params)[0]
     chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
     if distributed.active():  # a round of W chunks at a time: the solve may itself be distributed
         chunk = max(1, chunk // distributed.world()[1])
     rank, size = distributed.world()
     out, held = [], []
-    bar = progress_bar(iter_chunks(source, chunk), total=n_chunks(source, chunk), desc="ifunc self-influence",
-                       progress=progress if rank == 0 else False)
+    bar = progress_bar(
+        iter_chunks(source, chunk),
+        total=n_chunks(source, chunk),
+        desc="ifunc self-influence",
+        progress=progress if rank == 0 else False,
+    )
     for index, offset, batch in bar:
         mine = index % size == rank
-        G = torch.cat(list(iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train",
-                                                 offset=offset))) if mine else None
+        G = (
+            torch.cat(list(iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset)))
+            if mine
+            else None
+        )
         held.append((batch_size(batch), G))
         if len(held) == size:
             out.append(_self_round(ihvp, held, d.numel()))

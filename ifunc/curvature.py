@@ -17,6 +17,7 @@ Two more PSD curvatures are built from per-example gradients:
   distribution. Its expectation over the samples is the GGN for exponential-family losses. It needs an
   ``output_loss(..., likelihood=...)`` that says how to sample, and a ``generator``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -31,8 +32,18 @@ from .functional import Unflatten, flatten
 from .grads import batch_grads, check_scalar, check_summed
 from .likelihood import OutputLoss, replayable, sampled_output_gradients
 
-__all__ = ["curvature_operator", "CurvatureOperator", "Partition", "hvp", "ggn_vp", "hessian", "ggn",
-           "resolve_curvature", "example_gradients", "CURVATURES"]
+__all__ = [
+    "curvature_operator",
+    "CurvatureOperator",
+    "Partition",
+    "hvp",
+    "ggn_vp",
+    "hessian",
+    "ggn",
+    "resolve_curvature",
+    "example_gradients",
+    "CURVATURES",
+]
 
 CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
 
@@ -45,7 +56,7 @@ def resolve_curvature(loss: LossFn, curvature: str | None) -> str:
     if curvature == "ggn" and not isinstance(loss, OutputLoss):
         raise TypeError(
             'curvature="ggn" needs the split outputs / loss-on-outputs: pass '
-            "loss=ifunc.output_loss(outputs, loss_on_outputs) (or use curvature=\"hessian\")"
+            'loss=ifunc.output_loss(outputs, loss_on_outputs) (or use curvature="hessian")'
         )
     if curvature == "fisher" and (not isinstance(loss, OutputLoss) or loss.likelihood is None):
         raise TypeError(
@@ -56,9 +67,17 @@ def resolve_curvature(loss: LossFn, curvature: str | None) -> str:
     return curvature
 
 
-def example_gradients(loss: LossFn, flat: torch.Tensor, unflatten: Unflatten, batch: Batch, *,
-                      curvature: str = "empirical_fisher", generator: torch.Generator | None = None,
-                      name: str = "data", offset: int = 0) -> torch.Tensor:
+def example_gradients(
+    loss: LossFn,
+    flat: torch.Tensor,
+    unflatten: Unflatten,
+    batch: Batch,
+    *,
+    curvature: str = "empirical_fisher",
+    generator: torch.Generator | None = None,
+    name: str = "data",
+    offset: int = 0,
+) -> torch.Tensor:
     """Per-example gradient factors ``[b, d]`` of a gradient curvature (``F = (1/n) Σ_i G_iᵀ G_i``).
 
     ``"empirical_fisher"``: ``G_i = ∇ℓ_i`` at the data's labels; ``"fisher"``: ``G_i = J_iᵀ g_i`` with ``g_i``
@@ -66,13 +85,20 @@ def example_gradients(loss: LossFn, flat: torch.Tensor, unflatten: Unflatten, ba
     """
     if curvature == "fisher":
         g = sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, generator)
-        return batch_grads(lambda x, b: loss.outputs(unflatten(x), b), flat, batch, cotangent=g, name=name,
-                           offset=offset)
+        return batch_grads(
+            lambda x, b: loss.outputs(unflatten(x), b), flat, batch, cotangent=g, name=name, offset=offset
+        )
     return batch_grads(lambda x, b: loss(unflatten(x), b), flat, batch, name=name, offset=offset)
 
 
-def _batch_matvec(loss: LossFn, flat: torch.Tensor, unflatten: Unflatten, batch: Batch, curvature: str,
-                  generator: torch.Generator | None = None):
+def _batch_matvec(
+    loss: LossFn,
+    flat: torch.Tensor,
+    unflatten: Unflatten,
+    batch: Batch,
+    curvature: str,
+    generator: torch.Generator | None = None,
+):
     """``V [k, d] -> M_batch V`` for the summed loss of one batch."""
     if curvature == "hessian":
         g = grad(lambda x: loss(unflatten(x), batch).reshape(()))
@@ -130,9 +156,16 @@ class Partition(NamedTuple):
     reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 
-def curvature_operator(loss: LossFn, params: Params, data: Data, *, curvature: str | None = None,
-                       generator: torch.Generator | None = None, check: bool = True,
-                       partition: Partition | None = None) -> CurvatureOperator:
+def curvature_operator(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    curvature: str | None = None,
+    generator: torch.Generator | None = None,
+    check: bool = True,
+    partition: Partition | None = None,
+) -> CurvatureOperator:
     """Linear operator ``V [k, d] -> M V`` with ``M`` the mean curvature of ``loss`` over ``data``.
 
     ``M = (1/n) Σ_batches M_batch`` with, per curvature (``ℓ_i`` the loss of example ``i``):
@@ -206,8 +239,9 @@ def _apply(op: CurvatureOperator, v):
     return op.unflatten(out if batched else out[0])
 
 
-def hvp(loss: LossFn, params: Params, data: Data, v, *, curvature: str = "hessian",
-        generator: torch.Generator | None = None):
+def hvp(
+    loss: LossFn, params: Params, data: Data, v, *, curvature: str = "hessian", generator: torch.Generator | None = None
+):
     """Mean-curvature-vector product ``H v`` (or ``G v``, ``F v`` with another ``curvature``).
 
     Args:

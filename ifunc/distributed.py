@@ -2,8 +2,10 @@
 
 A leaf: it imports no other ifunc module, and it is called only by the orchestrating layers (the solvers
 pass a partition of the data to the curvature operators; :func:`ifunc.attribute` picks a sink that gathers
-columns or merges per-rank stores). Nothing here is called by users. When a default process group is initialised (``gloo`` on CPU, ``nccl``
-on GPU) the public functions of ifunc split their work across the ``W`` ranks and return on every rank
+columns or merges per-rank stores). Nothing here is called by users.
+
+When a default process group is initialised (``gloo`` on CPU, ``nccl`` on GPU) the public functions of ifunc
+split their work across the ``W`` ranks and return on every rank
 what one process would have returned; without a process group every hook below is the identity and
 costs nothing. Every rank must pass the *same* data, in the same order (not a ``DistributedSampler``).
 
@@ -30,17 +32,33 @@ Monte Carlo labels (``curvature="fisher"``) are drawn from one generator in data
 skips a batch still runs its forward pass and draws its labels, so the labels (and the result) equal the
 single-process ones.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Callable
 
 import optree
 import torch
 
-__all__ = ["world", "active", "shard", "chunk_size", "reduce_sum", "reduce_tensor", "reduce_count", "reduce_stats",
-           "owner_map", "broadcast_from_rank0", "broadcast_result", "gather_columns", "gather_rows", "barrier",
-           "check_same"]
+__all__ = [
+    "world",
+    "active",
+    "shard",
+    "chunk_size",
+    "reduce_sum",
+    "reduce_tensor",
+    "reduce_count",
+    "reduce_stats",
+    "owner_map",
+    "broadcast_from_rank0",
+    "broadcast_result",
+    "gather_columns",
+    "gather_rows",
+    "barrier",
+    "check_same",
+]
 
 
 def world() -> tuple[int, int]:
@@ -125,14 +143,14 @@ def reduce_sum(values: Sequence) -> list:
     flat = torch.cat(parts)
     torch.distributed.all_reduce(flat)
     out, start = [], 0
-    for v, a, s in zip(values, agreed, specs):
+    for a, s in zip(agreed, specs):
         if a is None:
             out.append(flat[start].item())
             start += 1
             continue
         size = math.prod(a[0])
         home = s[2] if s is not None else torch.device("cpu")
-        out.append(flat[start:start + size].reshape(a[0]).to(home, a[1]))
+        out.append(flat[start : start + size].reshape(a[0]).to(home, a[1]))
         start += size
     return out
 
@@ -169,7 +187,7 @@ def owner_map(items: Sequence, fn: Callable[[object], tuple], empty: Callable[[o
     flat = reduce_sum([t for tup in local for t in tup])
     out, start = [], 0
     for k in lengths:
-        out.append(tuple(flat[start:start + k]))
+        out.append(tuple(flat[start : start + k]))
         start += k
     return out
 
@@ -182,7 +200,6 @@ def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> 
     where = [(acc[name], k) for name in acc for k in keys] + [(extra, k) for k in extra]
     for (d, k), total in zip(where, reduce_sum([d[k] for d, k in where])):
         d[k] = total
-
 
 
 def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
@@ -206,13 +223,13 @@ def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
     dev = _device()
     buf = torch.zeros(*lead, longest, dtype=dtype, device=dev)
     if local is not None:
-        buf[..., :local.shape[-1]] = local.to(dev)
+        buf[..., : local.shape[-1]] = local.to(dev)
     bufs = [torch.empty_like(buf) for _ in range(size)]
     torch.distributed.all_gather(bufs, buf)
     cols, used = [], [0] * size
     for i, w in enumerate(widths):
         r = i % size
-        cols.append(bufs[r][..., used[r]:used[r] + w])
+        cols.append(bufs[r][..., used[r] : used[r] + w])
         used[r] += w
     return torch.cat(cols, dim=-1).to(home)
 
@@ -256,8 +273,6 @@ def broadcast_from_rank0(tree):
     return optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)
 
 
-
-
 def gather_rows(local: torch.Tensor | None, widths: list[int], d: int) -> torch.Tensor:
     """All-gather one round of row blocks: rank ``r`` holds block ``r`` ``[widths[r], d]`` (or None when the
     round has fewer blocks than ranks). Returns ``[Σ widths, d]`` in rank order on every rank."""
@@ -268,7 +283,7 @@ def gather_rows(local: torch.Tensor | None, widths: list[int], d: int) -> torch.
         return local
     home, dev = local.device, _device()
     buf = torch.zeros(max(widths), d, dtype=local.dtype, device=dev)
-    buf[:local.shape[0]] = local.to(dev)
+    buf[: local.shape[0]] = local.to(dev)
     bufs = [torch.empty_like(buf) for _ in range(size)]
     torch.distributed.all_gather(bufs, buf)
     return torch.cat([bufs[r][:w] for r, w in enumerate(widths)]).to(home)

@@ -1,7 +1,9 @@
 """Ensembles of influence scores over checkpoints or seeds (TracIn / TRAK-style averaging)."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -11,10 +13,18 @@ from .attribute import attribute
 __all__ = ["attribute_ensemble"]
 
 
-def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params],
-                       ihvp: Callable[[Params], Callable] | Sequence[Callable], train: Data, query: Data, *,
-                       weights: Sequence[float] | torch.Tensor | None = None, reduce: bool = True,
-                       stacked: bool = False, **attribute_kwargs) -> torch.Tensor:
+def attribute_ensemble(
+    loss: LossFn | Sequence[LossFn],
+    params: Sequence[Params],
+    ihvp: Callable[[Params], Callable] | Sequence[Callable],
+    train: Data,
+    query: Data,
+    *,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    reduce: bool = True,
+    stacked: bool = False,
+    **attribute_kwargs,
+) -> torch.Tensor:
     """Weighted sum of :func:`ifunc.attribute` scores over an ensemble of parameter sets.
 
     ``scores[q, i] = Σ_k w_k ∇f_k(z_q)ᵀ (H_k + λI)^{-1} ∇ℓ_k(z_i)``, where member ``k`` is one training
@@ -64,13 +74,16 @@ def attribute_ensemble(loss: LossFn | Sequence[LossFn], params: Sequence[Params]
       Park et al. (2023), "TRAK: Attributing model behavior at scale".
     """
     if "out" in attribute_kwargs:
-        raise TypeError("attribute_ensemble does not write score stores; call ifunc.attribute(..., out=) per "
-                        "member instead")
+        raise TypeError(
+            "attribute_ensemble does not write score stores; call ifunc.attribute(..., out=) per member instead"
+        )
     if stacked:
         params = _unstack(params)
     if isinstance(params, dict) or (isinstance(params, torch.Tensor) and params.dim() != 2):
-        raise TypeError("params must be a sequence of parameter sets (one per checkpoint or seed) or a [m, d] "
-                        f"stack of flat vectors, got {type(params).__name__}; wrap a single set in a list")
+        raise TypeError(
+            "params must be a sequence of parameter sets (one per checkpoint or seed) or a [m, d] "
+            f"stack of flat vectors, got {type(params).__name__}; wrap a single set in a list"
+        )
     members = list(params.unbind(0)) if isinstance(params, torch.Tensor) else list(params)
     m = len(members)
     if m == 0:
@@ -107,8 +120,10 @@ def _unstack(tree) -> list:
     leaves, spec = optree.tree_flatten(tree, namespace="ifunc")
     sizes = {leaf.shape[0] if isinstance(leaf, torch.Tensor) and leaf.dim() else None for leaf in leaves}
     if not leaves or len(sizes) != 1 or None in sizes:
-        raise ValueError("stacked=True needs every leaf of params to be a tensor with the same leading member "
-                         f"dimension; got leading sizes {sorted(map(str, sizes))}")
+        raise ValueError(
+            "stacked=True needs every leaf of params to be a tensor with the same leading member "
+            f"dimension; got leading sizes {sorted(map(str, sizes))}"
+        )
     m = sizes.pop()
     return [optree.tree_unflatten(spec, [leaf[k].detach() for leaf in leaves]) for k in range(m)]
 

@@ -3,9 +3,11 @@
 Everything here is pure: nothing reads parameters from the module when a pytree is given, and nothing
 writes to the module.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import optree
 import torch
@@ -55,15 +57,11 @@ def params_of(
         known = dict(model.named_modules())
         missing = [p for p in prefixes if p not in known]
         if missing:
-            raise ValueError(
-                f"params_of: no sub-module named {missing}; available: {sorted(k for k in known if k)}"
-            )
+            raise ValueError(f"params_of: no sub-module named {missing}; available: {sorted(k for k in known if k)}")
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
             continue
-        if prefixes is not None and not any(
-            pre == "" or name == pre or name.startswith(pre + ".") for pre in prefixes
-        ):
+        if prefixes is not None and not any(pre == "" or name == pre or name.startswith(pre + ".") for pre in prefixes):
             continue
         selected[name] = p.detach()
     if not selected:

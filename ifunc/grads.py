@@ -6,9 +6,11 @@ diagonal blocks of the Kronecker family), so its guards hold everywhere: the val
 torch.func limit (dropout, ``.item()``, BatchNorm in train mode) gets a readable error, and a NaN/inf
 gradient raises naming the example and the data set (``"train"``, ``"query"``, ...).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Callable
 
 import optree
 import torch
@@ -19,8 +21,15 @@ from ._errors import explained
 from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
-__all__ = ["per_sample_grads", "iter_per_sample_grads", "batch_grads", "check_scalar", "check_summed", "check_finite",
-           "chunk_size_for"]
+__all__ = [
+    "per_sample_grads",
+    "iter_per_sample_grads",
+    "batch_grads",
+    "check_scalar",
+    "check_summed",
+    "check_finite",
+    "chunk_size_for",
+]
 
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes for one chunk of gradients and their vmap intermediates
 
@@ -72,16 +81,26 @@ def check_finite(G, name: str, offset: int = 0) -> None:
     ok = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1) for t in leaves]).all(dim=0)
     if not bool(ok.all()):
         index = offset + int((~ok).nonzero()[0])
-        raise ValueError(f"non-finite gradient for example {index} of {name} data; check that example's "
-                         "inputs (and the parameters)")
+        raise ValueError(
+            f"non-finite gradient for example {index} of {name} data; check that example's inputs (and the parameters)"
+        )
 
 
 def _one(t):
     return t.unsqueeze(0) if isinstance(t, torch.Tensor) else t
 
 
-def batch_grads(func: Callable, params: Params, batch: Batch, *, cotangent: torch.Tensor | None = None,
-                wrt: Sequence[str] | None = None, name: str = "data", offset: int = 0, check: bool = True):
+def batch_grads(
+    func: Callable,
+    params: Params,
+    batch: Batch,
+    *,
+    cotangent: torch.Tensor | None = None,
+    wrt: Sequence[str] | None = None,
+    name: str = "data",
+    offset: int = 0,
+    check: bool = True,
+):
     """Per-example gradients of one batch: ``G_i = ∇_θ func(θ, batch_i)``, each example a batch of one.
 
     Args:
@@ -128,9 +147,16 @@ def _eager_check(func, params, chunk) -> None:
     check_summed(func, params, chunk, "loss/measurement(params, batch)")
 
 
-def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,
-                          max_memory: int | None = None, name: str = "data",
-                          offset: int = 0) -> Iterator[torch.Tensor]:
+def iter_per_sample_grads(
+    func: Measurement,
+    params: Params,
+    data: Data,
+    *,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    name: str = "data",
+    offset: int = 0,
+) -> Iterator[torch.Tensor]:
     """Yield flat per-example gradients ``[c, d]`` chunk by chunk, in data order.
 
     The gradient of example ``i`` is ``∇_θ func(θ, batch_i)`` where ``batch_i`` is that example alone as a
@@ -149,8 +175,16 @@ def iter_per_sample_grads(func: Measurement, params: Params, data: Data, *, chun
         yield batch_grads(flat_func, flat, chunk.batch, name=name, offset=offset + chunk.offset)
 
 
-def per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_size: int | None = None,
-                     max_memory: int | None = None, flat: bool = True, name: str = "data"):
+def per_sample_grads(
+    func: Measurement,
+    params: Params,
+    data: Data,
+    *,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    flat: bool = True,
+    name: str = "data",
+):
     """Per-example gradients of ``func`` (the training loss, or any measurement) over ``data``.
 
     Args:
@@ -170,8 +204,9 @@ def per_sample_grads(func: Measurement, params: Params, data: Data, *, chunk_siz
     Example:
       >>> G = ifunc.per_sample_grads(loss, params, (x, y))     # [n, d]
     """
-    G = torch.cat(list(iter_per_sample_grads(func, params, data, chunk_size=chunk_size, max_memory=max_memory,
-                                             name=name)))
+    G = torch.cat(
+        list(iter_per_sample_grads(func, params, data, chunk_size=chunk_size, max_memory=max_memory, name=name))
+    )
     if flat:
         return G
     return flatten(params)[1](G)

@@ -7,9 +7,11 @@ and the curvature ifunc fits is that of the mean loss per *sequence* (see :mod:`
 Padding changes nothing: padded positions have no target, and a model that masks attention to padded keys
 sends them no gradient, so their per-token scores are exactly 0 (``token_mask`` makes that explicit).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,8 +69,9 @@ def token_mask(batch) -> torch.Tensor:
     return batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
 
 
-def untracked(model: nn.Module, params: Params, *,
-              modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None) -> list[str]:
+def untracked(
+    model: nn.Module, params: Params, *, modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None
+) -> list[str]:
     """Names of the parameters no tracked layer covers (embeddings, LayerNorms, ...).
 
     Pass them as ``exclude=`` to a Kronecker-family closure when you want per-token scores: those
@@ -96,6 +99,7 @@ def transformer_modules(model: nn.Module, *, attention: bool = True, mlp: bool =
     """
     if not (attention or mlp):
         raise ValueError("transformer_modules: choose attention=True and/or mlp=True")
+
     def part(name: str) -> str | None:
         for piece in name.split("."):
             low = piece.lower()
@@ -109,6 +113,7 @@ def transformer_modules(model: nn.Module, *, attention: bool = True, mlp: bool =
     names = [n for n, m in model.named_modules() if layer_kind(m) is not None and part(n) in wanted]
     if not names:
         layers = [n for n, m in model.named_modules() if layer_kind(m) is not None]
-        raise ValueError(f"transformer_modules: no attention/MLP layer found by name among {layers}; pass "
-                         "modules= explicitly")
+        raise ValueError(
+            f"transformer_modules: no attention/MLP layer found by name among {layers}; pass modules= explicitly"
+        )
     return names

@@ -7,6 +7,7 @@ a sampler ``(outputs, generator) -> g`` returning ``g = ∇_out −log p(ŷ | ou
 DataInf, the Kronecker factors) resolves its argument here. Randomness is explicit: a ``generator``, by
 default :func:`default_generator` (seed 0, on the parameters' device); the global RNG is never used.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -16,8 +17,19 @@ import torch
 from ._data import batch_size
 from ._types import Batch, Params
 
-__all__ = ["OutputLoss", "output_loss", "Likelihood", "LIKELIHOODS", "resolve_likelihood", "sample_categorical",
-           "sample_gaussian", "default_generator", "replayable", "sample_with", "sampled_output_gradients"]
+__all__ = [
+    "OutputLoss",
+    "output_loss",
+    "Likelihood",
+    "LIKELIHOODS",
+    "resolve_likelihood",
+    "sample_categorical",
+    "sample_gaussian",
+    "default_generator",
+    "replayable",
+    "sample_with",
+    "sampled_output_gradients",
+]
 
 
 #: ``sample(outputs [b, ...], generator) -> [b, ...]``: ``∇_out −log p(ŷ | out)`` at sampled labels ``ŷ``.
@@ -75,9 +87,13 @@ class OutputLoss:
     optional ``likelihood`` lets the true Fisher (``curvature="fisher"``) sample labels.
     """
 
-    def __init__(self, outputs: Callable[[Params, Batch], torch.Tensor],
-                 loss_on_outputs: Callable[[torch.Tensor, Batch], torch.Tensor], *,
-                 likelihood: str | Likelihood | None = None):
+    def __init__(
+        self,
+        outputs: Callable[[Params, Batch], torch.Tensor],
+        loss_on_outputs: Callable[[torch.Tensor, Batch], torch.Tensor],
+        *,
+        likelihood: str | Likelihood | None = None,
+    ):
         if not callable(outputs) or not callable(loss_on_outputs):
             raise TypeError("output_loss(outputs, loss_on_outputs) takes two callables")
         likelihood = resolve_likelihood(likelihood)
@@ -89,9 +105,12 @@ class OutputLoss:
         return self.loss_on_outputs(self.outputs(params, batch), batch)
 
 
-def output_loss(outputs: Callable[[Params, Batch], torch.Tensor],
-                loss_on_outputs: Callable[[torch.Tensor, Batch], torch.Tensor], *,
-                likelihood: str | Likelihood | None = None) -> OutputLoss:
+def output_loss(
+    outputs: Callable[[Params, Batch], torch.Tensor],
+    loss_on_outputs: Callable[[torch.Tensor, Batch], torch.Tensor],
+    *,
+    likelihood: str | Likelihood | None = None,
+) -> OutputLoss:
     """Build a loss that exposes its model outputs, for Gauss-Newton and true-Fisher curvature.
 
     Args:
@@ -130,13 +149,15 @@ def sample_with(likelihood: Likelihood, outputs: torch.Tensor, generator: torch.
     g = likelihood(outputs.detach(), generator)
     if not isinstance(g, torch.Tensor) or g.shape != outputs.shape:
         got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-        raise ValueError(f"likelihood(outputs, generator) must return a tensor shaped like outputs "
-                         f"{tuple(outputs.shape)}, got {got}")
+        raise ValueError(
+            f"likelihood(outputs, generator) must return a tensor shaped like outputs {tuple(outputs.shape)}, got {got}"
+        )
     return g.to(outputs.dtype)
 
 
-def sampled_output_gradients(loss: OutputLoss, out: torch.Tensor, batch: Batch,
-                             generator: torch.Generator) -> torch.Tensor:
+def sampled_output_gradients(
+    loss: OutputLoss, out: torch.Tensor, batch: Batch, generator: torch.Generator
+) -> torch.Tensor:
     """``g [b, ...] = ∇_out −log p(ŷ | out)`` at labels sampled by ``loss.likelihood``; checks shapes."""
     g = sample_with(loss.likelihood, out, generator)
     if out.dim() == 0 or out.shape[0] != batch_size(batch):

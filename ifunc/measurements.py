@@ -10,6 +10,7 @@ Each factory takes ``outputs(params, batch) -> Tensor`` (logits computed with :f
 returns an :class:`ifunc.OutputLoss`, which any function accepting a loss or a measurement takes. Examples
 of the batch must not interact (no batch statistics), as for the training loss.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -94,8 +95,10 @@ def negative_margin(logits: Outputs, *, labels: Selector) -> OutputLoss:
     def on_outputs(out: torch.Tensor, batch) -> torch.Tensor:
         y = labels(batch).long()
         if tuple(y.shape) != tuple(out.shape[:-1]):
-            raise ValueError(f"negative_margin: labels must have shape {tuple(out.shape[:-1])} (logits "
-                             f"{tuple(out.shape)} without the class axis), got {tuple(y.shape)}")
+            raise ValueError(
+                f"negative_margin: labels must have shape {tuple(out.shape[:-1])} (logits "
+                f"{tuple(out.shape)} without the class axis), got {tuple(y.shape)}"
+            )
         correct = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         others = out.masked_fill(F.one_hot(y, out.shape[-1]).bool(), float("-inf"))
         return -(correct - torch.logsumexp(others, dim=-1)).sum()
@@ -115,6 +118,8 @@ def output_measurement(outputs: Outputs, fn: Callable[[torch.Tensor, Batch], tor
       ...                                           lambda out, b: -out[:, 3].sum())   # raise class 3's logit
     """
     if not callable(outputs) or not callable(fn):
-        raise TypeError("output_measurement(outputs, fn) takes two callables: outputs(params, batch) and "
-                        "fn(outputs, batch) -> scalar")
+        raise TypeError(
+            "output_measurement(outputs, fn) takes two callables: outputs(params, batch) and "
+            "fn(outputs, batch) -> scalar"
+        )
     return output_loss(outputs, fn)

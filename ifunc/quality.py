@@ -1,7 +1,8 @@
 """How far is an approximate iHVP from a reference one? Relative errors and score agreement in one call."""
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -16,9 +17,9 @@ class IHVPError(NamedTuple):
 
     probe_error: float  #: mean over random probes ``v`` of ``‖ihvp(v) − ref(v)‖ / ‖ref(v)‖``
     probe_error_max: float  #: the largest of those relative errors
-    query_error: Optional[float]  #: the same mean relative error on the query gradients (``None`` without)
-    score_cosine: Optional[float]  #: cosine similarity of the flattened score matrices (1 = same direction)
-    score_spearman: Optional[float]  #: Spearman rank correlation of each query's scores, averaged over queries
+    query_error: float | None  #: the same mean relative error on the query gradients (``None`` without)
+    score_cosine: float | None  #: cosine similarity of the flattened score matrices (1 = same direction)
+    score_spearman: float | None  #: Spearman rank correlation of each query's scores, averaged over queries
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``ρ = corr(rank(a_q), rank(b_q))`` (Pearson correlation of the ranks); NaN for a constant row.
     """
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"spearman: expected two [m, n] tensors of the same shape, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise ValueError(
+            f"spearman: expected two [m, n] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     out = []
     for row_a, row_b in zip(a, b):
         ra, rb = _ranks(row_a), _ranks(row_b)
@@ -48,8 +50,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _as_flat(name: str, value, ihvp: IHVP) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dim() != 2 or value.shape[1] != ihvp.dim:
-            raise ValueError(f"ihvp_error: {name} must be gradients [m, d={ihvp.dim}] (e.g. from "
-                             f"ifunc.per_sample_grads), got {tuple(value.shape)}")
+            raise ValueError(
+                f"ihvp_error: {name} must be gradients [m, d={ihvp.dim}] (e.g. from "
+                f"ifunc.per_sample_grads), got {tuple(value.shape)}"
+            )
         return value
     flat, _ = ihvp.unflatten.flatten_like(value, batched=True)
     return flat
@@ -59,8 +63,15 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(torch.finfo(ref.dtype).tiny)
 
 
-def ihvp_error(ihvp: IHVP, reference: Callable[[torch.Tensor], torch.Tensor], *, probes: int = 8,
-               queries=None, train=None, generator: torch.Generator | None = None) -> IHVPError:
+def ihvp_error(
+    ihvp: IHVP,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    probes: int = 8,
+    queries=None,
+    train=None,
+    generator: torch.Generator | None = None,
+) -> IHVPError:
     """Compare an approximate iHVP with a reference on random probes and on the vectors that matter.
 
     With ``x = ihvp(v)`` and ``x* = reference(v)`` (e.g. :func:`ifunc.ihvp_explicit`, or
@@ -102,8 +113,9 @@ def ihvp_error(ihvp: IHVP, reference: Callable[[torch.Tensor], torch.Tensor], *,
         raise ValueError(f"ihvp_error: probes must be >= 1, got {probes}")
     ref_dim = getattr(reference, "dim", ihvp.dim)
     if ref_dim != ihvp.dim:
-        raise ValueError(f"ihvp_error: ihvp has d={ihvp.dim} but reference has d={ref_dim}; compare iHVPs "
-                         "of the same parameters")
+        raise ValueError(
+            f"ihvp_error: ihvp has d={ihvp.dim} but reference has d={ref_dim}; compare iHVPs of the same parameters"
+        )
     if train is not None and queries is None:
         raise ValueError("ihvp_error: train gradients need query gradients too (pass queries=...)")
     generator = generator if generator is not None else default_generator()

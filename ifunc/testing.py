@@ -2,6 +2,7 @@
 
 Public so that people who extend ifunc can test their own methods the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,19 @@ from torch import nn
 from .functional import call, params_of
 from .likelihood import output_loss
 
-__all__ = ["rel_error", "random_spd", "mlp_problem", "logistic_loss", "fit_logistic", "leave_one_out_losses",
-           "synthetic_classification", "Conv1D", "TokenModel", "SmallCNN", "TinyGPT"]
+__all__ = [
+    "rel_error",
+    "random_spd",
+    "mlp_problem",
+    "logistic_loss",
+    "fit_logistic",
+    "leave_one_out_losses",
+    "synthetic_classification",
+    "Conv1D",
+    "TokenModel",
+    "SmallCNN",
+    "TinyGPT",
+]
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,8 +47,15 @@ def random_spd(d: int, *, cond: float = 100.0, seed: int = 0, dtype=torch.float6
     return ((Q * w) @ Q.T).to(dtype)
 
 
-def mlp_problem(*, seed: int = 0, sizes=(3, 4, 2), n: int = 12, activation=nn.Tanh, task: str = "classification",
-                dtype=torch.float64):
+def mlp_problem(
+    *,
+    seed: int = 0,
+    sizes=(3, 4, 2),
+    n: int = 12,
+    activation=nn.Tanh,
+    task: str = "classification",
+    dtype=torch.float64,
+):
     """A random MLP with data: returns ``(model, params, loss, (x, y))``; ``loss`` is an ``output_loss``.
 
     ``task="classification"`` uses summed cross-entropy, ``"regression"`` summed squared error (× 1/2).
@@ -64,8 +83,7 @@ def mlp_problem(*, seed: int = 0, sizes=(3, 4, 2), n: int = 12, activation=nn.Ta
     return model, params_of(model), loss, (x, y)
 
 
-def synthetic_classification(n: int = 200, d: int = 5, *, seed: int = 0, noise: float = 1.0,
-                             dtype=torch.float64):
+def synthetic_classification(n: int = 200, d: int = 5, *, seed: int = 0, noise: float = 1.0, dtype=torch.float64):
     """Binary labels from a noisy linear rule: ``(x [n, d], y [n] in {0, 1})``."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen, dtype=dtype)
@@ -81,6 +99,7 @@ def logistic_loss(l2: float):
     usual regularised objective, so its Hessian is the ``H`` ifunc's methods use (``curvature="hessian"``;
     the loss is convex, so ``H`` is PSD).
     """
+
     def loss(params, batch):
         x, y = batch
         z = x @ params["w"] + params["b"]
@@ -89,8 +108,15 @@ def logistic_loss(l2: float):
     return loss
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float, init: dict | None = None,
-                 weights: torch.Tensor | None = None, tol: float = 1e-12) -> dict[str, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    l2: float,
+    init: dict | None = None,
+    weights: torch.Tensor | None = None,
+    tol: float = 1e-12,
+) -> dict[str, torch.Tensor]:
     """Minimise the mean regularised logistic loss (Newton's method, float64); ``weights`` per example."""
     n, d = x.shape
     w = torch.zeros(d + 1, dtype=torch.float64) if init is None else torch.cat([init["w"], init["b"][None]]).double()
@@ -132,7 +158,7 @@ class Conv1D(nn.Module):
     def __init__(self, nf: int, nx: int):
         super().__init__()
         self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
         self.bias = nn.Parameter(torch.randn(nf) * 0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +230,17 @@ class TinyGPT(nn.Module):
     forward); ``tied=True`` ties the head to the token embedding.
     """
 
-    def __init__(self, vocab: int = 16, width: int = 8, heads: int = 2, layers: int = 1, context: int = 16,
-                 *, shared: bool = False, tied: bool = False):
+    def __init__(
+        self,
+        vocab: int = 16,
+        width: int = 8,
+        heads: int = 2,
+        layers: int = 1,
+        context: int = 16,
+        *,
+        shared: bool = False,
+        tied: bool = False,
+    ):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
         self.n_layers = layers

@@ -3,6 +3,7 @@
 ``python -m torch.distributed.run --nproc-per-node=2 tests/distributed_worker.py OUT_DIR`` saves every
 rank's results to ``OUT_DIR/rank{r}.pt``; the test computes the same with :func:`compute` in one process.
 """
+
 import os
 import sys
 
@@ -14,7 +15,7 @@ from ifunc.testing import mlp_problem
 
 def problem():
     model, params, loss, (x, y) = mlp_problem(seed=3, sizes=(4, 6, 3), n=30)
-    train = [(x[i:i + 7], y[i:i + 7]) for i in range(0, 30, 7)]  # 5 batches of uneven size
+    train = [(x[i : i + 7], y[i : i + 7]) for i in range(0, 30, 7)]  # 5 batches of uneven size
     query = (x[:4] + 0.5, y[:4])
     return model, params, loss, train, query
 
@@ -24,8 +25,9 @@ def compute(out_dir) -> dict:
     model, params, loss, train, query = problem()
     res = {}
     for name, kw in {"ggn": {}, "fisher": {"sample": "categorical"}}.items():
-        f = ifunc.fit_kronecker_factors(loss, params, train, model=model, chunk_size=4,
-                                        generator=torch.Generator().manual_seed(1), **kw)
+        f = ifunc.fit_kronecker_factors(
+            loss, params, train, model=model, chunk_size=4, generator=torch.Generator().manual_seed(1), **kw
+        )
         res[f"n_{name}"] = f.n
         for layer, lf in f.factors.items():
             for field in ("A", "S", "eig_A", "eig_S", "diag", "ekfac"):
@@ -39,8 +41,14 @@ def compute(out_dir) -> dict:
         "explicit": ifunc.ihvp_explicit(loss, params, train, damping=0.1),
         "arnoldi": ifunc.ihvp_arnoldi(loss, params, train, damping=0.1, rank=10),
         "nystrom": ifunc.ihvp_nystrom(loss, params, train, damping=0.1, rank=10),
-        "lissa": ifunc.ihvp_lissa(loss, params, (torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])),
-                                  damping=0.1, depth=30, batch_size=8),
+        "lissa": ifunc.ihvp_lissa(
+            loss,
+            params,
+            (torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])),
+            damping=0.1,
+            depth=30,
+            batch_size=8,
+        ),
     }
     for name, ihvp in others.items():
         res[f"scores/{name}"] = ifunc.attribute(loss, params, ihvp, train, query, chunk_size=4, progress=False)

@@ -17,6 +17,7 @@ Exactness classes:
 Problems are ``ifunc.testing.mlp_problem`` networks evaluated at parameters moved away from the module's
 own (:func:`make_problem`), so a method that reads the module instead of ``params`` gets the wrong answer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -67,14 +68,17 @@ def empirical_fisher(problem: Problem) -> torch.Tensor:
 def layer_masks(problem: Problem) -> torch.Tensor:
     """``[m, d]`` boolean masks of the layers (parameters grouped by the name up to the last ``"."``)."""
     layer = lambda name: name.rpartition(".")[0]  # noqa: E731
-    return torch.stack([
-        ifunc.flatten({k: torch.full_like(v, float(layer(k) == group)) for k, v in problem.params.items()})[0]
-        for group in sorted({layer(k) for k in problem.params})
-    ]).bool()
+    return torch.stack(
+        [
+            ifunc.flatten({k: torch.full_like(v, float(layer(k) == group)) for k, v in problem.params.items()})[0]
+            for group in sorted({layer(k) for k in problem.params})
+        ]
+    ).bool()
 
 
 def layer_blocks(matrix: Callable[[Problem], torch.Tensor]) -> Callable[[Problem], torch.Tensor]:
     """``problem -> Σ_b P_b C P_b``: the layer-block diagonal of ``matrix(problem)`` (cross-layer terms zero)."""
+
     def reference(problem: Problem) -> torch.Tensor:
         m = layer_masks(problem).double()
         return matrix(problem) * (m.T @ m)
@@ -111,16 +115,22 @@ def _lissa(blocks: str) -> Callable[[Problem, float], ifunc.IHVP]:
 
     def build(problem: Problem, damping: float) -> ifunc.IHVP:
         s = float(torch.linalg.eigvalsh(curvature(problem)).max()) + damping
-        return ifunc.ihvp_lissa(problem.loss, problem.params, problem.data, damping=damping, scale=s,
-                                depth=int(s / damping * 6.91) + 1, blocks=blocks)
+        return ifunc.ihvp_lissa(
+            problem.loss,
+            problem.params,
+            problem.data,
+            damping=damping,
+            scale=s,
+            depth=int(s / damping * 6.91) + 1,
+            blocks=blocks,
+        )
 
     return build
 
 
 def _kronecker(method) -> Callable[[Problem, float], ifunc.IHVP]:
     def build(problem: Problem, damping: float) -> ifunc.IHVP:
-        return method(problem.loss, problem.params, problem.data, model=problem.model, damping=damping,
-                      curvature="ggn")
+        return method(problem.loss, problem.params, problem.data, model=problem.model, damping=damping, curvature="ggn")
 
     return build
 
@@ -161,12 +171,32 @@ class Method:
 
 
 _EXPLICIT = lambda p, lam, **kw: ifunc.ihvp_explicit(p.loss, p.params, p.data, damping=lam, **kw)  # noqa: E731
-_CG = lambda p, lam, **kw: ifunc.ihvp_cg(p.loss, p.params, p.data, damping=lam, tol=1e-12,  # noqa: E731
-                                        atol=1e-14, maxiter=500, **kw)
-_ARNOLDI = lambda p, lam, **kw: ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=dim(p),  # noqa: E731
-                                                   damping=lam, **kw)
-_NYSTROM = lambda p, lam, **kw: ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=dim(p),  # noqa: E731
-                                                   damping=lam, **kw)
+_CG = lambda p, lam, **kw: ifunc.ihvp_cg(
+    p.loss,
+    p.params,
+    p.data,
+    damping=lam,
+    tol=1e-12,  # noqa: E731
+    atol=1e-14,
+    maxiter=500,
+    **kw,
+)
+_ARNOLDI = lambda p, lam, **kw: ifunc.ihvp_arnoldi(
+    p.loss,
+    p.params,
+    p.data,
+    rank=dim(p),  # noqa: E731
+    damping=lam,
+    **kw,
+)
+_NYSTROM = lambda p, lam, **kw: ifunc.ihvp_nystrom(
+    p.loss,
+    p.params,
+    p.data,
+    rank=dim(p),  # noqa: E731
+    damping=lam,
+    **kw,
+)
 # Nyström only on a non-singular GGN (squared error, n·d_out >= 24 >= d): on a singular one (every
 # cross-entropy problem, where shifting all logits is a null direction) the Cholesky of Ωᵀ H Ω fails
 # when round-off exceeds the shift ν; see test_nystrom_sketch_of_a_singular_ggn (xfail) in test_contract.py
@@ -182,34 +212,64 @@ METHODS: list[Method] = [
     Method("arnoldi", _ARNOLDI, "exact", ggn, tol=1e-7),
     Method("nystrom", _NYSTROM, "exact", ggn, tol=1e-7, fixed=_FULL_RANK),
     # block-diagonal modes: exact against the layer blocks of the GGN
-    Method("explicit-layer", lambda p, lam: _EXPLICIT(p, lam, blocks="layer"), "exact", layer_blocks(ggn),
-           tol=1e-10),
-    Method("cg-layer", lambda p, lam: _CG(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-8,
-           rtol=1e-8, free_redamping=False),
+    Method("explicit-layer", lambda p, lam: _EXPLICIT(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-10),
+    Method(
+        "cg-layer",
+        lambda p, lam: _CG(p, lam, blocks="layer"),
+        "exact",
+        layer_blocks(ggn),
+        tol=1e-8,
+        rtol=1e-8,
+        free_redamping=False,
+    ),
     Method("lissa-layer", _lissa("layer"), "exact", layer_blocks(ggn), tol=2e-3, free_redamping=False),
-    Method("arnoldi-layer", lambda p, lam: _ARNOLDI(p, lam, blocks="layer"), "exact", layer_blocks(ggn),
-           tol=1e-7),
-    Method("nystrom-layer", lambda p, lam: _NYSTROM(p, lam, blocks="layer"), "exact", layer_blocks(ggn),
-           tol=1e-7, fixed=_FULL_RANK),
+    Method("arnoldi-layer", lambda p, lam: _ARNOLDI(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-7),
+    Method(
+        "nystrom-layer",
+        lambda p, lam: _NYSTROM(p, lam, blocks="layer"),
+        "exact",
+        layer_blocks(ggn),
+        tol=1e-7,
+        fixed=_FULL_RANK,
+    ),
     # low-rank: the top eigenpairs plus λ on the complement
-    Method("arnoldi-rank-3", lambda p, lam: ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=3, damping=lam),
-           "approximate"),
-    Method("nystrom-rank-3", lambda p, lam: ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=3, damping=lam),
-           "approximate", fixed=_FULL_RANK),
+    Method(
+        "arnoldi-rank-3",
+        lambda p, lam: ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=3, damping=lam),
+        "approximate",
+    ),
+    Method(
+        "nystrom-rank-3",
+        lambda p, lam: ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=3, damping=lam),
+        "approximate",
+        fixed=_FULL_RANK,
+    ),
     # DataInf: mean of inverses; exact for one data point
     Method("datainf", lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam), "approximate"),
-    Method("datainf-one-example", lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
-           "exact", layer_blocks(empirical_fisher), tol=1e-9, fixed=_ONE_EXAMPLE),
+    Method(
+        "datainf-one-example",
+        lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
+        "exact",
+        layer_blocks(empirical_fisher),
+        tol=1e-9,
+        fixed=_ONE_EXAMPLE,
+    ),
     # Kronecker family: approximate in general, exact for deep linear MSE and for one data point
     Method("ekfac", _kronecker(ifunc.ihvp_ekfac), "approximate"),
     Method("kfac", _kronecker(ifunc.ihvp_kfac), "approximate"),
-    Method("ekfac-deep-linear-mse", _kronecker(ifunc.ihvp_ekfac), "exact", layer_blocks(ggn), tol=1e-9,
-           fixed=_DEEP_LINEAR_MSE),
-    Method("kfac-one-example", _kronecker(ifunc.ihvp_kfac), "exact", layer_blocks(ggn), tol=1e-9,
-           fixed=_ONE_EXAMPLE),
+    Method(
+        "ekfac-deep-linear-mse",
+        _kronecker(ifunc.ihvp_ekfac),
+        "exact",
+        layer_blocks(ggn),
+        tol=1e-9,
+        fixed=_DEEP_LINEAR_MSE,
+    ),
+    Method("kfac-one-example", _kronecker(ifunc.ihvp_kfac), "exact", layer_blocks(ggn), tol=1e-9, fixed=_ONE_EXAMPLE),
     Method("diagonal", _kronecker(ifunc.ihvp_diagonal), "exact", diagonal_of(ggn), tol=1e-10),
-    Method("identity", lambda p, lam: ifunc.ihvp_identity(p.params, model=p.model, damping=lam), "exact", zero,
-           tol=1e-12),
+    Method(
+        "identity", lambda p, lam: ifunc.ihvp_identity(p.params, model=p.model, damping=lam), "exact", zero, tol=1e-12
+    ),
 ]
 
 EXACT = [m for m in METHODS if m.exactness == "exact"]

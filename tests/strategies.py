@@ -1,4 +1,5 @@
 """Hypothesis strategies: draw seeds and sizes, build problems from them (never tensors element-wise)."""
+
 from hypothesis import strategies as st
 from torch import nn
 
@@ -17,13 +18,18 @@ def mlp_problems(draw, max_hidden: int = 4, max_n: int = 10):
     hidden = draw(st.integers(1, max_hidden))
     d_out = draw(st.integers(2, 3))
     n = draw(st.integers(1, max_n))
-    return mlp_problem(seed=draw(seeds), sizes=(d_in, hidden, d_out), n=n, activation=draw(activations),
-                       task=draw(tasks))
+    return mlp_problem(
+        seed=draw(seeds), sizes=(d_in, hidden, d_out), n=n, activation=draw(activations), task=draw(tasks)
+    )
 
 
 @st.composite
 def problem_specs(draw, max_hidden: int = 3, max_n: int = 6):
     """Arguments of ``tests.methods.make_problem``: a tiny MLP (``d <= 24``) and its data, as seeds and sizes."""
-    return {"seed": draw(seeds),
-            "sizes": (draw(st.integers(1, 3)), draw(st.integers(1, max_hidden)), draw(st.integers(2, 3))),
-            "n": draw(st.integers(1, max_n)), "activation": draw(activations), "task": draw(tasks)}
+    return {
+        "seed": draw(seeds),
+        "sizes": (draw(st.integers(1, 3)), draw(st.integers(1, max_hidden)), draw(st.integers(2, 3))),
+        "n": draw(st.integers(1, max_n)),
+        "activation": draw(activations),
+        "task": draw(tasks),
+    }

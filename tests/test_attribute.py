@@ -72,8 +72,7 @@ def test_float32_params_give_float32_scores():
     ihvp = ifunc.ihvp_cg(loss32, p32, (x.float(), y), damping=0.1, tol=1e-4)
     scores = ifunc.attribute(loss32, p32, ihvp, (x.float(), y), (x[:2].float(), y[:2]))
     assert scores.dtype == torch.float32
-    ref = ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y),
-                          (x[:2], y[:2]))
+    ref = ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y), (x[:2], y[:2]))
     assert torch.corrcoef(torch.stack([scores.double().flatten(), ref.flatten()]))[0, 1] > 0.999
 
 
@@ -96,5 +95,6 @@ def test_per_module_self_influence_sums_to_the_total():
     pairwise = ifunc.attribute(loss, params, ihvp, (x, y), (x, y), per_module=True)
     torch.testing.assert_close(parts, pairwise.diagonal(dim1=1, dim2=2))
     with pytest.raises(ValueError, match="Kronecker-family"):
-        ifunc.self_influence(loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y),
-                             per_module=True)
+        ifunc.self_influence(
+            loss, params, ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1), (x, y), per_module=True
+        )

@@ -1,4 +1,5 @@
 """Block-diagonal mode: one block equals full; layer blocks equal solves with the dense diagonal blocks."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -16,14 +17,12 @@ LAM = 0.2
 def _builders(d):
     return {
         "explicit": lambda loss, p, data, blocks: ifunc.ihvp_explicit(loss, p, data, damping=LAM, blocks=blocks),
-        "cg": lambda loss, p, data, blocks: ifunc.ihvp_cg(loss, p, data, damping=LAM, blocks=blocks, tol=1e-12,
-                                                         atol=1e-14, maxiter=500),
-        "lissa": lambda loss, p, data, blocks: ifunc.ihvp_lissa(loss, p, data, damping=LAM, blocks=blocks,
-                                                               depth=400),
-        "arnoldi": lambda loss, p, data, blocks: ifunc.ihvp_arnoldi(loss, p, data, rank=d, damping=LAM,
-                                                                   blocks=blocks),
-        "nystrom": lambda loss, p, data, blocks: ifunc.ihvp_nystrom(loss, p, data, rank=d, damping=LAM,
-                                                                   blocks=blocks),
+        "cg": lambda loss, p, data, blocks: ifunc.ihvp_cg(
+            loss, p, data, damping=LAM, blocks=blocks, tol=1e-12, atol=1e-14, maxiter=500
+        ),
+        "lissa": lambda loss, p, data, blocks: ifunc.ihvp_lissa(loss, p, data, damping=LAM, blocks=blocks, depth=400),
+        "arnoldi": lambda loss, p, data, blocks: ifunc.ihvp_arnoldi(loss, p, data, rank=d, damping=LAM, blocks=blocks),
+        "nystrom": lambda loss, p, data, blocks: ifunc.ihvp_nystrom(loss, p, data, rank=d, damping=LAM, blocks=blocks),
     }
 
 
@@ -62,8 +61,9 @@ def test_layer_blocks_equal_solves_with_the_dense_diagonal_blocks(method, proble
     V = torch.randn(2, d, generator=torch.Generator().manual_seed(seed))
     if method == "lissa":  # converge by construction: scale s = λ_max(D), depth ≈ (s/λ) ln(1e5)
         top = float(torch.linalg.eigvalsh(D).max())
-        ihvp = ifunc.ihvp_lissa(loss, params, data, damping=LAM, blocks="layer", scale=top,
-                                depth=int(top / LAM * 11.6) + 1)
+        ihvp = ifunc.ihvp_lissa(
+            loss, params, data, damping=LAM, blocks="layer", scale=top, depth=int(top / LAM * 11.6) + 1
+        )
     else:
         ihvp = _builders(d)[method](loss, params, data, "layer")
     assert rel_error(ihvp(V), torch.linalg.solve(D, V.T).T) < TOL[method]

@@ -1,4 +1,5 @@
 """Layer capture: captured per-example weight gradients equal torch.func per-sample gradients."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,11 @@ def test_kinds_and_bias_detection():
     model = TokenModel().double()
     layers, _ = find_layers(model, ifunc.params_of(model))
     kinds = {s.name: (s.kind, s.bias, s.out_features, s.in_features) for s in layers}
-    assert kinds == {"c": ("conv1d", "c.bias", 4, 3), "shared": ("linear", "shared.bias", 4, 4),
-                     "head": ("linear", None, 2, 4)}
+    assert kinds == {
+        "c": ("conv1d", "c.bias", 4, 3),
+        "shared": ("linear", "shared.bias", 4, 4),
+        "head": ("linear", None, 2, 4),
+    }
 
 
 def test_untracked_bias_and_module_selection():

@@ -14,8 +14,7 @@ def test_first_iterates_equal_scipy(maxiter):
     A = random_spd(12, cond=50, seed=3)
     b = torch.randn(12, generator=torch.Generator().manual_seed(4))
     res = ifunc.cg_solve(lambda V: V @ A, b, tol=0.0, maxiter=maxiter)
-    expected, _ = scipy.sparse.linalg.cg(A.numpy(), b.numpy(), x0=np.zeros(12), rtol=0.0, atol=0.0,
-                                         maxiter=maxiter)
+    expected, _ = scipy.sparse.linalg.cg(A.numpy(), b.numpy(), x0=np.zeros(12), rtol=0.0, atol=0.0, maxiter=maxiter)
     np.testing.assert_allclose(res.x.numpy(), expected, rtol=1e-10, atol=1e-12)
     assert int(res.iterations[0]) == maxiter and not res.converged
 

@@ -3,6 +3,7 @@
 Hypothesis draws seeds, sizes and the damping; the problems and vectors are built from them. Each property
 is one test, parametrised over the table, so a failure names the method and the property.
 """
+
 import pytest
 import torch
 from hypothesis import given
@@ -67,8 +68,7 @@ def test_a_pytree_in_gives_the_same_pytree_out(method, spec, ratio, seed):
         out = ihvp(unflatten(vectors))
         assert isinstance(out, dict) and list(out) == list(problem.params)
         lead = tuple(vectors.shape[:-1])
-        assert {k: tuple(t.shape) for k, t in out.items()} == {k: (*lead, *p.shape)
-                                                               for k, p in problem.params.items()}
+        assert {k: tuple(t.shape) for k, t in out.items()} == {k: (*lead, *p.shape) for k, p in problem.params.items()}
         assert rel_error(unflatten.flatten_like(out)[0], expected) < tol
 
 
@@ -117,8 +117,9 @@ def test_deterministic(method, spec, ratio, seed):
 def test_more_damping_never_increases_the_norm(method, spec, ratio, seed):
     """``‖f_λ v‖`` is non-increasing in λ (``with_damping`` for the factorised rows, else a rebuild)."""
     problem, lam, ihvp, V = _setup(method, spec, ratio, seed)
-    closures = [ihvp] + [ihvp.with_damping(c * lam) if method.free_redamping else method.build(problem, c * lam)
-                         for c in (2.0, 4.0)]
+    closures = [ihvp] + [
+        ihvp.with_damping(c * lam) if method.free_redamping else method.build(problem, c * lam) for c in (2.0, 4.0)
+    ]
     assert [f.damping for f in closures] == [lam, 2 * lam, 4 * lam]
     norms = torch.stack([f(V).norm(dim=1) for f in closures])  # [3 dampings, k vectors]
     assert bool((norms[1:] <= norms[:-1] * (1 + method.rtol)).all()), norms
@@ -129,11 +130,15 @@ def _snapshot(model: torch.nn.Module, params: dict):
         "state": {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
         "params": {k: v.clone() for k, v in params.items()},
         "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()]
-        + [t.requires_grad for t in params.values()],
+        "requires_grad": [p.requires_grad for p in model.parameters()] + [t.requires_grad for t in params.values()],
         "training": [m.training for m in model.modules()],
-        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                  + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules()],
+        "hooks": [
+            len(m._forward_hooks)
+            + len(m._forward_pre_hooks)
+            + len(m._backward_hooks)
+            + len(getattr(m, "_backward_pre_hooks", {}))
+            for m in model.modules()
+        ],
     }
 
 

@@ -1,4 +1,5 @@
 """fisher and empirical_fisher: each matvec equals its dense definition; errors where a mode cannot apply."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -17,7 +18,7 @@ def _jacobians(loss, params, data):
     x, y = data
     rows = []
     for i in range(x.shape[0]):
-        rows.append(torch.func.jacrev(lambda f: loss.outputs(unflatten(f), (x[i:i + 1], y[i:i + 1]))[0])(flat))
+        rows.append(torch.func.jacrev(lambda f: loss.outputs(unflatten(f), (x[i : i + 1], y[i : i + 1]))[0])(flat))
     return torch.stack(rows)
 
 
@@ -65,8 +66,9 @@ def test_fisher_is_a_fixed_matrix_and_deterministic():
     assert torch.equal(F1, F2)  # the labels are replayed on every pass
     torch.testing.assert_close(F1, F1.T)
     assert float(torch.linalg.eigvalsh(F1).min()) > -1e-12
-    other = ifunc.curvature_operator(lik, params, data, curvature="fisher",
-                                     generator=torch.Generator().manual_seed(4)).matvec(E)
+    other = ifunc.curvature_operator(
+        lik, params, data, curvature="fisher", generator=torch.Generator().manual_seed(4)
+    ).matvec(E)
     assert rel_error(other, F1) > 0.1  # other labels, another one-sample Fisher (0.57 apart here)
 
 
@@ -100,11 +102,13 @@ def test_every_hvp_method_accepts_the_new_curvatures():
         E = torch.eye(d)
         M = ifunc.hvp(lik, params, data, E, curvature=curvature) + 0.5 * E
         expected = torch.linalg.solve(M, v)
-        for ihvp in (ifunc.ihvp_explicit(lik, params, data, damping=0.5, curvature=curvature),
-                     ifunc.ihvp_cg(lik, params, data, damping=0.5, curvature=curvature, tol=1e-12),
-                     ifunc.ihvp_arnoldi(lik, params, data, rank=d, damping=0.5, curvature=curvature),
-                     ifunc.ihvp_nystrom(lik, params, data, rank=d, damping=0.5, curvature=curvature),
-                     ifunc.ihvp_lissa(lik, params, data, damping=0.5, curvature=curvature, depth=300)):
+        for ihvp in (
+            ifunc.ihvp_explicit(lik, params, data, damping=0.5, curvature=curvature),
+            ifunc.ihvp_cg(lik, params, data, damping=0.5, curvature=curvature, tol=1e-12),
+            ifunc.ihvp_arnoldi(lik, params, data, rank=d, damping=0.5, curvature=curvature),
+            ifunc.ihvp_nystrom(lik, params, data, rank=d, damping=0.5, curvature=curvature),
+            ifunc.ihvp_lissa(lik, params, data, damping=0.5, curvature=curvature, depth=300),
+        ):
             torch.testing.assert_close(ihvp(v), expected, rtol=1e-6, atol=1e-8, msg=f"{ihvp.name} {curvature}")
 
 
@@ -113,8 +117,9 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="likelihood="):
         ifunc.ihvp_cg(loss, params, data, damping=0.1, curvature="fisher")  # output_loss without likelihood
     with pytest.raises(TypeError, match="likelihood="):
-        ifunc.hvp(lambda p, b: loss(p, b), params, data, torch.zeros(ifunc.flatten(params)[0].numel()),
-                  curvature="fisher")
+        ifunc.hvp(
+            lambda p, b: loss(p, b), params, data, torch.zeros(ifunc.flatten(params)[0].numel()), curvature="fisher"
+        )
     with pytest.raises(ValueError, match="not built in"):
         ifunc.output_loss(loss.outputs, loss.loss_on_outputs, likelihood="poisson")
     bad = ifunc.output_loss(loss.outputs, loss.loss_on_outputs, likelihood=lambda out, gen: out[:, :1])

@@ -1,4 +1,5 @@
 """DataInf: exact for one example per block, never below the exact block solve, free re-damping."""
+
 import pytest
 import torch
 from hypothesis import given

@@ -1,4 +1,5 @@
 """`python -m ifunc demo`: options, figure, exit code (CI also runs the default demo)."""
+
 import pytest
 import torch
 
@@ -26,8 +27,27 @@ def test_digits_demo_options_and_figure(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     png = tmp_path / "demo.png"
-    assert main(["demo", "--no-loo", "--method", "kfac", "--reference", "explicit", "--queries", "2",
-                 "--damping", "0.1", "--n-train", "300", "--out", str(png)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--no-loo",
+                "--method",
+                "kfac",
+                "--reference",
+                "explicit",
+                "--queries",
+                "2",
+                "--damping",
+                "0.1",
+                "--n-train",
+                "300",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Spearman(kfac, explicit)" in out and out.count("most harmful") == 2
     assert png.stat().st_size > 10_000

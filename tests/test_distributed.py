@@ -1,4 +1,5 @@
 """torch.distributed: two gloo ranks under torchrun give the single-process factors and scores."""
+
 import os
 import subprocess
 import sys
@@ -24,8 +25,17 @@ ROOT = HERE.parent
 def _torchrun(script, *args, nproc=2, timeout=240):
     """``python -m torch.distributed.run --nproc-per-node=2`` on CPU, one thread per rank, a free port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-           "--rdzv-endpoint=localhost:0", "--max-restarts=0", str(script), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=localhost:0",
+        "--max-restarts=0",
+        str(script),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -68,8 +78,20 @@ def test_factors_equal_single_process(two_ranks, one_process, curvature):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["scores/ekfac", "scores/cg", "self/ekfac", "self/cg", "store/cg", "scores/explicit",
-                                  "scores/arnoldi", "scores/nystrom", "scores/lissa"])
+@pytest.mark.parametrize(
+    "what",
+    [
+        "scores/ekfac",
+        "scores/cg",
+        "self/ekfac",
+        "self/cg",
+        "store/cg",
+        "scores/explicit",
+        "scores/arnoldi",
+        "scores/nystrom",
+        "scores/lissa",
+    ],
+)
 def test_scores_equal_single_process(two_ranks, one_process, what):
     expected = one_process[what]
     assert expected.shape == ((4, 30) if "scores" in what or "store" in what else (30,))
@@ -126,22 +148,25 @@ def test_killed_rank_resumes_without_recomputing_finished_chunks(tmp_path):
     for part in parts:
         with h5py.File(part, "r") as f:
             done.append(set(np.nonzero(f["done"][...])[0].tolist()))
-    assert done[1] == {0, 1}, done               # rank 1's finished chunks survived its death
+    assert done[1] == {0, 1}, done  # rank 1's finished chunks survived its death
     assert not store.exists()
     first_logs = [Path(f"{log}.rank{r}").read_text() for r in range(2)]
 
     second = _torchrun(script, store, log, "resume")
     assert second.returncode == 0, second.stderr[-4000:]
     for r, part in enumerate(parts):
-        new = Path(f"{log}.rank{r}").read_text()[len(first_logs[r]):]
-        redone = {int(line.split()[2].split("/")[0]) - 1 for line in new.splitlines()
-                  if "written" in line and part.name in line}
+        new = Path(f"{log}.rank{r}").read_text()[len(first_logs[r]) :]
+        redone = {
+            int(line.split()[2].split("/")[0]) - 1
+            for line in new.splitlines()
+            if "written" in line and part.name in line
+        }
         assert redone == set(range(5 if r == 0 else 5)) - done[r], (r, new)  # 10 chunks: 5 per rank
-        assert not part.exists()                  # merged into the store, then removed
+        assert not part.exists()  # merged into the store, then removed
     logs = [Path(f"{log}.rank{r}").read_text() for r in range(2)]
-    third = _torchrun(script, store, log, "resume")   # the store is complete: nothing is computed or copied
+    third = _torchrun(script, store, log, "resume")  # the store is complete: nothing is computed or copied
     assert third.returncode == 0, third.stderr[-4000:]
-    assert all("written" not in Path(f"{log}.rank{r}").read_text()[len(logs[r]):] for r in range(2))
+    assert all("written" not in Path(f"{log}.rank{r}").read_text()[len(logs[r]) :] for r in range(2))
 
     model, params, loss, train, query = distributed_worker.problem()
     ihvp = ifunc.ihvp_ekfac(loss, params, train, model=model, damping=0.1)

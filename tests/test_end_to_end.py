@@ -1,4 +1,5 @@
 """Leave-one-out retraining on a real data set: influence must predict it."""
+
 import pytest
 import torch
 
@@ -33,11 +34,12 @@ def test_breast_cancer_leave_one_out(method):
     scores = ifunc.attribute(loss, params, ihvp, (x, y), (xq, yq), measurement=test_loss)
     # the points whose removal matters most, plus a random sample: >= 50 retrainings
     removed = scores.abs().sum(0).topk(30).indices.tolist()
-    removed += [i for i in torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist()
-                if i not in removed][:30]
-    loo = leave_one_out_losses(x, y, xq, yq, l2=l2, indices=removed)              # [60, n_query]
+    removed += [
+        i for i in torch.randperm(400, generator=torch.Generator().manual_seed(1)).tolist() if i not in removed
+    ][:30]
+    loo = leave_one_out_losses(x, y, xq, yq, l2=l2, indices=removed)  # [60, n_query]
     actual = loo - _query_losses(params, xq, yq)
-    predicted = (scores[:, removed] / len(y)).T                                     # [60, n_query]
+    predicted = (scores[:, removed] / len(y)).T  # [60, n_query]
     pearson_total = torch.corrcoef(torch.stack([actual.sum(1), predicted.sum(1)]))[0, 1]
     pearson_pairs = torch.corrcoef(torch.stack([actual.flatten(), predicted.flatten()]))[0, 1]
     assert pearson_total > 0.95, pearson_total

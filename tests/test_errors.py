@@ -1,4 +1,5 @@
 """Bad input raises a clear error that names the problem and the fix."""
+
 import pytest
 import torch
 
@@ -13,10 +14,15 @@ def problem():
 
 def test_non_scalar_loss(problem):
     model, params, loss, data = problem
-    vector_loss = lambda p, b: torch.nn.functional.cross_entropy(ifunc.call(model, p, b[0]), b[1],  # noqa: E731
-                                                                 reduction="none")
-    for build in (lambda: ifunc.ihvp_cg(vector_loss, params, data, damping=0.1),
-                  lambda: ifunc.ihvp_explicit(vector_loss, params, data, damping=0.1)):
+    vector_loss = lambda p, b: torch.nn.functional.cross_entropy(
+        ifunc.call(model, p, b[0]),
+        b[1],  # noqa: E731
+        reduction="none",
+    )
+    for build in (
+        lambda: ifunc.ihvp_cg(vector_loss, params, data, damping=0.1),
+        lambda: ifunc.ihvp_explicit(vector_loss, params, data, damping=0.1),
+    ):
         with pytest.raises(ValueError, match="must return a scalar.*reduction='sum'"):
             build()
 

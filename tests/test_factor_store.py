@@ -1,4 +1,5 @@
 """Kronecker factors saved to HDF5 and loaded back, validated against the model."""
+
 import h5py
 import pytest
 import torch
@@ -21,8 +22,10 @@ def test_round_trip_gives_the_same_closure(tmp_path):
     assert loaded.layers == factors.layers and loaded.n == factors.n and loaded.curvature == factors.curvature
     v = torch.randn(ifunc.flatten(params)[0].numel())
     for build in (ifunc.ihvp_ekfac, ifunc.ihvp_kfac):
-        torch.testing.assert_close(build(loss, params, loaded, model=model, damping=0.1)(v),
-                                   build(loss, params, factors, model=model, damping=0.1)(v))
+        torch.testing.assert_close(
+            build(loss, params, loaded, model=model, damping=0.1)(v),
+            build(loss, params, factors, model=model, damping=0.1)(v),
+        )
 
 
 def test_factors_from_another_model_are_refused(tmp_path):

@@ -57,6 +57,7 @@ def test_flatten_round_trip(tree):
     flat, unflatten = ifunc.flatten(tree)
     back = unflatten(flat)
     import optree
+
     assert optree.tree_structure(back, namespace="ifunc") == optree.tree_structure(tree, namespace="ifunc")
     for a, b in zip(optree.tree_leaves(back, namespace="ifunc"), optree.tree_leaves(tree, namespace="ifunc")):
         assert a.shape == b.shape and torch.equal(a, b)

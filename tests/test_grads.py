@@ -11,7 +11,7 @@ def _loop_grads(loss, params, x, y):
     rows = []
     for i in range(len(x)):
         p = flat.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss(unflatten(p), (x[i:i + 1], y[i:i + 1])), p)
+        (g,) = torch.autograd.grad(loss(unflatten(p), (x[i : i + 1], y[i : i + 1])), p)
         rows.append(g)
     return torch.stack(rows)
 
@@ -80,9 +80,10 @@ def test_data_dependent_python_in_the_loss_gets_a_clear_message():
 
 def test_a_list_of_collated_dataloader_batches_is_accepted():
     _, params, loss, (x, y) = mlp_problem(seed=1, n=10)
-    batches = list(DataLoader(TensorDataset(x, y), batch_size=4))        # [[x, y], [x, y], ...]
-    torch.testing.assert_close(ifunc.per_sample_grads(loss, params, batches),
-                               ifunc.per_sample_grads(loss, params, (x, y)))
+    batches = list(DataLoader(TensorDataset(x, y), batch_size=4))  # [[x, y], [x, y], ...]
+    torch.testing.assert_close(
+        ifunc.per_sample_grads(loss, params, batches), ifunc.per_sample_grads(loss, params, (x, y))
+    )
 
 
 def test_batchnorm_in_train_mode_gets_a_clear_message():

@@ -1,4 +1,5 @@
 """Hugging Face GPT-2 (tiny random config, eager attention, no downloads) with the Kronecker family (issue 7)."""
+
 import pytest
 import torch
 
@@ -7,22 +8,35 @@ from ifunc import language
 from ifunc.ihvp.kronecker import capture_layer_grads, find_layers
 
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install -e '.[test]' installs it); skipping the "
-                           "Hugging Face GPT-2 tests")
+    "transformers",
+    reason="transformers is not installed (pip install -e '.[test]' installs it); skipping the "
+    "Hugging Face GPT-2 tests",
+)
 
 VOCAB = 23
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=12, n_embd=8, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                  eos_token_id=0, attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=12,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
     params = ifunc.params_of(model)
     loss = language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits)
+        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits
+    )
     ids = torch.randint(0, VOCAB, (5, 6), generator=torch.Generator().manual_seed(1))
     return model, params, loss, {"input_ids": ids}
 
@@ -42,8 +56,11 @@ def test_captured_conv1d_grads_equal_per_sample_grads(gpt2):
 def test_module_picker(gpt2):
     model = gpt2[0]
     assert language.transformer_modules(model, attention=False) == [
-        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc",
-        "transformer.h.1.mlp.c_proj"]
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]
     both = language.transformer_modules(model)
     assert len(both) == 8 and "transformer.h.1.attn.c_attn" in both
 
@@ -52,8 +69,15 @@ def test_module_picker(gpt2):
 def test_gpt2_ekfac_per_token_and_padding(gpt2, attention):
     model, params, loss, data = gpt2
     mods = language.transformer_modules(model, attention=attention)
-    ih = ifunc.ihvp_ekfac(loss, params, data, model=model, modules=mods, damping=0.1,
-                          exclude=language.untracked(model, params, modules=mods))
+    ih = ifunc.ihvp_ekfac(
+        loss,
+        params,
+        data,
+        model=model,
+        modules=mods,
+        damping=0.1,
+        exclude=language.untracked(model, params, modules=mods),
+    )
     query = {"input_ids": data["input_ids"][:2]}
     pair = ifunc.attribute(loss, params, ih, data, query)
     torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ih(V), data, query))
@@ -61,8 +85,10 @@ def test_gpt2_ekfac_per_token_and_padding(gpt2, attention):
     assert float((tok.sum(-1) - pair).abs().max()) <= 1e-5 * float(pair.abs().max())
     # right padding with an attention mask: the scores of the unpadded sequence
     short = data["input_ids"][:1, :4]
-    padded = {"input_ids": torch.cat([short, torch.full((1, 2), 7)], 1),
-              "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}
+    padded = {
+        "input_ids": torch.cat([short, torch.full((1, 2), 7)], 1),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+    }
     tp = ifunc.attribute(loss, params, ih, padded, query, per_token=True, token_mask=language.token_mask)
     tu = ifunc.attribute(loss, params, ih, {"input_ids": short}, query, per_token=True)
     torch.testing.assert_close(tp[..., :4], tu)

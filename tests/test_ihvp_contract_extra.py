@@ -1,4 +1,5 @@
 """The closure contract for Nyström, DataInf and the block-diagonal modes (same checks as the core methods)."""
+
 import pytest
 import torch
 
@@ -7,18 +8,21 @@ from ifunc.testing import mlp_problem, rel_error
 
 BUILDERS = {
     "nystrom-low-rank": lambda loss, p, data, lam: ifunc.ihvp_nystrom(loss, p, data, rank=6, damping=lam),
-    "nystrom-layer": lambda loss, p, data, lam: ifunc.ihvp_nystrom(loss, p, data, rank=5, damping=lam,
-                                                                  blocks="layer"),
+    "nystrom-layer": lambda loss, p, data, lam: ifunc.ihvp_nystrom(loss, p, data, rank=5, damping=lam, blocks="layer"),
     "datainf": lambda loss, p, data, lam: ifunc.ihvp_datainf(loss, p, data, damping=lam),
     "datainf-fisher": lambda loss, p, data, lam: ifunc.ihvp_datainf(
-        ifunc.output_loss(loss.outputs, loss.loss_on_outputs, likelihood="categorical"), p, data, damping=lam,
-        curvature="fisher"),
+        ifunc.output_loss(loss.outputs, loss.loss_on_outputs, likelihood="categorical"),
+        p,
+        data,
+        damping=lam,
+        curvature="fisher",
+    ),
     "explicit-layer": lambda loss, p, data, lam: ifunc.ihvp_explicit(loss, p, data, damping=lam, blocks="layer"),
     "cg-layer": lambda loss, p, data, lam: ifunc.ihvp_cg(loss, p, data, damping=lam, blocks="layer", tol=1e-12),
-    "arnoldi-layer": lambda loss, p, data, lam: ifunc.ihvp_arnoldi(loss, p, data, rank=4, damping=lam,
-                                                                  blocks="layer"),
-    "explicit-empirical-fisher": lambda loss, p, data, lam: ifunc.ihvp_explicit(loss, p, data, damping=lam,
-                                                                               curvature="empirical_fisher"),
+    "arnoldi-layer": lambda loss, p, data, lam: ifunc.ihvp_arnoldi(loss, p, data, rank=4, damping=lam, blocks="layer"),
+    "explicit-empirical-fisher": lambda loss, p, data, lam: ifunc.ihvp_explicit(
+        loss, p, data, damping=lam, curvature="empirical_fisher"
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Every iHVP method against the exact dense solve, and the properties every closure must keep."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -12,13 +13,19 @@ from .strategies import dampings, mlp_problems
 # (name, builder, relative tolerance vs explicit)
 METHODS = {
     "explicit": (lambda loss, p, data, lam: ifunc.ihvp_explicit(loss, p, data, damping=lam), 1e-10),
-    "cg": (lambda loss, p, data, lam: ifunc.ihvp_cg(loss, p, data, damping=lam, tol=1e-12, atol=1e-14,
-                                                   maxiter=500), 1e-5),
-    "arnoldi": (lambda loss, p, data, lam: ifunc.ihvp_arnoldi(loss, p, data, rank=ifunc.flatten(p)[0].numel(),
-                                                             damping=lam), 1e-5),
+    "cg": (
+        lambda loss, p, data, lam: ifunc.ihvp_cg(loss, p, data, damping=lam, tol=1e-12, atol=1e-14, maxiter=500),
+        1e-5,
+    ),
+    "arnoldi": (
+        lambda loss, p, data, lam: ifunc.ihvp_arnoldi(loss, p, data, rank=ifunc.flatten(p)[0].numel(), damping=lam),
+        1e-5,
+    ),
     # depth ~ (s/λ)·log(1/tol): the truncation error decays like (1 − λ/s)^depth
-    "lissa": (lambda loss, p, data, lam: ifunc.ihvp_lissa(loss, p, data, damping=lam,
-                                                         depth=min(3000, int(100 / lam))), 1e-2),
+    "lissa": (
+        lambda loss, p, data, lam: ifunc.ihvp_lissa(loss, p, data, damping=lam, depth=min(3000, int(100 / lam))),
+        1e-2,
+    ),
 }
 
 
@@ -58,17 +65,17 @@ def test_closure_contract(method):
     X = ihvp(V)
     singles = torch.stack([ihvp(v) for v in V])
     assert rel_error(singles, X) < tol
-    assert rel_error(ihvp(V), X) < 1e-12                                       # deterministic
+    assert rel_error(ihvp(V), X) < 1e-12  # deterministic
     u, v = V[0], V[1]
     assert abs(float(u @ ihvp(v) - ihvp(u) @ v)) < 10 * tol * float(u.norm() * v.norm())  # symmetric
-    assert float(v @ ihvp(v)) > 0                                          # positive definite
-    tree = ifunc.flatten(params)[1](V)                                     # pytree with a leading k
+    assert float(v @ ihvp(v)) > 0  # positive definite
+    tree = ifunc.flatten(params)[1](V)  # pytree with a leading k
     out = ihvp(tree)
     assert set(out) == set(params)
     flat_back = ifunc.flatten(params)[1].flatten_like(out)[0]
     assert rel_error(flat_back, X) < tol
     with torch.no_grad():
-        assert rel_error(ihvp(V[0].float()).double(), X[0]) < max(tol, 1e-5)    # float32 in, float32 out
+        assert rel_error(ihvp(V[0].float()).double(), X[0]) < max(tol, 1e-5)  # float32 in, float32 out
     assert ihvp(V[0].float()).dtype == torch.float32
 
 
@@ -81,7 +88,7 @@ def test_more_damping_never_increases_the_norm_and_scaling_the_loss_divides(meth
     assert all(a >= b * (1 - 1e-6) for a, b in zip(norms, norms[1:]))
     scaled = ifunc.output_loss(loss.outputs, lambda out, b: 3.0 * loss.loss_on_outputs(out, b))
     x1 = build(loss, params, data, 0.2)(v)
-    x3 = build(scaled, params, data, 0.6)(v)                               # (3H + 3λ)^{-1} = (H + λ)^{-1} / 3
+    x3 = build(scaled, params, data, 0.6)(v)  # (3H + 3λ)^{-1} = (H + λ)^{-1} / 3
     assert rel_error(3 * x3, x1) < 10 * tol
 
 
@@ -95,7 +102,7 @@ def test_with_damping_costs_no_curvature_products(method):
     before = len(calls)
     v = torch.randn(ihvp.dim)
     swept = [ihvp.with_damping(lam)(v) for lam in (0.01, 0.1, 1.0)]
-    assert len(calls) == before                                            # no recomputation, ever
+    assert len(calls) == before  # no recomputation, ever
     torch.testing.assert_close(swept[1], ihvp(v))
     fresh = build(loss, params, data, 1.0)(v)
     assert rel_error(swept[2], fresh) < 1e-6

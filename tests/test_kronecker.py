@@ -1,4 +1,5 @@
 """Kronecker family: exact cases against dense matrices, EK-FAC optimality, fast scoring, purity."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,9 @@ def _ln_model():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     return model, ifunc.params_of(model), loss, (x, y)
 
 
@@ -126,9 +128,14 @@ def test_diagonal_is_inverse_of_diagonal_plus_damping(curvature):
 def test_fallback_blocks_and_exclusion():
     model, params, loss, data = _ln_model()
     ih = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.5, exclude=["3.bias"])
-    assert ih.info["blocks"] == {"0.bias": ("ekfac", "0"), "0.weight": ("ekfac", "0"),
-                                 "1.bias": ("diagonal", "1"), "1.weight": ("diagonal", "1"),
-                                 "3.bias": ("excluded", None), "3.weight": ("ekfac", "3")}
+    assert ih.info["blocks"] == {
+        "0.bias": ("ekfac", "0"),
+        "0.weight": ("ekfac", "0"),
+        "1.bias": ("diagonal", "1"),
+        "1.weight": ("diagonal", "1"),
+        "3.bias": ("excluded", None),
+        "3.weight": ("ekfac", "3"),
+    }
     out = ih(torch.ones(ih.dim))
     lay = layout(params)
     assert torch.all(out[lay["3.bias"]] == 0) and torch.all(out[lay["1.weight"]] > 0)
@@ -196,9 +203,10 @@ def test_gaussian_and_token_logits():
     assert (many.factors["2"].S - exact.factors["2"].S).norm() < 0.15 * exact.factors["2"].S.norm()
     lm = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7)).double()
     toks = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
-    lm_loss = ifunc.output_loss(lambda p, b: ifunc.call(lm, p, b[:, :-1]),
-                                lambda out, b: F.cross_entropy(out.reshape(-1, 7), b[:, 1:].reshape(-1),
-                                                               reduction="sum"))
+    lm_loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(lm, p, b[:, :-1]),
+        lambda out, b: F.cross_entropy(out.reshape(-1, 7), b[:, 1:].reshape(-1), reduction="sum"),
+    )
     lp = ifunc.params_of(lm)
     for kw in ({"sample": "categorical"}, {"curvature": "ggn"}, {"curvature": "empirical_fisher"}):
         ih = ifunc.ihvp_ekfac(lm_loss, lp, toks, model=lm, damping=0.1, **kw)
@@ -220,8 +228,7 @@ def test_input_errors():
     with pytest.raises(TypeError, match="dict"):
         ifunc.ihvp_kfac(loss, ifunc.flatten(params)[0], data, model=model)
     with pytest.raises(ValueError, match="Kronecker-family"):
-        ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, data, damping=1.0), data, data,
-                        per_module=True)
+        ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, data, damping=1.0), data, data, per_module=True)
 
 
 # ---------------------------------------------------------------- fast scoring
@@ -236,8 +243,9 @@ def _problem(kind):
     else:
         return _ln_model()
     y = torch.randint(0, 2, (7,), generator=gen)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[0]),
-                             lambda out, b: F.cross_entropy(out, b[1], reduction="sum"))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
     return model, ifunc.params_of(model), loss, (x, y)
 
 
@@ -248,16 +256,19 @@ def test_fast_scoring_equals_generic(kind, method):
     ih = method(loss, params, (x, y), model=model)
     query = (x[:3], y[:3])
     generic = ifunc.attribute(loss, params, lambda V: ih(V), (x, y), query)
-    torch.testing.assert_close(ifunc.attribute(loss, params, ih, [(x[:4], y[:4]), (x[4:], y[4:])], query,
-                                               chunk_size=3), generic)
+    torch.testing.assert_close(
+        ifunc.attribute(loss, params, ih, [(x[:4], y[:4]), (x[4:], y[4:])], query, chunk_size=3), generic
+    )
     per = ifunc.attribute(loss, params, ih, (x, y), query, per_module=True)
     assert per.shape == (len(ih.info["modules"]), 3, x.shape[0])
     torch.testing.assert_close(per.sum(0), generic)
     torch.testing.assert_close(ifunc.attribute(loss, params, ih, (x, y), query, query_rank=64), generic)
     low = ifunc.attribute(loss, params, ih, (x, y), query, query_rank=1)
     assert 1e-3 < rel_error(low, generic) < 1  # lossy but informative (0.02-0.43 on these problems)
-    torch.testing.assert_close(ifunc.self_influence(loss, params, ih, (x, y), chunk_size=2),
-                               ifunc.self_influence(loss, params, lambda V: ih(V), (x, y)))
+    torch.testing.assert_close(
+        ifunc.self_influence(loss, params, ih, (x, y), chunk_size=2),
+        ifunc.self_influence(loss, params, lambda V: ih(V), (x, y)),
+    )
 
 
 def test_fast_scoring_reads_params_not_module():
@@ -326,17 +337,24 @@ class TinyCNN(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-_CNN_BELOW = ("EK-FAC vs exact-GGN Spearman on the CNN is below 0.9 for some seeds: observed 0.884 (seed 0) and "
-              "0.872 (seed 2); seeds 0-5 give 0.884, 0.935, 0.872, 0.897, 0.926, 0.874 (the bound held for the "
-              "one seed it was written with, 1); the MLP gives 0.958-0.992 over the same seeds")
+_CNN_BELOW = (
+    "EK-FAC vs exact-GGN Spearman on the CNN is below 0.9 for some seeds: observed 0.884 (seed 0) and "
+    "0.872 (seed 2); seeds 0-5 give 0.884, 0.935, 0.872, 0.897, 0.926, 0.874 (the bound held for the "
+    "one seed it was written with, 1); the MLP gives 0.958-0.992 over the same seeds"
+)
 
 
-@pytest.mark.parametrize("kind,seed", [
-    ("mlp", 0), ("mlp", 1), ("mlp", 2),
-    pytest.param("cnn", 0, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
-    ("cnn", 1),
-    pytest.param("cnn", 2, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
-])
+@pytest.mark.parametrize(
+    "kind,seed",
+    [
+        ("mlp", 0),
+        ("mlp", 1),
+        ("mlp", 2),
+        pytest.param("cnn", 0, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
+        ("cnn", 1),
+        pytest.param("cnn", 2, marks=pytest.mark.xfail(strict=True, reason=_CNN_BELOW)),
+    ],
+)
 def test_ekfac_scores_rank_like_exact_ggn(kind, seed):
     """Briefly trained regression nets, damping λ = mean EK-FAC eigenvalue (10× the default heuristic).
 
@@ -374,6 +392,7 @@ def test_works_under_no_grad_and_with_a_dataloader():
 
 def test_query_low_rank_is_exact_for_low_rank_queries():
     from ifunc.ihvp.kronecker._kernels import low_rank as _low_rank
+
     gen = torch.Generator().manual_seed(3)
     R = torch.randn(5, 30, 3, generator=gen) @ torch.randn(5, 3, 40, generator=gen)  # rank 3 each
     U, V = _low_rank(R, 3, oversample=2)  # randomized path (3 + 2 < 30)
@@ -402,15 +421,22 @@ def test_transformer_every_parameter_has_a_block():
     model = TinyLM().double().eval()
     toks = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0))
     params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[:, :-1]),
-                             lambda o, b: F.cross_entropy(o.reshape(-1, 11), b[:, 1:].reshape(-1), reduction="sum"))
-    ih = ifunc.ihvp_ekfac(loss, params, toks, model=model, sample="categorical",
-                          generator=torch.Generator().manual_seed(1))
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[:, :-1]),
+        lambda o, b: F.cross_entropy(o.reshape(-1, 11), b[:, 1:].reshape(-1), reduction="sum"),
+    )
+    ih = ifunc.ihvp_ekfac(
+        loss, params, toks, model=model, sample="categorical", generator=torch.Generator().manual_seed(1)
+    )
     blocks = ih.info["blocks"]
     assert set(blocks) == set(params)
     assert blocks["block.linear1.weight"] == ("ekfac", "block.linear1") and blocks["head.bias"] == ("ekfac", "head")
-    for name in ("emb.weight", "block.norm1.weight", "block.self_attn.in_proj_weight",
-                 "block.self_attn.out_proj.weight"):
+    for name in (
+        "emb.weight",
+        "block.norm1.weight",
+        "block.self_attn.in_proj_weight",
+        "block.self_attn.out_proj.weight",
+    ):
         assert blocks[name][0] == "diagonal"
     fast = ifunc.attribute(loss, params, ih, toks, toks[:2])
     torch.testing.assert_close(fast, ifunc.attribute(loss, params, lambda V: ih(V), toks, toks[:2]))

@@ -1,4 +1,5 @@
 """Language models: per-token scores, padding, measurements (issue 7)."""
+
 import pytest
 import torch
 
@@ -88,9 +89,10 @@ def test_padding_gives_the_scores_of_unpadded_sequences(left):
         assert torch.all(tok[:, j][:, ~real] == 0)
         torch.testing.assert_close(pair[:, j], ifunc.attribute(loss, params, ih, alone, query)[:, 0])
     # padded queries too
-    torch.testing.assert_close(ifunc.attribute(loss, params, ih, data, padded),
-                               torch.cat([ifunc.attribute(loss, params, ih, data, {"input_ids": s[None]})
-                                          for s in seqs]))
+    torch.testing.assert_close(
+        ifunc.attribute(loss, params, ih, data, padded),
+        torch.cat([ifunc.attribute(loss, params, ih, data, {"input_ids": s[None]}) for s in seqs]),
+    )
 
 
 class _Scaled(torch.nn.Module):
@@ -144,8 +146,9 @@ def test_tied_head_gives_true_per_token_scores():
     torch.testing.assert_close(pair, ifunc.attribute(loss, params, lambda V: ek(V), data, data))
     tok = ifunc.attribute(loss, params, ek, data, data, per_token=True)
     assert rel_error(tok.sum(-1), pair) < 1e-5
-    only = ifunc.ihvp_identity(params, model=model, exclude=[p for p in params if p != "tok.weight"
-                                                             and not p.startswith("blocks.0.mlp.fc")])
+    only = ifunc.ihvp_identity(
+        params, model=model, exclude=[p for p in params if p != "tok.weight" and not p.startswith("blocks.0.mlp.fc")]
+    )
     t_only = ifunc.attribute(loss, params, only, data, data, per_token=True)
     assert rel_error(t_only.sum(-1), ifunc.attribute(loss, params, only, data, data)) < 1e-5
     assert (t_only[..., :-1].abs() > 0).float().mean() > 0.9  # not one position, not a flat spread
@@ -163,9 +166,11 @@ def _prompted(model):
 
 
 def _f(model):
-    return measurements.completion_nll(lambda p, b: ifunc.call(model, p, b["input_ids"][:, :-1]),
-                                       targets=lambda b: b["labels"][:, 1:],
-                                       completion_mask=lambda b: b["completion"][:, 1:])
+    return measurements.completion_nll(
+        lambda p, b: ifunc.call(model, p, b["input_ids"][:, :-1]),
+        targets=lambda b: b["labels"][:, 1:],
+        completion_mask=lambda b: b["completion"][:, 1:],
+    )
 
 
 def test_completion_nll_ignores_prompt_targets():
@@ -188,8 +193,11 @@ def test_completion_nll_ignores_prompt_targets():
     s = ifunc.attribute(loss, params, ih, data, batch, measurement=f, per_token=True)
     assert s.shape == (3, 6, L)
     with pytest.raises(ValueError, match="completion_nll"):
-        measurements.completion_nll(lambda p, b: torch.zeros(3, 2, VOCAB), targets=lambda b: b["labels"],
-                                    completion_mask=lambda b: b["completion"])(params, batch)
+        measurements.completion_nll(
+            lambda p, b: torch.zeros(3, 2, VOCAB),
+            targets=lambda b: b["labels"],
+            completion_mask=lambda b: b["completion"],
+        )(params, batch)
 
 
 def test_margin_and_output_measurement():
@@ -218,8 +226,10 @@ def test_fisher_draws_ignore_padding_and_the_last_position():
     """True-Fisher factors fitted on a right-padded batch equal those of the unpadded sequences (S, Λ)."""
     model, params, loss, data = _lm(seed=4)
     ids = data["input_ids"][:2]
-    padded = {"input_ids": torch.cat([ids, torch.full((2, 3), 5)], 1)[:, :L],
-              "attention_mask": torch.cat([torch.ones(2, 4), torch.zeros(2, 3)], 1).bool()}
+    padded = {
+        "input_ids": torch.cat([ids, torch.full((2, 3), 5)], 1)[:, :L],
+        "attention_mask": torch.cat([torch.ones(2, 4), torch.zeros(2, 3)], 1).bool(),
+    }
     short = {"input_ids": ids[:, :4]}
     fit = lambda b: ifunc.fit_kronecker_factors(loss, params, b, model=model, curvature="ggn")  # noqa: E731
     a, b = fit(padded), fit(short)
@@ -232,11 +242,12 @@ def test_ekfac_fit_skips_the_unused_diagonal():
     """ihvp_ekfac / ihvp_kfac fit without D = E[DW²] (as costly as Λ for sequences); ihvp_diagonal asks for it."""
     model, params, loss, data = _lm(seed=6)
     f = ifunc.fit_kronecker_factors(loss, params, data, model=model, diagonal=False)
-    assert all(lf.diag is None and lf.ekfac.shape == (lf.eig_S.numel(), lf.eig_A.numel())
-               for lf in f.factors.values())
+    assert all(lf.diag is None and lf.ekfac.shape == (lf.eig_S.numel(), lf.eig_A.numel()) for lf in f.factors.values())
     full = ifunc.fit_kronecker_factors(loss, params, data, model=model)
     v = torch.randn(sum(t.numel() for t in params.values()), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1)(v),
-                               ifunc.ihvp_ekfac(loss, params, full, model=model, damping=0.1)(v))
+    torch.testing.assert_close(
+        ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1)(v),
+        ifunc.ihvp_ekfac(loss, params, full, model=model, damping=0.1)(v),
+    )
     with pytest.raises(ValueError, match="diagonal=True"):
         ifunc.ihvp_diagonal(loss, params, f, model=model)

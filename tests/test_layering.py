@@ -5,6 +5,7 @@ import cycles among ifunc modules and no ifunc import inside a function (the usu
 Three extra rules: ``distributed.py`` is a leaf (it imports no ifunc module), ``store.py`` imports only the
 base modules, ``curvature.py`` never imports ``distributed.py``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,17 +30,15 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 # group -> the only groups it may import (on top of the layer rule); absent = any group of its layer or below
 ONLY: dict[str, set[str]] = {
-    "ranks": set(),                       # a leaf: no ifunc import at all
-    "store": {"base"},                    # HDF5 I/O only: never distributed, ihvp or attribute
+    "ranks": set(),  # a leaf: no ifunc import at all
+    "store": {"base"},  # HDF5 I/O only: never distributed, ihvp or attribute
 }
-NEVER: dict[str, set[str]] = {
-    "curvature": {"ranks"},
-}
+NEVER: dict[str, set[str]] = {"curvature": {"ranks"}}
 
 
 class Import(NamedTuple):
-    source: str     # dotted name of the importing module
-    target: str     # dotted name of the imported ifunc module
+    source: str  # dotted name of the importing module
+    target: str  # dotted name of the imported ifunc module
     line: int
     in_function: bool
 
@@ -102,7 +101,7 @@ class _Collector(ast.NodeVisitor):
             base = self.package.split(".")
             if node.level - 1 >= len(base):
                 raise AssertionError(f"{self.name}:{node.lineno}: relative import beyond the ifunc package")
-            base = base[:len(base) - (node.level - 1)]
+            base = base[: len(base) - (node.level - 1)]
             origin = ".".join(base + ([node.module] if node.module else []))
         else:
             origin = node.module or ""
@@ -132,8 +131,10 @@ def _where(imp: Import) -> str:
 
 def test_every_module_has_a_layer():
     unknown = [str(p.relative_to(PACKAGE.parent)) for p in MODULES.values() if _group_of(p) is None]
-    assert not unknown, (f"modules without a layer: {unknown}; add each to GROUPS in tests/test_layering.py "
-                         "(and to the layer diagram in DESIGN.md §3)")
+    assert not unknown, (
+        f"modules without a layer: {unknown}; add each to GROUPS in tests/test_layering.py "
+        "(and to the layer diagram in DESIGN.md §3)"
+    )
 
 
 def test_no_module_imports_a_higher_layer():
@@ -143,8 +144,10 @@ def test_no_module_imports_a_higher_layer():
         if src is None or dst is None:
             continue  # reported by test_every_module_has_a_layer
         if GROUPS[dst][0] > GROUPS[src][0]:
-            bad.append(f"{_where(imp)}: {imp.source} ({src}, layer {GROUPS[src][0]}) imports {imp.target} "
-                       f"({dst}, layer {GROUPS[dst][0]})")
+            bad.append(
+                f"{_where(imp)}: {imp.source} ({src}, layer {GROUPS[src][0]}) imports {imp.target} "
+                f"({dst}, layer {GROUPS[dst][0]})"
+            )
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
@@ -157,15 +160,15 @@ def test_group_import_rules(group):
         dst = _group_of(MODULES[imp.target])
         if (group in ONLY and dst not in ONLY[group]) or dst in NEVER.get(group, set()):
             bad.append(f"{_where(imp)}: {imp.source} imports {imp.target} ({dst})")
-    allowed = (f"may import only {sorted(ONLY[group])}" if group in ONLY else
-               f"must never import {sorted(NEVER[group])}")
+    allowed = f"may import only {sorted(ONLY[group])}" if group in ONLY else f"must never import {sorted(NEVER[group])}"
     assert not bad, f"{group} {allowed}:\n" + "\n".join(bad)
 
 
 def test_no_function_level_imports_of_ifunc_modules():
     bad = [f"{_where(imp)}: {imp.source} imports {imp.target} inside a function" for imp in IMPORTS if imp.in_function]
-    assert not bad, ("import at module level (a function-level import hides a cycle or a layer violation):\n"
-                     + "\n".join(bad))
+    assert not bad, (
+        "import at module level (a function-level import hides a cycle or a layer violation):\n" + "\n".join(bad)
+    )
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -211,24 +214,48 @@ def test_no_import_cycles():
     detail = []
     for component in cycles:
         members = set(component)
-        detail.append(" <-> ".join(component) + "\n    " + "\n    ".join(
-            f"{_where(imp)}: {imp.source} -> {imp.target}" for imp in IMPORTS
-            if imp.source in members and imp.target in members))
+        detail.append(
+            " <-> ".join(component)
+            + "\n    "
+            + "\n    ".join(
+                f"{_where(imp)}: {imp.source} -> {imp.target}"
+                for imp in IMPORTS
+                if imp.source in members and imp.target in members
+            )
+        )
     assert not cycles, "import cycles among ifunc modules:\n" + "\n".join(detail)
 
 
 def test_the_checker_resolves_relative_imports():
     """Self-check on the collector: relative, submodule and absolute forms resolve to the right module."""
-    source = ("from . import _base\nfrom .. import functional\nfrom ..curvature import hvp\n"
-              "import ifunc.store\nfrom ifunc import testing\nimport torch\n"
-              "def f():\n    from ..grads import per_sample_grads\n")
-    modules = {n: PACKAGE for n in ("ifunc", "ifunc.ihvp", "ifunc.ihvp._base", "ifunc.functional",
-                                        "ifunc.curvature", "ifunc.store", "ifunc.testing", "ifunc.grads")}
+    source = (
+        "from . import _base\nfrom .. import functional\nfrom ..curvature import hvp\n"
+        "import ifunc.store\nfrom ifunc import testing\nimport torch\n"
+        "def f():\n    from ..grads import per_sample_grads\n"
+    )
+    modules = {
+        n: PACKAGE
+        for n in (
+            "ifunc",
+            "ifunc.ihvp",
+            "ifunc.ihvp._base",
+            "ifunc.functional",
+            "ifunc.curvature",
+            "ifunc.store",
+            "ifunc.testing",
+            "ifunc.grads",
+        )
+    }
     collector = _Collector("ifunc.ihvp.cg", PACKAGE / "ihvp" / "cg.py", modules)
     collector.visit(ast.parse(source))
     assert [(i.target, i.in_function) for i in collector.found] == [
-        ("ifunc.ihvp._base", False), ("ifunc.functional", False), ("ifunc.curvature", False),
-        ("ifunc.store", False), ("ifunc.testing", False), ("ifunc.grads", True)]
+        ("ifunc.ihvp._base", False),
+        ("ifunc.functional", False),
+        ("ifunc.curvature", False),
+        ("ifunc.store", False),
+        ("ifunc.testing", False),
+        ("ifunc.grads", True),
+    ]
     package = _Collector("ifunc.ihvp", PACKAGE / "ihvp" / "__init__.py", modules)
     package.visit(ast.parse("from ._base import IHVP\nfrom .. import store\n"))
     assert [i.target for i in package.found] == ["ifunc.ihvp._base", "ifunc.store"]

@@ -34,12 +34,14 @@ def test_divergence_is_reported():
     lam_max = float(torch.linalg.eigvalsh(ifunc.ggn(loss, params, data)).max())
     too_small = 0.3 * lam_max  # eigenvalues of (H+λ)/s reach > 2
     with pytest.warns(ifunc.LissaDivergenceWarning, match="scale"):
-        ifunc.ihvp_lissa(loss, params, data, damping=0.01, scale=too_small, depth=30)(torch.ones(
-            ifunc.flatten(params)[0].numel()))
+        ifunc.ihvp_lissa(loss, params, data, damping=0.01, scale=too_small, depth=30)(
+            torch.ones(ifunc.flatten(params)[0].numel())
+        )
     with pytest.raises(ValueError, match="diverged to NaN/inf"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ifunc.ihvp_lissa(loss, params, data, damping=0.01, scale=too_small, depth=100_000)(torch.ones(
-            ifunc.flatten(params)[0].numel()))
+        ifunc.ihvp_lissa(loss, params, data, damping=0.01, scale=too_small, depth=100_000)(
+            torch.ones(ifunc.flatten(params)[0].numel())
+        )
 
 
 def test_minibatch_lissa_is_deterministic_for_a_generator_and_close_to_exact():
@@ -48,13 +50,20 @@ def test_minibatch_lissa_is_deterministic_for_a_generator_and_close_to_exact():
     exact = ifunc.ihvp_explicit(loss, params, (x, y), damping=lam)
     v = torch.randn(exact.dim, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(123)
-    ihvp = ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, depth=300, repeat=4, batch_size=20,
-                            generator=gen)
+    ihvp = ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, depth=300, repeat=4, batch_size=20, generator=gen)
     first = ihvp(v)
     torch.testing.assert_close(ihvp(v), first)  # the closure replays its generator state
     assert rel_error(first, exact(v)) < 0.1
-    other = ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, depth=300, repeat=4, batch_size=20,
-                             generator=torch.Generator().manual_seed(7))(v)
+    other = ifunc.ihvp_lissa(
+        loss,
+        params,
+        (x, y),
+        damping=lam,
+        depth=300,
+        repeat=4,
+        batch_size=20,
+        generator=torch.Generator().manual_seed(7),
+    )(v)
     assert rel_error(other, exact(v)) < 0.1
     assert rel_error(other, first) > 1e-4  # other mini-batches, another estimate (3.7e-3)
 

@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom (CI runs this; a broken notebook fails it)."""
+
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
@@ -17,9 +17,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # the kernel inherits it: small matrices, shared cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: small matrices, shared cores
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()

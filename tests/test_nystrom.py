@@ -1,4 +1,5 @@
 """Nyström sketch: exact at full rank, error shrinking with rank, PSD checks, free re-damping."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -16,8 +17,7 @@ def test_full_rank_matches_explicit(problem, lam, seed):
     d = ifunc.flatten(params)[0].numel()
     V = torch.randn(3, d, generator=torch.Generator().manual_seed(seed))
     exact = ifunc.ihvp_explicit(loss, params, data, damping=lam)(V)
-    ihvp = ifunc.ihvp_nystrom(loss, params, data, rank=d, damping=lam,
-                              generator=torch.Generator().manual_seed(seed))
+    ihvp = ifunc.ihvp_nystrom(loss, params, data, rank=d, damping=lam, generator=torch.Generator().manual_seed(seed))
     assert rel_error(ihvp(V), exact) < 1e-8
 
 
@@ -42,8 +42,7 @@ def test_ihvp_error_decreases_with_rank_on_a_model():
     d = ifunc.flatten(params)[0].numel()
     V = torch.randn(4, d, generator=torch.Generator().manual_seed(1))
     exact = ifunc.ihvp_explicit(loss, params, data, damping=0.05)(V)
-    errors = [rel_error(ifunc.ihvp_nystrom(loss, params, data, rank=r, damping=0.05)(V), exact)
-              for r in (2, 8, 16, d)]
+    errors = [rel_error(ifunc.ihvp_nystrom(loss, params, data, rank=r, damping=0.05)(V), exact) for r in (2, 8, 16, d)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-8
 
 

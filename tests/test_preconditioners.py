@@ -1,4 +1,5 @@
 """Preconditioners: same CG solution in no more iterations; the diagonal and the sketch are right."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -16,42 +17,57 @@ def _problem(d, cond, seed, spread):
     return A, torch.randn(3, d, generator=gen)
 
 
-@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000), spread=st.floats(0.0, 3.0),
-       log_cond_scaled=st.floats(0.0, 2.0))
-def test_jacobi_same_solution_and_no_more_iterations_when_scaling_dominates(d, cond, seed, spread,
-                                                                            log_cond_scaled):
+@given(
+    d=st.integers(2, 30),
+    cond=st.floats(1.0, 1e4),
+    seed=st.integers(0, 10_000),
+    spread=st.floats(0.0, 3.0),
+    log_cond_scaled=st.floats(0.0, 2.0),
+)
+def test_jacobi_same_solution_and_no_more_iterations_when_scaling_dominates(d, cond, seed, spread, log_cond_scaled):
     """Jacobi is not a universal win (it can add iterations on rotated spectra, e.g. d=10, cond=1553,
     seed=287, spread=1): the solution must always agree, and the iteration count must not grow when the
     bad conditioning comes from the diagonal scaling (spread >= 2, inner condition number <= 100)."""
     A, B = _problem(d, cond, seed, spread)
     matvec = lambda V: V @ A  # noqa: E731
     plain = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d)
-    pre = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d,
-                         preconditioner=ifunc.jacobi_preconditioner(matvec, dim=d, damping=0.0))
+    pre = ifunc.cg_solve(
+        matvec, B, tol=1e-8, maxiter=10 * d, preconditioner=ifunc.jacobi_preconditioner(matvec, dim=d, damping=0.0)
+    )
     assert pre.converged
     if plain.converged:
         torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-7 * float(plain.x.abs().max()))
-    A2, B2 = _problem(d, 10.0 ** log_cond_scaled, seed, 2.0 + spread / 3)
+    A2, B2 = _problem(d, 10.0**log_cond_scaled, seed, 2.0 + spread / 3)
     matvec2 = lambda V: V @ A2  # noqa: E731
     plain2 = ifunc.cg_solve(matvec2, B2, tol=1e-8, maxiter=10 * d)
-    pre2 = ifunc.cg_solve(matvec2, B2, tol=1e-8, maxiter=10 * d,
-                          preconditioner=ifunc.jacobi_preconditioner(matvec2, dim=d, damping=0.0))
+    pre2 = ifunc.cg_solve(
+        matvec2, B2, tol=1e-8, maxiter=10 * d, preconditioner=ifunc.jacobi_preconditioner(matvec2, dim=d, damping=0.0)
+    )
     assert pre2.converged
     assert bool((pre2.iterations <= plain2.iterations).all())
 
 
-@given(d=st.integers(2, 30), cond=st.floats(1.0, 1e4), seed=st.integers(0, 10_000),
-       rank_fraction=st.floats(0.0, 1.0), log_damping=st.floats(-6.0, 0.0))
+@given(
+    d=st.integers(2, 30),
+    cond=st.floats(1.0, 1e4),
+    seed=st.integers(0, 10_000),
+    rank_fraction=st.floats(0.0, 1.0),
+    log_damping=st.floats(-6.0, 0.0),
+)
 def test_nystrom_same_solution_in_no_more_iterations(d, cond, seed, rank_fraction, log_damping):
     A = random_spd(d, cond=cond, seed=seed)
     B = torch.randn(3, d, generator=torch.Generator().manual_seed(seed))
-    lam = 10.0 ** log_damping
+    lam = 10.0**log_damping
     rank = max(1, round(rank_fraction * d))
     matvec = lambda V: V @ A + lam * V  # noqa: E731
     plain = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d)
-    pre = ifunc.cg_solve(matvec, B, tol=1e-8, maxiter=10 * d,
-                         preconditioner=ifunc.nystrom_preconditioner(lambda V: V @ A, dim=d, rank=rank,
-                                                                     damping=lam))
+    pre = ifunc.cg_solve(
+        matvec,
+        B,
+        tol=1e-8,
+        maxiter=10 * d,
+        preconditioner=ifunc.nystrom_preconditioner(lambda V: V @ A, dim=d, rank=rank, damping=lam),
+    )
     assert plain.converged and pre.converged
     torch.testing.assert_close(pre.x, plain.x, rtol=1e-5, atol=1e-8 * float(plain.x.abs().max()))
     assert bool((pre.iterations <= plain.iterations).all())
@@ -72,8 +88,9 @@ def test_jacobi_diagonal_exact_and_hutchinson():
     D = torch.diag(torch.linspace(0.5, 3.0, 12))
     one_probe = ifunc.jacobi_preconditioner(lambda V: V @ D, dim=12, damping=0.0, probes=1)
     torch.testing.assert_close(one_probe.diagonal, torch.diagonal(D))  # z ⊙ D z = diag(D) for z = ±1
-    many = ifunc.jacobi_preconditioner(lambda V: V @ A, dim=12, damping=0.1, probes=4000,
-                                       generator=torch.Generator().manual_seed(1))
+    many = ifunc.jacobi_preconditioner(
+        lambda V: V @ A, dim=12, damping=0.1, probes=4000, generator=torch.Generator().manual_seed(1)
+    )
     assert float((many.diagonal - torch.diagonal(A)).abs().max()) < 0.05
     v = torch.ones(12)
     torch.testing.assert_close(exact(v), v / (torch.diagonal(A) + 0.1))
@@ -85,8 +102,10 @@ def test_with_ihvp_cg_on_a_model():
     lam = 1e-3
     v = torch.randn(op.flat_params.numel(), generator=torch.Generator().manual_seed(2))
     plain = ifunc.ihvp_cg(loss, params, data, damping=lam, tol=1e-10)(v)
-    for P in (ifunc.jacobi_preconditioner(op, damping=lam, probes=16),
-              ifunc.nystrom_preconditioner(op, rank=10, damping=lam)):
+    for P in (
+        ifunc.jacobi_preconditioner(op, damping=lam, probes=16),
+        ifunc.nystrom_preconditioner(op, rank=10, damping=lam),
+    ):
         pre = ifunc.ihvp_cg(loss, params, data, damping=lam, tol=1e-10, preconditioner=P)(v)
         torch.testing.assert_close(pre, plain, rtol=1e-6, atol=1e-8)
 

@@ -1,4 +1,5 @@
 """ihvp_error: zero against itself, clearly non-zero for a poor approximation, Spearman as SciPy's."""
+
 import pytest
 import scipy.stats
 import torch
@@ -36,8 +37,10 @@ def test_identity_against_explicit_reports_clearly_non_zero():
 def test_better_approximations_report_smaller_errors():
     params, loss, data, exact, Q, T = _setup()
     d = exact.dim
-    errors = [ifunc.ihvp_error(ifunc.ihvp_nystrom(loss, params, data, rank=r, damping=0.01), exact,
-                               queries=Q, train=T) for r in (2, 10, d)]
+    errors = [
+        ifunc.ihvp_error(ifunc.ihvp_nystrom(loss, params, data, rank=r, damping=0.01), exact, queries=Q, train=T)
+        for r in (2, 10, d)
+    ]
     assert errors[0].probe_error > errors[1].probe_error > errors[2].probe_error
     assert errors[2].probe_error < 1e-8 and errors[2].score_spearman == pytest.approx(1.0)
     # without train gradients the scores are query x query; pytrees are accepted too

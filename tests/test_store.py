@@ -1,4 +1,5 @@
 """HDF5 score stores: crash-and-resume, validation, reading without loading."""
+
 import logging
 import subprocess
 import sys
@@ -41,8 +42,12 @@ CHILD = textwrap.dedent("""
 def _run_child(tmp_path, store, log, kill_after):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    return subprocess.run([sys.executable, str(script), str(store), str(log), str(kill_after)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), str(store), str(log), str(kill_after)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -57,9 +62,9 @@ def test_killed_run_resumes_without_recomputing_finished_chunks(tmp_path):
     first_log = log.read_text()
     resumed = _run_child(tmp_path, store, log, kill_after="never")
     assert resumed.returncode == 0, resumed.stderr
-    second_log = log.read_text()[len(first_log):]
+    second_log = log.read_text()[len(first_log) :]
     written = [line.split()[2] for line in second_log.splitlines() if "written" in line]
-    assert written == [f"{i}/10" for i in range(6, 11)], second_log   # only the unfinished chunks
+    assert written == [f"{i}/10" for i in range(6, 11)], second_log  # only the unfinished chunks
     assert "5 of 10 chunks already done" in second_log
 
     _, params, loss, (x, y) = mlp_problem(seed=0, sizes=(3, 5, 3), n=20)
@@ -141,8 +146,7 @@ def test_progress_logging_is_quiet_when_asked(setup, tmp_path, caplog, capfd):
     params, loss, ihvp, (x, y) = setup
     capfd.readouterr()
     with caplog.at_level(logging.INFO, logger="ifunc"):
-        ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=tmp_path / "s.h5", chunk_size=5,
-                        progress=False)
+        ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=tmp_path / "s.h5", chunk_size=5, progress=False)
     assert capfd.readouterr() == ("", "")
     assert sum("written" in r.message for r in caplog.records) == 3
 

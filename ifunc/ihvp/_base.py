@@ -1,4 +1,5 @@
 """The iHVP closure type shared by every method."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -43,9 +44,17 @@ class IHVP:
       dtype, device: the parameters' dtype and device.
     """
 
-    def __init__(self, solve: Callable[[torch.Tensor], torch.Tensor], *, name: str, damping: float,
-                 unflatten: Unflatten, like: torch.Tensor,
-                 rebuild: Callable[[float], "IHVP"] | None = None, info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        solve: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str,
+        damping: float,
+        unflatten: Unflatten,
+        like: torch.Tensor,
+        rebuild: Callable[[float], IHVP] | None = None,
+        info: dict[str, Any] | None = None,
+    ):
         self._solve = solve
         self.name = name
         self.damping = damping
@@ -77,7 +86,7 @@ class IHVP:
         flat, batched = self.unflatten.flatten_like(v)
         return self.unflatten(self(flat))
 
-    def with_damping(self, damping: float) -> "IHVP":
+    def with_damping(self, damping: float) -> IHVP:
         """The same closure with λ replaced; free for factorised methods (explicit, Arnoldi)."""
         if self._rebuild is None:
             raise NotImplementedError(f"{self.name} iHVP cannot change its damping")

@@ -5,19 +5,19 @@ replaced by its block diagonal ``D = Σ_b P_b H P_b`` (``P_b`` the coordinate pr
 cross-block curvature is dropped and ``(D + λI)^{-1} v`` is solved block by block,
 ``[(D + λI)^{-1} v]_b = (H_bb + λI)^{-1} v_b``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Hashable, Mapping, NamedTuple
+from collections.abc import Hashable, Mapping
+from typing import Callable, NamedTuple
 
-import optree
 import torch
 
 from ..functional import Unflatten, parameter_names
 from ._base import IHVP, check_damping
 from ._eigen import check_positive, eigen_solve
 
-__all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join",
-           "eigen_blocks_ihvp"]
+__all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join", "eigen_blocks_ihvp"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,8 +39,9 @@ def _layer_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def resolve_blocks(blocks: str | Mapping[str, Hashable], unflatten: Unflatten, *, device=None,
-                   who: str = "blocks") -> list[Block]:
+def resolve_blocks(
+    blocks: str | Mapping[str, Hashable], unflatten: Unflatten, *, device=None, who: str = "blocks"
+) -> list[Block]:
     """Turn ``blocks="full" | "layer" | {name: group}`` into a list of :class:`Block` (one for ``"full"``).
 
     ``"layer"`` groups parameters by module prefix, the name up to its last ``"."`` (``"fc1.weight"`` and
@@ -134,8 +135,16 @@ class EigenFactor(NamedTuple):
     complement: bool
 
 
-def eigen_blocks_ihvp(factors: list[EigenFactor], blocks: list[Block], damping: float, *, name: str,
-                      unflatten: Unflatten, like: torch.Tensor, info: dict | None = None) -> IHVP:
+def eigen_blocks_ihvp(
+    factors: list[EigenFactor],
+    blocks: list[Block],
+    damping: float,
+    *,
+    name: str,
+    unflatten: Unflatten,
+    like: torch.Tensor,
+    info: dict | None = None,
+) -> IHVP:
     """The :class:`IHVP` of per-block eigen-factorisations; ``with_damping`` reuses the factors."""
     low_rank = any(f.complement for f in factors)
     eigenvalues = factors[0].w if len(factors) == 1 else torch.cat([f.w for f in factors])
@@ -145,7 +154,8 @@ def eigen_blocks_ihvp(factors: list[EigenFactor], blocks: list[Block], damping: 
         check_positive(eigenvalues, lam, f"ihvp_{name}")
         solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
         extra = {"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})}
-        return IHVP(join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like,
-                    rebuild=build, info=extra)
+        return IHVP(
+            join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like, rebuild=build, info=extra
+        )
 
     return build(damping)

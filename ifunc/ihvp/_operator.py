@@ -4,6 +4,7 @@ Every operator-based method (explicit, CG, LiSSA, Arnoldi, Nyström) builds its 
 ``torchrun`` each rank computes the batches ``i ≡ rank (mod W)`` and the products are all-reduced: every
 rank then takes the same solver steps. Without a process group it is :func:`ifunc.curvature_operator`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,15 +33,19 @@ def check_same_data(source: DataSource) -> None:
     if not distributed.active():
         return
     signature = (source.cheap_count(), fingerprint(tensor_leaves(source.first())))
-    distributed.check_same(signature, (
-        f"{source.name}: the ranks hold different data (example count, first-batch fingerprint); under "
-        "torch.distributed every rank must pass the same, complete data in the same order (no DistributedSampler, "
-        "no unseeded shuffling): ifunc shards it across the ranks"))
+    distributed.check_same(
+        signature,
+        (
+            f"{source.name}: the ranks hold different data (example count, first-batch fingerprint); under "
+            "torch.distributed every rank must pass the same, complete data in the same order (no DistributedSampler, "
+            "no unseeded shuffling): ifunc shards it across the ranks"
+        ),
+    )
 
 
-def data_operator(loss: LossFn, params: Params, data: Data, *, curvature: str | None = None,
-                  generator: torch.Generator | None = None) -> CurvatureOperator:
+def data_operator(
+    loss: LossFn, params: Params, data: Data, *, curvature: str | None = None, generator: torch.Generator | None = None
+) -> CurvatureOperator:
     """:func:`ifunc.curvature_operator` over ``data``, with this rank's partition of the batches."""
     check_same_data(DataSource(data, name="data"))
-    return curvature_operator(loss, params, data, curvature=curvature, generator=generator,
-                              partition=rank_partition())
+    return curvature_operator(loss, params, data, curvature=curvature, generator=generator, partition=rank_partition())

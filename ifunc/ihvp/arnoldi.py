@@ -1,18 +1,21 @@
 """Low-rank iHVP from the top eigenpairs of H found by Lanczos iteration (Schioppa et al. 2022)."""
+
 from __future__ import annotations
 
 import torch
 
-from ..likelihood import default_generator
 from .._types import Data, LossFn, Params
-from ._operator import data_operator
+from ..likelihood import default_generator
+from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._operator import data_operator
 
 __all__ = ["ihvp_arnoldi", "lanczos"]
 
 
-def lanczos(matvec, d: int, steps: int, *, dtype=torch.float64, device=None,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lanczos(
+    matvec, d: int, steps: int, *, dtype=torch.float64, device=None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of a symmetric operator from ``steps`` Lanczos iterations with full re-orthogonalisation.
 
     The Krylov basis is kept in float64 and re-orthogonalised twice against all previous vectors at each
@@ -64,9 +67,18 @@ def lanczos(matvec, d: int, steps: int, *, dtype=torch.float64, device=None,
     return theta, basis.T @ S.to(basis.device)
 
 
-def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping: float,
-                 oversample: int | None = None, generator: torch.Generator | None = None,
-                 curvature: str | None = None, blocks="full") -> IHVP:
+def ihvp_arnoldi(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    rank: int,
+    damping: float,
+    oversample: int | None = None,
+    generator: torch.Generator | None = None,
+    curvature: str | None = None,
+    blocks="full",
+) -> IHVP:
     """Low-rank ``v -> (H + λI)^{-1} v`` from the top-``rank`` eigenpairs of the mean curvature.
 
     Runs ``m = min(d, rank + oversample)`` Lanczos steps (one HVP pass over ``data`` each) once, when
@@ -110,9 +122,22 @@ def ihvp_arnoldi(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     for block in groups:
         d_b = block.index.numel()
         r = min(rank, d_b)
-        theta, vectors = lanczos(restrict(op.matvec, block.index, d), d_b, r + oversample,
-                                 dtype=op.flat_params.dtype, device=op.flat_params.device, generator=generator)
+        theta, vectors = lanczos(
+            restrict(op.matvec, block.index, d),
+            d_b,
+            r + oversample,
+            dtype=op.flat_params.dtype,
+            device=op.flat_params.device,
+            generator=generator,
+        )
         keep = theta.abs().argsort(descending=True)[:r]
         factors.append(EigenFactor(vectors[:, keep], theta[keep], r < d_b))
-    return eigen_blocks_ihvp(factors, groups, damping, name="arnoldi", unflatten=op.unflatten,
-                             like=op.flat_params.new_zeros(()), info={"rank": rank})
+    return eigen_blocks_ihvp(
+        factors,
+        groups,
+        damping,
+        name="arnoldi",
+        unflatten=op.unflatten,
+        like=op.flat_params.new_zeros(()),
+        info={"rank": rank},
+    )

@@ -1,4 +1,5 @@
 """Conjugate gradients on ``H + λI``: exact up to a tolerance, HVPs only."""
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -6,9 +7,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._types import Data, LossFn, Params, Preconditioner
-from ._operator import data_operator
 from ._base import IHVP, ConvergenceError, check_damping
-from ._blocks import blocks_info, block_diagonal, resolve_blocks
+from ._blocks import block_diagonal, blocks_info, resolve_blocks
+from ._operator import data_operator
 
 __all__ = ["ihvp_cg", "cg_solve", "CGResult"]
 
@@ -26,9 +27,15 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
 
-def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, *, tol: float = 1e-5,
-             atol: float = 0.0, maxiter: int | None = None,
-             preconditioner: Preconditioner | None = None) -> CGResult:
+def cg_solve(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    B: torch.Tensor,
+    *,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: Preconditioner | None = None,
+) -> CGResult:
     """Solve ``A X = B`` for SPD ``A`` by (preconditioned) conjugate gradients, ``k`` systems at once.
 
     The ``k`` recurrences run in lockstep so that each iteration costs one batched ``matvec`` on the
@@ -72,7 +79,7 @@ def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, *,
         if (pAp <= 0).any():
             raise ValueError(
                 f"cg_solve: the operator is not positive definite (pᵀAp = {float(pAp.min()):.3e}); "
-                "increase damping or use curvature=\"ggn\""
+                'increase damping or use curvature="ggn"'
             )
         alpha = rz[idx] / pAp
         X[idx] += alpha[:, None] * p
@@ -92,9 +99,20 @@ def cg_solve(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, *,
     return CGResult(X, iterations, residual, converged)
 
 
-def ihvp_cg(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0, tol: float = 1e-4,
-            atol: float = 0.0, maxiter: int | None = None, preconditioner: Preconditioner | None = None,
-            curvature: str | None = None, blocks="full", generator: torch.Generator | None = None) -> IHVP:
+def ihvp_cg(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    damping: float = 0.0,
+    tol: float = 1e-4,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: Preconditioner | None = None,
+    curvature: str | None = None,
+    blocks="full",
+    generator: torch.Generator | None = None,
+) -> IHVP:
     """``v -> (H + λI)^{-1} v`` by conjugate gradients on the mean curvature over ``data``.
 
     ``H = (1/n) Σ_i ∇² ℓ_i`` (Hessian, or Gauss-Newton with ``curvature="ggn"``). Nothing is precomputed:
@@ -146,8 +164,9 @@ def ihvp_cg(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0, t
         lam = check_damping(lam)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
-            res = cg_solve(lambda P: matvec(P) + lam * P, V, tol=tol, atol=atol, maxiter=maxiter,
-                           preconditioner=preconditioner)
+            res = cg_solve(
+                lambda P: matvec(P) + lam * P, V, tol=tol, atol=atol, maxiter=maxiter, preconditioner=preconditioner
+            )
             if not res.converged:
                 rel = (res.residual / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)).max()
                 raise ConvergenceError(
@@ -157,9 +176,20 @@ def ihvp_cg(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0, t
                 )
             return res.x
 
-        return IHVP(solve, name="cg", damping=lam, unflatten=op.unflatten,
-                    like=op.flat_params.new_zeros(()), rebuild=build,
-                    info={"tol": tol, "atol": atol, "maxiter": maxiter, "curvature": op.curvature,
-                          "blocks": blocks_info("cg", groups)})
+        return IHVP(
+            solve,
+            name="cg",
+            damping=lam,
+            unflatten=op.unflatten,
+            like=op.flat_params.new_zeros(()),
+            rebuild=build,
+            info={
+                "tol": tol,
+                "atol": atol,
+                "maxiter": maxiter,
+                "curvature": op.curvature,
+                "blocks": blocks_info("cg", groups),
+            },
+        )
 
     return build(damping)

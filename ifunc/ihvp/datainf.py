@@ -1,4 +1,5 @@
 """DataInf: per-block average of Sherman–Morrison inverses of rank-one curvatures (Kwon et al. 2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,9 +7,9 @@ import torch
 from .._data import DataSource, iter_chunks
 from .._types import Data, LossFn, Params
 from ..curvature import CURVATURES, example_gradients, resolve_curvature
-from ..likelihood import replayable
 from ..functional import flatten
 from ..grads import check_scalar, check_summed
+from ..likelihood import replayable
 from ._base import IHVP, check_damping
 from ._blocks import blocks_info, resolve_blocks
 
@@ -18,9 +19,17 @@ __all__ = ["ihvp_datainf"]
 GRADIENT_CURVATURES = tuple(c for c in CURVATURES if c in ("empirical_fisher", "fisher"))
 
 
-def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, blocks="layer",
-                 curvature: str = "empirical_fisher", generator: torch.Generator | None = None,
-                 chunk_size: int = 64) -> IHVP:
+def ihvp_datainf(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    damping: float,
+    blocks="layer",
+    curvature: str = "empirical_fisher",
+    generator: torch.Generator | None = None,
+    chunk_size: int = 64,
+) -> IHVP:
     """DataInf ``v -> (1/n) Σ_i (g_i g_iᵀ + λI)^{-1} v``, block by block, in closed form.
 
     Within each block ``b`` of parameters (default: each layer) the damped curvature is the mean of
@@ -101,8 +110,14 @@ def ihvp_datainf(loss: LossFn, params: Params, data: Data, *, damping: float, bl
                 out[:, index] = (Vb - coeff @ Sb / n) / lam
             return out
 
-        return IHVP(solve, name="datainf", damping=lam, unflatten=unflatten, like=flat.new_zeros(()),
-                    rebuild=build, info={"blocks": blocks_info("datainf", groups), "n": n,
-                                         "curvature": curvature})
+        return IHVP(
+            solve,
+            name="datainf",
+            damping=lam,
+            unflatten=unflatten,
+            like=flat.new_zeros(()),
+            rebuild=build,
+            info={"blocks": blocks_info("datainf", groups), "n": n, "curvature": curvature},
+        )
 
     return build(lam)

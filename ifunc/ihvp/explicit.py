@@ -1,4 +1,5 @@
 """Exact iHVP from the dense curvature matrix (small models; the reference for every other method)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -7,17 +8,23 @@ import torch
 
 from .._types import Data, LossFn, Params
 from ..curvature import resolve_curvature
-from ._operator import data_operator
 from ..functional import flatten
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
 from ._eigen import eigen_solve, validated_damping
+from ._operator import data_operator
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
 
 
-def operator_matrix(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, *, like: torch.Tensor,
-                    index: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+def operator_matrix(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    *,
+    like: torch.Tensor,
+    index: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
     """Dense ``M[index][:, index]`` (default all of ``M``) from products with unit vectors, ``chunk`` at a time.
 
     Memory ``O(chunk·d + |index|²)``; ``|index|`` operator products in total.
@@ -26,11 +33,12 @@ def operator_matrix(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, *, l
     m = index.numel()
     out = torch.empty(m, m, dtype=like.dtype, device=like.device)
     for start in range(0, m, chunk):
-        cols = index[start:start + chunk]
+        cols = index[start : start + chunk]
         E = torch.zeros(cols.numel(), d, dtype=like.dtype, device=like.device)
         E[torch.arange(cols.numel()), cols] = 1
-        out[start:start + cols.numel()] = matvec(E)[:, index]
+        out[start : start + cols.numel()] = matvec(E)[:, index]
     return (out + out.T) / 2
+
 
 def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0.0) -> IHVP:
     """iHVP closure of a given symmetric ``[d, d]`` matrix ``M``: ``v -> (M + λI)^{-1} v``.
@@ -53,16 +61,29 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0
 
     def build(lam: float) -> IHVP:
         lam = validated_damping(lam, w, "ihvp_explicit")
-        return IHVP(lambda V: eigen_solve(Q, w, lam, V), name="explicit", damping=lam,
-                    unflatten=unflatten, like=flat.new_zeros(()), rebuild=build,
-                    info={"eigenvalues": w})
+        return IHVP(
+            lambda V: eigen_solve(Q, w, lam, V),
+            name="explicit",
+            damping=lam,
+            unflatten=unflatten,
+            like=flat.new_zeros(()),
+            rebuild=build,
+            info={"eigenvalues": w},
+        )
 
     return build(damping)
 
 
-def ihvp_explicit(loss: LossFn, params: Params, data: Data, *, damping: float = 0.0,
-                  curvature: str | None = None, blocks="full",
-                  generator: torch.Generator | None = None) -> IHVP:
+def ihvp_explicit(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    damping: float = 0.0,
+    curvature: str | None = None,
+    blocks="full",
+    generator: torch.Generator | None = None,
+) -> IHVP:
     """Exact ``v -> (H + λI)^{-1} v`` from the dense mean curvature matrix.
 
     ``H = (1/n) Σ_i ∇² ℓ_i`` over the ``n`` examples of ``data`` (the Hessian, or the Gauss-Newton matrix
@@ -112,5 +133,12 @@ def ihvp_explicit(loss: LossFn, params: Params, data: Data, *, damping: float = 
             raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
         w, Q = torch.linalg.eigh(M)
         factors.append(EigenFactor(Q, w, False))
-    return eigen_blocks_ihvp(factors, groups, damping, name="explicit", unflatten=unflatten,
-                             like=flat.new_zeros(()), info={"curvature": curvature})
+    return eigen_blocks_ihvp(
+        factors,
+        groups,
+        damping,
+        name="explicit",
+        unflatten=unflatten,
+        like=flat.new_zeros(()),
+        info={"curvature": curvature},
+    )

@@ -1,4 +1,5 @@
 """LiSSA: the stochastic truncated Neumann series for ``(H + λI)^{-1} v`` (Agarwal et al. 2017)."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,13 +7,14 @@ import warnings
 
 import torch
 
-from .._data import DataSource, batch_size as _batch_size, index_batch
-from ..likelihood import default_generator
+from .._data import DataSource, index_batch
+from .._data import batch_size as _batch_size
 from .._types import Data, LossFn, Params
 from ..curvature import curvature_operator
-from ._operator import data_operator
+from ..likelihood import default_generator
 from ._base import IHVP, check_damping
-from ._blocks import blocks_info, block_diagonal, resolve_blocks
+from ._blocks import block_diagonal, blocks_info, resolve_blocks
+from ._operator import data_operator
 
 __all__ = ["ihvp_lissa", "LissaDivergenceWarning"]
 
@@ -45,10 +47,20 @@ def _estimate_top_eigenvalue(matvec, d, like, generator, iters: int = 30) -> flo
     return value
 
 
-def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scale: float | None = None,
-               depth: int = 1000, repeat: int = 1, batch_size: int | None = None,
-               generator: torch.Generator | None = None, curvature: str | None = None,
-               blocks="full") -> IHVP:
+def ihvp_lissa(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    damping: float,
+    scale: float | None = None,
+    depth: int = 1000,
+    repeat: int = 1,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    curvature: str | None = None,
+    blocks="full",
+) -> IHVP:
     """``v -> (H + λI)^{-1} v`` by the LiSSA recursion.
 
     With ``x_0 = v`` and ``H_j`` the mean curvature on the ``j``-th sampled mini-batch,
@@ -113,6 +125,7 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
     s = float(scale)
 
     if batch_size is None:
+
         def step_operator(gen):
             while True:
                 yield block_op(full.matvec)
@@ -124,14 +137,25 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
             def step_operator(gen):
                 while True:
                     idx = torch.randint(n, (batch_size,), generator=gen)
-                    yield block_op(curvature_operator(loss, params, index_batch(pool, idx),
-                                                      curvature=full.curvature, generator=labels(gen),
-                                                      check=False).matvec)
+                    yield block_op(
+                        curvature_operator(
+                            loss,
+                            params,
+                            index_batch(pool, idx),
+                            curvature=full.curvature,
+                            generator=labels(gen),
+                            check=False,
+                        ).matvec
+                    )
         else:
+
             def step_operator(gen):
                 for batch in itertools.cycle(source):
-                    yield block_op(curvature_operator(loss, params, batch, curvature=full.curvature,
-                                                      generator=labels(gen), check=False).matvec)
+                    yield block_op(
+                        curvature_operator(
+                            loss, params, batch, curvature=full.curvature, generator=labels(gen), check=False
+                        ).matvec
+                    )
 
     def solve(V: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(V)
@@ -153,13 +177,36 @@ def ihvp_lissa(loss: LossFn, params: Params, data: Data, *, damping: float, scal
                 warnings.warn(
                     f"ihvp_lissa: the recursion is growing (last step {step:.3e} vs first {first_step:.3e}); "
                     f"scale={s:g} is too small: use scale > (λ_max(H) + λ)/2",
-                    LissaDivergenceWarning, stacklevel=3)
+                    LissaDivergenceWarning,
+                    stacklevel=3,
+                )
             total += x / s
         return total / repeat
 
-    return IHVP(solve, name="lissa", damping=lam, unflatten=full.unflatten, like=like.new_zeros(()),
-                rebuild=lambda new: ihvp_lissa(loss, params, data, damping=new, scale=s, depth=depth,
-                                               repeat=repeat, batch_size=batch_size, generator=generator,
-                                               curvature=full.curvature, blocks=blocks),
-                info={"scale": s, "depth": depth, "repeat": repeat, "batch_size": batch_size,
-                      "blocks": blocks_info("lissa", groups)})
+    return IHVP(
+        solve,
+        name="lissa",
+        damping=lam,
+        unflatten=full.unflatten,
+        like=like.new_zeros(()),
+        rebuild=lambda new: ihvp_lissa(
+            loss,
+            params,
+            data,
+            damping=new,
+            scale=s,
+            depth=depth,
+            repeat=repeat,
+            batch_size=batch_size,
+            generator=generator,
+            curvature=full.curvature,
+            blocks=blocks,
+        ),
+        info={
+            "scale": s,
+            "depth": depth,
+            "repeat": repeat,
+            "batch_size": batch_size,
+            "blocks": blocks_info("lissa", groups),
+        },
+    )

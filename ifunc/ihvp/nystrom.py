@@ -1,22 +1,30 @@
 """Randomized Nyström approximation of the curvature, inverted by Woodbury (Frangella, Tropp & Udell 2023)."""
+
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-from ..likelihood import default_generator
 from .._types import Data, LossFn, Params
-from ._operator import data_operator
-from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ..likelihood import default_generator
 from ._base import IHVP
+from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._operator import data_operator
 
 __all__ = ["ihvp_nystrom", "nystrom_sketch"]
 
 
-def nystrom_sketch(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, rank: int, *,
-                   generator: torch.Generator, dtype=torch.float64, device=None,
-                   name: str = "nystrom") -> tuple[torch.Tensor, torch.Tensor]:
+def nystrom_sketch(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    rank: int,
+    *,
+    generator: torch.Generator,
+    dtype=torch.float64,
+    device=None,
+    name: str = "nystrom",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-form ``Ĥ = U diag(λ̂) Uᵀ`` of the rank-``rank`` Nyström approximation of a PSD operator.
 
     With an orthonormal Gaussian test matrix ``Ω [d, r]`` and ``Y = H Ω`` (one batched product of ``r``
@@ -51,7 +59,7 @@ def nystrom_sketch(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, rank:
     if not torch.isfinite(Y).all():
         raise ValueError(f"{name}: the curvature products contain NaN/inf; check the loss and the data")
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
-    nu = d ** 0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+    nu = d**0.5 * eps * float(torch.linalg.matrix_norm(Y, ord=2))
     nu = max(nu, torch.finfo(torch.float64).tiny)
     core = omega.T @ Y
     core = (core + core.T) / 2
@@ -74,12 +82,20 @@ def nystrom_sketch(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, rank:
         )
     B = torch.linalg.solve_triangular(chol, Y_nu.T, upper=False).T  # Y_ν C^{-T}
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    return U, (S ** 2 - nu).clamp_min(0.0)
+    return U, (S**2 - nu).clamp_min(0.0)
 
 
-def ihvp_nystrom(loss: LossFn, params: Params, data: Data, *, rank: int, damping: float,
-                 generator: torch.Generator | None = None, curvature: str | None = None,
-                 blocks="full") -> IHVP:
+def ihvp_nystrom(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    rank: int,
+    damping: float,
+    generator: torch.Generator | None = None,
+    curvature: str | None = None,
+    blocks="full",
+) -> IHVP:
     """Low-rank ``v -> (Ĥ + λI)^{-1} v`` from a randomized Nyström sketch of the mean curvature.
 
     Once, at build time: ``rank`` curvature products in one batched pass over ``data``, then the
@@ -131,9 +147,22 @@ def ihvp_nystrom(loss: LossFn, params: Params, data: Data, *, rank: int, damping
     for block in groups:
         d_b = block.index.numel()
         r = min(rank, d_b)
-        U, lam_hat = nystrom_sketch(restrict(op.matvec, block.index, d), d_b, r, generator=generator,
-                                    dtype=op.flat_params.dtype, device=op.flat_params.device,
-                                    name="ihvp_nystrom")
+        U, lam_hat = nystrom_sketch(
+            restrict(op.matvec, block.index, d),
+            d_b,
+            r,
+            generator=generator,
+            dtype=op.flat_params.dtype,
+            device=op.flat_params.device,
+            name="ihvp_nystrom",
+        )
         factors.append(EigenFactor(U, lam_hat, r < d_b))
-    return eigen_blocks_ihvp(factors, groups, damping, name="nystrom", unflatten=op.unflatten,
-                             like=op.flat_params.new_zeros(()), info={"rank": rank, "curvature": op.curvature})
+    return eigen_blocks_ihvp(
+        factors,
+        groups,
+        damping,
+        name="nystrom",
+        unflatten=op.unflatten,
+        like=op.flat_params.new_zeros(()),
+        info={"rank": rank, "curvature": op.curvature},
+    )

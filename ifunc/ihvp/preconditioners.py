@@ -4,6 +4,7 @@ Pass one to :func:`ifunc.ihvp_cg` (``preconditioner=``) or :func:`ifunc.cg_solve
 from products with the curvature and are then cheap and fixed (a preconditioner must not change between
 CG iterations).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,16 +26,25 @@ def _operator(operator, dim: int | None, who: str, dtype=None) -> tuple[MatVec, 
     if isinstance(operator, CurvatureOperator):
         return operator.matvec, operator.flat_params.numel(), operator.flat_params
     if not callable(operator):
-        raise TypeError(f"{who}: operator must be an ifunc.curvature_operator(...) or a callable "
-                        f"[k, d] -> [k, d], got {type(operator).__name__}")
+        raise TypeError(
+            f"{who}: operator must be an ifunc.curvature_operator(...) or a callable "
+            f"[k, d] -> [k, d], got {type(operator).__name__}"
+        )
     if dim is None or int(dim) < 1:
         raise ValueError(f"{who}: a plain matvec needs dim=d (the number of parameters), got dim={dim}")
     return operator, int(dim), torch.zeros((), dtype=dtype or torch.get_default_dtype())
 
 
-def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: float, probes: int | None = None,
-                          dim: int | None = None, dtype: torch.dtype | None = None,
-                          generator: torch.Generator | None = None, chunk: int = 256) -> MatVec:
+def jacobi_preconditioner(
+    operator: CurvatureOperator | MatVec,
+    *,
+    damping: float,
+    probes: int | None = None,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+    chunk: int = 256,
+) -> MatVec:
     """Diagonal (Jacobi) preconditioner ``V -> V / (diag(H) + λ)``.
 
     The diagonal is exact with ``probes=None`` (``d`` products with unit vectors, ``chunk`` at a time:
@@ -97,9 +107,15 @@ def jacobi_preconditioner(operator: CurvatureOperator | MatVec, *, damping: floa
     return precondition
 
 
-def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, damping: float,
-                           dim: int | None = None, dtype: torch.dtype | None = None,
-                           generator: torch.Generator | None = None) -> MatVec:
+def nystrom_preconditioner(
+    operator: CurvatureOperator | MatVec,
+    *,
+    rank: int,
+    damping: float,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> MatVec:
     """Randomized Nyström preconditioner for ``H + λI`` (Frangella, Tropp & Udell 2023).
 
     From the rank-``r`` Nyström approximation ``Ĥ = U diag(λ̂) Uᵀ`` (:func:`ifunc.nystrom_sketch`, one
@@ -136,8 +152,9 @@ def nystrom_preconditioner(operator: CurvatureOperator | MatVec, *, rank: int, d
     if not isinstance(rank, int) or not 1 <= rank <= d:
         raise ValueError(f"nystrom_preconditioner: rank must be an integer in [1, d={d}], got {rank!r}")
     generator = generator if generator is not None else default_generator()
-    U, w = nystrom_sketch(matvec, d, rank, generator=generator, dtype=like.dtype, device=like.device,
-                          name="nystrom_preconditioner")
+    U, w = nystrom_sketch(
+        matvec, d, rank, generator=generator, dtype=like.dtype, device=like.device, name="nystrom_preconditioner"
+    )
     top_scale = (w[-1] + lam) / (w + lam)  # [r]
 
     def precondition(V: torch.Tensor) -> torch.Tensor:

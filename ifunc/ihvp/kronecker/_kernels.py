@@ -4,15 +4,23 @@ Notation: for one layer, ``a [b, T, in]`` are the inputs of ``b`` examples at ``
 tracked bias), ``g [b, T, out]`` the output-gradients, ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` the per-example weight
 gradient, ``Q_S, Q_A`` the eigenbases and ``R [q, out, in]`` preconditioned queries in that basis.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["one_thread", "rotated_sq_sum", "low_rank", "layer_scores", "layer_token_scores",
-           "per_example_quadratic", "TOKEN_BUDGET"]
+__all__ = [
+    "one_thread",
+    "rotated_sq_sum",
+    "low_rank",
+    "layer_scores",
+    "layer_token_scores",
+    "per_example_quadratic",
+    "TOKEN_BUDGET",
+]
 
 TOKEN_BUDGET = 1 << 25  # elements of the largest temporary (query block × positions × features)
 
@@ -44,7 +52,7 @@ def rotated_sq_sum(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, *, budget: int = 
     total = g.new_zeros(o, i)
     step = max(1, budget // (o * i))
     for s in range(0, b, step):
-        R = torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step])
+        R = torch.einsum("bto,bti->boi", g[s : s + step], a[s : s + step])
         total += (R * R).sum(0)
     return total
 
@@ -104,20 +112,20 @@ def layer_token_scores(R: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) ->
         U, V = lr
         step = max(1, TOKEN_BUDGET // (b * P * U.shape[-1]))
         for s in range(0, q, step):
-            gu = torch.matmul(G, U[s:s + step])  # [qs, bP, r]
-            av = torch.matmul(A, V[s:s + step].transpose(1, 2))
-            out[s:s + step] = (gu * av).sum(-1)
+            gu = torch.matmul(G, U[s : s + step])  # [qs, bP, r]
+            av = torch.matmul(A, V[s : s + step].transpose(1, 2))
+            out[s : s + step] = (gu * av).sum(-1)
         return out.reshape(q, b, P)
     step = max(1, TOKEN_BUDGET // (b * P * min(o, i)))
     for s in range(0, q, step):  # q·bP·o·i multiply-adds: one GEMM per query block, the reduction a bmm
-        Rs = R[s:s + step]
+        Rs = R[s : s + step]
         k = Rs.shape[0]
         if i <= o:  # X[p, (k, i)] = G_p R_k, then Σ_i X[p, k, i] A[p, i]
             X = (G @ Rs.permute(1, 0, 2).reshape(o, k * i)).view(b * P, k, i)
-            out[s:s + k] = torch.bmm(X, A.unsqueeze(-1)).squeeze(-1).T
+            out[s : s + k] = torch.bmm(X, A.unsqueeze(-1)).squeeze(-1).T
         else:
             X = (A @ Rs.permute(2, 0, 1).reshape(i, k * o)).view(b * P, k, o)
-            out[s:s + k] = torch.bmm(X, G.unsqueeze(-1)).squeeze(-1).T
+            out[s : s + k] = torch.bmm(X, G.unsqueeze(-1)).squeeze(-1).T
     return out.reshape(q, b, P)
 
 

@@ -4,6 +4,7 @@ A layer block holds eigenbases ``Q_S, Q_A`` (None: identity) and eigenvalues ``�
 inverse on the layer's slice ``V`` (as a matrix, bias last column) is ``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``.
 A diagonal block holds one parameter's curvature diagonal.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

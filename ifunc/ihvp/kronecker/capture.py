@@ -7,10 +7,11 @@ is summed over examples, so each example's rows of ``g`` are its own gradients. 
 ``finally``, also when the forward raises; the module is never modified and ``.grad`` never written.
 Dimension 0 of every layer input must be the example dimension.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,16 +59,18 @@ class Recording:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
         return a if dtype is None else a.to(dtype)
 
-    def output_grads(self, root: torch.Tensor, grad_output: torch.Tensor | None = None, *,
-                     retain_graph: bool = True) -> dict[str, torch.Tensor]:
+    def output_grads(
+        self, root: torch.Tensor, grad_output: torch.Tensor | None = None, *, retain_graph: bool = True
+    ) -> dict[str, torch.Tensor]:
         """``g`` per layer ``[b, T, out]`` for the cotangent ``grad_output`` on ``root`` (a scalar loss if None).
 
         With extra modules, their output gradients are returned too, under ``"calls"`` of :meth:`call_grads`.
         """
         flat = [o for s in self.layers for o in self.outputs[s.name]]
         extra = [y for m in self.calls for _, y in self.calls[m]]
-        grads = torch.autograd.grad(root, flat + extra, grad_outputs=grad_output, retain_graph=retain_graph,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            root, flat + extra, grad_outputs=grad_output, retain_graph=retain_graph, allow_unused=True
+        )
         grads = [torch.zeros_like(o) if g is None else g for o, g in zip(flat + extra, grads)]
         out, i = {}, 0
         for s in self.layers:
@@ -141,8 +144,9 @@ def requiring_grad(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
 
-def capture_layer_grads(loss: LossFn, params: Params, batch: Batch, *, model: nn.Module,
-                        modules=None) -> dict[str, torch.Tensor]:
+def capture_layer_grads(
+    loss: LossFn, params: Params, batch: Batch, *, model: nn.Module, modules=None
+) -> dict[str, torch.Tensor]:
     """Per-example weight gradients of chosen layers from one captured forward/backward.
 
     ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` with ``g = ∂ loss/∂(layer output)``, ``a`` the layer input (a 1
@@ -166,5 +170,4 @@ def capture_layer_grads(loss: LossFn, params: Params, batch: Batch, *, model: nn
         value = loss(p, batch)
     rec.check()
     gs = rec.output_grads(value, retain_graph=False)
-    return {s.name: torch.einsum("bto,bti->boi", gs[s.name], rec.activations(s, gs[s.name].dtype))
-            for s in layers}
+    return {s.name: torch.einsum("bto,bti->boi", gs[s.name], rec.activations(s, gs[s.name].dtype)) for s in layers}

@@ -16,8 +16,8 @@ influence). ``ihvp.info["blocks"]`` maps each parameter name to ``(method, modul
 re-damps every block with one λ without refitting. Normalisation of ``A, S, Λ``: per example, see
 :mod:`ifunc.ihvp.kronecker.fit`.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -25,9 +25,9 @@ from torch import nn
 from ..._types import Data, LossFn, Params
 from ...functional import flatten
 from .._base import IHVP, check_damping
+from .blocks import DiagBlock, KronBlock, gather, layout, precondition_layer, scatter
 from .factors import KroneckerFactors
 from .fit import fit_kronecker_factors, split_excluded
-from .blocks import DiagBlock, KronBlock, gather, layout, precondition_layer, scatter
 from .layers import find_layers, parameter_names
 
 __all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "KroneckerIHVP"]
@@ -38,8 +38,10 @@ def _auto(values: torch.Tensor, damping, what: str) -> float:
         return check_damping(damping)
     lam = 0.1 * float(values.mean()) if values.numel() else 0.0
     if not lam > 0:
-        raise ValueError(f"damping=None: the mean eigenvalue of {what} is {lam * 10:.3e}, so the 0.1 × mean "
-                         "heuristic gives no damping; pass damping= explicitly")
+        raise ValueError(
+            f"damping=None: the mean eigenvalue of {what} is {lam * 10:.3e}, so the 0.1 × mean "
+            "heuristic gives no damping; pass damping= explicitly"
+        )
     return lam
 
 
@@ -53,10 +55,24 @@ class KroneckerIHVP(IHVP):
     block, or a mapping block name -> λ when ``damping=None`` chose one per block.
     """
 
-    def __init__(self, solve, *, name, damping, unflatten, like, rebuild, info, model, blocks, diags,
-                 block_damping, diag_damping, modules):
-        super().__init__(solve, name=name, damping=damping, unflatten=unflatten, like=like, rebuild=rebuild,
-                         info=info)
+    def __init__(
+        self,
+        solve,
+        *,
+        name,
+        damping,
+        unflatten,
+        like,
+        rebuild,
+        info,
+        model,
+        blocks,
+        diags,
+        block_damping,
+        diag_damping,
+        modules,
+    ):
+        super().__init__(solve, name=name, damping=damping, unflatten=unflatten, like=like, rebuild=rebuild, info=info)
         self.model = model
         self.blocks: tuple[KronBlock, ...] = blocks
         self.diags: tuple[DiagBlock, ...] = diags
@@ -72,9 +88,14 @@ class KroneckerIHVP(IHVP):
 def _build(name: str, params: Params, blocks, diags, model, damping, extra_info) -> KroneckerIHVP:
     flat, unflatten = flatten(params)
     dtype = flat.dtype
-    blocks = tuple(b._replace(Q_S=None if b.Q_S is None else b.Q_S.to(dtype),
-                              Q_A=None if b.Q_A is None else b.Q_A.to(dtype), eigenvalues=b.eigenvalues.to(dtype))
-                   for b in blocks)
+    blocks = tuple(
+        b._replace(
+            Q_S=None if b.Q_S is None else b.Q_S.to(dtype),
+            Q_A=None if b.Q_A is None else b.Q_A.to(dtype),
+            eigenvalues=b.eigenvalues.to(dtype),
+        )
+        for b in blocks
+    )
     diags = tuple(d._replace(diag=d.diag.to(dtype)) for d in diags)
     groups = tuple(dict.fromkeys([b.spec.name for b in blocks] + [d.group for d in diags]))
 
@@ -98,9 +119,21 @@ def _build(name: str, params: Params, blocks, diags, model, damping, extra_info)
 
         per_block = {**{b.spec.name: l_ for b, l_ in zip(blocks, bl)}, **{d.name: l_ for d, l_ in zip(diags, dl)}}
         info = dict(extra_info, modules=groups, damping=per_block)
-        return KroneckerIHVP(solve, name=name, damping=lam if lam is not None else per_block, unflatten=unflatten,
-                             like=flat.new_zeros(()), rebuild=rebuild, info=info, model=model, blocks=blocks,
-                             diags=diags, block_damping=bl, diag_damping=dl, modules=groups)
+        return KroneckerIHVP(
+            solve,
+            name=name,
+            damping=lam if lam is not None else per_block,
+            unflatten=unflatten,
+            like=flat.new_zeros(()),
+            rebuild=rebuild,
+            info=info,
+            model=model,
+            blocks=blocks,
+            diags=diags,
+            block_damping=bl,
+            diag_damping=dl,
+            modules=groups,
+        )
 
     return rebuild(damping)
 
@@ -120,8 +153,9 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
 
 def _from_factors(method: str, params, factors: KroneckerFactors, model, damping) -> IHVP:
     if not isinstance(factors, KroneckerFactors):
-        raise TypeError("expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got "
-                        f"{type(factors).__name__}")
+        raise TypeError(
+            f"expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got {type(factors).__name__}"
+        )
     lay = layout(params)
     missing = [p for s in factors.layers for p in (s.weight, s.bias) if p and p not in lay]
     missing += [p for p in factors.fallback if p not in lay]
@@ -141,8 +175,10 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
                 raise ValueError("these factors have no diagonal: refit with fit_kronecker_factors(..., diagonal=True)")
             blk = (None, None, f.diag)
         blocks.append(KronBlock(s, lay[s.weight], lay[s.bias] if s.bias else None, *blk))
-    diags = [DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], v.reshape(-1))
-             for p, v in factors.fallback.items()]
+    diags = [
+        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], v.reshape(-1))
+        for p, v in factors.fallback.items()
+    ]
     info = {"blocks": _blocks_info(params, factors, method), "curvature": factors.curvature, "n": factors.n}
     return _build(method, params, blocks, diags, model, damping, info)
 
@@ -184,8 +220,15 @@ def _fit_doc(f):
 
 
 @_fit_doc
-def ihvp_ekfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
-               damping: float | None = None, **fit_kwargs) -> IHVP:
+def ihvp_ekfac(
+    loss: LossFn,
+    params: Params,
+    data: Data | KroneckerFactors,
+    *,
+    model: nn.Module | None = None,
+    damping: float | None = None,
+    **fit_kwargs,
+) -> IHVP:
     """EK-FAC: ``v -> (G + λI)^{-1} v`` with ``G`` block-diagonal, each layer ``(Q_S ⊗ Q_A) Λ (Q_S ⊗ Q_A)ᵀ``.
 
     ``Λ = E[(Q_Sᵀ DW Q_A)²]`` is the best diagonal in the K-FAC eigenbasis (George et al. 2018), so the
@@ -205,8 +248,15 @@ def ihvp_ekfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, m
 
 
 @_fit_doc
-def ihvp_kfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
-              damping: float | None = None, **fit_kwargs) -> IHVP:
+def ihvp_kfac(
+    loss: LossFn,
+    params: Params,
+    data: Data | KroneckerFactors,
+    *,
+    model: nn.Module | None = None,
+    damping: float | None = None,
+    **fit_kwargs,
+) -> IHVP:
     """K-FAC: ``v -> (A ⊗ S + λI)^{-1} v`` per layer, via the eigenbases of ``A`` and ``S``.
 
     ``(A ⊗ S + λI)^{-1} vec(V) = vec(Q_S [(Q_Sᵀ V Q_A) / (λ_S λ_Aᵀ + λ)] Q_Aᵀ)``; one pass over the data.
@@ -222,8 +272,15 @@ def ihvp_kfac(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, mo
 
 
 @_fit_doc
-def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *, model: nn.Module | None = None,
-                  damping: float | None = None, **fit_kwargs) -> IHVP:
+def ihvp_diagonal(
+    loss: LossFn,
+    params: Params,
+    data: Data | KroneckerFactors,
+    *,
+    model: nn.Module | None = None,
+    damping: float | None = None,
+    **fit_kwargs,
+) -> IHVP:
     """Diagonal: ``v -> v / (diag(F) + λ)`` with ``diag(F) = E[(∂ℓ/∂θ)²]`` per parameter.
 
     ``F`` is the curvature chosen by ``curvature=`` (default the empirical Fisher for a plain loss, the
@@ -233,12 +290,14 @@ def ihvp_diagonal(loss: LossFn, params: Params, data: Data | KroneckerFactors, *
     Example:
       >>> ihvp = ifunc.ihvp_diagonal(loss, params, loader, model=model, curvature="empirical_fisher")
     """
-    return _from_factors("diagonal", params, _factors(loss, params, data, model, False, fit_kwargs, True), model,
-                         damping)
+    return _from_factors(
+        "diagonal", params, _factors(loss, params, data, model, False, fit_kwargs, True), model, damping
+    )
 
 
-def ihvp_identity(params: Params, *, model: nn.Module | None = None, modules=None,
-                  damping: float | None = None, exclude=()) -> IHVP:
+def ihvp_identity(
+    params: Params, *, model: nn.Module | None = None, modules=None, damping: float | None = None, exclude=()
+) -> IHVP:
     """Identity curvature: ``v -> v / λ`` (``damping=None`` means λ = 1: plain gradient dot products).
 
     With ``model`` the blocks follow its supported layers (``modules=`` chooses them; other parameters
@@ -257,10 +316,21 @@ def ihvp_identity(params: Params, *, model: nn.Module | None = None, modules=Non
     else:
         layers, uncovered = find_layers(model, kept, modules=modules)
     flat, _ = flatten(params)
-    blocks = [KronBlock(s, lay[s.weight], lay[s.bias] if s.bias else None, None, None,
-                        flat.new_zeros(s.out_features, s.in_features + (s.bias is not None))) for s in layers]
-    diags = [DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], flat.new_zeros(params[p].numel()))
-             for p in uncovered]
+    blocks = [
+        KronBlock(
+            s,
+            lay[s.weight],
+            lay[s.bias] if s.bias else None,
+            None,
+            None,
+            flat.new_zeros(s.out_features, s.in_features + (s.bias is not None)),
+        )
+        for s in layers
+    ]
+    diags = [
+        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], flat.new_zeros(params[p].numel()))
+        for p in uncovered
+    ]
     factors = KroneckerFactors(tuple(layers), {}, {p: None for p in uncovered}, excl, 0, "identity")
     info = {"blocks": _blocks_info(params, factors, "identity"), "curvature": "identity"}
     out = _build("identity", params, blocks, diags, model if layers else None, lam, info)

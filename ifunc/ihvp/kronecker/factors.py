@@ -4,6 +4,7 @@ A factor file records the parameter names, shapes and a fingerprint of the param
 fitted on, so :func:`load_factors` refuses factors from another model. The file is written under a
 temporary name and renamed into place (:mod:`ifunc.store` does the disk I/O).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -64,10 +65,17 @@ def save_factors(path, factors: KroneckerFactors, params, *, overwrite: bool = F
       FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
     digest, shapes = _param_signature(params)
-    meta = {"params": digest, "shapes": shapes, "n": int(factors.n), "curvature": factors.curvature,
-            "excluded": list(factors.excluded), "layers": [list(spec) for spec in factors.layers]}
-    groups = {f"layers/{name}": {field: getattr(lf, field) for field in _LAYER_FIELDS}
-              for name, lf in factors.factors.items()}
+    meta = {
+        "params": digest,
+        "shapes": shapes,
+        "n": int(factors.n),
+        "curvature": factors.curvature,
+        "excluded": list(factors.excluded),
+        "layers": [list(spec) for spec in factors.layers],
+    }
+    groups = {
+        f"layers/{name}": {field: getattr(lf, field) for field in _LAYER_FIELDS} for name, lf in factors.factors.items()
+    }
     groups["fallback"] = dict(factors.fallback)
     store.write_tensor_groups(path, FORMAT, meta, groups, overwrite=overwrite)
 
@@ -97,8 +105,10 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
             f"shapes differ for {wrong[:5]}"
         )
     if check_params and meta["params"] != digest:
-        raise ValueError(f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
-                         f"{digest}); refit, or pass check_params=False to use them anyway")
+        raise ValueError(
+            f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
+            f"{digest}); refit, or pass check_params=False to use them anyway"
+        )
     like = flatten(params)[0]
 
     def to(a):

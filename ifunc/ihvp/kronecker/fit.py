@@ -20,6 +20,7 @@ itself); ``"fisher"`` uses labels sampled from the model (a likelihood of :mod:`
 ``"ggn"`` uses the exact output Hessian ``Λ_out = ∇²_out ℓ`` via its square root (``C`` backward passes
 for ``C`` outputs per position: exact, but costly for large vocabularies).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,10 @@ def _resolve(loss, curvature, sample):
         if sample is None:
             sample = loss.likelihood  # output_loss(..., likelihood=) says how to sample too
         if sample is None:
-            raise ValueError('curvature="fisher" needs sample="categorical", "gaussian" or a callable '
-                             "sample(outputs, generator) -> dloss/doutputs at a sampled label")
+            raise ValueError(
+                'curvature="fisher" needs sample="categorical", "gaussian" or a callable '
+                "sample(outputs, generator) -> dloss/doutputs at a sampled label"
+            )
         sample = resolve_likelihood(sample, argument="sample")
     return curvature, sample
 
@@ -104,12 +107,25 @@ def split_excluded(params, exclude) -> tuple[list[str], tuple[str, ...], dict]:
     return names, excl, {k: v for k, v in params.items() if k not in excl}
 
 
-def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: torch.nn.Module,
-                          modules=None, exclude=(), curvature: str | None = None, sample=None,
-                          n_samples: int = 1, generator: torch.Generator | None = None, ekfac: bool = True,
-                          fallback: bool = True, chunk_size: int = 256, diagonal: bool = True,
-                          eigen_dtype: torch.dtype = torch.float64,
-                          progress: bool | None = None) -> KroneckerFactors:
+def fit_kronecker_factors(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    model: torch.nn.Module,
+    modules=None,
+    exclude=(),
+    curvature: str | None = None,
+    sample=None,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    ekfac: bool = True,
+    fallback: bool = True,
+    chunk_size: int = 256,
+    diagonal: bool = True,
+    eigen_dtype: torch.dtype = torch.float64,
+    progress: bool | None = None,
+) -> KroneckerFactors:
     """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
 
     One pass over ``data`` accumulates ``A``, ``S``, ``D`` and the diagonal of every parameter that no
@@ -188,9 +204,12 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
     def one_pass(rotations):
         nonlocal n
         step = distributed.chunk_size(source.cheap_count(), chunk_size, split=curvature != "fisher")
-        chunks = progress_bar(source.chunks(step), total=n_chunks(source, step),
-                              desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
-                              progress=progress)
+        chunks = progress_bar(
+            source.chunks(step),
+            total=n_chunks(source, step),
+            desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
+            progress=progress,
+        )
         for mine, batch in distributed.shard(chunks):  # identity without a process group
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
                 if curvature == "fisher":
@@ -217,7 +236,7 @@ def fit_kronecker_factors(loss: LossFn, params: Params, data: Data, *, model: to
                 if rotations is None and uncovered:
                     func = loss if u is None else loss.outputs
                     for k, v in batch_grads(func, params, batch, cotangent=u, wrt=uncovered).items():
-                        fb[k] += w * (v ** 2).sum(0).to(eigen_dtype)
+                        fb[k] += w * (v**2).sum(0).to(eigen_dtype)
             if rotations is None:
                 n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
                 for s in layers:

@@ -10,9 +10,11 @@ A *use kind* says how a module that holds a diagonal-block parameter (``nn.Linea
 ``nn.Embedding``, ``nn.LayerNorm``) splits that parameter's score over positions (per-token scores).
 Nothing outside this file branches on a module's type.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,17 @@ from ..._types import Params
 from ...functional import parameter_names as leaf_names
 from ._kernels import TOKEN_BUDGET, layer_token_scores
 
-__all__ = ["LayerSpec", "LayerKind", "layer_kind", "kind_of", "find_layers", "parameter_names", "use_kind",
-           "UseKind", "NotSplittable"]
+__all__ = [
+    "LayerSpec",
+    "LayerKind",
+    "layer_kind",
+    "kind_of",
+    "find_layers",
+    "parameter_names",
+    "use_kind",
+    "UseKind",
+    "NotSplittable",
+]
 
 
 class LayerSpec(NamedTuple):
@@ -139,9 +150,9 @@ def parameter_names(params: Params) -> list[str]:
     return leaf_names(params)
 
 
-def find_layers(model: nn.Module, params: Params, *,
-                modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None
-                ) -> tuple[list[LayerSpec], list[str]]:
+def find_layers(
+    model: nn.Module, params: Params, *, modules: Iterable[str] | Callable[[str, nn.Module], bool] | None = None
+) -> tuple[list[LayerSpec], list[str]]:
     """Match the tracked ``params`` to supported layers of ``model``.
 
     Args:
@@ -232,15 +243,16 @@ class UseKind:
             out = G.new_empty(n, b, ids.shape[1])
             step = max(1, TOKEN_BUDGET // max(1, G.numel()))
             for s in range(0, n, step):
-                out[s:s + step] = (q[s:s + step][:, ids] * G).sum(-1)
+                out[s : s + step] = (q[s : s + step][:, ids] * G).sum(-1)
             return out
         dims = len(module.normalized_shape)  # layernorm: y = x̂ ⊙ w + b
         G = gy.reshape(b, -1, *module.normalized_shape).flatten(2)
         if role == "bias":
             return torch.einsum("bpc,qc->qbp", G, q.reshape(n, -1))
         xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        return torch.einsum("bpc,qc->qbp", G * xhat.reshape(b, -1, *x.shape[x.dim() - dims:]).flatten(2),
-                            q.reshape(n, -1))
+        return torch.einsum(
+            "bpc,qc->qbp", G * xhat.reshape(b, -1, *x.shape[x.dim() - dims :]).flatten(2), q.reshape(n, -1)
+        )
 
 
 def use_kind(module: nn.Module) -> UseKind | None:

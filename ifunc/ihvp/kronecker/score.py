@@ -17,6 +17,7 @@ chosen by a flop count:
 Parameters outside the Kronecker layers (diagonal blocks) use ``vmap(grad)`` per-example gradients of
 those parameters only.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -30,8 +31,15 @@ from ._kernels import layer_scores, low_rank, per_example_quadratic
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
 
-__all__ = ["scorable", "capture_chunk", "PreparedQueries", "kronecker_prepare", "kronecker_chunk_scores",
-           "kronecker_self_terms", "DEFAULT_CHUNK"]
+__all__ = [
+    "scorable",
+    "capture_chunk",
+    "PreparedQueries",
+    "kronecker_prepare",
+    "kronecker_chunk_scores",
+    "kronecker_self_terms",
+    "DEFAULT_CHUNK",
+]
 
 DEFAULT_CHUNK = 256
 
@@ -63,9 +71,17 @@ class PreparedQueries(NamedTuple):
     layers: dict  #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
 
 
-def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
-                      measurement: Measurement | None = None, chunk_size: int | None = None,
-                      max_memory: int | None = None, query_rank: int | None = None) -> PreparedQueries:
+def kronecker_prepare(
+    loss: LossFn,
+    params: Params,
+    ihvp,
+    query: Data,
+    *,
+    measurement: Measurement | None = None,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    query_rank: int | None = None,
+) -> PreparedQueries:
     """Query gradients preconditioned once per layer, kept in the layer's eigenbasis.
 
     ``R̃_q = (Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)``, so that ``g_tᵀ Q̃_q a_t = (Q_Sᵀ g_t)ᵀ R̃_q (Q_Aᵀ a_t)``: the
@@ -99,13 +115,24 @@ def kronecker_prepare(loss: LossFn, params: Params, ihvp, query: Data, *,
             factors = low_rank(R, query_rank) if query_rank is not None else None
             layers[name] = (factors[0] @ factors[1] if factors is not None else R, factors)
         n_q = next(iter(layers.values()))[0].shape[0] if layers else sum(c.shape[0] for c in cols[0])
-        diag = torch.cat([torch.cat(c) for c in cols], dim=1) if cols else \
-            torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
+        diag = (
+            torch.cat([torch.cat(c) for c in cols], dim=1)
+            if cols
+            else torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
+        )
     return PreparedQueries(diag, layers)
 
 
-def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp: KroneckerIHVP, prepared: PreparedQueries, batch, *,
-                           per_module: bool = False, offset: int = 0) -> torch.Tensor:
+def kronecker_chunk_scores(
+    loss: LossFn,
+    params: Params,
+    ihvp: KroneckerIHVP,
+    prepared: PreparedQueries,
+    batch,
+    *,
+    per_module: bool = False,
+    offset: int = 0,
+) -> torch.Tensor:
     """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
     layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
     group = {m: j for j, m in enumerate(ihvp.modules)}
@@ -126,8 +153,9 @@ def kronecker_chunk_scores(loss: LossFn, params: Params, ihvp: KroneckerIHVP, pr
     return out
 
 
-def kronecker_self_terms(loss: LossFn, params: Params, ihvp: KroneckerIHVP, batch, *, per_module: bool = False,
-                         offset: int = 0) -> torch.Tensor:
+def kronecker_self_terms(
+    loss: LossFn, params: Params, ihvp: KroneckerIHVP, batch, *, per_module: bool = False, offset: int = 0
+) -> torch.Tensor:
     """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``."""
     layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
     group = {m: j for j, m in enumerate(ihvp.modules)}

@@ -23,6 +23,7 @@ Each train chunk checks ``Σ_t`` of these against the per-example-gradient score
 raises, naming the parameter, when a use is missed (a parameter used outside such modules, an output
 without a per-example leading dimension such as a position embedding of ``arange(T)``): ``exclude=`` it.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -43,14 +44,15 @@ __all__ = ["check_per_token", "token_chunk_scores"]
 def check_per_token(ihvp) -> None:
     """Raise unless every block of the Kronecker-family closure ``ihvp`` can be split per token by hooks."""
     if not scorable(ihvp):
-        raise ValueError("per_token=True needs a Kronecker-family closure built with model= (ifunc.ihvp_ekfac, "
-                         "ihvp_kfac, ihvp_diagonal or ihvp_identity): per-token scores come from layer hooks")
+        raise ValueError(
+            "per_token=True needs a Kronecker-family closure built with model= (ifunc.ihvp_ekfac, "
+            "ihvp_kfac, ihvp_diagonal or ihvp_identity): per-token scores come from layer hooks"
+        )
     state = ihvp
     if not state.blocks:
         raise ValueError("per_token=True: the closure tracks no layer (nn.Linear, nn.Conv2d, Conv1D)")
     bad = [f"{d.name} (in a {type(m).__name__})" for d, (_, m, _) in _diag_uses(state) if use_kind(m) is None]
-    bad += [f"{d.name} (used by no module)" for d in state.diags
-            if not any(u[0] is d for u in _diag_uses(state))]
+    bad += [f"{d.name} (used by no module)" for d in state.diags if not any(u[0] is d for u in _diag_uses(state))]
     if bad:
         names = [b.split(" ")[0] for b in bad]
         raise ValueError(
@@ -74,8 +76,11 @@ def _tied(state) -> list[str]:
             if p is not None:
                 owners.setdefault(id(p), []).append(name)
     named = dict(state.model.named_modules())
-    return [blk.spec.name for blk in state.blocks
-            if len(owners.get(id(getattr(named[blk.spec.name], "weight", None)), [])) > 1]
+    return [
+        blk.spec.name
+        for blk in state.blocks
+        if len(owners.get(id(getattr(named[blk.spec.name], "weight", None)), [])) > 1
+    ]
 
 
 def _diag_uses(state) -> list:
@@ -115,20 +120,29 @@ def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
     return captured, rec.call_grads()
 
 
-def token_chunk_scores(loss, params, ihvp: KroneckerIHVP, prepared: PreparedQueries, batch, *,
-                       token_mask: Callable | None = None, offset: int = 0) -> torch.Tensor:
+def token_chunk_scores(
+    loss,
+    params,
+    ihvp: KroneckerIHVP,
+    prepared: PreparedQueries,
+    batch,
+    *,
+    token_mask: Callable | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Per-token scores of one train batch, ``[n_query, b, T]`` (sum over T = the pairwise scores)."""
     state = ihvp
     uses = _diag_uses(state)
     captured, used = _capture(loss, params, state, batch, uses, offset)
     b = batch_size(batch)
-    for d, (mn, m, _) in uses:
+    for d, (mn, _m, _) in uses:
         for x, y, _ in used[mn]:
             if x.dim() < 2 or y.dim() < 3 or x.shape[0] != b or y.shape[0] != b:
                 raise ValueError(
                     f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example (input "
                     f"{tuple(x.shape)}, output {tuple(y.shape)}: no leading dimension of the {b} examples, e.g. a "
-                    f"position embedding of arange(T)); build the closure with exclude={[d.name]}")
+                    f"position embedding of arange(T)); build the closure with exclude={[d.name]}"
+                )
     calls = {name: c for name, (_, _, c) in captured.items()}
     calls.update({mn: [use_kind(m).positions(x, y) for x, y, _ in used[mn]] for _, (mn, m, _) in uses})
     T = _positions(calls)
@@ -145,8 +159,10 @@ def token_chunk_scores(loss, params, ihvp: KroneckerIHVP, prepared: PreparedQuer
         if token_mask is not None:
             mask = token_mask(batch)
             if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, T):
-                raise ValueError(f"token_mask(batch) must return a tensor [batch, T] = [{b}, {T}] (1 = real "
-                                 f"token, 0 = padding), got {getattr(mask, 'shape', type(mask).__name__)}")
+                raise ValueError(
+                    f"token_mask(batch) must return a tensor [batch, T] = [{b}, {T}] (1 = real "
+                    f"token, 0 = padding), got {getattr(mask, 'shape', type(mask).__name__)}"
+                )
             out = out * mask.to(device=out.device, dtype=torch.bool)
     return out
 
@@ -161,12 +177,14 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
         start = stop
     per_param = {d.name: prepared.diag.new_zeros(n, b, T) for d in state.diags}
     for d, (mn, m, role) in uses:
-        for x, y, gy in used[mn]:
+        for x, _y, gy in used[mn]:
             try:
                 per_param[d.name] += use_kind(m).token_scores(m, role, cols[d.name], x, gy, b)
             except NotSplittable as err:
-                raise ValueError(f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example: "
-                                 f"{err}; exclude={[d.name]} it from the closure") from None
+                raise ValueError(
+                    f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example: "
+                    f"{err}; exclude={[d.name]} it from the closure"
+                ) from None
     with torch.enable_grad():
         G = batch_grads(loss, params, batch, wrt=[d.name for d in state.diags], name="train")
     total = prepared.diag.new_zeros(n, b, T)
@@ -177,6 +195,7 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
             raise ValueError(
                 f"per_token=True: the per-token split of {d.name!r} misses part of its gradient (it is used outside "
                 "nn.Linear / Conv1D / nn.Embedding / nn.LayerNorm calls with a per-example leading dimension, "
-                f"e.g. a position embedding of arange(T)); build the closure with exclude={[d.name]}")
+                f"e.g. a position embedding of arange(T)); build the closure with exclude={[d.name]}"
+            )
         total += per_param[d.name]
     return total
