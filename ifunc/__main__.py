@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ def digits_problem(*, n_train: int = 1000, hidden: int = 32, steps: int = 300, s
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    digits: Any = load_digits()  # a sklearn Bunch
     x = torch.tensor(digits.data, dtype=torch.float64) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -106,7 +107,8 @@ def save_figure(path: str, images, y_tr, queries, y_te, pred, scores, k: int = 4
         for ax, (img, title, colour) in zip(axes[row], cells):
             ax.imshow(img, cmap="gray_r")
             ax.set_title(title, fontsize=7, color=colour)
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.suptitle(f"query | {k} most helpful (+) | {k} most harmful (−) training images (label)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,11 +36,11 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _is_batch(obj) -> bool:
+def _is_batch(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
     if isinstance(obj, (tuple, dict)):
-        leaves = optree.tree_leaves(obj, namespace="ifunc")
+        leaves = optree.tree_leaves(obj, namespace="ifunc")  # pyright: ignore[reportArgumentType]  # any container
         return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
     return False
 
@@ -50,13 +50,15 @@ def batch_size(batch: Batch) -> int:
     leaves = tensor_leaves(batch)
     if not leaves:
         raise TypeError(f"a batch must contain tensors, got {type(batch).__name__}")
-    sizes = {x.shape[0] if x.dim() else None for x in leaves}
+    sizes = {int(x.shape[0]) if x.dim() else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
             f"every tensor of a batch needs the same leading (example) dimension; got shapes "
             f"{[tuple(x.shape) for x in leaves]}"
         )
-    return int(sizes.pop())
+    size = sizes.pop()
+    assert size is not None  # excluded above
+    return size
 
 
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
@@ -139,7 +141,7 @@ class DataSource:
         loader = self._batches
         if isinstance(loader, DataLoader) and loader.batch_size is not None and not loader.drop_last:
             try:
-                return len(loader.sampler)
+                return len(loader.sampler)  # pyright: ignore[reportArgumentType]  # no __len__: TypeError below
             except TypeError:
                 return None
         return None

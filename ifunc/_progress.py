@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
+
+
+@overload
+def progress_bar(
+    iterable: Iterable[T], *, total: int | None = None, desc: str, progress: bool | None
+) -> Iterable[T]: ...
+
+
+@overload
+def progress_bar(iterable: None = None, *, total: int | None = None, desc: str, progress: bool | None) -> Any: ...
+
 
 def progress_bar(iterable=None, *, total=None, desc: str, progress: bool | None):
-    """``tqdm(iterable)`` (or a manual bar when ``iterable`` is None), or the iterable itself when silenced."""
+    """``tqdm(iterable)`` (or a manual bar with ``update``/``close`` when ``iterable`` is None), or the iterable
+    itself when silenced."""
     if progress is False:
         return iterable if iterable is not None else _Silent()
     try:

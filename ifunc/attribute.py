@@ -19,7 +19,7 @@ from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink
 from ._types import Data, LossFn, Measurement, Params
 from ._version import __version__
 from .functional import flatten
-from .grads import chunk_size_for, iter_per_sample_grads, per_sample_grads
+from .grads import chunk_size_for, iter_per_sample_grads
 from .ihvp._base import IHVP
 from .ihvp._operator import check_same_data
 from .ihvp.kronecker.score import (
@@ -56,7 +56,13 @@ class Scorer(NamedTuple):
 
 
 def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
-    Q = per_sample_grads(measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory, name="query")
+    Q = torch.cat(
+        list(
+            iter_per_sample_grads(
+                measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory, name="query"
+            )
+        )
+    )
     Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be distributed
     Qp = _solve(ihvp, Q)
     Qp = Qp.to(dtype or Qp.dtype)
@@ -105,7 +111,7 @@ def _kronecker_scorer(
         out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module, offset=offset)
         return out if per_module else out[0]
 
-    return Scorer(chunk_size or DEFAULT_CHUNK, prepared.diag.shape[0], score)
+    return Scorer(chunk_size or DEFAULT_CHUNK, int(prepared.diag.shape[0]), score)
 
 
 def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc: str, progress):

@@ -84,6 +84,7 @@ def example_gradients(
     the output gradient at a label sampled from ``loss.likelihood`` with ``generator``.
     """
     if curvature == "fisher":
+        assert isinstance(loss, OutputLoss) and generator is not None  # resolve_curvature / the callers ensure it
         g = sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, generator)
         return batch_grads(
             lambda x, b: loss.outputs(unflatten(x), b), flat, batch, cotangent=g, name=name, offset=offset
@@ -106,10 +107,12 @@ def _batch_matvec(
     if curvature == "empirical_fisher":
         G = batch_grads(lambda x, b: loss(unflatten(x), b), flat, batch)  # [b, d]
         return lambda V: (V @ G.T) @ G
+    assert isinstance(loss, OutputLoss)  # "ggn" / "fisher": resolve_curvature checked the split
     outputs, lo = loss.outputs, loss.loss_on_outputs
     f_out = lambda x: outputs(unflatten(x), batch)  # noqa: E731
-    out, vjp_fn = vjp(f_out, flat)
+    out, vjp_fn = vjp(f_out, flat)  # pyright: ignore[reportAssignmentType]  # without has_aux: (out, vjp_fn)
     if curvature == "fisher":
+        assert generator is not None  # curvature_operator draws Fisher labels from a generator
         g = sampled_output_gradients(loss, out, batch, generator)
         shape = (g.shape[0],) + (1,) * (g.dim() - 1)
 
@@ -223,6 +226,7 @@ def curvature_operator(
                 with explained(f"{curvature} curvature products"):
                     out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
             elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
+                assert isinstance(loss, OutputLoss)
                 sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)
         return part.reduce(out) / n
 

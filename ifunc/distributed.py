@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import optree
 import torch
@@ -59,6 +59,9 @@ __all__ = [
     "barrier",
     "check_same",
 ]
+
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -239,7 +242,7 @@ def broadcast_result(fn: Callable[[], object]):
     if not active():
         return fn()
     rank, _ = world()
-    box = [None, None]
+    box: list[Any] = [None, None]
     if rank == 0:
         try:
             box[0] = fn()
@@ -251,7 +254,7 @@ def broadcast_result(fn: Callable[[], object]):
     return box[0]
 
 
-def broadcast_from_rank0(tree):
+def broadcast_from_rank0(tree: T) -> T:
     """Rank 0's tensors of a pytree on every rank (a broadcast); the tree itself without a process group.
 
     Two processes running the same code on the same data can differ in the last bits (the BLAS kernels
@@ -270,7 +273,8 @@ def broadcast_from_rank0(tree):
         torch.distributed.broadcast(buf, src=0)
         return buf.to(t.device)
 
-    return optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)
+    out: Any = optree.tree_map(bcast, tree, namespace="ifunc", none_is_leaf=True)  # pyright: ignore[reportArgumentType]  # any pytree
+    return out  # the same structure as ``tree``
 
 
 def gather_rows(local: torch.Tensor | None, widths: list[int], d: int) -> torch.Tensor:

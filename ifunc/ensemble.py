@@ -102,16 +102,19 @@ def attribute_ensemble(
         if len(w) != m:
             raise ValueError(f"weights has {len(w)} entries but there are {m} members in params")
 
-    total, stacked = None, []
+    total, per_member = None, []
     for k, p in enumerate(members):
-        closure = factory(p) if factory is not None else closures[k]
+        closure = factory(p) if factory is not None else closures[k]  # pyright: ignore[reportOptionalSubscript]  # closures is set when factory is None
         scores = w[k] * attribute(losses[k], p, closure, train, query, **attribute_kwargs)
         del closure
         if reduce:
             total = scores if total is None else total + scores
         else:
-            stacked.append(scores)
-    return total if reduce else torch.stack(stacked)
+            per_member.append(scores)
+    if reduce:
+        assert total is not None  # at least one member (checked above)
+        return total
+    return torch.stack(per_member)
 
 
 def _unstack(tree) -> list:
@@ -125,6 +128,7 @@ def _unstack(tree) -> list:
             f"dimension; got leading sizes {sorted(map(str, sizes))}"
         )
     m = sizes.pop()
+    assert m is not None  # None was excluded above
     return [optree.tree_unflatten(spec, [leaf[k].detach() for leaf in leaves]) for k in range(m)]
 
 

@@ -159,6 +159,8 @@ def sampled_output_gradients(
     loss: OutputLoss, out: torch.Tensor, batch: Batch, generator: torch.Generator
 ) -> torch.Tensor:
     """``g [b, ...] = ∇_out −log p(ŷ | out)`` at labels sampled by ``loss.likelihood``; checks shapes."""
+    if loss.likelihood is None:
+        raise TypeError('curvature="fisher" needs output_loss(..., likelihood=...) to sample labels')
     g = sample_with(loss.likelihood, out, generator)
     if out.dim() == 0 or out.shape[0] != batch_size(batch):
         raise ValueError(
