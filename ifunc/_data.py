@@ -52,9 +52,15 @@ def batch_size(batch: Batch) -> int:
         raise TypeError(f"a batch must contain tensors, got {type(batch).__name__}")
     sizes = {int(x.shape[0]) if x.dim() else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
+        hint = (
+            "; a 0-d tensor has no example dimension: add a batch dimension, e.g. (x[None], y[None]) or (x[i:i+1], "
+            "y[i:i+1]) for one example"
+            if None in sizes
+            else ""
+        )
         raise ValueError(
             f"every tensor of a batch needs the same leading (example) dimension; got shapes "
-            f"{[tuple(x.shape) for x in leaves]}"
+            f"{[tuple(x.shape) for x in leaves]}{hint}"
         )
     size = sizes.pop()
     assert size is not None  # excluded above
@@ -116,13 +122,23 @@ class DataSource:
                 f"or a DataLoader; got {type(data).__name__}"
             )
         self._n: int | None = None
+        self._passes = 0
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self._batches)
+        empty = True
+        for batch in self._batches:
+            empty = False
+            yield batch
+        if empty and self._passes:
+            raise ValueError(
+                f"{self.name} yielded no examples on a second pass; ifunc passes over the data several times: pass "
+                "a list of batches, a Dataset or a DataLoader instead of a one-shot iterable"
+            )
+        self._passes += 1
 
     def __len__(self) -> int:
         if self._n is None:
-            self._n = sum(batch_size(b) for b in self._batches)
+            self._n = sum(batch_size(b) for b in self)
             if self._n == 0:
                 raise ValueError(f"{self.name} holds no examples")
         return self._n
@@ -154,7 +170,7 @@ class DataSource:
         """
         pending: list[Batch] = []
         held = 0
-        for b in self._batches:
+        for b in self:
             b = tuple(b) if isinstance(b, list) else b  # a DataLoader collates (x, y) into [x, y]
             n = batch_size(b)
             start = 0
@@ -181,7 +197,9 @@ class DataSource:
 
     def first(self) -> Batch:
         """The first batch of the data (one batch is loaded)."""
-        return next(iter(self))
+        for batch in self:
+            return batch
+        raise ValueError(f"{self.name} holds no examples")
 
     def in_memory(self) -> Batch | None:
         """All examples as one batch when the data is already in memory (a batch or a list), else None."""
@@ -214,6 +232,8 @@ def iter_chunks(source: DataSource, size: int) -> Iterator[Chunk]:
     for index, batch in enumerate(source.chunks(size)):
         yield Chunk(index, offset, batch)
         offset += batch_size(batch)
+    if offset == 0:
+        raise ValueError(f"{source.name} holds no examples")
 
 
 def n_chunks(source: DataSource, size: int) -> int | None:

@@ -17,6 +17,11 @@ _HINTS = (
         "it with tensor operations (torch.where, masks); for Hugging Face models use attn_implementation='eager'",
     ),
     (
+        ("must have the same dtype", "expected scalar type", "expected both vectors to have same dtype"),
+        "a dtype mismatch: the data's floating dtype differs from the parameters' (e.g. float64 inputs with float32 "
+        "params); cast the data (or the model, e.g. model.double()) so that they agree",
+    ),
+    (
         ("mutate a captured Tensor", "in-place operation", "more than 1 value per channel when training"),
         "an in-place update of a tensor the model holds (BatchNorm running statistics in train mode?): call "
         "model.eval() before computing influence (the curvature of a trained model is taken in eval mode)",

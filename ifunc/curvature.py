@@ -210,7 +210,7 @@ def curvature_operator(
     fresh = replayable(generator, flat.device)
     part = partition if partition is not None else Partition()
     if check:
-        first = next(iter(source))
+        first = source.first()
         value = check_scalar(loss(unflatten(flat), first))
         if not torch.isfinite(value):
             raise ValueError(f"loss(params, batch) is {value.item()} on the first batch; check inputs and params")

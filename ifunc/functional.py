@@ -157,7 +157,8 @@ def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
       ``unflatten(stack [k, d])`` gives a pytree whose leaves carry a leading ``k`` dimension.
 
     Raises:
-      TypeError: a leaf is not a tensor; ValueError: leaves differ in dtype or device.
+      TypeError: a leaf is not a tensor; ValueError: leaves differ in dtype or device, or hold no values
+        (meta device).
 
     Example:
       >>> flat, unflatten = flatten({"w": torch.ones(2, 3), "b": torch.zeros(2)})
@@ -176,6 +177,11 @@ def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
         raise ValueError(
             f"flatten: parameters mix dtypes {sorted(map(str, dtypes))} / devices {sorted(map(str, devices))}; "
             "cast them to one (e.g. model.double()) first"
+        )
+    if devices == {torch.device("meta")}:
+        raise ValueError(
+            "flatten: the parameters are on the meta device (shapes without values); load or initialise the "
+            "weights first (e.g. model.to_empty(device='cpu') and a state dict)"
         )
     vector = torch.cat([leaf.detach().reshape(-1) for leaf in leaves])
     return vector, Unflatten(treespec, [leaf.shape for leaf in leaves], [leaf.dtype for leaf in leaves])

@@ -116,6 +116,12 @@ def ihvp_error(
         raise ValueError(
             f"ihvp_error: ihvp has d={ihvp.dim} but reference has d={ref_dim}; compare iHVPs of the same parameters"
         )
+    for what, value in (("queries", queries), ("train", train)):
+        if value is not None and not (isinstance(value, (torch.Tensor, dict))):
+            raise TypeError(
+                f"ihvp_error: {what}= takes gradients (a [m, d] tensor, or a pytree like params with a leading m), "
+                f"not data ({type(value).__name__}); compute them with ifunc.per_sample_grads(loss, params, data)"
+            )
     if train is not None and queries is None:
         raise ValueError("ihvp_error: train gradients need query gradients too (pass queries=...)")
     generator = generator if generator is not None else default_generator()

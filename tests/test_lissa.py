@@ -33,7 +33,7 @@ def test_divergence_is_reported():
     _, params, loss, data = mlp_problem(seed=3, n=8)
     lam_max = float(torch.linalg.eigvalsh(ifunc.ggn(loss, params, data)).max())
     too_small = 0.3 * lam_max  # eigenvalues of (H+λ)/s reach > 2
-    with pytest.warns(ifunc.LissaDivergenceWarning, match="scale"):
+    with pytest.raises(ifunc.LissaDivergenceError, match="diverged.*scale=.*too small"):
         ifunc.ihvp_lissa(loss, params, data, damping=0.01, scale=too_small, depth=30)(
             torch.ones(ifunc.flatten(params)[0].numel())
         )

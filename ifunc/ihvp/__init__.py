@@ -18,7 +18,7 @@ from .kronecker import (
     load_factors,
     save_factors,
 )
-from .lissa import LissaDivergenceWarning, ihvp_lissa
+from .lissa import LissaDivergenceError, LissaDivergenceWarning, ihvp_lissa
 from .nystrom import ihvp_nystrom, nystrom_sketch
 from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
 
@@ -32,6 +32,7 @@ __all__ = [
     "CGResult",
     "ihvp_lissa",
     "LissaDivergenceWarning",
+    "LissaDivergenceError",
     "ihvp_arnoldi",
     "lanczos",
     "ihvp_nystrom",

@@ -8,7 +8,7 @@ import torch
 
 from ..functional import Unflatten
 
-__all__ = ["IHVP", "ConvergenceError", "check_damping"]
+__all__ = ["IHVP", "ConvergenceError", "check_damping", "check_rank"]
 
 
 class ConvergenceError(RuntimeError):
@@ -25,6 +25,13 @@ def check_damping(damping, *, allow_zero: bool = True) -> float:
     if value == 0 and not allow_zero:
         raise ValueError("damping must be > 0 for this method (its complement / recursion divides by it)")
     return value
+
+
+def check_rank(rank) -> int:
+    """``rank`` as an int; ``TypeError`` for a float, a bool or anything else."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int (the number of eigenpairs or sketch columns), got {rank!r}")
+    return rank
 
 
 class IHVP:

@@ -6,7 +6,7 @@ import torch
 
 from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
-from ._base import IHVP
+from ._base import IHVP, check_rank
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 from ._operator import data_operator
 
@@ -114,6 +114,7 @@ def ihvp_arnoldi(
     generator = generator if generator is not None else default_generator()
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
+    check_rank(rank)
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in [1, d={d}], got {rank}")
     oversample = max(rank, 20) if oversample is None else int(oversample)

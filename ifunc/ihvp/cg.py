@@ -78,8 +78,8 @@ def cg_solve(
             raise ValueError("cg_solve: NaN/inf in the matrix-vector product; check the loss and params")
         if (pAp <= 0).any():
             raise ValueError(
-                f"cg_solve: the operator is not positive definite (pᵀAp = {float(pAp.min()):.3e}); "
-                'increase damping or use curvature="ggn"'
+                f"cg_solve: the operator is not positive definite (pᵀAp = {float(pAp.min()):.3e}); increase "
+                'damping, or use a PSD curvature ("ggn", "fisher", "empirical_fisher") if it is the Hessian'
             )
         alpha = rz[idx] / pAp
         X[idx] += alpha[:, None] * p
@@ -164,9 +164,18 @@ def ihvp_cg(
         lam = check_damping(lam)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
-            res = cg_solve(
-                lambda P: matvec(P) + lam * P, V, tol=tol, atol=atol, maxiter=maxiter, preconditioner=preconditioner
-            )
+            try:
+                res = cg_solve(
+                    lambda P: matvec(P) + lam * P, V, tol=tol, atol=atol, maxiter=maxiter, preconditioner=preconditioner
+                )
+            except ValueError as err:
+                if "not positive definite" not in str(err) or op.curvature == "hessian":
+                    raise
+                raise ValueError(  # a PSD curvature: the negative curvature is rounding, not the model's
+                    f"ihvp_cg: the {op.curvature} curvature is PSD, but with damping {lam:g} a search direction met "
+                    f"non-positive curvature ({err}) ({V.dtype}): H + λI is singular or lost to "
+                    "rounding; use damping > 0 (or more), or compute in float64"
+                ) from None
             if not res.converged:
                 rel = (res.residual / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)).max()
                 raise ConvergenceError(

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import itertools
-import warnings
+from collections.abc import Iterator
+from typing import Callable
 
 import torch
 
 from .._data import DataSource, index_batch
 from .._data import batch_size as _batch_size
-from .._types import Data, LossFn, Params
+from .._types import Data, LossFn, MatVec, Params
 from ..curvature import curvature_operator
 from ..likelihood import default_generator
-from ._base import IHVP, check_damping
+from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
 from ._operator import data_operator
 
-__all__ = ["ihvp_lissa", "LissaDivergenceWarning"]
+__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning"]
+
+
+class LissaDivergenceError(ConvergenceError):
+    """The LiSSA recursion grew instead of settling: ``scale`` is below ``(λ_max(H) + λ) / 2``."""
 
 
 class LissaDivergenceWarning(RuntimeWarning):
-    """The LiSSA recursion grew instead of settling: ``scale`` is too small."""
+    """No longer emitted: a growing recursion raises :class:`LissaDivergenceError` (kept for old imports)."""
 
 
 def _fresh(state: torch.Tensor) -> torch.Generator:
@@ -118,23 +123,29 @@ def ihvp_lissa(
     def labels(gen):  # only the true Fisher draws from gen here, so other curvatures keep their streams
         return _child(gen) if full.curvature == "fisher" else None
 
+    top = None  # the spectral bound the default scale is built on, reported when the recursion grows
     if scale is None:
-        scale = 1.5 * (_estimate_top_eigenvalue(block_op(full.matvec), d, like, _fresh(state)) + lam)
+        top = _estimate_top_eigenvalue(block_op(full.matvec), d, like, _fresh(state))
+        scale = 1.5 * (top + lam)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     s = float(scale)
 
+    # the curvature of each recursion step: all of the data, sampled mini-batches, or the loader's batches
+    step_operator: Callable[[torch.Generator], Iterator[MatVec]]
     if batch_size is None:
 
-        def step_operator(gen):
+        def full_steps(gen):
             while True:
                 yield block_op(full.matvec)
+
+        step_operator = full_steps
     else:
         pool = source.in_memory()
         if pool is not None:
             n = _batch_size(pool)
 
-            def step_operator(gen):
+            def sampled_steps(gen):
                 while True:
                     idx = torch.randint(n, (batch_size,), generator=gen)
                     yield block_op(
@@ -147,15 +158,19 @@ def ihvp_lissa(
                             check=False,
                         ).matvec
                     )
+
+            step_operator = sampled_steps
         else:
 
-            def step_operator(gen):
+            def cycled_steps(gen):
                 for batch in itertools.cycle(source):
                     yield block_op(
                         curvature_operator(
                             loss, params, batch, curvature=full.curvature, generator=labels(gen), check=False
                         ).matvec
                     )
+
+            step_operator = cycled_steps
 
     def solve(V: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(V)
@@ -173,12 +188,12 @@ def ihvp_lissa(
                         f"ihvp_lissa diverged to NaN/inf (scale={s:g}); use a larger scale (> (λ_max + λ)/2)"
                     )
                 first_step = step if first_step is None else first_step
+            assert first_step is not None  # depth >= 1 (checked above): the loop ran at least once
             if depth > 1 and step > 10 * max(first_step, 1e-30):
-                warnings.warn(
-                    f"ihvp_lissa: the recursion is growing (last step {step:.3e} vs first {first_step:.3e}); "
-                    f"scale={s:g} is too small: use scale > (λ_max(H) + λ)/2",
-                    LissaDivergenceWarning,
-                    stacklevel=3,
+                bound = "" if top is None else f" (the default scale used the estimate λ_max(H) ≈ {top:.3e})"
+                raise LissaDivergenceError(
+                    f"ihvp_lissa diverged: the recursion is growing (last step {step:.3e} vs first "
+                    f"{first_step:.3e}); scale={s:g} is too small{bound}: use scale > (λ_max(H) + λ)/2"
                 )
             total += x / s
         return total / repeat

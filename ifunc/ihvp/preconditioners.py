@@ -21,7 +21,9 @@ __all__ = ["jacobi_preconditioner", "nystrom_preconditioner"]
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _operator(operator, dim: int | None, who: str, dtype=None) -> tuple[MatVec, int, torch.Tensor]:
+def _operator(
+    operator: CurvatureOperator | MatVec, dim: int | None, who: str, dtype=None
+) -> tuple[MatVec, int, torch.Tensor]:
     """``(matvec, d, like)`` from a :class:`CurvatureOperator` or a plain ``matvec`` with ``dim``."""
     if isinstance(operator, CurvatureOperator):
         return operator.matvec, operator.flat_params.numel(), operator.flat_params

@@ -64,5 +64,6 @@ def precondition_layer(blk: KronBlock, M: torch.Tensor, lam: float) -> torch.Ten
     """``Q_S [(Q_Sᵀ M Q_A) / (Λ + λ)] Q_Aᵀ`` for ``M [k, out, in(+1)]``."""
     if blk.Q_S is None:
         return M / (blk.eigenvalues + lam)
+    assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
     R = blk.Q_S.T @ M @ blk.Q_A
     return blk.Q_S @ (R / (blk.eigenvalues + lam)) @ blk.Q_A.T

@@ -11,7 +11,7 @@ Dimension 0 of every layer input must be the example dimension.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ class Recording:
 
 
 @contextlib.contextmanager
-def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: list[str] = ()) -> Iterator[Recording]:
+def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: Sequence[str] = ()) -> Iterator[Recording]:
     """Context manager: forward hooks on ``layers`` (and on the modules named in ``extra``) record inputs and
     outputs; removed on exit (also on error).
 

@@ -19,6 +19,8 @@ re-damps every block with one λ without refitting. Normalisation of ``A, S, Λ`
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -31,6 +33,31 @@ from .fit import fit_kronecker_factors, split_excluded
 from .layers import find_layers, parameter_names
 
 __all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity", "KroneckerIHVP"]
+
+
+def _check_conditioning(name: str, what: str, eigenvalues: torch.Tensor, lam: float, dtype: torch.dtype) -> None:
+    """Refuse a block whose damped inverse does not exist; warn when ``dtype`` cannot solve it accurately.
+
+    With ``c = (λ_max + λ) / (λ_min + λ)``: ``λ_min + λ <= 0`` or ``c >= 1 / (100 eps)`` with ``λ = 0`` raises
+    (the inverse is dominated by rounding: values of order ``1 / eps``); ``c >= 1 / (100 eps)`` with ``λ > 0``
+    warns (only about two digits survive).
+    """
+    if not eigenvalues.numel():
+        return
+    low, high = float(eigenvalues.min()) + lam, float(eigenvalues.max()) + lam
+    limit = 1.0 / (100 * torch.finfo(dtype).eps)
+    if not low > 0 or (lam == 0 and high / low >= limit):
+        raise ValueError(
+            f"{name}: {what} is singular at damping {lam:g} (smallest eigenvalue {low - lam:.3e}, largest "
+            f"{high - lam:.3e}); its inverse does not exist in {dtype}: use damping > 0 (damping=None picks 0.1 × "
+            "the mean eigenvalue per block)"
+        )
+    if high / low >= limit:
+        warnings.warn(
+            f"{name}: {what} has damped condition number {high / low:.3e}, beyond what {dtype} solves accurately; "
+            "use float64 or raise damping",
+            stacklevel=4,
+        )
 
 
 def _auto(values: torch.Tensor, damping, what: str) -> float:
@@ -103,11 +130,9 @@ def _build(name: str, params: Params, blocks, diags, model, damping, extra_info)
         bl = tuple(_auto(b.eigenvalues, lam, f"layer {b.spec.name!r}") for b in blocks)
         dl = tuple(_auto(d.diag, lam, f"parameter {d.name!r}") for d in diags)
         for blk, l_ in zip(blocks, bl):
-            if not float(blk.eigenvalues.min()) + l_ > 0:
-                raise ValueError(f"{name}: layer {blk.spec.name!r} has a zero eigenvalue; use damping > 0")
+            _check_conditioning(name, f"layer {blk.spec.name!r}", blk.eigenvalues, l_, dtype)
         for d, l_ in zip(diags, dl):
-            if not float(d.diag.min()) + l_ > 0:
-                raise ValueError(f"{name}: parameter {d.name!r} has zero curvature; use damping > 0")
+            _check_conditioning(name, f"parameter {d.name!r}", d.diag, l_, dtype)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(V)
@@ -331,7 +356,8 @@ def ihvp_identity(
         DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], flat.new_zeros(params[p].numel()))
         for p in uncovered
     ]
-    factors = KroneckerFactors(tuple(layers), {}, {p: None for p in uncovered}, excl, 0, "identity")
+    fallback = {d.name: d.diag.view(params[d.name].shape) for d in diags}  # zero curvature, parameter's shape
+    factors = KroneckerFactors(tuple(layers), {}, fallback, excl, 0, "identity")
     info = {"blocks": _blocks_info(params, factors, "identity"), "curvature": "identity"}
     out = _build("identity", params, blocks, diags, model if layers else None, lam, info)
     return out

@@ -21,6 +21,7 @@ __all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
 
 FORMAT = "ifunc-factors"
 _LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
+_REQUIRED_FIELDS = _LAYER_FIELDS[:6]  #: always saved; ``diag`` and ``ekfac`` may be absent (not fitted)
 
 
 class LayerFactors(NamedTuple):
@@ -118,6 +119,18 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
     factors = {}
     for spec in layers:
         g = groups.get(f"layers/{spec.name}", {})
-        factors[spec.name] = LayerFactors(**{k: (to(g[k]) if k in g else None) for k in _LAYER_FIELDS})
+        lacking = [k for k in _REQUIRED_FIELDS if k not in g]
+        if lacking:
+            raise ValueError(f"{path} is damaged: the factors of layer {spec.name!r} lack {lacking}; refit them")
+        factors[spec.name] = LayerFactors(
+            A=to(g["A"]),
+            S=to(g["S"]),
+            eig_A=to(g["eig_A"]),
+            Q_A=to(g["Q_A"]),
+            eig_S=to(g["eig_S"]),
+            Q_S=to(g["Q_S"]),
+            diag=to(g["diag"]) if "diag" in g else None,
+            ekfac=to(g["ekfac"]) if "ekfac" in g else None,
+        )
     fallback = {name: to(a) for name, a in groups.get("fallback", {}).items()}
     return KroneckerFactors(layers, factors, fallback, tuple(meta["excluded"]), meta["n"], meta["curvature"])

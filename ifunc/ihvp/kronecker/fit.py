@@ -23,12 +23,15 @@ for ``C`` outputs per position: exact, but costly for large vocabularies).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 
 from ... import distributed
 from ..._data import DataSource, batch_size, n_chunks
 from ..._progress import progress_bar
-from ..._types import Data, LossFn, Params
+from ..._types import Batch, Data, LossFn, Params
 from ...curvature import CURVATURES as ALL_CURVATURES
 from ...grads import batch_grads, check_scalar, check_summed
 from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
@@ -197,18 +200,23 @@ def fit_kronecker_factors(
     source = DataSource(data, name="data", ordered=curvature == "fisher")
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
     check_summed(loss, params, source.first())
-    acc = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
+    # running sums: the number 0 until the first chunk adds a tensor (distributed.reduce_sum takes both)
+    acc: dict[str, dict[str, torch.Tensor | float]] = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
     n = 0
 
     def one_pass(rotations):
         nonlocal n
         step = distributed.chunk_size(source.cheap_count(), chunk_size, split=curvature != "fisher")
-        chunks = progress_bar(
-            source.chunks(step),
-            total=n_chunks(source, step),
-            desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
-            progress=progress,
+        # progress_bar returns an iterable when given one (only a manual bar may be silent, non-iterable)
+        chunks = cast(
+            "Iterable[Batch]",
+            progress_bar(
+                source.chunks(step),
+                total=n_chunks(source, step),
+                desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
+                progress=progress,
+            ),
         )
         for mine, batch in distributed.shard(chunks):  # identity without a process group
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
@@ -252,6 +260,7 @@ def fit_kronecker_factors(
         st = acc[s.name]
         A, S, D = st["A"] / n, st["S"] / n, (st["D"] / n if diagonal else None)
         for what, M in (("A", A), ("S", S)):
+            assert isinstance(M, torch.Tensor)  # the data is not empty (check_summed read a batch): every layer added
             if not torch.isfinite(M).all():
                 raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
         stats[s.name] = (A, S, D)

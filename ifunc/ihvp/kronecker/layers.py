@@ -108,6 +108,7 @@ class Conv2dKind(LayerKind):
     def inputs(self, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"layer capture: Conv2d {name!r} needs [b, C, H, W] input, got {tuple(x.shape)}")
+        assert isinstance(module, nn.Conv2d)  # this kind matches only nn.Conv2d (see matches)
         padding = module.padding
         if isinstance(padding, str):
             if padding == "valid":
@@ -177,6 +178,11 @@ def find_layers(
         chosen = [n for n, m in named.items() if modules(n, m) and layer_kind(m) is not None]
     else:
         chosen = list(modules)
+        if not chosen:
+            raise ValueError(
+                "modules=[] selects no layer; pass modules=None for every supported layer, or name the layers "
+                f"(supported in this model: {[n for n, m in named.items() if layer_kind(m) is not None]})"
+            )
         for n in chosen:
             if n not in named:
                 raise ValueError(f"modules: no sub-module named {n!r}; available: {sorted(k for k in named if k)}")
@@ -198,6 +204,8 @@ def find_layers(
         b = prefix + "bias"
         b = b if (b in names and getattr(m, "bias", None) is not None) else None
         kind = layer_kind(m)
+        assert kind is not None  # every chosen module has a layer kind (filtered or refused above)
+        assert isinstance(m.weight, torch.Tensor)  # supported layers hold their weight as a tensor
         out_f, in_f = kind.shape(m.weight)
         layers.append(LayerSpec(n, kind.name, w, b, out_f, in_f))
     covered = {s.weight for s in layers} | {s.bias for s in layers if s.bias}
@@ -245,6 +253,7 @@ class UseKind:
             for s in range(0, n, step):
                 out[s : s + step] = (q[s : s + step][:, ids] * G).sum(-1)
             return out
+        assert isinstance(module, nn.LayerNorm)  # use_kind gives "layernorm" only to nn.LayerNorm
         dims = len(module.normalized_shape)  # layernorm: y = x̂ ⊙ w + b
         G = gy.reshape(b, -1, *module.normalized_shape).flatten(2)
         if role == "bias":

@@ -68,7 +68,8 @@ class PreparedQueries(NamedTuple):
     """Preconditioned queries: diagonal-block columns ``[q, Σ sizes]`` and, per layer, ``R̃`` in its eigenbasis."""
 
     diag: torch.Tensor  #: ``[q, Σ_diag numel]`` preconditioned query columns of the diagonal blocks
-    layers: dict  #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
+    #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
+    layers: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
 
 
 def kronecker_prepare(
@@ -142,6 +143,7 @@ def kronecker_chunk_scores(
         for blk in ihvp.blocks:
             a, g = layer_parts[blk.spec.name]
             if blk.Q_S is not None:
+                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
                 g, a = g @ blk.Q_S, a @ blk.Q_A
             out[group[blk.spec.name] if per_module else 0] += layer_scores(*prepared.layers[blk.spec.name], a, g)
         start = 0

@@ -35,7 +35,7 @@ from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
-from .layers import NotSplittable, use_kind
+from .layers import NotSplittable, UseKind, use_kind
 from .score import PreparedQueries, scorable
 
 __all__ = ["check_per_token", "token_chunk_scores"]
@@ -95,6 +95,13 @@ def _diag_uses(state) -> list:
     return uses
 
 
+def _split(module) -> UseKind:
+    """The per-token split of a module that :func:`check_per_token` accepted."""
+    kind = use_kind(module)
+    assert kind is not None  # check_per_token refused every diagonal-block use without a per-token split
+    return kind
+
+
 def _positions(calls: dict[str, list[int]]) -> int:
     sizes = {n for c in calls.values() for n in c}
     if len(sizes) != 1:
@@ -144,13 +151,14 @@ def token_chunk_scores(
                     f"position embedding of arange(T)); build the closure with exclude={[d.name]}"
                 )
     calls = {name: c for name, (_, _, c) in captured.items()}
-    calls.update({mn: [use_kind(m).positions(x, y) for x, y, _ in used[mn]] for _, (mn, m, _) in uses})
+    calls.update({mn: [_split(m).positions(x, y) for x, y, _ in used[mn]] for _, (mn, m, _) in uses})
     T = _positions(calls)
     with torch.no_grad():
         out = prepared.diag.new_zeros(prepared.diag.shape[0], b, T)
         for blk in state.blocks:
             a, g, c = captured[blk.spec.name]
             if blk.Q_S is not None:
+                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
                 g, a = g @ blk.Q_S, a @ blk.Q_A
             s = layer_token_scores(*prepared.layers[blk.spec.name], a, g)
             out += s.reshape(s.shape[0], b, len(c), T).sum(2)  # a module called k times: sum its calls
@@ -179,7 +187,7 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
     for d, (mn, m, role) in uses:
         for x, _y, gy in used[mn]:
             try:
-                per_param[d.name] += use_kind(m).token_scores(m, role, cols[d.name], x, gy, b)
+                per_param[d.name] += _split(m).token_scores(m, role, cols[d.name], x, gy, b)
             except NotSplittable as err:
                 raise ValueError(
                     f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example: "
