@@ -123,8 +123,19 @@ def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc
         ):
             sink.seen(index, batch)  # first: a store checks a chunk it has against its fingerprint
             if sink.wants(index):
-                sink.put(index, compute(batch, offset))
+                sink.put(index, _finite(compute(batch, offset), offset))
         return sink.result()
+
+
+def _finite(block: torch.Tensor, offset: int) -> torch.Tensor:
+    """``block`` unchanged, or a ValueError when the contraction itself overflowed (gradients were finite)."""
+    if not bool(torch.isfinite(block).all()):
+        raise ValueError(
+            f"scores of the training chunk starting at example {offset} are inf/NaN although every gradient was "
+            f"finite: the contraction overflowed in {block.dtype} (max {torch.finfo(block.dtype).max:.3g}); use "
+            "float32 or bfloat16 (dtype=), or a loss scale that keeps gradients small"
+        )
+    return block
 
 
 def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tuple[dict, dict]:

@@ -345,6 +345,14 @@ ROWS = [
         "ggn curvature is PSD.*damping > 0|did not converge",
     ),
     (
+        "float16-overflow",
+        lambda p: ifunc.attribute(
+            lambda q, b: 1e4 * p.loss(q, b), p.params, BUILDERS["explicit"](p), p.data, p.data, dtype=torch.float16
+        ),
+        ValueError,
+        "overflowed in torch.float16.*use float32 or bfloat16",
+    ),
+    (
         "token-mask-without-per-token",
         lambda p: ifunc.attribute(p.loss, p.params, BUILDERS["ekfac"](p), p.data, p.data, token_mask=lambda b: b),
         ValueError,
