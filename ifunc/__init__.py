@@ -7,7 +7,8 @@ checks it):
               the one chunk loop ``iter_chunks`` and ``fingerprint`` · ``_errors`` readable torch.func errors ·
               ``_progress`` progress bars · ``_version``
 0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather); a leaf, no-ops on one process
-1 store       ``store`` HDF5 I/O only: score stores (resumable, validated), per-rank merge, tensor files
+1 store       ``store/`` HDF5 I/O only: ``scores`` (resumable, fingerprinted, checksummed score stores), ``merge``
+              (per-rank stores), ``reading`` (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
 2 grads       ``grads`` the one per-example gradient primitive ``batch_grads`` (vmap(grad), NaN/inf guard)
 3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
               operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
@@ -18,8 +19,8 @@ checks it):
               ``fit`` (factors), ``factors`` (their type and files), ``blocks``, ``closure`` (KroneckerIHVP,
               ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module, self), ``tokens`` (per-token),
               ``_kernels`` (contractions)
-5 scoring     ``attribute`` attribute / self_influence = scorer × sink · ``_sinks`` memory, store, gathered,
-              per-rank store · ``ensemble`` · ``quality`` (ihvp_error, spearman)
+5 scoring     ``attribute`` attribute / self_influence: one loop of scorer × sink · ``_scorers`` generic and
+              Kronecker scorers · ``_sinks`` memory, store, gathered, per-rank store · ``ensemble`` · ``quality``
 5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing``
               test problems and helpers
 6 face        ``__init__`` re-exports · ``__main__`` ``python -m ifunc demo``

@@ -21,9 +21,12 @@ from typing import Any
 import torch
 
 from . import distributed, store
-from ._data import batch_size, fingerprint, tensor_leaves
+from ._data import DataSource, batch_size, fingerprint, tensor_leaves
+from ._version import __version__
+from .functional import flatten
+from .ihvp._base import IHVP
 
-__all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink"]
+__all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink", "store_meta"]
 
 
 class MemorySink:
@@ -215,3 +218,72 @@ class RankStoreSink:
         distributed.barrier()
         distributed.broadcast_result(lambda: store.merge_parts(self.out, self.size, self.final_args, self.part_args))
         return self.out
+
+
+def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tuple[dict, dict]:
+    """What defines the scores of a store, and how far resuming one can be trusted: ``(meta, resume)``.
+
+    ``meta`` holds the method's build inputs as far as the closure shows them: its name, the damping
+    resolved per block (Kronecker family), every JSON-able ``info`` value (tolerances, rank, curvature kind,
+    ``info["blocks"]``), a summary ``[numel, Σ|x|, Σx²]`` of each curvature tensor it holds (eigenvalues, the
+    eigenvalues and diagonals of Kronecker blocks), its ``identity`` attribute if it has one, the measurement,
+    query rank, score dtype and fingerprints of the parameters and queries. Training data is fingerprinted
+    chunk by chunk by the store sinks. ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume``
+    for a callable that is not an ifunc closure and carries no ``identity`` (nothing tells two apart);
+    ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf).
+    """
+
+    def summary(t: torch.Tensor) -> list:  # robust to last-bit differences, unlike a hash
+        t = t.detach().to("cpu", torch.float64)
+        return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
+
+    def plain(v):  # JSON-able; an object by its type only (its repr may hold a memory address)
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return v
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return f"<{type(v).__name__}>"
+
+    info = getattr(ihvp, "info", {}) or {}
+    identity = getattr(ihvp, "identity", None)
+    curvature = {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)}
+    curvature.update(
+        {
+            f"layer {b.spec.name}": summary(b.eigenvalues)
+            for b in getattr(ihvp, "blocks", ())
+            if hasattr(b, "eigenvalues")
+        }
+    )
+    curvature.update({f"diagonal {d.name}": summary(d.diag) for d in getattr(ihvp, "diags", ()) if hasattr(d, "diag")})
+    settings = {k: plain(v) for k, v in info.items() if k != "damping" and not isinstance(v, torch.Tensor)}
+    damping = info.get("damping") if isinstance(info.get("damping"), dict) else getattr(ihvp, "damping", None)
+    query_leaves = [t for b in DataSource(query, name="query") for t in tensor_leaves(b)]
+    meta = {
+        "method": getattr(ihvp, "name", None) or getattr(ihvp, "__qualname__", type(ihvp).__name__),
+        "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
+        "method_info": settings,
+        "curvature": curvature,
+        "identity": None if identity is None else str(identity),
+        "measurement": getattr(measurement or loss, "__qualname__", type(measurement or loss).__name__),
+        "query_rank": query_rank,
+        "score_dtype": None if dtype is None else str(dtype),
+        "params": fingerprint([flatten(params)[0]]),
+        "query": fingerprint(query_leaves),
+        "versions": {"ifunc": __version__, "torch": torch.__version__},
+    }
+    resume = {}
+    if not isinstance(ihvp, IHVP) and identity is None:
+        resume["refuse_resume"] = (
+            f"ihvp is a custom callable ({meta['method']}), which ifunc cannot tell apart from another one, so its "
+            "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
+            "ihvp.identity = '<a name that changes whenever the closure does>' before the first run"
+        )
+    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and identity is None:
+        resume["warn_resume"] = (
+            f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
+            "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "
+            "ihvp.identity = '<a name for that data>' before the first run to have it checked)"
+        )
+    return meta, resume

@@ -8,110 +8,23 @@ resumable store, or shares them across ``torchrun`` ranks.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from . import distributed
-from ._data import DataSource, batch_size, fingerprint, iter_chunks, n_chunks, tensor_leaves
+from ._data import DataSource, batch_size, iter_chunks, n_chunks
 from ._progress import progress_bar
-from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink
+from ._scorers import generic_scorer, kronecker_scorer, solve
+from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, store_meta
 from ._types import Data, LossFn, Measurement, Params
-from ._version import __version__
 from .functional import flatten
 from .grads import chunk_size_for, iter_per_sample_grads
-from .ihvp._base import IHVP
 from .ihvp._operator import check_same_data
-from .ihvp.kronecker.score import (
-    DEFAULT_CHUNK,
-    kronecker_chunk_scores,
-    kronecker_prepare,
-    kronecker_self_terms,
-    scorable,
-)
-from .ihvp.kronecker.tokens import check_per_token, token_chunk_scores
+from .ihvp.kronecker.score import DEFAULT_CHUNK, kronecker_self_terms, scorable
+from .ihvp.kronecker.tokens import check_per_token
 
 __all__ = ["attribute", "self_influence"]
-
-
-def _check_ihvp(ihvp, d: int):
-    if not callable(ihvp):
-        raise TypeError(f"ihvp must be a callable v -> (H + λI)^{{-1}} v (e.g. ifunc.ihvp_cg(...)), got {ihvp!r}")
-    if isinstance(ihvp, IHVP) and ihvp.dim != d:
-        raise ValueError(f"ihvp was built for {ihvp.dim} parameters but params have {d}")
-
-
-def _solve(ihvp, V: torch.Tensor) -> torch.Tensor:
-    _check_ihvp(ihvp, V.shape[1])
-    with torch.no_grad():
-        return ihvp.solve(V) if isinstance(ihvp, IHVP) else ihvp(V)
-
-
-class Scorer(NamedTuple):
-    """Score columns of one chunk of training examples against queries prepared once."""
-
-    chunk: int  #: examples per chunk
-    n_query: int
-    score: Callable  #: ``(batch, offset) -> [..., b]`` (examples on the last axis)
-
-
-def _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
-    Q = torch.cat(
-        list(
-            iter_per_sample_grads(
-                measurement or loss, params, query, chunk_size=chunk_size, max_memory=max_memory, name="query"
-            )
-        )
-    )
-    Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be distributed
-    Qp = _solve(ihvp, Q)
-    Qp = Qp.to(dtype or Qp.dtype)
-    chunk = chunk_size or chunk_size_for(Q.shape[1], Q.element_size(), max_memory=max_memory)
-
-    def score(batch, offset):
-        return torch.cat(
-            [
-                Qp @ G.to(Qp.dtype).T
-                for G in iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset)
-            ],
-            dim=1,
-        )
-
-    return Scorer(chunk, Qp.shape[0], score)
-
-
-def _kronecker_scorer(
-    loss,
-    params,
-    ihvp,
-    query,
-    measurement,
-    chunk_size,
-    max_memory,
-    query_rank,
-    per_module,
-    per_token=False,
-    token_mask=None,
-) -> Scorer:
-    prepared = kronecker_prepare(
-        loss,
-        params,
-        ihvp,
-        query,
-        measurement=measurement,
-        chunk_size=chunk_size,
-        max_memory=max_memory,
-        query_rank=query_rank,
-    )
-    prepared = distributed.broadcast_from_rank0(prepared)  # identical preconditioned queries on every rank
-
-    def score(batch, offset):
-        if per_token:
-            return token_chunk_scores(loss, params, ihvp, prepared, batch, token_mask=token_mask, offset=offset)
-        out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module, offset=offset)
-        return out if per_module else out[0]
-
-    return Scorer(chunk_size or DEFAULT_CHUNK, int(prepared.diag.shape[0]), score)
 
 
 def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc: str, progress):
@@ -136,75 +49,6 @@ def _finite(block: torch.Tensor, offset: int) -> torch.Tensor:
             "float32 or bfloat16 (dtype=), or a loss scale that keeps gradients small"
         )
     return block
-
-
-def _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tuple[dict, dict]:
-    """What defines the scores of a store, and how far resuming one can be trusted: ``(meta, resume)``.
-
-    ``meta`` holds the method's build inputs as far as the closure shows them: its name, the damping
-    resolved per block (Kronecker family), every JSON-able ``info`` value (tolerances, rank, curvature kind,
-    ``info["blocks"]``), a summary ``[numel, Σ|x|, Σx²]`` of each curvature tensor it holds (eigenvalues, the
-    eigenvalues and diagonals of Kronecker blocks), its ``identity`` attribute if it has one, the measurement,
-    query rank, score dtype and fingerprints of the parameters and queries. Training data is fingerprinted
-    chunk by chunk by the store sinks. ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume``
-    for a callable that is not an ifunc closure and carries no ``identity`` (nothing tells two apart);
-    ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf).
-    """
-
-    def summary(t: torch.Tensor) -> list:  # robust to last-bit differences, unlike a hash
-        t = t.detach().to("cpu", torch.float64)
-        return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
-
-    def plain(v):  # JSON-able; an object by its type only (its repr may hold a memory address)
-        if isinstance(v, (str, int, float, bool, type(None))):
-            return v
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return f"<{type(v).__name__}>"
-
-    info = getattr(ihvp, "info", {}) or {}
-    identity = getattr(ihvp, "identity", None)
-    curvature = {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)}
-    curvature.update(
-        {
-            f"layer {b.spec.name}": summary(b.eigenvalues)
-            for b in getattr(ihvp, "blocks", ())
-            if hasattr(b, "eigenvalues")
-        }
-    )
-    curvature.update({f"diagonal {d.name}": summary(d.diag) for d in getattr(ihvp, "diags", ()) if hasattr(d, "diag")})
-    settings = {k: plain(v) for k, v in info.items() if k != "damping" and not isinstance(v, torch.Tensor)}
-    damping = info.get("damping") if isinstance(info.get("damping"), dict) else getattr(ihvp, "damping", None)
-    query_leaves = [t for b in DataSource(query, name="query") for t in tensor_leaves(b)]
-    meta = {
-        "method": getattr(ihvp, "name", None) or getattr(ihvp, "__qualname__", type(ihvp).__name__),
-        "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
-        "method_info": settings,
-        "curvature": curvature,
-        "identity": None if identity is None else str(identity),
-        "measurement": getattr(measurement or loss, "__qualname__", type(measurement or loss).__name__),
-        "query_rank": query_rank,
-        "score_dtype": None if dtype is None else str(dtype),
-        "params": fingerprint([flatten(params)[0]]),
-        "query": fingerprint(query_leaves),
-        "versions": {"ifunc": __version__, "torch": torch.__version__},
-    }
-    resume = {}
-    if not isinstance(ihvp, IHVP) and identity is None:
-        resume["refuse_resume"] = (
-            f"ihvp is a custom callable ({meta['method']}), which ifunc cannot tell apart from another one, so its "
-            "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
-            "ihvp.identity = '<a name that changes whenever the closure does>' before the first run"
-        )
-    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and identity is None:
-        resume["warn_resume"] = (
-            f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
-            "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "
-            "ihvp.identity = '<a name for that data>' before the first run to have it checked)"
-        )
-    return meta, resume
 
 
 def attribute(
@@ -319,7 +163,7 @@ def attribute(
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
     if kron:
-        scorer = _kronecker_scorer(
+        scorer = kronecker_scorer(
             loss,
             params,
             ihvp,
@@ -333,11 +177,11 @@ def attribute(
             token_mask,
         )
     else:
-        scorer = _generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype)
+        scorer = generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype)
     if out is None:
         sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
     else:
-        meta, resume = _run_meta(loss, params, ihvp, query, measurement, query_rank, dtype)
+        meta, resume = store_meta(loss, params, ihvp, query, measurement, query_rank, dtype)
         kind = RankStoreSink if distributed.active() else StoreSink
         sink = kind(
             out,
@@ -426,4 +270,4 @@ def _self_round(ihvp, held: list, d: int) -> torch.Tensor:
     rank = distributed.world()[0]
     local = held[rank][1] if rank < len(held) else None
     G = distributed.gather_rows(local, [w for w, _ in held], d)
-    return (G * _solve(ihvp, G)).sum(dim=1)
+    return (G * solve(ihvp, G)).sum(dim=1)

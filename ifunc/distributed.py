@@ -1,36 +1,22 @@
 """Collectives for ``torchrun``: world and rank, all-reduce, broadcast, gather; no-ops without a process group.
 
-A leaf: it imports no other ifunc module, and it is called only by the orchestrating layers (the solvers
-pass a partition of the data to the curvature operators; :func:`ifunc.attribute` picks a sink that gathers
-columns or merges per-rank stores). Nothing here is called by users.
+A leaf: it imports no other ifunc module and is called only by the orchestrating layers (the solvers hand the
+curvature operators their rank's partition of the data; :func:`ifunc.attribute` picks a sink that gathers columns
+or merges per-rank stores). Under a default process group (``gloo`` on CPU, ``nccl`` on GPU) ifunc splits its
+work over the ``W`` ranks and every rank returns what one process would have; every rank passes the *same* data
+in the same order (not a ``DistributedSampler``). How the work is split (``r`` the rank, ``i`` a batch or chunk):
 
-When a default process group is initialised (``gloo`` on CPU, ``nccl`` on GPU) the public functions of ifunc
-split their work across the ``W`` ranks and return on every rank
-what one process would have returned; without a process group every hook below is the identity and
-costs nothing. Every rank must pass the *same* data, in the same order (not a ``DistributedSampler``).
-
-How the work is split (``r`` the rank, ``W`` the world size, ``i`` the index of a batch or chunk):
-
-- Sums over the data: rank ``r`` computes the batches with ``i mod W = r`` and the partial sums are
-  all-reduced, ``Σ_i x_i = Σ_r Σ_{i ≡ r} x_i``. This covers the curvature products
-  ``M V = (1/n) Σ_b M_b V`` (so CG, Arnoldi, Nyström, full-batch LiSSA and the explicit solve are
-  distributed through their operator) and the Kronecker statistics ``A``, ``S``, ``D``, ``Λ`` and ``n``.
-  Every rank then holds the same numbers: an all-reduce hands one result to all ranks (for two ranks
-  ``a + b = b + a`` bit for bit), so the iterative solvers take identical steps everywhere.
-- Work per layer (eigendecompositions): layer ``l`` is computed by rank ``l mod W`` and shared by an
-  all-reduce in which every other rank contributes zeros (``x + 0 = x`` exactly, so all ranks hold the
-  owner's bits).
-- Scores: train chunk ``i`` is scored by rank ``i mod W``; the columns are all-gathered into the full
-  ``[n_query, n_train]`` matrix on every rank, or written by each rank into its own resumable store
-  ``out.rank{r}of{W}`` and merged into ``out`` by rank 0 once all ranks are done. Query gradients are
-  broadcast from rank 0 before they are preconditioned (once, by all ranks together when the solve is
-  distributed): float32 kernels can differ in the last bits between processes, and a distributed CG must
-  see the same right-hand sides everywhere. Self-influence gathers each round of ``W`` gradient chunks
-  and solves it jointly, for the same reason.
-
-Monte Carlo labels (``curvature="fisher"``) are drawn from one generator in data order; a rank that
-skips a batch still runs its forward pass and draws its labels, so the labels (and the result) equal the
-single-process ones.
+- Sums over the data (curvature products, so every operator-based solver; the Kronecker statistics ``A, S, D, Λ,
+  n``): rank ``r`` computes ``i ≡ r (mod W)``, the partial sums are all-reduced, and all ranks hold the same bits,
+  so iterative solvers take identical steps everywhere.
+- Work per layer (eigendecompositions): layer ``l`` on rank ``l mod W``, shared by an all-reduce in which the
+  others contribute zeros (``x + 0 = x`` exactly).
+- Scores: chunk ``i`` on rank ``i mod W``, columns all-gathered, or written to per-rank stores merged by rank 0.
+  Query gradients are broadcast from rank 0 first (float32 kernels can differ in the last bits between
+  processes, and a distributed CG must see the same right-hand sides); self-influence solves rounds of ``W``
+  chunks jointly for the same reason.
+- Monte Carlo labels (``curvature="fisher"``) come from one generator in data order; a rank that skips a batch
+  still draws its labels, so the result equals the single-process one.
 """
 
 from __future__ import annotations
