@@ -1,10 +1,11 @@
 """``python -m ifunc demo`` (or ``ifunc demo``): which training images made the model say this?
 
 Trains a small MLP on scikit-learn's bundled 8×8 digits (offline), scores every training image against a
-few test images with two iHVP methods (EK-FAC and CG by default), prints the most helpful and most harmful
-training images per query and the agreement (Spearman) between the methods, and saves a PNG of each query
-beside its top training images. Then checks correctness where it can be checked exactly: an L2-regularised
-logistic regression whose influence scores are compared with actual leave-one-out retraining.
+few test images with two iHVP methods (EK-FAC and CG by default), prints the most helpful (up-weighting them
+lowers the query's loss: positive score) and most harmful (negative score) training images per query and the
+agreement (Spearman) between the methods, and saves a PNG of each query beside its top training images. Then
+checks correctness where it can be checked exactly: an L2-regularised logistic regression whose influence
+scores are compared with actual leave-one-out retraining.
 
 Exits non-zero when influence is off (the leave-one-out correlation, or the agreement between the methods,
 falls below its threshold). scikit-learn and matplotlib come with ``pip install -e ".[examples]"``; without
@@ -141,6 +142,8 @@ def digits_demo(
         f"digits: MLP 64-32-10 ({d:,} parameters) trained on {n_train} images in {time.perf_counter() - t0:.1f} s,"
         f" test accuracy {prob['accuracy']:.3f}; damping {damping}"
     )
+    print("  helpful: up-weighting this training image lowers the query's loss (positive score)")
+    print("  harmful: up-weighting this training image raises the query's loss (negative score)")
     scores = {}
     for name in dict.fromkeys([method, reference]):
         start = time.perf_counter()

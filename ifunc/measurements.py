@@ -52,10 +52,14 @@ def completion_nll(logits: Outputs, *, targets: Selector, completion_mask: Selec
       ValueError: (when called) shapes of logits, targets and mask disagree.
 
     Example:
-      >>> f = ifunc.measurements.completion_nll(
-      ...     lambda p, b: ifunc.call(model, p, b["ids"][:, :-1]),
-      ...     targets=lambda b: b["ids"][:, 1:], completion_mask=lambda b: b["completion"][:, 1:])
-      >>> scores = ifunc.attribute(loss, params, ihvp, train, query, measurement=f)
+      ```python
+      f = ifunc.measurements.completion_nll(
+          lambda p, b: ifunc.call(model, p, b["ids"][:, :-1]),
+          targets=lambda b: b["ids"][:, 1:],
+          completion_mask=lambda b: b["completion"][:, 1:],
+      )
+      scores = ifunc.attribute(loss, params, ihvp, train, query, measurement=f)
+      ```
 
     References:
       Grosse et al. (2023), "Studying large language model generalization with influence functions", §2.
