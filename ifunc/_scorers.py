@@ -42,7 +42,7 @@ class Scorer(NamedTuple):
     score: Callable  #: ``(batch, offset) -> [..., b]`` (examples on the last axis)
 
 
-def generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
+def generic_scorer(loss, params, ihvp, train, query, measurement, chunk_size, max_memory, dtype) -> Scorer:
     Q = torch.cat(
         list(
             iter_per_sample_grads(
@@ -53,7 +53,8 @@ def generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memor
     Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be distributed
     Qp = solve(ihvp, Q)
     Qp = Qp.to(dtype or Qp.dtype)
-    chunk = chunk_size or chunk_size_for(Q.shape[1], Q.element_size(), max_memory=max_memory)
+    held = Q.numel() * Q.element_size() + Qp.numel() * Qp.element_size()
+    chunk = chunk_size or chunk_size_for(loss, params, train, max_memory=max_memory, name="train", fixed=held)
 
     def score(batch, offset):
         return torch.cat(

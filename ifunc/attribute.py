@@ -177,7 +177,7 @@ def attribute(
             token_mask,
         )
     else:
-        scorer = generic_scorer(loss, params, ihvp, query, measurement, chunk_size, max_memory, dtype)
+        scorer = generic_scorer(loss, params, ihvp, train, query, measurement, chunk_size, max_memory, dtype)
     if out is None:
         sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
     else:
@@ -232,7 +232,7 @@ def self_influence(
             "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
         )
     d = flatten(params)[0]
-    chunk = chunk_size or chunk_size_for(d.numel(), d.element_size(), max_memory=max_memory)
+    chunk = chunk_size or chunk_size_for(loss, params, source, max_memory=max_memory, name="train")
     if distributed.active():  # a round of W chunks at a time: the solve may itself be distributed
         chunk = max(1, chunk // distributed.world()[1])
     rank, size = distributed.world()

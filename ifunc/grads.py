@@ -18,6 +18,7 @@ from torch.func import grad, vmap
 
 from ._data import DataSource, batch_size, iter_chunks, slice_batch
 from ._errors import explained
+from ._memory import examples_per_chunk, probe_bytes, resolve_budget
 from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
@@ -31,13 +32,32 @@ __all__ = [
     "chunk_size_for",
 ]
 
-DEFAULT_MAX_MEMORY = 1 << 30  # bytes for one chunk of gradients and their vmap intermediates
+MAX_CHUNK = 4096  #: examples per chunk at most: a finished chunk is also the unit a resumed score store keeps
 
 
-def chunk_size_for(d: int, itemsize: int, *, max_memory: int | None = None, copies: int = 4) -> int:
-    """Examples per chunk so that ``copies`` gradient-sized buffers of ``[chunk, d]`` fit ``max_memory``."""
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
-    return max(1, budget // max(1, copies * d * itemsize))
+def chunk_size_for(
+    func: Callable, params: Params, data: Data, *, max_memory: int | None = None, name: str = "data", fixed: int = 0
+) -> int:
+    """Examples per ``vmap(grad)`` chunk within the byte budget ``max_memory`` (:mod:`ifunc._memory`).
+
+    One example costs four gradient-sized rows ``[d]`` (the gradient, its vmap buffers, the product with the
+    queries) plus three times the bytes autograd saves in its forward pass (activations, logits: measured on the
+    first example); ``fixed`` bytes are held besides (e.g. the preconditioned queries). At most
+    :data:`MAX_CHUNK`.
+
+    Raises:
+      MemoryError: not even one example fits, with the numbers.
+    """
+    flat, unflatten = flatten(params)
+    one = slice_batch(DataSource(data, name=name).first(), 0, 1)
+    x = flat.detach().requires_grad_(True)
+    with torch.enable_grad():
+        activations = probe_bytes(lambda: func(unflatten(x), one))
+    per_example = 4 * flat.numel() * flat.element_size() + 3 * activations
+    n = examples_per_chunk(
+        resolve_budget(max_memory), per_example, what=f"per-example gradients of the {name} data", fixed=fixed, factor=1
+    )
+    return min(n, MAX_CHUNK)
 
 
 def check_scalar(value, what: str = "loss(params, batch)") -> torch.Tensor:
@@ -167,7 +187,7 @@ def iter_per_sample_grads(
       ValueError: ``func`` is not scalar-valued, or a gradient is NaN/inf (naming the example index).
     """
     flat, unflatten = flatten(params)
-    size = chunk_size or chunk_size_for(flat.numel(), flat.element_size(), max_memory=max_memory)
+    size = chunk_size or chunk_size_for(func, params, data, max_memory=max_memory, name=name)
     flat_func = lambda x, b: func(unflatten(x), b)  # noqa: E731
     for chunk in iter_chunks(DataSource(data, name=name, ordered=True), size):
         if chunk.index == 0:
@@ -191,7 +211,8 @@ def per_sample_grads(
       func: ``func(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader (in order: a shuffling DataLoader is refused).
-      chunk_size: examples per ``vmap`` call; default from ``max_memory`` (1 GiB).
+      chunk_size: examples per ``vmap`` call; default from the byte budget ``max_memory`` (default: half the
+        available memory; see :func:`chunk_size_for`).
       flat: return ``[n, d]``; ``False`` returns a pytree like ``params`` with leaves ``[n, *shape]``.
       name: the data set's name in error messages.
 

@@ -1,0 +1,95 @@
+"""One byte budget for every pass that holds per-example or per-token tensors.
+
+Chunk sizes come from ``max_memory`` (bytes; default :func:`default_budget`, half of the memory the machine has
+available) divided by the bytes one example needs, *measured* on one example: the tensors autograd saves for
+the backward pass (activations, logits included) and the outputs of the pass, times a factor for the backward
+pass's own temporaries. A pass that cannot fit even one example raises with the numbers instead of being killed
+by the operating system.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["available_bytes", "default_budget", "resolve_budget", "probe_bytes", "examples_per_chunk"]
+
+#: fraction of the available memory a pass may use by default
+DEFAULT_FRACTION = 0.5
+
+
+def available_bytes() -> int:
+    """Memory available to this process now: ``MemAvailable`` of ``/proc/meminfo``, else physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_budget() -> int:
+    """Bytes a pass may hold by default: :data:`DEFAULT_FRACTION` of :func:`available_bytes`."""
+    return int(DEFAULT_FRACTION * available_bytes())
+
+
+def resolve_budget(max_memory: int | None) -> int:
+    """``max_memory`` as a positive number of bytes (``None``: :func:`default_budget`)."""
+    if max_memory is None:
+        return default_budget()
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    return int(max_memory)
+
+
+def _nbytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def probe_bytes(run: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` executes, plus those of what it returns.
+
+    ``run`` is one forward pass (on one example) whose result would be differentiated; the saved storages are
+    what the backward pass keeps alive (activations, logits), the returned ones what the caller keeps.
+    """
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    leaves = out if isinstance(out, (list, tuple)) else [out]
+    return _nbytes(saved + [t for t in leaves if isinstance(t, torch.Tensor)])
+
+
+def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:
+    """``⌊(budget − fixed) / (factor · per_example)⌋`` examples; ``MemoryError`` naming the numbers below one.
+
+    ``factor`` covers the backward pass's temporaries (gradients as large as the saved activations, and the
+    captured layer inputs and output gradients).
+    """
+    need = max(1, int(factor * per_example))
+    n = (budget - fixed) // need
+    if n < 1:
+        raise MemoryError(
+            f"{what}: one example needs about {need / 2**20:.1f} MiB ({per_example / 2**20:.1f} MiB measured × "
+            f"{factor:g}) on top of {fixed / 2**20:.1f} MiB held, but the budget is {budget / 2**20:.1f} MiB "
+            f"(max_memory=; default {DEFAULT_FRACTION:.0%} of the {available_bytes() / 2**30:.1f} GiB available): "
+            "raise max_memory, free memory, or shorten the sequences"
+        )
+    return int(n)
