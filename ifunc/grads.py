@@ -49,13 +49,15 @@ def chunk_size_for(
       MemoryError: not even one example fits, with the numbers.
     """
     flat, unflatten = flatten(params)
-    one = slice_batch(DataSource(data, name=name).first(), 0, 1)
+    first = DataSource(data, name=name).first()
+    batch_size(first)  # a readable error for a batch without an example dimension
+    one = slice_batch(first, 0, 1)
     x = flat.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), explained(f"per-sample gradients of the {name} data", (RuntimeError, ValueError)):
         activations = probe_bytes(lambda: func(unflatten(x), one))
     per_example = 4 * flat.numel() * flat.element_size() + 3 * activations
     n = examples_per_chunk(
-        resolve_budget(max_memory), per_example, what=f"per-example gradients of the {name} data", fixed=fixed, factor=1
+        resolve_budget(max_memory), per_example, what=f"per-example gradients ({name})", fixed=fixed, factor=1
     )
     return min(n, MAX_CHUNK)
 

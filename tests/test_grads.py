@@ -3,6 +3,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import ifunc
+from ifunc.grads import chunk_size_for
 from ifunc.testing import mlp_problem
 
 
@@ -21,8 +22,11 @@ def test_per_sample_grads_equal_a_python_loop_for_any_chunking():
     expected = _loop_grads(loss, params, x, y)
     for chunk in (1, 4, 100):
         torch.testing.assert_close(ifunc.per_sample_grads(loss, params, (x, y), chunk_size=chunk), expected)
-    tiny_budget = ifunc.per_sample_grads(loss, params, (x, y), max_memory=1)
-    torch.testing.assert_close(tiny_budget, expected)
+    one_example = 3 * 1024  # bytes: one or two examples of this model per chunk
+    assert chunk_size_for(loss, params, (x, y), max_memory=one_example) < 9
+    torch.testing.assert_close(ifunc.per_sample_grads(loss, params, (x, y), max_memory=one_example), expected)
+    with pytest.raises(MemoryError, match="one example needs"):
+        ifunc.per_sample_grads(loss, params, (x, y), max_memory=1)
     tree = ifunc.per_sample_grads(loss, params, (x, y), flat=False)
     assert {k: v.shape[0] for k, v in tree.items()} == {k: 9 for k in params}
 
