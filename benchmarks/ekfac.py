@@ -245,7 +245,7 @@ def preconditioner_table(threads: int) -> None:
             for lam in dampings:
                 pre = None if method is None else method(loss, params, factors, damping=lam).solve
                 res = ifunc.cg_solve(lambda P: op.matvec(P) + lam * P, B, tol=1e-4, maxiter=1000, preconditioner=pre)
-                cells.append(f"{int(res.iterations.max())}{'' if res.converged else '*'}")
+                cells.append(f"{int(res.iterations.max())}{'' if bool(res.converged.all()) else '*'}")
             print(f"  {name:40s}" + "".join(f"{c:>10s}" for c in cells))
     print("  (* = not converged in 1,000 iterations)")
 

@@ -88,7 +88,7 @@ def run(name: str, system, d: int, preconditioners: dict, rows: list, k: int = 8
         res = ifunc.cg_solve(system, B, tol=1e-6, maxiter=20 * d, preconditioner=P)
         solved = time.perf_counter() - start
         error = float((res.x - reference).norm() / reference.norm())
-        rows.append((name, d, label, int(res.iterations.max()), built, solved, error, res.converged))
+        rows.append((name, d, label, int(res.iterations.max()), built, solved, error, bool(res.converged.all())))
 
 
 def main(argv=None):

@@ -14,6 +14,12 @@ Exactness classes:
   empirical Fisher for one data point.
 - ``"approximate"``: only the structural properties; ``reference`` is ``None``.
 
+Default damping (``damping=None``, checked by ``tests/test_damping_rule.py``): every row but the Kronecker
+family resolves one number ``λ = 0.1 · tr(C) / d`` for the curvature ``C = rule_curvature(problem)`` it
+inverts (the GGN, or the empirical Fisher for DataInf), exactly where ``rule_exact`` (eigenvalues, gradient
+norms, a Krylov space or sketch covering everything), else by a Hutchinson estimate; the Kronecker rows keep
+their per-block rule (``rule_curvature=None``).
+
 Problems are ``ifunc.testing.mlp_problem`` networks evaluated at parameters moved away from the module's
 own (:func:`make_problem`), so a method that reads the module instead of ``params`` gets the wrong answer.
 """
@@ -104,7 +110,7 @@ def zero(problem: Problem) -> torch.Tensor:
 # ---------------------------------------------------------------- builders with settings that converge
 
 
-def _lissa(blocks: str) -> Callable[[Problem, float], ifunc.IHVP]:
+def _lissa(blocks: str) -> Callable[[Problem, float | None], ifunc.IHVP]:
     """LiSSA over all the data with ``s = λ_max(C) + λ`` and ``depth = (s/λ) ln(1e3)``.
 
     Every step then contracts each eigen-direction by ``r = 1 − (h + λ)/s`` in ``[0, 1 − λ/s]``, so the
@@ -113,23 +119,28 @@ def _lissa(blocks: str) -> Callable[[Problem, float], ifunc.IHVP]:
     """
     curvature = ggn if blocks == "full" else layer_blocks(ggn)
 
-    def build(problem: Problem, damping: float) -> ifunc.IHVP:
-        s = float(torch.linalg.eigvalsh(curvature(problem)).max()) + damping
+    def build(problem: Problem, damping: float | None) -> ifunc.IHVP:
+        # damping=None: resolve the rule's λ with a one-step build (deterministic), then size s and depth on it;
+        # the returned closure resolves the same λ itself, so it records the rule
+        lam = damping
+        if lam is None:
+            lam = ifunc.ihvp_lissa(problem.loss, problem.params, problem.data, depth=1, blocks=blocks).damping
+        s = float(torch.linalg.eigvalsh(curvature(problem)).max()) + lam
         return ifunc.ihvp_lissa(
             problem.loss,
             problem.params,
             problem.data,
             damping=damping,
             scale=s,
-            depth=int(s / damping * 6.91) + 1,
+            depth=int(s / lam * 6.91) + 1,
             blocks=blocks,
         )
 
     return build
 
 
-def _kronecker(method) -> Callable[[Problem, float], ifunc.IHVP]:
-    def build(problem: Problem, damping: float) -> ifunc.IHVP:
+def _kronecker(method) -> Callable[[Problem, float | None], ifunc.IHVP]:
+    def build(problem: Problem, damping: float | None) -> ifunc.IHVP:
         return method(problem.loss, problem.params, problem.data, model=problem.model, damping=damping, curvature="ggn")
 
     return build
@@ -141,7 +152,7 @@ class Method:
 
     Attributes:
       name: test id.
-      build: ``(problem, damping) -> IHVP`` closure.
+      build: ``(problem, damping) -> IHVP`` closure; ``damping=None`` is the method's default rule.
       exactness: ``"exact"`` (agrees with ``solve(reference(problem) + λI, ·)`` within ``tol``) or
         ``"approximate"`` (structural properties only).
       reference: ``problem -> C [d, d]``, the undamped curvature the closure inverts exactly (``None`` when
@@ -151,16 +162,21 @@ class Method:
         damping order); iterative solvers are linear maps only up to their tolerance.
       fixed: ``make_problem`` arguments this row fixes (the special problems where a method is exact).
       free_redamping: ``with_damping`` reuses the factorisation; otherwise the damping test rebuilds.
+      rule_curvature: ``problem -> C``, the curvature whose mean eigenvalue ``damping=None`` takes (one λ for
+        the closure); ``None`` for the Kronecker family (a λ per block).
+      rule_exact: ``damping=None`` computes ``tr(C)`` exactly (else a Hutchinson estimate).
     """
 
     name: str
-    build: Callable[[Problem, float], ifunc.IHVP]
+    build: Callable[[Problem, float | None], ifunc.IHVP]
     exactness: str
     reference: Callable[[Problem], torch.Tensor] | None = None
     tol: float | None = None
     rtol: float = 1e-9
     fixed: dict = field(default_factory=dict)
     free_redamping: bool = True
+    rule_curvature: Callable[[Problem], torch.Tensor] | None = ggn
+    rule_exact: bool = True
 
     def problem(self, spec: dict) -> Problem:
         """The problem of a drawn ``spec`` (seed, sizes, n, activation, task) with this row's ``fixed`` applied."""
@@ -207,8 +223,8 @@ _ONE_EXAMPLE = {"n": 1, "task": "classification"}
 METHODS: list[Method] = [
     # the full curvature
     Method("explicit", _EXPLICIT, "exact", ggn, tol=1e-10),
-    Method("cg", _CG, "exact", ggn, tol=1e-8, rtol=1e-8, free_redamping=False),
-    Method("lissa", _lissa("full"), "exact", ggn, tol=2e-3, free_redamping=False),
+    Method("cg", _CG, "exact", ggn, tol=1e-8, rtol=1e-8, free_redamping=False, rule_exact=False),
+    Method("lissa", _lissa("full"), "exact", ggn, tol=2e-3, free_redamping=False, rule_exact=False),
     Method("arnoldi", _ARNOLDI, "exact", ggn, tol=1e-7),
     Method("nystrom", _NYSTROM, "exact", ggn, tol=1e-7, fixed=_FULL_RANK),
     # block-diagonal modes: exact against the layer blocks of the GGN
@@ -221,8 +237,11 @@ METHODS: list[Method] = [
         tol=1e-8,
         rtol=1e-8,
         free_redamping=False,
+        rule_exact=False,
     ),
-    Method("lissa-layer", _lissa("layer"), "exact", layer_blocks(ggn), tol=2e-3, free_redamping=False),
+    Method(
+        "lissa-layer", _lissa("layer"), "exact", layer_blocks(ggn), tol=2e-3, free_redamping=False, rule_exact=False
+    ),
     Method("arnoldi-layer", lambda p, lam: _ARNOLDI(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-7),
     Method(
         "nystrom-layer",
@@ -237,15 +256,22 @@ METHODS: list[Method] = [
         "arnoldi-rank-3",
         lambda p, lam: ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=3, damping=lam),
         "approximate",
+        rule_exact=False,
     ),
     Method(
         "nystrom-rank-3",
         lambda p, lam: ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=3, damping=lam),
         "approximate",
         fixed=_FULL_RANK,
+        rule_exact=False,
     ),
     # DataInf: mean of inverses; exact for one data point
-    Method("datainf", lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam), "approximate"),
+    Method(
+        "datainf",
+        lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
+        "approximate",
+        rule_curvature=empirical_fisher,
+    ),
     Method(
         "datainf-one-example",
         lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
@@ -253,10 +279,11 @@ METHODS: list[Method] = [
         layer_blocks(empirical_fisher),
         tol=1e-9,
         fixed=_ONE_EXAMPLE,
+        rule_curvature=empirical_fisher,
     ),
     # Kronecker family: approximate in general, exact for deep linear MSE and for one data point
-    Method("ekfac", _kronecker(ifunc.ihvp_ekfac), "approximate"),
-    Method("kfac", _kronecker(ifunc.ihvp_kfac), "approximate"),
+    Method("ekfac", _kronecker(ifunc.ihvp_ekfac), "approximate", rule_curvature=None),
+    Method("kfac", _kronecker(ifunc.ihvp_kfac), "approximate", rule_curvature=None),
     Method(
         "ekfac-deep-linear-mse",
         _kronecker(ifunc.ihvp_ekfac),
@@ -264,11 +291,25 @@ METHODS: list[Method] = [
         layer_blocks(ggn),
         tol=1e-9,
         fixed=_DEEP_LINEAR_MSE,
+        rule_curvature=None,
     ),
-    Method("kfac-one-example", _kronecker(ifunc.ihvp_kfac), "exact", layer_blocks(ggn), tol=1e-9, fixed=_ONE_EXAMPLE),
-    Method("diagonal", _kronecker(ifunc.ihvp_diagonal), "exact", diagonal_of(ggn), tol=1e-10),
     Method(
-        "identity", lambda p, lam: ifunc.ihvp_identity(p.params, model=p.model, damping=lam), "exact", zero, tol=1e-12
+        "kfac-one-example",
+        _kronecker(ifunc.ihvp_kfac),
+        "exact",
+        layer_blocks(ggn),
+        tol=1e-9,
+        fixed=_ONE_EXAMPLE,
+        rule_curvature=None,
+    ),
+    Method("diagonal", _kronecker(ifunc.ihvp_diagonal), "exact", diagonal_of(ggn), tol=1e-10, rule_curvature=None),
+    Method(
+        "identity",
+        lambda p, lam: ifunc.ihvp_identity(p.params, model=p.model, damping=lam),
+        "exact",
+        zero,
+        tol=1e-12,
+        rule_curvature=None,
     ),
 ]
 

@@ -15,6 +15,7 @@ import torch
 
 from ..functional import Unflatten, parameter_names
 from ._base import IHVP, check_damping
+from ._damping import RuleDamping
 from ._eigen import check_positive, eigen_solve
 
 __all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join", "eigen_blocks_ihvp"]
@@ -144,18 +145,24 @@ def eigen_blocks_ihvp(
     unflatten: Unflatten,
     like: torch.Tensor,
     info: dict | None = None,
+    rule: RuleDamping | None = None,
 ) -> IHVP:
-    """The :class:`IHVP` of per-block eigen-factorisations; ``with_damping`` reuses the factors."""
+    """The :class:`IHVP` of per-block eigen-factorisations; ``with_damping`` reuses the factors.
+
+    ``rule``: how ``damping`` was chosen when the caller passed ``damping=None`` (its entries go to ``info``
+    of this closure, not of the re-damped ones).
+    """
     low_rank = any(f.complement for f in factors)
     eigenvalues = factors[0].w if len(factors) == 1 else torch.cat([f.w for f in factors])
 
-    def build(lam: float) -> IHVP:
+    def build(lam: float, rule: RuleDamping | None = None) -> IHVP:
         lam = check_damping(lam, allow_zero=not low_rank)
         check_positive(eigenvalues, lam, f"ihvp_{name}")
         solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
         extra = {"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})}
+        extra.update(rule.info() if rule is not None else {})
         return IHVP(
             join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like, rebuild=build, info=extra
         )
 
-    return build(damping)
+    return build(damping, rule)

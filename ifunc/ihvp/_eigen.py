@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ._base import check_damping
-
 
 def check_positive(eigenvalues: torch.Tensor, damping: float, name: str) -> None:
     smallest = float((eigenvalues + damping).min())
@@ -29,9 +27,3 @@ def eigen_solve(
     if complement:
         out = out + (V64 - coeff @ Q.T) / damping
     return out.to(V.dtype)
-
-
-def validated_damping(damping, w: torch.Tensor, name: str, *, allow_zero: bool = True) -> float:
-    value = check_damping(damping, allow_zero=allow_zero)
-    check_positive(w, value, name)
-    return value

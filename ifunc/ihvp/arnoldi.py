@@ -8,6 +8,7 @@ from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP, check_rank
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._damping import hutchinson_trace, resolve_damping
 from ._operator import data_operator
 
 __all__ = ["ihvp_arnoldi", "lanczos"]
@@ -73,7 +74,7 @@ def ihvp_arnoldi(
     data: Data,
     *,
     rank: int,
-    damping: float,
+    damping: float | None = None,
     oversample: int | None = None,
     generator: torch.Generator | None = None,
     curvature: str | None = None,
@@ -98,7 +99,12 @@ def ihvp_arnoldi(
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader.
       rank: eigenpairs kept (1 <= rank <= d).
-      damping: λ; must be > 0 when ``rank < d`` (the complement is scaled by ``1/λ``).
+      damping: λ; must be > 0 when ``rank < d`` (the complement is scaled by ``1/λ``). ``None`` (default):
+        ``λ = 0.1 × the mean of all d eigenvalues = 0.1 · tr(H) / d`` (not the mean of the top ``rank``), with
+        ``tr(H)`` = the trace on the Krylov space (exact, the sum of its Ritz values) plus a Hutchinson
+        estimate on its orthogonal complement (20 Rademacher probes projected out of the Krylov space,
+        one more batched product per block; exact when the Krylov space has ``d - 20`` or more dimensions, so at
+        ``rank = d``). With ``blocks`` the traces of the blocks add up to ``tr(H)``: one λ for all blocks.
       oversample: extra Krylov steps for accurate Ritz pairs; default ``max(rank, 20)``.
       generator: for the starting vector and the labels of ``curvature="fisher"`` (default seeded with 0;
         the global RNG is never used).
@@ -106,7 +112,12 @@ def ihvp_arnoldi(
       blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``; ``rank`` is per block.
 
     Returns:
-      :class:`IHVP` closure with ``info["eigenvalues"]`` (``[rank]``, float64).
+      :class:`IHVP` closure with ``info["eigenvalues"]`` (``[rank]``, float64); with ``damping=None`` also
+      ``info["damping_rule"]``, ``info["damping_trace"]``, ``info["damping_estimator"]``.
+
+    Raises:
+      ValueError: rank out of range, ``H + λI`` not positive definite on the kept eigenpairs, ``damping=None``
+        with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
 
     References:
       Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling up influence functions".
@@ -119,26 +130,34 @@ def ihvp_arnoldi(
         raise ValueError(f"rank must be in [1, d={d}], got {rank}")
     oversample = max(rank, 20) if oversample is None else int(oversample)
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
-    factors = []
+    factors, krylov = [], []
     for block in groups:
         d_b = block.index.numel()
         r = min(rank, d_b)
+        matvec = restrict(op.matvec, block.index, d)
         theta, vectors = lanczos(
-            restrict(op.matvec, block.index, d),
-            d_b,
-            r + oversample,
-            dtype=op.flat_params.dtype,
-            device=op.flat_params.device,
-            generator=generator,
+            matvec, d_b, r + oversample, dtype=op.flat_params.dtype, device=op.flat_params.device, generator=generator
         )
         keep = theta.abs().argsort(descending=True)[:r]
         factors.append(EigenFactor(vectors[:, keep], theta[keep], r < d_b))
+        krylov.append((matvec, d_b, float(theta.sum()), vectors))
+
+    def trace() -> tuple[float, str]:  # tr(H_bb) = tr(Qᵀ H_bb Q) (the Ritz values) + tr of the rest
+        parts = [
+            hutchinson_trace(mv, d_b, like=op.flat_params, generator=generator, basis=Q) for mv, d_b, _, Q in krylov
+        ]
+        estimators = sorted({e for _, e in parts} - {"exact"})
+        label = "exact" if not estimators else f"krylov + {estimators[0]}"
+        return sum(t for _, _, t, _ in krylov) + sum(t for t, _ in parts), label
+
+    lam, rule = resolve_damping(damping, trace, d, who="ihvp_arnoldi")
     return eigen_blocks_ihvp(
         factors,
         groups,
-        damping,
+        lam,
         name="arnoldi",
         unflatten=op.unflatten,
         like=op.flat_params.new_zeros(()),
         info={"rank": rank},
+        rule=rule,
     )

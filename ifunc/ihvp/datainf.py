@@ -12,6 +12,7 @@ from ..grads import check_scalar, check_summed
 from ..likelihood import replayable
 from ._base import IHVP, check_damping
 from ._blocks import blocks_info, resolve_blocks
+from ._damping import resolve_damping
 
 __all__ = ["ihvp_datainf"]
 
@@ -24,7 +25,7 @@ def ihvp_datainf(
     params: Params,
     data: Data,
     *,
-    damping: float,
+    damping: float | None = None,
     blocks="layer",
     curvature: str = "empirical_fisher",
     generator: torch.Generator | None = None,
@@ -54,7 +55,9 @@ def ihvp_datainf(
       loss: ``loss(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader (``n`` examples).
-      damping: λ > 0.
+      damping: λ > 0, or ``None`` (default) for ``λ = 0.1 × the mean eigenvalue = 0.1 · tr(F) / d`` of the
+        Fisher ``F = (1/n) Σ_i g_i g_iᵀ`` it approximates, exact and free: ``tr(F) = (1/n) Σ_i ‖g_i‖²``. One
+        λ for all blocks (the block diagonal has the trace of ``F``). The λ used is ``ihvp.damping``.
       blocks: ``"layer"`` (default: group by module prefix), ``"full"`` or a mapping ``{name: group}``.
       curvature: ``"empirical_fisher"`` (default: gradients with the data's labels) or ``"fisher"``
         (gradients at labels sampled from the model; needs ``output_loss(..., likelihood=...)``).
@@ -66,7 +69,8 @@ def ihvp_datainf(
 
     Raises:
       ValueError: damping <= 0; a curvature other than the two Fishers (DataInf needs rank-one
-        per-example terms); a non-finite gradient (naming the example).
+        per-example terms); a non-finite gradient (naming the example); ``damping=None`` with every
+        gradient zero.
 
     Example:
       >>> ihvp = ifunc.ihvp_datainf(loss, params, train_batch, damping=0.1)
@@ -76,7 +80,8 @@ def ihvp_datainf(
       Kwon, Wu, Wu & Zou (2024), "DataInf: Efficiently estimating data influence in LoRA-tuned LLMs and
       diffusion models", ICLR.
     """
-    lam = check_damping(damping, allow_zero=False)
+    if damping is not None:
+        check_damping(damping, allow_zero=False)
     if curvature not in GRADIENT_CURVATURES:
         raise ValueError(
             f"ihvp_datainf: curvature={curvature!r} cannot be used; DataInf inverts per-example rank-one "
@@ -98,8 +103,10 @@ def ihvp_datainf(
     S = torch.cat(parts)  # [n, d]
     n = S.shape[0]
     pieces = [(block.index, S[:, block.index], (S[:, block.index] ** 2).sum(1)) for block in groups]
+    trace = lambda: (float(S.to(torch.float64).square().sum()) / n, "exact")  # noqa: E731
+    lam, rule = resolve_damping(damping, trace, S.shape[1], who="ihvp_datainf", allow_zero=False)
 
-    def build(lam: float) -> IHVP:
+    def build(lam: float, rule=None) -> IHVP:
         lam = check_damping(lam, allow_zero=False)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
@@ -117,7 +124,12 @@ def ihvp_datainf(
             unflatten=unflatten,
             like=flat.new_zeros(()),
             rebuild=build,
-            info={"blocks": blocks_info("datainf", groups), "n": n, "curvature": curvature},
+            info={
+                "blocks": blocks_info("datainf", groups),
+                "n": n,
+                "curvature": curvature,
+                **(rule.info() if rule is not None else {}),
+            },
         )
 
-    return build(lam)
+    return build(lam, rule)

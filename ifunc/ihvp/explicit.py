@@ -11,7 +11,8 @@ from ..curvature import resolve_curvature
 from ..functional import flatten
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
-from ._eigen import eigen_solve, validated_damping
+from ._damping import resolve_damping
+from ._eigen import check_positive, eigen_solve
 from ._operator import data_operator
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
@@ -40,11 +41,11 @@ def operator_matrix(
     return (out + out.T) / 2
 
 
-def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0.0) -> IHVP:
+def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | None = None) -> IHVP:
     """iHVP closure of a given symmetric ``[d, d]`` matrix ``M``: ``v -> (M + λI)^{-1} v``.
 
     The eigendecomposition ``M = Q diag(w) Qᵀ`` runs once in float64; each call costs ``O(k d²)`` and
-    :meth:`IHVP.with_damping` reuses it.
+    :meth:`IHVP.with_damping` reuses it. ``damping=None`` (default): ``λ = 0.1 · mean(w) = 0.1 · tr(M) / d``.
 
     Raises:
       ValueError: ``M`` is not ``[d, d]`` for the ``d`` of ``params``, is not finite, or ``M + λI`` is
@@ -58,9 +59,10 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0
         raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
     M = matrix.detach().to(torch.float64)
     w, Q = torch.linalg.eigh((M + M.T) / 2)
+    lam, rule = resolve_damping(damping, lambda: (float(w.sum()), "exact"), d, who="ihvp_from_matrix")
 
-    def build(lam: float) -> IHVP:
-        lam = validated_damping(lam, w, "ihvp_explicit")
+    def build(lam: float, rule=None) -> IHVP:
+        check_positive(w, lam, "ihvp_explicit")
         return IHVP(
             lambda V: eigen_solve(Q, w, lam, V),
             name="explicit",
@@ -68,10 +70,10 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float = 0
             unflatten=unflatten,
             like=flat.new_zeros(()),
             rebuild=build,
-            info={"eigenvalues": w},
+            info={"eigenvalues": w, **(rule.info() if rule is not None else {})},
         )
 
-    return build(damping)
+    return build(lam, rule)
 
 
 def ihvp_explicit(
@@ -79,7 +81,7 @@ def ihvp_explicit(
     params: Params,
     data: Data,
     *,
-    damping: float = 0.0,
+    damping: float | None = None,
     curvature: str | None = None,
     blocks="full",
     generator: torch.Generator | None = None,
@@ -99,7 +101,9 @@ def ihvp_explicit(
       loss: ``loss(params, batch) -> scalar`` summed over the batch (or an :func:`ifunc.output_loss`).
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader.
-      damping: λ >= 0.
+      damping: λ >= 0, or ``None`` (default) for ``λ = 0.1 × the mean eigenvalue = 0.1 · tr(H) / d``, exact from
+        the eigenvalues (with ``blocks``: of the block diagonal, whose trace is ``tr(H)``, so one λ for all
+        blocks). The λ used is ``ihvp.damping``.
       curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``; default ``"ggn"`` for an
         ``output_loss``, else ``"hessian"``.
       blocks: ``"full"`` (default), ``"layer"`` (group by module prefix: the name up to its last ``"."``)
@@ -108,11 +112,12 @@ def ihvp_explicit(
 
     Returns:
       :class:`IHVP` closure ``[d] -> [d]``, ``[k, d] -> [k, d]``, pytree -> pytree, with
-      ``info["eigenvalues"]`` (float64; concatenated over blocks).
+      ``info["eigenvalues"]`` (float64; concatenated over blocks); with ``damping=None`` also
+      ``info["damping_rule"]``, ``info["damping_trace"]`` and ``info["damping_estimator"]``.
 
     Raises:
       ValueError: non-scalar or non-finite loss, negative damping, ``H + λI`` not positive definite,
-        ``blocks`` not covering the parameters.
+        ``blocks`` not covering the parameters, ``damping=None`` with ``tr(H) <= 0`` (an indefinite Hessian).
 
     Example:
       >>> ihvp = ifunc.ihvp_explicit(loss, params, (x, y), damping=1e-3)
@@ -133,12 +138,15 @@ def ihvp_explicit(
             raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
         w, Q = torch.linalg.eigh(M)
         factors.append(EigenFactor(Q, w, False))
+    trace = lambda: (sum(float(f.w.sum()) for f in factors), "exact")  # noqa: E731
+    lam, rule = resolve_damping(damping, trace, d, who="ihvp_explicit")
     return eigen_blocks_ihvp(
         factors,
         groups,
-        damping,
+        lam,
         name="explicit",
         unflatten=unflatten,
         like=flat.new_zeros(()),
         info={"curvature": curvature},
+        rule=rule,
     )

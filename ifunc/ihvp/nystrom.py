@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -10,9 +10,19 @@ from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._damping import hutchinson_trace, resolve_damping
 from ._operator import data_operator
 
 __all__ = ["ihvp_nystrom", "nystrom_sketch"]
+
+
+class Sketch(NamedTuple):
+    """The Nyström factors ``(U, λ̂)`` with the orthonormal test matrix ``Ω [d, r]`` and ``tr(Ωᵀ H Ω)``."""
+
+    U: torch.Tensor
+    eigenvalues: torch.Tensor
+    omega: torch.Tensor
+    trace: float
 
 
 def nystrom_sketch(
@@ -51,6 +61,20 @@ def nystrom_sketch(
       Tropp, Yurtsever, Udell & Cevher (2017), "Fixed-rank approximation of a positive-semidefinite matrix
       from streaming data"; Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning".
     """
+    sketch = _sketch(matvec, d, rank, generator=generator, dtype=dtype, device=device, name=name)
+    return sketch.U, sketch.eigenvalues
+
+
+def _sketch(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    rank: int,
+    *,
+    generator: torch.Generator,
+    dtype,
+    device,
+    name: str,
+) -> Sketch:
     # rows drawn one probe at a time, so a larger rank extends the same sketch (nested ranges)
     omega = torch.stack([torch.randn(d, generator=generator, dtype=torch.float64) for _ in range(rank)], 1)
     omega = omega.to(device)
@@ -63,6 +87,7 @@ def nystrom_sketch(
     nu = max(nu, torch.finfo(torch.float64).tiny)
     core = omega.T @ Y
     core = (core + core.T) / 2
+    trace = float(core.trace())  # tr(Ωᵀ H Ω): the curvature's trace on range(Ω), exact
     chol, info = torch.linalg.cholesky_ex(core + nu * torch.eye(rank, dtype=core.dtype, device=core.device))
     if int(info) != 0:
         # A singular PSD curvature (every cross-entropy GGN: shifting all logits changes nothing) can show
@@ -82,7 +107,7 @@ def nystrom_sketch(
         )
     B = torch.linalg.solve_triangular(chol, Y_nu.T, upper=False).T  # Y_ν C^{-T}
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    return U, (S**2 - nu).clamp_min(0.0)
+    return Sketch(U, (S**2 - nu).clamp_min(0.0), omega, trace)
 
 
 def ihvp_nystrom(
@@ -91,7 +116,7 @@ def ihvp_nystrom(
     data: Data,
     *,
     rank: int,
-    damping: float,
+    damping: float | None = None,
     generator: torch.Generator | None = None,
     curvature: str | None = None,
     blocks="full",
@@ -117,7 +142,11 @@ def ihvp_nystrom(
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader; ``H`` is the curvature of the mean loss.
       rank: sketch size (1 <= rank <= d), per block with ``blocks``.
-      damping: λ; must be > 0 when ``rank`` is smaller than a block.
+      damping: λ; must be > 0 when ``rank`` is smaller than a block. ``None`` (default):
+        ``λ = 0.1 × the mean of all d eigenvalues = 0.1 · tr(H) / d`` (not the mean of ``λ̂``), with ``tr(H)`` =
+        ``tr(Ωᵀ H Ω)`` on the sketch (exact, from the products already made) plus a Hutchinson estimate on
+        its orthogonal complement (20 Rademacher probes projected out of ``range(Ω)``, one more batched
+        product per block; exact when ``rank >= d - 20``). With ``blocks`` one λ for all blocks.
       generator: draws the sketch (and the labels of ``curvature="fisher"``); default seeded with 0,
         the global RNG is never used.
       curvature: ``"ggn"`` (default for an :func:`ifunc.output_loss`), ``"hessian"`` (only if PSD),
@@ -125,10 +154,12 @@ def ihvp_nystrom(
       blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``.
 
     Returns:
-      :class:`IHVP` closure with ``info["eigenvalues"]`` (``λ̂``, float64) and ``info["rank"]``.
+      :class:`IHVP` closure with ``info["eigenvalues"]`` (``λ̂``, float64) and ``info["rank"]``; with
+      ``damping=None`` also ``info["damping_rule"]``, ``info["damping_trace"]``, ``info["damping_estimator"]``.
 
     Raises:
-      ValueError: rank out of range, damping <= 0 with a low rank, or the curvature is not PSD.
+      ValueError: rank out of range, damping <= 0 with a low rank, or the curvature is not PSD (also a
+        non-positive trace with ``damping=None``).
 
     Example:
       >>> ihvp = ifunc.ihvp_nystrom(loss, params, (x, y), rank=50, damping=1e-3)
@@ -143,12 +174,13 @@ def ihvp_nystrom(
     if not isinstance(rank, int) or not 1 <= rank <= d:
         raise ValueError(f"ihvp_nystrom: rank must be an integer in [1, d={d}], got {rank!r}")
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
-    factors = []
+    factors, sketches = [], []
     for block in groups:
         d_b = block.index.numel()
         r = min(rank, d_b)
-        U, lam_hat = nystrom_sketch(
-            restrict(op.matvec, block.index, d),
+        matvec = restrict(op.matvec, block.index, d)
+        sketch = _sketch(
+            matvec,
             d_b,
             r,
             generator=generator,
@@ -156,13 +188,26 @@ def ihvp_nystrom(
             device=op.flat_params.device,
             name="ihvp_nystrom",
         )
-        factors.append(EigenFactor(U, lam_hat, r < d_b))
+        factors.append(EigenFactor(sketch.U, sketch.eigenvalues, r < d_b))
+        sketches.append((matvec, d_b, sketch))
+
+    def trace() -> tuple[float, str]:  # tr(H_bb) = tr(Ωᵀ H_bb Ω) + the Hutchinson estimate of the rest
+        parts = [
+            hutchinson_trace(mv, d_b, like=op.flat_params, generator=generator, basis=sk.omega)
+            for mv, d_b, sk in sketches
+        ]
+        estimators = sorted({e for _, e in parts} - {"exact"})
+        label = "exact" if not estimators else f"sketch + {estimators[0]}"
+        return sum(sk.trace for _, _, sk in sketches) + sum(t for t, _ in parts), label
+
+    lam, rule = resolve_damping(damping, trace, d, who="ihvp_nystrom")
     return eigen_blocks_ihvp(
         factors,
         groups,
-        damping,
+        lam,
         name="nystrom",
         unflatten=op.unflatten,
         like=op.flat_params.new_zeros(()),
         info={"rank": rank, "curvature": op.curvature},
+        rule=rule,
     )
