@@ -77,6 +77,14 @@ def probe_bytes(run: Callable[[], Any]) -> int:
     return _nbytes(saved + [t for t in leaves if isinstance(t, torch.Tensor)])
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:
     """``⌊(budget − fixed) / (factor · per_example)⌋`` examples; ``MemoryError`` naming the numbers below one.
 
@@ -87,8 +95,8 @@ def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int =
     n = (budget - fixed) // need
     if n < 1:
         raise MemoryError(
-            f"{what}: one example needs about {need / 2**20:.1f} MiB ({per_example / 2**20:.1f} MiB measured × "
-            f"{factor:g}) on top of {fixed / 2**20:.1f} MiB held, but the budget is {budget / 2**20:.1f} MiB "
+            f"{what}: one example needs about {_size(need)} ({_size(per_example)} measured × {factor:g}) on top of "
+            f"{_size(fixed)} held, but the budget is {_size(budget)} "
             f"(max_memory=; default {DEFAULT_FRACTION:.0%} of the {available_bytes() / 2**30:.1f} GiB available): "
             "raise max_memory, free memory, or shorten the sequences"
         )

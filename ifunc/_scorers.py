@@ -13,9 +13,11 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import distributed
+from ._data import DataSource, tensor_leaves
 from .grads import chunk_size_for, iter_per_sample_grads
 from .ihvp._base import IHVP
-from .ihvp.kronecker.score import DEFAULT_CHUNK, kronecker_chunk_scores, kronecker_prepare
+from .ihvp.kronecker.budget import capture_chunk_size
+from .ihvp.kronecker.score import kronecker_chunk_scores, kronecker_prepare
 from .ihvp.kronecker.tokens import token_chunk_scores
 
 __all__ = ["Scorer", "generic_scorer", "kronecker_scorer", "solve"]
@@ -72,6 +74,7 @@ def kronecker_scorer(
     loss,
     params,
     ihvp,
+    train,
     query,
     measurement,
     chunk_size,
@@ -99,4 +102,26 @@ def kronecker_scorer(
         out = kronecker_chunk_scores(loss, params, ihvp, prepared, batch, per_module=per_module, offset=offset)
         return out if per_module else out[0]
 
-    return Scorer(chunk_size or DEFAULT_CHUNK, int(prepared.diag.shape[0]), score)
+    n_query = int(prepared.diag.shape[0])
+    chunk = chunk_size or train_chunk_size(loss, params, ihvp, train, max_memory, n_query=n_query, per_token=per_token)
+    return Scorer(chunk, n_query, score)
+
+
+def train_chunk_size(loss, params, ihvp, train, max_memory, *, n_query: int = 0, per_token: bool = False) -> int:
+    """Train examples per chunk of a Kronecker pass within ``max_memory`` (:mod:`ifunc.ihvp.kronecker.budget`).
+
+    Per example it holds its captured forward and ``[n_query]`` score columns (``[n_query, T]`` per token, with
+    ``T`` read off the first example's first tensor).
+    """
+    one = DataSource(train, name="train").first()
+    positions = tensor_leaves(one)[0][0].numel() if per_token else 1
+    return capture_chunk_size(
+        loss,
+        params,
+        ihvp.model,
+        [blk.spec for blk in ihvp.blocks],
+        train,
+        max_memory=max_memory,
+        what="Kronecker scores of the train data",
+        extra_per_example=2 * n_query * positions * ihvp.dtype.itemsize,
+    )

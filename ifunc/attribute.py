@@ -15,13 +15,13 @@ import torch
 from . import distributed
 from ._data import DataSource, batch_size, iter_chunks, n_chunks
 from ._progress import progress_bar
-from ._scorers import generic_scorer, kronecker_scorer, solve
+from ._scorers import generic_scorer, kronecker_scorer, solve, train_chunk_size
 from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, store_meta
 from ._types import Data, LossFn, Measurement, Params
 from .functional import flatten
 from .grads import chunk_size_for, iter_per_sample_grads
 from .ihvp._operator import check_same_data
-from .ihvp.kronecker.score import DEFAULT_CHUNK, kronecker_self_terms, scorable
+from .ihvp.kronecker.score import kronecker_self_terms, scorable
 from .ihvp.kronecker.tokens import check_per_token
 
 __all__ = ["attribute", "self_influence"]
@@ -167,6 +167,7 @@ def attribute(
             loss,
             params,
             ihvp,
+            train,
             query,
             measurement,
             chunk_size,
@@ -219,7 +220,7 @@ def self_influence(
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source)
     if scorable(ihvp):
-        step = chunk_size or DEFAULT_CHUNK
+        step = chunk_size or train_chunk_size(loss, params, ihvp, source, max_memory)
         compute = lambda batch, offset: kronecker_self_terms(  # noqa: E731
             loss, params, ihvp, batch, per_module=per_module, offset=offset
         )

@@ -37,6 +37,7 @@ from ...grads import batch_grads, check_scalar, check_summed
 from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
 from .._operator import check_same_data
 from ._kernels import one_thread, rotated_sq_sum
+from .budget import capture_chunk_size
 from .capture import layer_capture, requiring_grad
 from .factors import KroneckerFactors, LayerFactors
 from .layers import find_layers, parameter_names
@@ -124,7 +125,8 @@ def fit_kronecker_factors(
     generator: torch.Generator | None = None,
     ekfac: bool = True,
     fallback: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
     diagonal: bool = True,
     eigen_dtype: torch.dtype = torch.float64,
     progress: bool | None = None,
@@ -156,7 +158,9 @@ def fit_kronecker_factors(
         never used).
       ekfac: also fit the EK-FAC eigenvalues (second pass).
       fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
-      chunk_size: examples per forward/backward.
+      chunk_size: examples per forward/backward; default from ``max_memory``.
+      max_memory: byte budget of one chunk (default half the available memory): the chunk is the budget over
+        three times one example's captured forward, measured (:mod:`ifunc.ihvp.kronecker.budget`), at most 256.
       diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
         it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
       eigen_dtype: dtype of the covariances (summed over chunks; each chunk's product runs in the params'
@@ -204,6 +208,11 @@ def fit_kronecker_factors(
     acc: dict[str, dict[str, torch.Tensor | float]] = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
     n = 0
+    if chunk_size is None:
+        held = sum(8 * (s.in_features**2 + s.out_features**2 + 2 * s.in_features * s.out_features) for s in layers)
+        chunk_size = capture_chunk_size(
+            loss, params, model, layers, source, max_memory=max_memory, what="Kronecker factors", fixed=held
+        )
 
     def one_pass(rotations):
         nonlocal n

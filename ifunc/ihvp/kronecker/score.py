@@ -28,6 +28,7 @@ from ..._data import DataSource, batch_size, iter_chunks
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
 from ._kernels import layer_scores, low_rank, per_example_quadratic
+from .budget import DEFAULT_CHUNK, capture_chunk_size
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
 
@@ -40,8 +41,6 @@ __all__ = [
     "kronecker_self_terms",
     "DEFAULT_CHUNK",
 ]
-
-DEFAULT_CHUNK = 256
 
 
 def scorable(ihvp) -> bool:
@@ -96,7 +95,12 @@ def kronecker_prepare(
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
-    for _, offset, batch in iter_chunks(DataSource(query, name="query", ordered=True), chunk_size or DEFAULT_CHUNK):
+    queries = DataSource(query, name="query", ordered=True)
+    layers = [blk.spec for blk in ihvp.blocks]
+    step = chunk_size or capture_chunk_size(
+        func, params, ihvp.model, layers, queries, max_memory=max_memory, what="Kronecker query gradients"
+    )
+    for _, offset, batch in iter_chunks(queries, step):
         if offset == 0:
             check_summed(func, params, batch, "measurement(params, batch)")
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
