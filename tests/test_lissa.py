@@ -72,3 +72,23 @@ def test_damping_must_be_positive():
     _, params, loss, data = mlp_problem(seed=3)
     with pytest.raises(ValueError, match="damping must be > 0"):
         ifunc.ihvp_lissa(loss, params, data, damping=0.0)
+
+
+def test_default_steps_are_mini_batches_on_large_data_and_full_on_small():
+    from ifunc.ihvp.lissa import DEFAULT_BATCH_SIZE
+
+    _, params, loss, (x, y) = mlp_problem(seed=4, n=DEFAULT_BATCH_SIZE + 16)
+    lam = 0.5
+    v = torch.randn(ifunc.flatten(params)[0].numel(), generator=torch.Generator().manual_seed(0))
+    big = ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, depth=200)
+    assert big.info["batch_size"] == DEFAULT_BATCH_SIZE
+    torch.testing.assert_close(big(v), big(v))  # deterministic: the default generator is replayed
+    explicit = ifunc.ihvp_lissa(
+        loss, params, (x, y), damping=lam, depth=200, batch_size=DEFAULT_BATCH_SIZE, generator=None
+    )
+    torch.testing.assert_close(big(v), explicit(v))  # the default is exactly batch_size=DEFAULT_BATCH_SIZE
+    assert rel_error(big(v), ifunc.ihvp_explicit(loss, params, (x, y), damping=lam)(v)) < 0.1
+    small = ifunc.ihvp_lissa(loss, params, (x[:DEFAULT_BATCH_SIZE], y[:DEFAULT_BATCH_SIZE]), damping=lam, depth=5)
+    assert small.info["batch_size"] is None  # all of the data every step: the truncated Neumann sum
+    with pytest.raises(ValueError, match="batch_size"):
+        ifunc.ihvp_lissa(loss, params, (x, y), damping=lam, batch_size=0)

@@ -121,3 +121,34 @@ def test_errors():
         ifunc.nystrom_preconditioner(lambda V: V, dim=4, rank=5, damping=0.1)
     with pytest.raises(ValueError, match="zero or non-finite"):
         ifunc.jacobi_preconditioner(lambda V: 0 * V, dim=4, damping=0.0)
+
+
+def test_a_preconditioner_built_without_damping_takes_the_damping_of_ihvp_cg():
+    _, params, loss, data = mlp_problem(seed=6, sizes=(3, 6, 3), n=20)
+    op = ifunc.curvature_operator(loss, params, data)
+    v = torch.randn(op.flat_params.numel(), generator=torch.Generator().manual_seed(2))
+    for P in (ifunc.jacobi_preconditioner(op, damping=None), ifunc.nystrom_preconditioner(op, rank=10, damping=None)):
+        with pytest.raises(ValueError, match="damping=None"):
+            P(v)  # no λ yet: applying it alone is an error, not a silent guess
+        ruled = ifunc.ihvp_cg(loss, params, data, tol=1e-10, preconditioner=P)  # the damping=None rule's λ
+        plain = ifunc.ihvp_cg(loss, params, data, tol=1e-10)
+        assert ruled.damping == plain.damping
+        torch.testing.assert_close(ruled(v), plain(v), rtol=1e-6, atol=1e-8)
+        redamped = ruled.with_damping(0.3)  # re-damps the preconditioner too, from the kept sketch / diagonal
+        torch.testing.assert_close(redamped(v), plain.with_damping(0.3)(v), rtol=1e-6, atol=1e-8)
+        damped = P.with_damping(0.3)
+        assert damped.damping == 0.3 and P.damping is None  # a value: with_damping returns a new one
+
+
+def test_deferred_nystrom_cuts_cg_iterations_like_the_damped_one():
+    _, params, loss, data = mlp_problem(seed=6, sizes=(3, 6, 3), n=20)
+    op = ifunc.curvature_operator(loss, params, data)
+    lam = 1e-3
+    B = torch.randn(4, op.flat_params.numel(), generator=torch.Generator().manual_seed(3))
+    system = lambda V: op.matvec(V) + lam * V  # noqa: E731
+    P = ifunc.nystrom_preconditioner(op, rank=10, damping=None)
+    plain = ifunc.cg_solve(system, B, tol=1e-8)
+    pre = ifunc.cg_solve(system, B, tol=1e-8, preconditioner=P.with_damping(lam))
+    same = ifunc.cg_solve(system, B, tol=1e-8, preconditioner=ifunc.nystrom_preconditioner(op, rank=10, damping=lam))
+    assert int(pre.iterations.max()) < int(plain.iterations.max())
+    torch.testing.assert_close(pre.x, same.x)

@@ -11,14 +11,19 @@ import torch
 from .._data import DataSource, index_batch
 from .._data import batch_size as _batch_size
 from .._types import Data, LossFn, MatVec, Params
-from ..curvature import curvature_operator
+from ..curvature import _batch_matvec, curvature_operator
 from ..likelihood import default_generator
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
 from ._damping import hutchinson_trace, resolve_damping
 from ._operator import data_operator
 
-__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning"]
+__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning", "DEFAULT_BATCH_SIZE"]
+
+#: Examples per LiSSA step when ``batch_size=None`` and ``data`` holds more than this many (else all of it):
+#: a step then costs one product on 64 examples, not a pass over the data, so the default ``depth=1000``
+#: finishes in about the time of 1000 · 64 / n passes (pyDVL's LiSSA also steps on mini-batches).
+DEFAULT_BATCH_SIZE = 64
 
 
 class LissaDivergenceError(ConvergenceError):
@@ -73,8 +78,8 @@ def ihvp_lissa(
     ``x_j = v + (1 − λ/s) x_{j−1} − H_j x_{j−1} / s``; the estimate is ``x_depth / s``, averaged over
     ``repeat`` independent runs. The recursion converges when every eigenvalue of ``(H + λI)/s`` lies in
     ``(0, 2)``, i.e. ``s > (λ_max(H) + λ)/2``, and the truncation error decays like ``(1 − λ_min/s)^depth``.
-    With ``batch_size=None`` every step uses all of ``data`` and the result is exactly the truncated
-    Neumann sum ``(1/s) Σ_{j<=depth} (I − (H + λI)/s)^j v``.
+    With full-data steps (the default on at most 64 examples, or ``batch_size=n``) the result is exactly the
+    truncated Neumann sum ``(1/s) Σ_{j<=depth} (I − (H + λI)/s)^j v``.
 
     With ``blocks="layer"`` (or a mapping) every ``H_j`` is replaced by its block diagonal
     ``Σ_b P_b H_j P_b`` (cross-block curvature dropped): the recursion then runs independently in each
@@ -91,9 +96,14 @@ def ihvp_lissa(
         (exact when ``d <= 20``), drawn from a generator seeded from ``generator`` without advancing it.
         Relative error at most ``sqrt(2 / (20 r))`` (one standard deviation) for a PSD curvature of
         effective rank ``r = tr(H)² / ‖H‖_F²``. With ``blocks`` the same λ. The λ used is ``ihvp.damping``.
-      scale: s; default ``1.5 (λ_max + λ)`` with ``λ_max`` from 30 power iterations.
+      scale: s; default ``1.5 (λ_max + λ)`` with ``λ_max`` from 30 power iterations on all of ``data``: a
+        mini-batch curvature may exceed ``λ_max`` by up to 2x before the recursion grows (64-example batches
+        of the MLPs in ``benchmarks/exact_fast.py`` stayed within 1.25x).
       depth: recursion steps. repeat: independent runs averaged.
-      batch_size: examples per step (in-memory data); ``None`` = all of ``data`` every step.
+      batch_size: examples per step (in-memory data; a DataLoader is stepped through batch by batch). ``None``
+        (default) = :data:`DEFAULT_BATCH_SIZE` (64) when ``data`` holds more examples than that, else all of
+        ``data`` every step (then the result is exactly the truncated Neumann sum). Pass ``batch_size=n``
+        for full-data steps on larger data (``depth`` passes over it per call).
       generator: drives mini-batch sampling and the power iteration; its state at build time is replayed
         on every call, so the closure is deterministic. ``None`` = a generator seeded with 0. The global
         RNG is never used.
@@ -148,6 +158,10 @@ def ihvp_lissa(
 
     # the curvature of each recursion step: all of the data, sampled mini-batches, or the loader's batches
     step_operator: Callable[[torch.Generator], Iterator[MatVec]]
+    if batch_size is None and full.n > DEFAULT_BATCH_SIZE:
+        batch_size = DEFAULT_BATCH_SIZE
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"ihvp_lissa: batch_size must be a positive integer or None, got {batch_size!r}")
     if batch_size is None:
 
         def full_steps(gen):
@@ -163,16 +177,11 @@ def ihvp_lissa(
             def sampled_steps(gen):
                 while True:
                     idx = torch.randint(n, (batch_size,), generator=gen)
-                    yield block_op(
-                        curvature_operator(
-                            loss,
-                            params,
-                            index_batch(pool, idx),
-                            curvature=full.curvature,
-                            generator=labels(gen),
-                            check=False,
-                        ).matvec
+                    # the batch product itself: no per-step flattening of params or data wrapping
+                    product = _batch_matvec(
+                        loss, like, full.unflatten, index_batch(pool, idx), full.curvature, labels(gen)
                     )
+                    yield block_op(lambda V, product=product: product(V) / batch_size)
 
             step_operator = sampled_steps
         else:
@@ -236,7 +245,7 @@ def ihvp_lissa(
             "scale": s,
             "depth": depth,
             "repeat": repeat,
-            "batch_size": batch_size,
+            "batch_size": batch_size,  # the one used: None = all of the data every step
             "blocks": blocks_info("lissa", groups),
             **(rule.info() if rule is not None else {}),
         },
