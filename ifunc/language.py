@@ -74,9 +74,10 @@ def untracked(
 ) -> list[str]:
     """Names of the parameters no tracked layer covers (embeddings, LayerNorms, ...).
 
-    Pass them as ``exclude=`` to a Kronecker-family closure when you want per-token scores: those
-    parameters get a zero block, so pairwise and per-token scores cover the same parameters (the tracked
-    layers) and ``per_token.sum(-1)`` equals the pairwise scores.
+    Pass them as ``exclude=`` to a Kronecker-family closure to attribute through the tracked layers only (the
+    MLP-only choice of Grosse et al. 2023): those parameters get a zero block. Without ``exclude=`` they get
+    diagonal blocks, which per-token scores split too (embeddings, position embeddings of ``arange(T)``,
+    LayerNorm, RMSNorm); either way ``per_token.sum(-1)`` equals the pairwise scores.
 
     Example:
       >>> mods = ifunc.language.transformer_modules(model)

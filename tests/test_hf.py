@@ -96,15 +96,25 @@ def test_gpt2_ekfac_per_token_and_padding(gpt2, attention):
 
 
 def test_gpt2_tied_head_per_token(gpt2):
-    """wte is used by the embedding and by the tied lm_head, LayerNorms by their modules: all split per token.
-
-    wpe is looked up with position ids [1, T] (no example dimension), so it must be excluded, and is named.
-    """
+    """wte is used by the embedding and by the tied lm_head, LayerNorms by their modules, wpe by a lookup of
+    position ids [1, T] shared by the batch: all split per token, nothing excluded."""
     model, params, loss, data = gpt2
     ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1)
-    with pytest.raises(ValueError, match="transformer.wpe.weight"):
-        ifunc.attribute(loss, params, ek, data, data, per_token=True)
-    ek = ifunc.ihvp_ekfac(loss, params, data, model=model, damping=0.1, exclude=["transformer.wpe.weight"])
     pair = ifunc.attribute(loss, params, ek, data, data)
     tok = ifunc.attribute(loss, params, ek, data, data, per_token=True)
-    assert float((tok.sum(-1) - pair).abs().max()) <= 1e-5 * float(pair.abs().max())
+    assert float((tok.sum(-1) - pair).abs().max()) <= 1e-6 * float(pair.abs().max())
+
+
+def test_gpt2_position_embedding_rows_per_token(gpt2):
+    """Row t of wpe is read only at position t: its per-token score is q̃[t] · g_t, which with the identity
+    closure is the dot product of row t of the query's and the example's per-example wpe gradients."""
+    model, params, loss, data = gpt2
+    keep = ["transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"]
+    ident = ifunc.ihvp_identity(
+        params, model=model, modules=["transformer.h.0.mlp.c_fc"], exclude=[p for p in params if p not in keep]
+    )
+    only_fc = ifunc.ihvp_identity(params, model=model, exclude=[p for p in params if p != keep[1]])
+    tok = ifunc.attribute(loss, params, ident, data, data, per_token=True)
+    wpe = tok - ifunc.attribute(loss, params, only_fc, data, data, per_token=True)
+    G = ifunc.per_sample_grads(loss, params, data, flat=False)["transformer.wpe.weight"][:, :6]  # rows 0..T-1
+    torch.testing.assert_close(wpe, torch.einsum("qtc,btc->qbt", G, G), rtol=1e-9, atol=1e-12)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..._types import Batch, LossFn, Params
 from ...functional import check_eval_mode
-from .layers import LayerSpec, find_layers, kind_of
+from .layers import LayerSpec, find_layers, kind_of, use_kind
 
 __all__ = ["Recording", "layer_capture", "capture_layer_grads", "requiring_grad"]
 
@@ -94,9 +94,15 @@ class Recording:
 
 
 @contextlib.contextmanager
-def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: Sequence[str] = ()) -> Iterator[Recording]:
+def layer_capture(
+    model: nn.Module, layers: list[LayerSpec], extra: Sequence[str] = (), *, examples: int | None = None
+) -> Iterator[Recording]:
     """Context manager: forward hooks on ``layers`` (and on the modules named in ``extra``) record inputs and
     outputs; removed on exit (also on error).
+
+    ``examples=b`` (per-token scores): an ``extra`` module called on inputs shared by the batch (a position
+    embedding of ``arange(T)``) has its output broadcast to the ``b`` examples by the hook (see
+    :meth:`~ifunc.ihvp.kronecker.layers.UseKind.per_example`), so its recorded output gradient is per example.
 
     Example:
       >>> with layer_capture(model, layers) as rec:
@@ -123,8 +129,15 @@ def layer_capture(model: nn.Module, layers: list[LayerSpec], extra: Sequence[str
         return hook
 
     def call_hook(name: str):
+        split = use_kind(named[name])
+
         def hook(module, inputs, output):
-            rec.calls[name].append((inputs[0].detach(), output))
+            x = inputs[0].detach()
+            wide = None if examples is None or split is None else split.per_example(x, output, examples)
+            if wide is not None:
+                x, output = wide[0], wide[1]
+            rec.calls[name].append((x, output))
+            return output if wide is not None else None
 
         return hook
 

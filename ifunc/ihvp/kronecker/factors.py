@@ -47,6 +47,27 @@ class KroneckerFactors(NamedTuple):
     n: int  #: number of examples averaged over
     curvature: str
 
+    def __repr__(self) -> str:
+        """Shapes, not values: ``KroneckerFactors(curvature='ggn', n=100, layers={'fc1': 'A [5, 5], S [16, 16]'})``."""
+
+        def shape(t) -> str:
+            return "[" + ", ".join(str(int(d)) for d in t.shape) + "]"
+
+        layers = {}
+        for spec in self.layers:
+            f = self.factors.get(spec.name)
+            if f is None:  # ihvp_identity's factors carry layer specs only
+                layers[spec.name] = f"{spec.kind} [{spec.out_features}, {spec.in_features + (spec.bias is not None)}]"
+                continue
+            parts = [f"A {shape(f.A)}", f"S {shape(f.S)}"]
+            parts += [f"{what} {shape(t)}" for what, t in (("diag", f.diag), ("ekfac", f.ekfac)) if t is not None]
+            layers[spec.name] = ", ".join(parts)
+        fallback = {k: shape(v) for k, v in self.fallback.items()}
+        return (
+            f"KroneckerFactors(curvature={self.curvature!r}, n={self.n}, layers={layers}, fallback={fallback}, "
+            f"excluded={self.excluded!r})"
+        )
+
 
 def _param_signature(params) -> tuple[str, dict]:
     flat, _ = flatten(params)

@@ -7,7 +7,10 @@ output, and how the flat parameter slice maps to ``[out, in]``. Supported: ``nn.
 (``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight ``[in, out]``).
 
 A *use kind* says how a module that holds a diagonal-block parameter (``nn.Linear``, ``Conv1D``,
-``nn.Embedding``, ``nn.LayerNorm``) splits that parameter's score over positions (per-token scores).
+``nn.Embedding``, ``nn.LayerNorm``, RMSNorm by duck typing) splits that parameter's score over positions
+(per-token scores). An ``nn.Embedding`` looked up with indices shared by the batch (a position table read with
+``arange(T)``, shape ``[T]`` or ``[1, T]``) is split too: the capture broadcasts its output to the ``b`` examples
+(:meth:`UseKind.per_example`), so each example's rows get their own gradient.
 Nothing outside this file branches on a module's type.
 """
 
@@ -34,6 +37,7 @@ __all__ = [
     "use_kind",
     "UseKind",
     "NotSplittable",
+    "is_rmsnorm",
 ]
 
 
@@ -46,6 +50,11 @@ class LayerSpec(NamedTuple):
     bias: str | None  #: qualified name of the tracked bias, or None
     out_features: int
     in_features: int  #: columns of the weight matrix (``in·kh·kw`` for conv), without the bias
+
+
+def _positions_last(x: torch.Tensor) -> torch.Tensor:
+    """``[b, ..., C] -> [b, T, C]`` (also for ``b = 0``, where ``reshape(0, -1, C)`` is ambiguous)."""
+    return x.unsqueeze(1) if x.dim() == 2 else x.flatten(1, -2)
 
 
 class LayerKind:
@@ -63,11 +72,11 @@ class LayerKind:
 
     def inputs(self, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         """``a [b, T, in]`` from the module's (detached) input."""
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return _positions_last(x)
 
     def output_grads(self, g: torch.Tensor) -> torch.Tensor:
         """``g [b, T, out]`` from the gradient of the module's output."""
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        return _positions_last(g)
 
     def to_matrix(self, W: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
         """Flat weight slices ``[k, numel]`` -> ``[k, out, in]``."""
@@ -233,6 +242,21 @@ class UseKind:
             return x[0].numel()
         return y.reshape(y.shape[0], -1, y.shape[-1]).shape[1]
 
+    def per_example(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x, y)`` broadcast to the ``b`` examples when the call is shared by the batch, else None.
+
+        A position embedding read with ``arange(T)`` (``[T]`` or ``[1, T]`` indices) returns ``[T, C]`` or
+        ``[1, T, C]``, broadcast over the batch by the model; its summed-loss gradient mixes the examples.
+        Returned from a forward hook, ``y.expand(b, ...)`` makes autograd deliver each example's gradient
+        ``[b, T, C]`` (row ``t`` is used only by position ``t``). The model computes the same values; the
+        per-token check against per-example gradients still guards the result.
+        """
+        if self.name == "embedding" and x.dim() == 1:
+            return x.expand(b, *x.shape), y.expand(b, *y.shape)
+        if b != 1 and x.dim() >= 2 and x.shape[0] == 1 and y.dim() >= 2 and y.shape[0] == 1:
+            return x.expand(b, *x.shape[1:]), y.expand(b, *y.shape[1:])
+        return None
+
     def token_scores(self, module: nn.Module, role: str, q: torch.Tensor, x, gy, b: int) -> torch.Tensor:
         if gy.shape[0] != b or (self.name != "embedding" and x.shape[0] != b):
             raise NotSplittable(f"its output has leading dimension {gy.shape[0]}, not the {b} examples")
@@ -253,6 +277,12 @@ class UseKind:
             for s in range(0, n, step):
                 out[s : s + step] = (q[s : s + step][:, ids] * G).sum(-1)
             return out
+        if self.name == "rmsnorm":  # y = (c + w) ⊙ x̂ (+ b): ∂y/∂w = x̂ = y(w=1) − y(w=0), the module's own arithmetic
+            G = gy.reshape(b, -1, gy.shape[-1])
+            if role == "bias":
+                return torch.einsum("bpc,qc->qbp", G, q.reshape(n, -1))
+            xhat = _weight_derivative(module, x).reshape(b, -1, gy.shape[-1]).to(G.dtype)
+            return torch.einsum("bpc,qc->qbp", G * xhat, q.reshape(n, -1))
         assert isinstance(module, nn.LayerNorm)  # use_kind gives "layernorm" only to nn.LayerNorm
         dims = len(module.normalized_shape)  # layernorm: y = x̂ ⊙ w + b
         G = gy.reshape(b, -1, *module.normalized_shape).flatten(2)
@@ -273,4 +303,31 @@ def use_kind(module: nn.Module) -> UseKind | None:
         return UseKind("embedding") if module.max_norm is None and not module.scale_grad_by_freq else None
     if isinstance(module, nn.LayerNorm):
         return UseKind("layernorm")
+    if is_rmsnorm(module):
+        return UseKind("rmsnorm")
     return None
+
+
+def is_rmsnorm(module: nn.Module) -> bool:
+    """Duck typing for RMSNorm layers (``torch.nn.RMSNorm``, Llama's, Mistral's, Qwen's, ...): the class name ends
+    with ``RMSNorm``, the module holds a ``weight`` [C] applied elementwise and an ``eps`` / ``variance_epsilon``.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+    )
+
+
+def _weight_derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``∂y/∂w = y(w=1) − y(w=0)`` of a norm whose output is affine in its elementwise weight, e.g. ``w ⊙ x̂``
+    (Llama) or ``(1 + w) ⊙ x̂`` (Gemma); computed by the module's own forward (its dtype casts included)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)  # is_rmsnorm checked it
+    one, zero = torch.ones_like(w), torch.zeros_like(w)
+    with torch.no_grad():
+        return torch.func.functional_call(module, {"weight": one}, (x,)) - torch.func.functional_call(
+            module, {"weight": zero}, (x,)
+        )

@@ -18,10 +18,13 @@ position, so shared modules keep true per-token scores.
 Parameters with diagonal blocks (preconditioned query ``q̃ = ∇f / (diag + λ)``) are split over positions
 the same way, from hooks on the modules that use them: ``nn.Linear`` / ``Conv1D`` (``g_tᵀ Q̃ a_t`` and
 ``q̃_bᵀ g_t``), ``nn.Embedding`` (``q̃[x_t] · g_t``; a tied LM head is a Linear use of the same weight, so a
-weight-tied model keeps true per-token scores) and ``nn.LayerNorm`` (``q̃_wᵀ (g_t ⊙ x̂_t)``, ``q̃_bᵀ g_t``).
-Each train chunk checks ``Σ_t`` of these against the per-example-gradient scores of the same parameters and
-raises, naming the parameter, when a use is missed (a parameter used outside such modules, an output
-without a per-example leading dimension such as a position embedding of ``arange(T)``): ``exclude=`` it.
+weight-tied model keeps true per-token scores), ``nn.LayerNorm`` (``q̃_wᵀ (g_t ⊙ x̂_t)``, ``q̃_bᵀ g_t``) and
+RMSNorm (Llama-style, found by duck typing: ``q̃_wᵀ (g_t ⊙ x̂_t)`` with ``x̂ = x / rms(x)``).
+A position embedding read with ``arange(T)`` (GPT-2's ``wpe``, nanoGPT) has no example dimension: the capture
+broadcasts its output to the batch, so row ``t`` contributes ``q̃[t] · g_{i,t}`` to position ``t`` of example
+``i``. Each train chunk checks ``Σ_t`` of these against the per-example-gradient scores of the same
+parameters and raises, naming the parameter, when a use is missed (a parameter used outside such modules, or
+in a way the hooks do not see): ``exclude=`` it.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def check_per_token(ihvp) -> None:
     if bad:
         names = [b.split(" ")[0] for b in bad]
         raise ValueError(
-            f"per_token=True: parameters {bad} have diagonal blocks used outside nn.Linear, Conv1D, nn.Embedding "
-            "and nn.LayerNorm, so their gradient has no per-token split from hooks. Build the closure without "
+            f"per_token=True: parameters {bad} have diagonal blocks used outside nn.Linear, Conv1D, nn.Embedding, "
+            "nn.LayerNorm and RMSNorm, so their gradient has no per-token split from hooks. Build the closure without "
             f"them, e.g. ifunc.ihvp_ekfac(..., exclude={names}) (ihvp_identity takes exclude= too)"
         )
     tied = _tied(state)
@@ -118,7 +121,8 @@ def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
     layers = [blk.spec for blk in ihvp.blocks]
     extra = list(dict.fromkeys(mn for _, (mn, _, _) in uses))
     p = requiring_grad(params)
-    with layer_capture(ihvp.model, layers, extra) as rec, torch.enable_grad():
+    b = batch_size(batch)  # uses shared by the batch (position embeddings) are broadcast to the b examples
+    with layer_capture(ihvp.model, layers, extra, examples=b) as rec, torch.enable_grad():
         value = loss(p, batch)
     rec.check()
     gs = rec.output_grads(value, retain_graph=False)
@@ -147,8 +151,8 @@ def token_chunk_scores(
             if x.dim() < 2 or y.dim() < 3 or x.shape[0] != b or y.shape[0] != b:
                 raise ValueError(
                     f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example (input "
-                    f"{tuple(x.shape)}, output {tuple(y.shape)}: no leading dimension of the {b} examples, e.g. a "
-                    f"position embedding of arange(T)); build the closure with exclude={[d.name]}"
+                    f"{tuple(x.shape)}, output {tuple(y.shape)}: no leading dimension of the {b} examples, and not a "
+                    f"lookup shared by the whole batch); build the closure with exclude={[d.name]}"
                 )
     calls = {name: c for name, (_, _, c) in captured.items()}
     calls.update({mn: [_split(m).positions(x, y) for x, y, _ in used[mn]] for _, (mn, m, _) in uses})
@@ -202,8 +206,8 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
         if float((got - ref).abs().max()) > 1e-4 * float(ref.abs().max()) + 1e-12:
             raise ValueError(
                 f"per_token=True: the per-token split of {d.name!r} misses part of its gradient (it is used outside "
-                "nn.Linear / Conv1D / nn.Embedding / nn.LayerNorm calls with a per-example leading dimension, "
-                f"e.g. a position embedding of arange(T)); build the closure with exclude={[d.name]}"
+                "nn.Linear / Conv1D / nn.Embedding / nn.LayerNorm / RMSNorm calls, or its output is changed "
+                f"in a way the hooks do not see); build the closure with exclude={[d.name]}"
             )
         total += per_param[d.name]
     return total
