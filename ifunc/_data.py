@@ -107,7 +107,9 @@ class DataSource:
                     "DataLoader with shuffle=False (the order of the data set itself)"
                 )
             self._batches = data
-        elif isinstance(data, Dataset):
+        elif isinstance(data, Dataset) or _map_style(data):
+            # a map-style data set (a torch Dataset, or any object indexed by example such as a Hugging Face
+            # datasets.Dataset in torch format): read in order, collated into batches
             self._batches = DataLoader(data, batch_size=batch_size_hint, shuffle=False)
         elif isinstance(data, Iterator):
             raise TypeError(
@@ -206,6 +208,16 @@ class DataSource:
         if isinstance(self._batches, list):
             return self._batches[0] if len(self._batches) == 1 else concat_batches(self._batches)
         return None
+
+
+def _map_style(data) -> bool:
+    """An object indexed by example with a length (not a list or tensor): e.g. a Hugging Face ``datasets.Dataset``."""
+    return (
+        not isinstance(data, (list, tuple, dict, str, bytes, torch.Tensor))
+        and hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and hasattr(data, "column_names")  # a table of examples: its rows, not its items, are the examples
+    )
 
 
 def _shuffles(loader: DataLoader) -> bool:

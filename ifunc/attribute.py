@@ -112,10 +112,11 @@ def attribute(
         ``t`` of each training sequence, ``s[q, i, t] = Σ_l g_{l,t}ᵀ Q̃_l a_{l,t}`` over the tracked layers
         (no per-token gradient is formed); ``s.sum(-1)`` equals the pairwise scores. A module called several
         times per forward contributes all its calls at each position. Diagonal-block parameters are split
-        from hooks on the modules that use them (``nn.Linear``, ``Conv1D``, ``nn.Embedding``, ``nn.LayerNorm``,
+        from hooks on the modules that use them (``nn.Linear``, ``Conv1D``, ``nn.Embedding`` — a position
+        embedding of ``arange(T)`` included: row ``t`` goes to position ``t`` —, ``nn.LayerNorm`` and RMSNorm,
         so a tied embedding / LM head keeps true per-token scores) and checked against their per-example
-        gradients; a parameter used otherwise (a free parameter, a position embedding of ``arange(T)``) is
-        refused by name: ``exclude=`` it (:func:`ifunc.language.untracked` lists all non-layer parameters).
+        gradients; a parameter used otherwise (a free parameter) is refused by name: ``exclude=`` it
+        (:func:`ifunc.language.untracked` lists all non-layer parameters).
         Chunks of different lengths are padded with zeros at the end to the longest ``T``.
       token_mask: with ``per_token``: ``token_mask(batch) -> [b, T]`` (1 = real token, 0 = padding); masked
         positions get exactly 0.

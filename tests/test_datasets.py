@@ -75,12 +75,8 @@ def test_per_token_from_a_dataset(lm):
     assert rel_error(tok.sum(-1), ifunc.attribute(loss, params, ek, loader, loader)) < 1e-8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a datasets.Dataset passed without a DataLoader is not a torch Dataset: ifunc._data iterates it row by "
-    "row and takes each row [L] as a batch of L examples (an IndexError in the model); wrap it in a DataLoader",
-)
 def test_raw_dataset_without_a_dataloader(lm):
+    """A datasets.Dataset passed as it is is read as a map-style data set, in order, like its DataLoader."""
     model, params, loss, ds, batch = lm
     ihvp = ifunc.ihvp_identity(params)
     torch.testing.assert_close(
