@@ -15,10 +15,11 @@ checks it):
 4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg``, ``lissa``, ``arnoldi``, ``nystrom``,
               ``datainf``, ``preconditioners``; ``_base`` the IHVP closure, ``_operator`` the data operator
               sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves;
-              ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``capture`` (the one hook system),
-              ``fit`` (factors), ``factors`` (their type and files), ``blocks``, ``closure`` (KroneckerIHVP,
-              ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module, self), ``tokens`` (per-token),
-              ``_kernels`` (contractions)
+              ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``uses`` (per-token splits of
+              diagonal-block parameters), ``capture`` (the one hook system), ``budget`` (chunks from the byte
+              budget), ``fit`` (factors), ``factors`` (their type and files), ``blocks``, ``closure``
+              (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module,
+              self), ``tokens`` (per-token), ``_kernels`` (contractions)
 5 scoring     ``attribute`` attribute / self_influence: one loop of scorer × sink · ``_scorers`` generic and
               Kronecker scorers · ``_sinks`` memory, store, gathered, per-rank store · ``ensemble`` · ``quality``
 5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing``

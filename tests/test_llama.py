@@ -11,7 +11,7 @@ import torch
 import ifunc
 from ifunc import language
 from ifunc.ihvp.kronecker import capture_layer_grads, find_layers
-from ifunc.ihvp.kronecker.layers import use_kind
+from ifunc.ihvp.kronecker.uses import use_kind
 from ifunc.testing import rel_error
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")

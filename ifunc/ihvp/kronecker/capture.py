@@ -18,7 +18,8 @@ from torch import nn
 
 from ..._types import Batch, LossFn, Params
 from ...functional import check_eval_mode
-from .layers import LayerSpec, find_layers, kind_of, use_kind
+from .layers import LayerSpec, find_layers, kind_of
+from .uses import use_kind
 
 __all__ = ["Recording", "layer_capture", "capture_layer_grads", "requiring_grad"]
 

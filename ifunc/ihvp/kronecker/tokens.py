@@ -38,8 +38,8 @@ from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
-from .layers import NotSplittable, UseKind, use_kind
 from .score import PreparedQueries, scorable
+from .uses import NotSplittable, UseKind, use_kind
 
 __all__ = ["check_per_token", "token_chunk_scores"]
 
