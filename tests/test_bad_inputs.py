@@ -345,6 +345,14 @@ ROWS = [
         "ggn curvature is PSD.*damping > 0|did not converge",
     ),
     (
+        "explicit-nearly-singular-float32",
+        lambda p: ifunc.ihvp_from_matrix(
+            torch.diag(torch.tensor([1.0, 1e-9, 0.5])), {"w": torch.zeros(3, dtype=torch.float32)}, damping=0.0
+        ),
+        ValueError,
+        "numerically singular at damping 0.*use damping > 0",
+    ),
+    (
         "float16-overflow",
         lambda p: ifunc.attribute(
             lambda q, b: 1e4 * p.loss(q, b), p.params, BUILDERS["explicit"](p), p.data, p.data, dtype=torch.float16

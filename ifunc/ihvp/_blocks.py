@@ -16,7 +16,7 @@ import torch
 from ..functional import Unflatten, parameter_names
 from ._base import IHVP, check_damping
 from ._damping import RuleDamping
-from ._eigen import check_positive, eigen_solve
+from ._eigen import check_conditioning, check_positive, eigen_solve
 
 __all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join", "eigen_blocks_ihvp"]
 
@@ -158,6 +158,7 @@ def eigen_blocks_ihvp(
     def build(lam: float, rule: RuleDamping | None = None) -> IHVP:
         lam = check_damping(lam, allow_zero=not low_rank)
         check_positive(eigenvalues, lam, f"ihvp_{name}")
+        check_conditioning(eigenvalues, lam, f"ihvp_{name}", like.dtype)
         solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
         extra = {"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})}
         extra.update(rule.info() if rule is not None else {})

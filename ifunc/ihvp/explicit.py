@@ -12,7 +12,7 @@ from ..functional import flatten
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
 from ._damping import resolve_damping
-from ._eigen import check_positive, eigen_solve
+from ._eigen import check_conditioning, check_positive, eigen_solve
 from ._operator import data_operator
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
@@ -63,6 +63,7 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | N
 
     def build(lam: float, rule=None) -> IHVP:
         check_positive(w, lam, "ihvp_explicit")
+        check_conditioning(w, lam, "ihvp_explicit", flat.dtype)
         return IHVP(
             lambda V: eigen_solve(Q, w, lam, V),
             name="explicit",
