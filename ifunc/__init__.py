@@ -5,7 +5,8 @@ checks it):
 
 0 base        ``functional`` params_of / call / flatten (optree) · ``_types`` type aliases · ``_data`` data sources,
               the one chunk loop ``iter_chunks`` and ``fingerprint`` · ``_errors`` readable torch.func errors ·
-              ``_progress`` progress bars · ``_version``
+              ``_progress`` progress bars · ``_memory`` the byte budget (one example measured) ·
+              ``_version``
 0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather); a leaf, no-ops on one process
 1 store       ``store/`` HDF5 I/O only: ``scores`` (resumable, fingerprinted, checksummed score stores), ``merge``
               (per-rank stores), ``reading`` (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
