@@ -41,16 +41,28 @@ def default_generator(device: torch.device | str | None = None) -> torch.Generat
     return torch.Generator(device=device if device is not None else "cpu").manual_seed(0)
 
 
+#: elements of each float64 block of :func:`sample_categorical` (rows × classes; 8 bytes each, a few alive at once)
+SAMPLE_BLOCK = 1 << 22
+
+
 def sample_categorical(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Logits ``[..., C]``: ``ŷ ~ softmax(out)`` per row, ``∇_out −log p(ŷ|out) = softmax(out) − onehot(ŷ)``.
 
-    The labels are drawn on the generator's device and moved to the outputs' device.
+    The softmax runs in float64 over blocks of rows (about :data:`SAMPLE_BLOCK` elements each, so a large
+    vocabulary never holds float64 copies of all the logits) and ``onehot(ŷ)`` is subtracted in place; the
+    draws are those of one ``torch.multinomial`` over all rows (it consumes the generator row by row). The
+    labels are drawn on the generator's device and moved to the outputs' device.
     """
-    probs = torch.softmax(outputs.detach().to(torch.float64), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    labels = torch.multinomial(flat.to(generator.device), 1, generator=generator).squeeze(1).to(flat.device)
-    onehot = torch.nn.functional.one_hot(labels, flat.shape[-1]).to(flat.dtype)
-    return (flat - onehot).reshape(outputs.shape).to(outputs.dtype)
+    flat = outputs.detach().reshape(-1, outputs.shape[-1])
+    rows, classes = flat.shape
+    out = torch.empty(flat.shape, dtype=outputs.dtype, device=outputs.device)
+    step = max(1, SAMPLE_BLOCK // max(1, classes))
+    for s in range(0, rows, step):
+        probs = torch.softmax(flat[s : s + step].to(torch.float64), dim=-1)
+        labels = torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
+        probs[torch.arange(len(probs), device=probs.device), labels] -= 1.0
+        out[s : s + step] = probs
+    return out.reshape(outputs.shape)
 
 
 def sample_gaussian(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

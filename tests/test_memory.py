@@ -62,3 +62,57 @@ def test_kronecker_passes_take_their_chunks_from_the_budget():
     )
     with pytest.raises(MemoryError, match="Kronecker factors: one example needs about"):
         ifunc.fit_kronecker_factors(loss, params, train, model=model, max_memory=64)
+
+
+def test_categorical_sampling_in_blocks_draws_the_labels_of_one_multinomial(monkeypatch):
+    from ifunc import likelihood
+
+    logits = 3 * torch.randn(5, 7, 11, generator=torch.Generator().manual_seed(0))
+
+    def one_shot(out, gen):  # the float64 softmax and one-hot over all rows at once
+        probs = torch.softmax(out.to(torch.float64), dim=-1).reshape(-1, out.shape[-1])
+        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        onehot = torch.nn.functional.one_hot(labels, out.shape[-1]).to(probs.dtype)
+        return (probs - onehot).reshape(out.shape).to(out.dtype)
+
+    ref = one_shot(logits, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(likelihood, "SAMPLE_BLOCK", 3 * 11)  # blocks of 3 rows
+    gen = torch.Generator().manual_seed(1)
+    got = likelihood.sample_categorical(logits, gen)
+    assert torch.equal(got, ref)
+
+
+def test_kronecker_chunks_count_what_an_example_adds_not_the_parameters():
+    from ifunc.ihvp.kronecker.budget import capture_chunk_size
+    from ifunc.ihvp.kronecker.layers import find_layers
+
+    # 4 MB of weights, 8 kB of activations per example: a 1 MB budget holds dozens of examples
+    model, params, loss, (x, y) = mlp_problem(seed=4, sizes=(1000, 1000, 3), n=64, dtype=torch.float32)
+    layers, _ = find_layers(model, params)
+    n = capture_chunk_size(loss, params, model, layers, (x, y), max_memory=1 << 20, what="test")
+    assert n >= 16
+
+
+def test_the_default_kronecker_chunk_is_capped_in_bytes_with_the_same_factors(monkeypatch):
+    from ifunc.ihvp.kronecker import budget
+
+    model, params, loss, (x, y) = mlp_problem(seed=5, sizes=(4, 8, 3), n=30)
+    ref = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, sample="categorical", chunk_size=30)
+    monkeypatch.setattr(budget, "DEFAULT_CHUNK_BYTES", 2_000)  # a few examples per chunk by default
+    layers = list(ref.layers)
+    assert budget.capture_chunk_size(loss, params, model, layers, (x, y), max_memory=None, what="t") < 10
+    got = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, sample="categorical")
+    for name, f in ref.factors.items():  # the same sampled labels in any chunking
+        torch.testing.assert_close(got.factors[name].S, f.S)
+        torch.testing.assert_close(got.factors[name].ekfac, f.ekfac)
+
+
+def test_float32_factors_keep_bases_in_the_params_dtype_and_eigenvalues_in_float64():
+    model, params, loss, (x, y) = mlp_problem(seed=6, sizes=(4, 8, 3), n=20, dtype=torch.float32)
+    f = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model).factors["2"]
+    assert f.A.dtype == f.S.dtype == f.Q_A.dtype == f.Q_S.dtype == torch.float32
+    assert f.ekfac is not None
+    assert f.eig_A.dtype == f.eig_S.dtype == f.ekfac.dtype == torch.float64
+    w, Q = torch.linalg.eigh(f.S.double())  # the float64 decomposition, cast (up to the signs of the vectors)
+    torch.testing.assert_close(f.eig_S, w.clamp_min(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((f.Q_S.double().T @ Q).abs(), torch.eye(len(w), dtype=torch.float64), atol=1e-4, rtol=0)

@@ -53,7 +53,7 @@ def rotated_sq_sum(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, *, budget: int = 
     step = max(1, budget // (o * i))
     for s in range(0, b, step):
         R = torch.einsum("bto,bti->boi", g[s : s + step], a[s : s + step])
-        total += (R * R).sum(0)
+        total += R.square_().sum(0)
     return total
 
 
