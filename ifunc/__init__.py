@@ -18,7 +18,8 @@ checks it):
               sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves;
               ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``uses`` (per-token splits of
               diagonal-block parameters), ``capture`` (the one hook system), ``budget`` (chunks from the byte
-              budget), ``fit`` (factors), ``factors`` (their type and files), ``blocks``, ``closure``
+              budget), ``fit`` (factors; ``cotangents`` the output
+              directions of each curvature), ``factors`` (their type and files), ``blocks``, ``closure``
               (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module,
               self), ``tokens`` (per-token), ``_kernels`` (contractions)
 5 scoring     ``attribute`` attribute / self_influence: one loop of scorer × sink · ``_scorers`` generic and

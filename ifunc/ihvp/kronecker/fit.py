@@ -32,73 +32,17 @@ from ... import distributed
 from ..._data import DataSource, batch_size, n_chunks
 from ..._progress import progress_bar
 from ..._types import Batch, Data, LossFn, Params
-from ...curvature import CURVATURES as ALL_CURVATURES
-from ...grads import batch_grads, check_scalar, check_summed
-from ...likelihood import OutputLoss, default_generator, resolve_likelihood, sample_with
+from ...grads import batch_grads, check_summed
+from ...likelihood import default_generator
 from .._operator import check_same_data
 from ._kernels import one_thread, rotated_sq_sum
 from .budget import capture_chunk_size
 from .capture import layer_capture, requiring_grad
+from .cotangents import CURVATURES, draws, resolve
 from .factors import KroneckerFactors, LayerFactors
 from .layers import find_layers, parameter_names
 
 __all__ = ["fit_kronecker_factors", "split_excluded", "CURVATURES"]
-
-#: The curvatures the Kronecker family can factor (all but the full Hessian).
-CURVATURES = tuple(c for c in ALL_CURVATURES if c != "hessian")
-
-
-def _resolve(loss, curvature, sample):
-    if curvature is None:
-        curvature = "fisher" if sample is not None else ("ggn" if isinstance(loss, OutputLoss) else "empirical_fisher")
-    if curvature not in CURVATURES:
-        raise ValueError(
-            f"curvature={curvature!r} is not supported by the Kronecker family; choose one of {CURVATURES}"
-        )
-    if curvature != "empirical_fisher" and not isinstance(loss, OutputLoss):
-        raise TypeError(
-            f'curvature="{curvature}" needs the model outputs: pass loss=ifunc.output_loss(outputs, '
-            'loss_on_outputs), or use curvature="empirical_fisher"'
-        )
-    if curvature == "fisher":
-        if sample is None:
-            sample = loss.likelihood  # output_loss(..., likelihood=) says how to sample too
-        if sample is None:
-            raise ValueError(
-                'curvature="fisher" needs sample="categorical", "gaussian" or a callable '
-                "sample(outputs, generator) -> dloss/doutputs at a sampled label"
-            )
-        sample = resolve_likelihood(sample, argument="sample")
-    return curvature, sample
-
-
-def _ggn_cotangents(loss: OutputLoss, out: torch.Tensor, batch) -> list[torch.Tensor]:
-    """Columns of ``Λ_out^{1/2}`` per position: ``C`` cotangents with ``Σ_c u_c u_cᵀ = Λ_out``."""
-    if out.dim() == 1:  # one scalar output per example: Λ_out is a number per example
-        o = out.detach().requires_grad_(True)
-        with torch.enable_grad():
-            g = torch.autograd.grad(check_scalar(loss.loss_on_outputs(o, batch)), o, create_graph=True)[0]
-            h = torch.autograd.grad(g.sum(), o)[0]
-        return [h.detach().clamp_min(0).sqrt()]
-    o = out.detach().requires_grad_(True)
-    with torch.enable_grad():
-        g = torch.autograd.grad(check_scalar(loss.loss_on_outputs(o, batch)), o, create_graph=True)[0]
-        C = o.shape[-1]
-        cols = [torch.autograd.grad(g[..., c].sum(), o, retain_graph=c < C - 1)[0] for c in range(C)]
-    H = torch.stack(cols, dim=-1).detach().to(torch.float64)  # [..., C, C]
-    w, Q = torch.linalg.eigh((H + H.transpose(-1, -2)) / 2)
-    root = (Q * w.clamp_min(0).sqrt()[..., None, :]) @ Q.transpose(-1, -2)
-    return [root[..., :, c].to(out.dtype) for c in range(C)]
-
-
-def _draws(loss, p, batch, curvature, sample, n_samples, gen):
-    """Root tensor and ``[(cotangent or None, weight)]`` whose output-gradients give the curvature."""
-    if curvature == "empirical_fisher":
-        return check_scalar(loss(p, batch)), [(None, 1.0)]
-    out = loss.outputs(p, batch)
-    if curvature == "fisher":
-        return out, [(sample_with(sample, out, gen), 1.0 / n_samples) for _ in range(n_samples)]
-    return out, [(u, 1.0) for u in _ggn_cotangents(loss, out, batch)]
 
 
 def _add(st: dict, key: str, product: torch.Tensor, weight: float, dtype: torch.dtype) -> None:
@@ -197,7 +141,7 @@ def fit_kronecker_factors(
       Martens & Grosse (2015); George et al. (2018); Eschenhagen et al. (2023) for the "expand"
       normalisation of weight-shared (token / patch) layers.
     """
-    curvature, sample = _resolve(loss, curvature, sample)
+    curvature, sample = resolve(loss, curvature, sample)
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     names, excl, kept = split_excluded(params, exclude)
@@ -243,15 +187,15 @@ def fit_kronecker_factors(
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
                 if curvature == "fisher":
                     with torch.no_grad():
-                        _draws(loss, params, batch, curvature, sample, n_samples, gen)
+                        draws(loss, params, batch, curvature, sample, n_samples, gen)
                 continue
             p = requiring_grad(params)
             with layer_capture(model, layers) as rec, torch.enable_grad():
-                root, draws = _draws(loss, p, batch, curvature, sample, n_samples, gen)
+                root, directions = draws(loss, p, batch, curvature, sample, n_samples, gen)
             rec.check()
             acts = {s.name: rec.activations(s) for s in layers}
-            for j, (u, w) in enumerate(draws):
-                gs = rec.output_grads(root, u, retain_graph=j < len(draws) - 1)
+            for j, (u, w) in enumerate(directions):
+                gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1)
                 for s in layers:
                     a, g, st = acts[s.name], gs[s.name], acc[s.name]
                     if rotations is None:  # chunk products in the params' dtype, sums over chunks in eigen_dtype
