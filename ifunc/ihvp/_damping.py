@@ -29,7 +29,15 @@ import torch
 from ..likelihood import default_generator
 from ._base import check_damping
 
-__all__ = ["DAMPING_FACTOR", "DAMPING_RULE", "PROBES", "RuleDamping", "hutchinson_trace", "resolve_damping"]
+__all__ = [
+    "DAMPING_FACTOR",
+    "DAMPING_RULE",
+    "PROBES",
+    "RuleDamping",
+    "hutchinson_trace",
+    "resolve_damping",
+    "trace_beyond",
+]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,6 +104,14 @@ def hutchinson_trace(
         divisor, estimator = probes, f"hutchinson ({probes} probes)"
     CZ = matvec(Z.to(like.dtype)).to(torch.float64)
     return float((Z * CZ).sum()) / divisor, estimator
+
+
+def trace_beyond(known: float, rest: list[tuple[float, str]], space: str) -> tuple[float, str]:
+    """``(known + Σ rest, label)``: an exact trace on a subspace (``space``: a Krylov space, a sketch) plus the
+    estimates :func:`hutchinson_trace` made on its complements; the label is ``"exact"`` when every part was."""
+    estimators = sorted({e for _, e in rest} - {"exact"})
+    label = "exact" if not estimators else f"{space} + {estimators[0]}"
+    return known + sum(t for t, _ in rest), label
 
 
 def resolve_damping(damping, trace: Callable[[], tuple[float, str]], d: int, *, who: str, allow_zero: bool = True):

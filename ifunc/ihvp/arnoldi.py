@@ -8,7 +8,7 @@ from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP, check_rank
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
-from ._damping import hutchinson_trace, resolve_damping
+from ._damping import hutchinson_trace, resolve_damping, trace_beyond
 from ._operator import data_operator
 
 __all__ = ["ihvp_arnoldi", "lanczos"]
@@ -146,9 +146,7 @@ def ihvp_arnoldi(
         parts = [
             hutchinson_trace(mv, d_b, like=op.flat_params, generator=generator, basis=Q) for mv, d_b, _, Q in krylov
         ]
-        estimators = sorted({e for _, e in parts} - {"exact"})
-        label = "exact" if not estimators else f"krylov + {estimators[0]}"
-        return sum(t for _, _, t, _ in krylov) + sum(t for t, _ in parts), label
+        return trace_beyond(sum(t for _, _, t, _ in krylov), parts, "krylov")
 
     lam, rule = resolve_damping(damping, trace, d, who="ihvp_arnoldi")
     return eigen_blocks_ihvp(

@@ -10,7 +10,7 @@ from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
-from ._damping import hutchinson_trace, resolve_damping
+from ._damping import hutchinson_trace, resolve_damping, trace_beyond
 from ._operator import data_operator
 
 __all__ = ["ihvp_nystrom", "nystrom_sketch"]
@@ -196,9 +196,7 @@ def ihvp_nystrom(
             hutchinson_trace(mv, d_b, like=op.flat_params, generator=generator, basis=sk.omega)
             for mv, d_b, sk in sketches
         ]
-        estimators = sorted({e for _, e in parts} - {"exact"})
-        label = "exact" if not estimators else f"sketch + {estimators[0]}"
-        return sum(sk.trace for _, _, sk in sketches) + sum(t for t, _ in parts), label
+        return trace_beyond(sum(sk.trace for _, _, sk in sketches), parts, "sketch")
 
     lam, rule = resolve_damping(damping, trace, d, who="ihvp_nystrom")
     return eigen_blocks_ihvp(
