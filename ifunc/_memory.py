@@ -1,10 +1,12 @@
 """One byte budget for every pass that holds per-example or per-token tensors.
 
 Chunk sizes come from ``max_memory`` (bytes; default :func:`default_budget`, half of the memory the machine has
-available) divided by the bytes one example needs, *measured* on one example: the tensors autograd saves for
-the backward pass (activations, logits included) and the outputs of the pass, times a factor for the backward
-pass's own temporaries. A pass that cannot fit even one example raises with the numbers instead of being killed
-by the operating system.
+available, and then at most :data:`DEFAULT_CHUNK_BYTES` of per-example tensors) divided by the bytes one example
+adds, *measured* (:func:`added_bytes`: a pass over two examples minus one over one): the tensors autograd saves for
+the backward pass (activations, logits included) and the outputs of the pass, times a factor for the backward pass's
+own temporaries. The generic per-example gradients (:func:`ifunc.grads.chunk_size_for`) and every Kronecker pass
+(:mod:`ifunc.ihvp.kronecker.budget`) size their chunks here. A pass that cannot fit even one example raises with the
+numbers instead of being killed by the operating system.
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["available_bytes", "default_budget", "resolve_budget", "probe_bytes", "examples_per_chunk"]
+__all__ = [
+    "available_bytes",
+    "default_budget",
+    "resolve_budget",
+    "probe_bytes",
+    "added_bytes",
+    "examples_per_chunk",
+    "chunk_examples",
+    "DEFAULT_CHUNK_BYTES",
+]
 
 #: fraction of the available memory a pass may use by default
 DEFAULT_FRACTION = 0.5
+#: bytes of per-example tensors one chunk holds at most when ``max_memory`` is not given: by default a pass holds
+#: about the model, what it accumulates and 1 GiB, not half the machine (larger chunks buy little speed)
+DEFAULT_CHUNK_BYTES = 1 << 30
 
 
 def available_bytes() -> int:
@@ -83,6 +97,25 @@ def _size(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def added_bytes(probe: Callable[[int], int], size: int) -> int:
+    """Bytes one more example adds: ``probe(2) − probe(1)`` when the batch has two examples, else ``probe(1)``.
+
+    ``probe(k)`` measures a pass over ``k`` examples (:func:`probe_bytes`); the difference leaves out what does
+    not grow with the examples (the parameters autograd saves for the backward pass).
+    """
+    one = probe(1)
+    return max(probe(2) - one, 1) if size >= 2 else one
+
+
+def chunk_examples(max_memory: int | None, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:
+    """Examples per chunk: :func:`examples_per_chunk` within ``max_memory``, and without it also at most
+    :data:`DEFAULT_CHUNK_BYTES` of per-example tensors."""
+    n = examples_per_chunk(resolve_budget(max_memory), per_example, what=what, fixed=fixed, factor=factor)
+    if max_memory is None:
+        n = min(n, max(1, DEFAULT_CHUNK_BYTES // max(1, int(factor * per_example))))
+    return n
 
 
 def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:

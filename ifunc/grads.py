@@ -18,7 +18,7 @@ from torch.func import grad, vmap
 
 from ._data import DataSource, batch_size, iter_chunks, slice_batch
 from ._errors import explained
-from ._memory import examples_per_chunk, probe_bytes, resolve_budget
+from ._memory import added_bytes, chunk_examples, probe_bytes
 from ._types import Batch, Data, Measurement, Params
 from .functional import flatten
 
@@ -50,15 +50,16 @@ def chunk_size_for(
     """
     flat, unflatten = flatten(params)
     first = DataSource(data, name=name).first()
-    batch_size(first)  # a readable error for a batch without an example dimension
-    one = slice_batch(first, 0, 1)
+    size = batch_size(first)  # a readable error for a batch without an example dimension
     x = flat.detach().requires_grad_(True)
-    with torch.enable_grad(), explained(f"per-sample gradients of the {name} data", (RuntimeError, ValueError)):
-        activations = probe_bytes(lambda: func(unflatten(x), one))
-    per_example = 4 * flat.numel() * flat.element_size() + 3 * activations
-    n = examples_per_chunk(
-        resolve_budget(max_memory), per_example, what=f"per-example gradients ({name})", fixed=fixed, factor=1
-    )
+
+    def probe(k: int) -> int:
+        part = slice_batch(first, 0, k)
+        with torch.enable_grad(), explained(f"per-sample gradients of the {name} data", (RuntimeError, ValueError)):
+            return probe_bytes(lambda: func(unflatten(x), part))
+
+    per_example = 4 * flat.numel() * flat.element_size() + 3 * added_bytes(probe, size)
+    n = chunk_examples(max_memory, per_example, what=f"per-example gradients ({name})", fixed=fixed, factor=1)
     return min(n, MAX_CHUNK)
 
 

@@ -98,7 +98,7 @@ def test_the_default_kronecker_chunk_is_capped_in_bytes_with_the_same_factors(mo
 
     model, params, loss, (x, y) = mlp_problem(seed=5, sizes=(4, 8, 3), n=30)
     ref = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, sample="categorical", chunk_size=30)
-    monkeypatch.setattr(budget, "DEFAULT_CHUNK_BYTES", 2_000)  # a few examples per chunk by default
+    monkeypatch.setattr(_memory, "DEFAULT_CHUNK_BYTES", 2_000)  # a few examples per chunk by default
     layers = list(ref.layers)
     assert budget.capture_chunk_size(loss, params, model, layers, (x, y), max_memory=None, what="t") < 10
     got = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, sample="categorical")

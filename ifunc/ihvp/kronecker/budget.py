@@ -1,17 +1,16 @@
 """Chunk sizes of the Kronecker passes from the byte budget: one example's captured forward, measured.
 
 Every Kronecker pass (fitting the factors, preconditioning the queries, pairwise / per-token / self-influence
-scoring) holds, per example of a chunk, what autograd saves in the forward pass (activations, logits), the
-captured layer inputs ``a`` and output gradients ``g`` and the backward pass's temporaries. The saved storages
-are counted (:func:`ifunc._memory.probe_bytes`) for one and for two examples: the difference is what one more
-example adds (the parameters autograd saves for the backward pass — 0.5 GB for GPT-2 small — are not per
-example). The chunk is the budget over three times that, plus what a pass holds per example besides
-(``extra_per_example``, e.g. the ``[n_query, T]`` per-token scores), capped at :data:`DEFAULT_CHUNK` examples
-and, when ``max_memory`` is not given, at :data:`DEFAULT_CHUNK_BYTES` of per-example tensors (so that, by default,
-a pass holds about the model, its factors and 1 GiB, not half the machine). The cap costs some speed on large
-models: GPT-2 small gets chunks of 2 sequences (256 positions), and a 2-thread ``[rows, 3072]`` covariance product
-ran at 68 % (256 rows) and 94 % (1,024 rows) of its 2,048-row rate on the benchmark machine; pass ``max_memory=``
-for larger chunks.
+scoring) holds, per example of a chunk, what autograd saves in the forward pass (activations, logits), the captured
+layer inputs ``a`` and output gradients ``g`` and the backward pass's temporaries. The saved storages are counted
+(:func:`ifunc._memory.probe_bytes`) for one and for two examples: the difference is what one more example adds (the
+parameters autograd saves for the backward pass — 0.5 GB for GPT-2 small — are not per example). The chunk is the
+budget over three times that, plus what a pass holds per example besides (``extra_per_example``, e.g. the
+``[n_query, T]`` per-token scores), capped at :data:`DEFAULT_CHUNK` examples and, when ``max_memory`` is not given,
+at :data:`ifunc._memory.DEFAULT_CHUNK_BYTES` of per-example tensors (so that, by default, a pass holds about the
+model, its factors and 1 GiB, not half the machine). The cap costs some speed on large models: GPT-2 small gets
+chunks of 2 sequences (256 positions), and a 2-thread ``[rows, 3072]`` covariance product ran at 68 % (256 rows) and
+94 % (1,024 rows) of its 2,048-row rate on the benchmark machine; pass ``max_memory=`` for larger chunks.
 """
 
 from __future__ import annotations
@@ -22,18 +21,15 @@ import torch
 from torch import nn
 
 from ..._data import DataSource, batch_size, slice_batch
-from ..._memory import examples_per_chunk, probe_bytes, resolve_budget
+from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad
 from .layers import LayerSpec
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_CHUNK_BYTES", "capture_chunk_size"]
+__all__ = ["DEFAULT_CHUNK", "capture_chunk_size"]
 
 #: examples per chunk at most (the chunk is also the unit a resumed score store keeps)
 DEFAULT_CHUNK = 256
-
-#: bytes of per-example tensors a chunk holds at most when ``max_memory`` is not given
-DEFAULT_CHUNK_BYTES = 1 << 30
 
 
 def capture_chunk_size(
@@ -68,10 +64,5 @@ def capture_chunk_size(
 
         return probe_bytes(run)
 
-    one = probe(1)
-    per_example = max(probe(2) - one, 1) if size >= 2 else one  # what one more example adds
-    per_example += extra_per_example // 3
-    n = examples_per_chunk(resolve_budget(max_memory), per_example, what=what, fixed=fixed)
-    if max_memory is None:
-        n = min(n, max(1, DEFAULT_CHUNK_BYTES // (3 * per_example)))
-    return min(cap, n)
+    per_example = added_bytes(probe, size) + extra_per_example // 3
+    return min(cap, chunk_examples(max_memory, per_example, what=what, fixed=fixed))
