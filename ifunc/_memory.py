@@ -64,31 +64,33 @@ def resolve_budget(max_memory: int | None) -> int:
     return int(max_memory)
 
 
-def _nbytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(seen.values())
+def _count(seen: dict[int, int], t) -> None:
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
 
 
 def probe_bytes(run: Callable[[], Any]) -> int:
     """Bytes of the distinct storages autograd saves while ``run()`` executes, plus those of what it returns.
 
     ``run`` is one forward pass (on one example) whose result would be differentiated; the saved storages are
-    what the backward pass keeps alive (activations, logits), the returned ones what the caller keeps.
+    what the backward pass keeps alive (activations, logits), the returned ones what the caller keeps. The probe
+    is never differentiated: the hook records sizes and saves nothing (a saved tensor packed as itself forms a
+    cycle through autograd's graph that Python's collector cannot see, keeping the probe's whole forward alive).
     """
-    saved: list[torch.Tensor] = []
+    seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t)
-        return t
+    def pack(t: torch.Tensor) -> None:
+        _count(seen, t)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_: None) -> torch.Tensor:
+        raise RuntimeError("ifunc's memory probe is a forward pass only; it cannot be differentiated")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = run()
-    leaves = out if isinstance(out, (list, tuple)) else [out]
-    return _nbytes(saved + [t for t in leaves if isinstance(t, torch.Tensor)])
+    for t in out if isinstance(out, (list, tuple)) else [out]:
+        _count(seen, t)
+    return sum(seen.values())
 
 
 def _size(n: float) -> str:

@@ -18,7 +18,7 @@ from ._progress import progress_bar
 from ._scorers import generic_scorer, kronecker_scorer, solve, train_chunk_size
 from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, store_meta
 from ._types import Data, LossFn, Measurement, Params
-from .functional import flatten
+from .functional import structure
 from .grads import chunk_size_for, iter_per_sample_grads
 from .ihvp._operator import check_same_data
 from .ihvp.kronecker.score import kronecker_self_terms, scorable
@@ -233,7 +233,7 @@ def self_influence(
             "per_module=True needs a Kronecker-family closure built with model= "
             "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
         )
-    d = flatten(params)[0]
+    d = structure(params).dim
     chunk = chunk_size or chunk_size_for(loss, params, source, max_memory=max_memory, name="train")
     if distributed.active():  # a round of W chunks at a time: the solve may itself be distributed
         chunk = max(1, chunk // distributed.world()[1])
@@ -254,10 +254,10 @@ def self_influence(
         )
         held.append((batch_size(batch), G))
         if len(held) == size:
-            out.append(_self_round(ihvp, held, d.numel()))
+            out.append(_self_round(ihvp, held, d))
             held = []
     if held:
-        out.append(_self_round(ihvp, held, d.numel()))
+        out.append(_self_round(ihvp, held, d))
     if not out:
         raise ValueError("the training data yielded no examples")
     return torch.cat(out)

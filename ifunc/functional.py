@@ -15,7 +15,7 @@ from torch import nn
 
 from ._types import Params
 
-__all__ = ["params_of", "call", "flatten", "flatten_func", "parameter_names", "check_eval_mode"]
+__all__ = ["params_of", "call", "flatten", "structure", "flatten_func", "parameter_names", "check_eval_mode"]
 
 
 def params_of(
@@ -149,21 +149,10 @@ class Unflatten:
         return flat, batched
 
 
-def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
-    """Flatten a pytree of tensors to one vector.
+def structure(params: Params) -> Unflatten:
+    """The :class:`Unflatten` of ``params`` without copying them: what :func:`flatten` returns besides the vector.
 
-    Returns:
-      ``(vector [d], unflatten)``: ``unflatten(vector)`` gives back the pytree, and
-      ``unflatten(stack [k, d])`` gives a pytree whose leaves carry a leading ``k`` dimension.
-
-    Raises:
-      TypeError: a leaf is not a tensor; ValueError: leaves differ in dtype or device, or hold no values
-        (meta device).
-
-    Example:
-      >>> flat, unflatten = flatten({"w": torch.ones(2, 3), "b": torch.zeros(2)})
-      >>> flat.shape, unflatten(flat)["w"].shape
-      (torch.Size([8]), torch.Size([2, 3]))
+    ``structure(params).dim`` is ``d``; ``.dtypes[0]`` the (one) dtype. Raises as :func:`flatten` does.
     """
     leaves, treespec = optree.tree_flatten(params, namespace="ifunc")
     if not leaves:
@@ -183,8 +172,28 @@ def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
             "flatten: the parameters are on the meta device (shapes without values); load or initialise the "
             "weights first (e.g. model.to_empty(device='cpu') and a state dict)"
         )
-    vector = torch.cat([leaf.detach().reshape(-1) for leaf in leaves])
-    return vector, Unflatten(treespec, [leaf.shape for leaf in leaves], [leaf.dtype for leaf in leaves])
+    return Unflatten(treespec, [leaf.shape for leaf in leaves], [leaf.dtype for leaf in leaves])
+
+
+def flatten(params: Params) -> tuple[torch.Tensor, Unflatten]:
+    """Flatten a pytree of tensors to one vector.
+
+    Returns:
+      ``(vector [d], unflatten)``: ``unflatten(vector)`` gives back the pytree, and
+      ``unflatten(stack [k, d])`` gives a pytree whose leaves carry a leading ``k`` dimension.
+
+    Raises:
+      TypeError: a leaf is not a tensor; ValueError: leaves differ in dtype or device, or hold no values
+        (meta device).
+
+    Example:
+      >>> flat, unflatten = flatten({"w": torch.ones(2, 3), "b": torch.zeros(2)})
+      >>> flat.shape, unflatten(flat)["w"].shape
+      (torch.Size([8]), torch.Size([2, 3]))
+    """
+    unflatten = structure(params)
+    leaves = optree.tree_leaves(params, namespace="ifunc")
+    return torch.cat([leaf.detach().reshape(-1) for leaf in leaves]), unflatten
 
 
 def flatten_func(f: Callable, unflatten: Callable[[torch.Tensor], Params]) -> Callable:

@@ -116,3 +116,20 @@ def test_float32_factors_keep_bases_in_the_params_dtype_and_eigenvalues_in_float
     w, Q = torch.linalg.eigh(f.S.double())  # the float64 decomposition, cast (up to the signs of the vectors)
     torch.testing.assert_close(f.eig_S, w.clamp_min(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close((f.Q_S.double().T @ Q).abs(), torch.eye(len(w), dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_factors_without_covariances_give_the_same_closure_and_round_trip(tmp_path):
+    model, params, loss, (x, y) = mlp_problem(seed=7, sizes=(4, 8, 3), n=20)
+    kept = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model)
+    lean = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, keep_covariances=False)
+    assert all(f.A is None and f.S is None for f in lean.factors.values())
+    assert "Q_S [3, 3]" in repr(lean) and "'A [" not in repr(lean) and "'A [5, 5]" in repr(kept)
+    path = tmp_path / "lean.h5"
+    ifunc.save_factors(path, lean, params)
+    loaded = ifunc.load_factors(path, params)
+    assert loaded.factors["2"].A is None
+    v = torch.randn(4, sum(p.numel() for p in params.values()), dtype=x.dtype)
+    ref = ifunc.ihvp_ekfac(loss, params, kept, model=model, damping=0.1)(v)
+    for factors in (lean, loaded):
+        torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, factors, model=model, damping=0.1)(v), ref)
+    torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, (x, y), model=model, damping=0.1)(v), ref)

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import warnings
 
+import optree
 import torch
 
 from ..._types import Params
-from ...functional import flatten
+from ...functional import structure
 from .._base import IHVP, check_damping
 from .blocks import DiagBlock, KronBlock, gather, precondition_layer, scatter
 
@@ -109,8 +110,9 @@ class KroneckerIHVP(IHVP):
 
 
 def build_closure(name: str, params: Params, blocks, diags, model, damping, extra_info) -> KroneckerIHVP:
-    flat, unflatten = flatten(params)
-    dtype = flat.dtype
+    unflatten = structure(params)  # no copy of the parameters: the closure keeps only their layout, dtype, device
+    first = optree.tree_leaves(params, namespace="ifunc")[0]
+    dtype, like = first.dtype, first.new_zeros(())
     blocks = tuple(
         b._replace(
             Q_S=None if b.Q_S is None else b.Q_S.to(dtype),
@@ -145,7 +147,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
             name=name,
             damping=lam if lam is not None else per_block,
             unflatten=unflatten,
-            like=flat.new_zeros(()),
+            like=like,
             rebuild=rebuild,
             info=info,
             model=model,

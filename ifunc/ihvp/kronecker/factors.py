@@ -21,14 +21,15 @@ __all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
 
 FORMAT = "ifunc-factors"
 _LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
-_REQUIRED_FIELDS = _LAYER_FIELDS[:6]  #: always saved; ``diag`` and ``ekfac`` may be absent (not fitted)
+#: always saved; ``A``, ``S`` (``keep_covariances=False``), ``diag`` and ``ekfac`` (not fitted) may be absent
+_REQUIRED_FIELDS = ("eig_A", "Q_A", "eig_S", "Q_S")
 
 
 class LayerFactors(NamedTuple):
     """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column)."""
 
-    A: torch.Tensor  #: ``[in(+1), in(+1)]`` input covariance
-    S: torch.Tensor  #: ``[out, out]`` output-gradient covariance
+    A: torch.Tensor | None  #: ``[in(+1), in(+1)]`` input covariance (None: fitted with ``keep_covariances=False``)
+    S: torch.Tensor | None  #: ``[out, out]`` output-gradient covariance (None: as ``A``)
     eig_A: torch.Tensor  #: ``[in(+1)]`` eigenvalues of A (clamped at 0)
     Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
     eig_S: torch.Tensor  #: ``[out]``
@@ -59,8 +60,9 @@ class KroneckerFactors(NamedTuple):
             if f is None:  # ihvp_identity's factors carry layer specs only
                 layers[spec.name] = f"{spec.kind} [{spec.out_features}, {spec.in_features + (spec.bias is not None)}]"
                 continue
-            parts = [f"A {shape(f.A)}", f"S {shape(f.S)}"]
-            parts += [f"{what} {shape(t)}" for what, t in (("diag", f.diag), ("ekfac", f.ekfac)) if t is not None]
+            covariances = (("A", f.A), ("S", f.S)) if f.A is not None else (("Q_A", f.Q_A), ("Q_S", f.Q_S))
+            named = (*covariances, ("diag", f.diag), ("ekfac", f.ekfac))
+            parts = [f"{what} {shape(t)}" for what, t in named if t is not None]
             layers[spec.name] = ", ".join(parts)
         fallback = {k: shape(v) for k, v in self.fallback.items()}
         return (
@@ -131,7 +133,7 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
             f"{path} was fitted on different parameter values (fingerprint {meta['params']} vs "
             f"{digest}); refit, or pass check_params=False to use them anyway"
         )
-    like = flatten(params)[0]
+    like = optree.tree_leaves(params, namespace="ifunc")[0]  # dtype and device of the loaded tensors
 
     def to(a):
         return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
@@ -144,8 +146,8 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
         if lacking:
             raise ValueError(f"{path} is damaged: the factors of layer {spec.name!r} lack {lacking}; refit them")
         factors[spec.name] = LayerFactors(
-            A=to(g["A"]),
-            S=to(g["S"]),
+            A=to(g["A"]) if "A" in g else None,
+            S=to(g["S"]) if "S" in g else None,
             eig_A=to(g["eig_A"]),
             Q_A=to(g["Q_A"]),
             eig_S=to(g["eig_S"]),

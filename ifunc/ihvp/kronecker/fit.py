@@ -82,6 +82,7 @@ def fit_kronecker_factors(
     max_memory: int | None = None,
     diagonal: bool = True,
     eigen_dtype: torch.dtype = torch.float64,
+    keep_covariances: bool = True,
     progress: bool | None = None,
 ) -> KroneckerFactors:
     """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
@@ -117,10 +118,14 @@ def fit_kronecker_factors(
         measured (:mod:`ifunc.ihvp.kronecker.budget`), at most 256.
       diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
         it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
-      eigen_dtype: dtype of the covariance sums (each chunk's product runs in the params' dtype, as for the
-        gradients themselves), of the eigendecompositions, and of the returned eigenvalues, ``D`` and ``Λ``. The
-        returned covariances ``A, S`` and eigenbases ``Q_A, Q_S`` are in the params' dtype, where the closures use
-        them (each layer's float64 copies are freed once decomposed: for GPT-2 small's MLP layers they are 3.9 GB).
+      eigen_dtype: dtype of the eigendecompositions, of the sums of ``D`` and ``Λ`` and of the returned eigenvalues,
+        ``D`` and ``Λ``. The covariances ``A, S`` are summed over chunks in the params' dtype (at least float32),
+        like each chunk's product and the gradients themselves (for GPT-2 small's MLP layers the sums are 0.96 GB
+        in float32, 1.9 GB in float64), and decomposed one layer at a time in ``eigen_dtype``. The returned
+        covariances and eigenbases ``Q_A, Q_S`` are in the params' dtype, where the closures use them.
+      keep_covariances: return ``A`` and ``S`` too; ``False`` keeps only their eigendecompositions (all any closure
+        uses) and frees each layer's covariances once decomposed (:func:`ifunc.ihvp_ekfac` and friends fitting
+        from data pass ``False``: for GPT-2 small's MLP layers ``A, S`` are 0.96 GB in float32).
       progress: tqdm bars over the data passes and the per-layer eigendecompositions (``None``: only on
         a terminal; ``False``: never).
 
@@ -163,9 +168,11 @@ def fit_kronecker_factors(
     # running sums: the number 0 until the first chunk adds a tensor (distributed.reduce_sum takes both)
     acc: dict[str, dict[str, torch.Tensor | float]] = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
+    cov_dtype = torch.promote_types(dtype, torch.float32)  # of the A, S sums: as the products, never below float32
     n = 0
     if chunk_size is None:
-        held = sum(8 * (s.in_features**2 + s.out_features**2 + 2 * s.in_features * s.out_features) for s in layers)
+        width = max(cov_dtype.itemsize, eigen_dtype.itemsize)
+        held = sum(width * (s.in_features**2 + s.out_features**2 + 2 * s.in_features * s.out_features) for s in layers)
         chunk_size = capture_chunk_size(
             loss, params, model, layers, source, max_memory=max_memory, what="Kronecker factors", fixed=held
         )
@@ -198,9 +205,9 @@ def fit_kronecker_factors(
                 gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1)
                 for s in layers:
                     a, g, st = acts[s.name], gs[s.name], acc[s.name]
-                    if rotations is None:  # chunk products in the params' dtype, sums over chunks in eigen_dtype
+                    if rotations is None:  # chunk products in the params' dtype, D sums in eigen_dtype
                         gf = g.reshape(-1, g.shape[-1])
-                        _add(st, "S", gf.T @ gf, w, eigen_dtype)
+                        _add(st, "S", gf.T @ gf, w, cov_dtype)
                         if diagonal:
                             _add(st, "D", rotated_sq_sum(g, a, None, None), w, eigen_dtype)
                     else:
@@ -215,7 +222,7 @@ def fit_kronecker_factors(
                 for s in layers:
                     a = acts[s.name]
                     af = a.reshape(-1, a.shape[-1])
-                    _add(acc[s.name], "A", af.T @ af, 1.0 / a.shape[1], eigen_dtype)
+                    _add(acc[s.name], "A", af.T @ af, 1.0 / a.shape[1], cov_dtype)
 
     one_pass(None)
     distributed.reduce_stats(acc, "ASD" if diagonal else "AS", fb)  # sums over ranks (no-op without a process group)
@@ -236,28 +243,36 @@ def fit_kronecker_factors(
 
     def eig(name):
         A, S, D = stats[name]
-        with one_thread():
-            eA, QA = torch.linalg.eigh((A + A.T) / 2)
-            eS, QS = torch.linalg.eigh((S + S.T) / 2)
-        # kept in the params' dtype (where the closures and the Λ pass use them): the float64 copies of a large
-        # layer's covariances and bases are freed as soon as they are decomposed
-        stats[name] = (A.to(dtype), S.to(dtype), D)
+        with one_thread():  # one layer's covariances in eigen_dtype at a time
+            eA, QA = torch.linalg.eigh((A.to(eigen_dtype) + A.T) / 2)
+            eS, QS = torch.linalg.eigh((S.to(eigen_dtype) + S.T) / 2)
+        # kept in the params' dtype (where the closures and the Λ pass use them), or not at all: the float64 copies
+        # of a large layer's covariances and bases are freed as soon as they are decomposed
+        stats[name] = (A.to(dtype), S.to(dtype), D) if keep_covariances else (None, None, D)
         bar.update(1)
         return eA, QA.to(dtype), eS, QS.to(dtype)
 
     def zeros(name):
-        A, S, _ = stats[name]
+        A, S, D = stats[name]
         QA, QS = torch.zeros_like(A, dtype=dtype), torch.zeros_like(S, dtype=dtype)
-        return A.new_zeros(len(A)), QA, S.new_zeros(len(S)), QS
+        eA, eS = A.new_zeros(len(A)), S.new_zeros(len(S))
+        if not keep_covariances:  # another rank decomposes this layer: its covariances are not needed here
+            stats[name] = (None, None, D)
+        return eA, QA, eS, QS
 
     factors = {}  # layer l's eigendecompositions run on rank l mod W and are shared (all of them without one)
     for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros)):
         A, S, D = stats.pop(s.name)
-        factors[s.name] = LayerFactors(A.to(dtype), S.to(dtype), eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
+        if A is not None:
+            A, S = A.to(dtype), S.to(dtype)
+        factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
     bar.close()
     if ekfac and layers:
         gen.set_state(start_state)
         one_pass({s.name: (factors[s.name].Q_S, factors[s.name].Q_A) for s in layers})
         distributed.reduce_stats(acc, "L")
-        factors = {s.name: factors[s.name]._replace(ekfac=acc[s.name]["L"] / n) for s in layers}
+        for s in layers:  # the sums become the means in place
+            total = acc[s.name]["L"]
+            assert isinstance(total, torch.Tensor)  # every layer added a chunk (the data is not empty)
+            factors[s.name] = factors[s.name]._replace(ekfac=total.div_(n))
     return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)

@@ -7,11 +7,11 @@ identity zeros (so ``v / λ``); see :mod:`.closure` for the closure itself.
 
 from __future__ import annotations
 
+import optree
 import torch
 from torch import nn
 
 from ..._types import Data, LossFn, Params
-from ...functional import flatten
 from .._base import IHVP, check_damping
 from .blocks import DiagBlock, KronBlock, layout
 from .closure import build_closure
@@ -74,7 +74,8 @@ def _factors(loss, params, data_or_factors, model, ekfac, kwargs, diagonal=False
         return data_or_factors
     if model is None:
         raise TypeError("the Kronecker family needs model= (the nn.Module your loss calls) to capture layers")
-    kwargs = {"diagonal": diagonal, **kwargs}  # D = E[DW²] only where it is used
+    # D = E[DW²] only where it is used; A and S are not kept (the closures use their eigendecompositions)
+    kwargs = {"diagonal": diagonal, "keep_covariances": False, **kwargs}
     return fit_kronecker_factors(loss, params, data_or_factors, model=model, ekfac=ekfac, **kwargs)
 
 
@@ -199,7 +200,7 @@ def ihvp_identity(
         layers, uncovered = [], [p for p in names if p not in excl]
     else:
         layers, uncovered = find_layers(model, kept, modules=modules)
-    flat, _ = flatten(params)
+    flat = optree.tree_leaves(params, namespace="ifunc")[0]  # dtype and device of the zero blocks
     blocks = [
         KronBlock(
             s,

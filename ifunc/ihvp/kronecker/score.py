@@ -4,10 +4,11 @@ Used by :func:`ifunc.attribute` and :func:`ifunc.self_influence` for a :class:`K
 
 Queries are preconditioned once per layer, ``Q̃_l = (G_l + λ)^{-1} ∇_{W_l} f``; a training example's
 contribution is then ``Σ_t g_tᵀ Q̃_l a_t`` from captured inputs ``a`` and output-gradients ``g`` — no
-per-example gradient of the whole model. The queries stay in the layer's eigenbasis
-(``R̃ = (Q_Sᵀ ∇_W f Q_A) / (Λ + λ)``) and the training ``g, a`` are rotated instead (``g̃ = Q_Sᵀ g``,
-``ã = Q_Aᵀ a``, so ``gᵀ Q̃ a = g̃ᵀ R̃ ã``). Per layer and train chunk the cheaper of three contractions is
-chosen by a flop count:
+per-example gradient of the whole model. The queries are preconditioned in the layer's eigenbasis
+(``R̃ = (Q_Sᵀ ∇_W f Q_A) / (Λ + λ)``) and rotated back once, ``Q̃ = Q_S R̃ Q_Aᵀ`` (``q·out·in·(out + in)``), so the
+training ``g, a`` are used as captured: rotating them instead would cost ``n·T·(out² + in²)`` over the train
+data, more than the contraction itself for a language model. Per layer and train chunk the cheaper of three
+contractions is chosen by a flop count:
 
 * direct, full rank (``T = 1``): ``((Q̃ a) ⊙ g)`` summed — ``q·b·out·in``;
 * direct, rank ``r`` (``query_rank=r``; ``Q̃ ≈ Σ_r σ u vᵀ``): ``Σ_{t,r} σ (g_tᵀu)(vᵀa_t)`` —
@@ -64,10 +65,10 @@ def capture_chunk(loss, params, ihvp: KroneckerIHVP, batch, *, name: str, offset
 
 
 class PreparedQueries(NamedTuple):
-    """Preconditioned queries: diagonal-block columns ``[q, Σ sizes]`` and, per layer, ``R̃`` in its eigenbasis."""
+    """Preconditioned queries: diagonal-block columns ``[q, Σ sizes]`` and, per layer, ``Q̃`` in parameter space."""
 
     diag: torch.Tensor  #: ``[q, Σ_diag numel]`` preconditioned query columns of the diagonal blocks
-    #: module -> ``(R̃ [q, out, in(+1)], low-rank factors or None)``
+    #: module -> ``(Q̃ [q, out, in(+1)], its rank-r factors (U σ [q, out, r], V [q, r, in(+1)]) or None)``
     layers: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
 
 
@@ -82,12 +83,13 @@ def kronecker_prepare(
     max_memory: int | None = None,
     query_rank: int | None = None,
 ) -> PreparedQueries:
-    """Query gradients preconditioned once per layer, kept in the layer's eigenbasis.
+    """Query gradients preconditioned once per layer, returned in parameter space.
 
-    ``R̃_q = (Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)``, so that ``g_tᵀ Q̃_q a_t = (Q_Sᵀ g_t)ᵀ R̃_q (Q_Aᵀ a_t)``: the
-    rotation back to parameter space is never formed (training inputs are rotated instead, which costs
-    ``b·T·(out² + in²)`` rather than ``q·(out² in + out in²)``). Query gradients are captured layer by layer
-    like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
+    ``Q̃_q = Q_S [(Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)] Q_Aᵀ``, so that a training position contributes ``g_tᵀ Q̃_q a_t``
+    with its captured ``g_t, a_t`` (rotating the queries back costs ``q·out·in·(out + in)`` once; rotating the
+    training inputs instead would cost ``n·T·(out² + in²)``). ``query_rank=r`` truncates each ``Q̃_q`` to its
+    best rank-``r`` approximation (computed in the eigenbasis, where it is the same). Query gradients are captured
+    layer by layer like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
     ``measurement`` must, like the loss, be a sum over examples that do not interact.
     """
     if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
@@ -115,10 +117,18 @@ def kronecker_prepare(
                 cols[j].append(G / (d.diag + lam))
     with torch.no_grad():
         layers = {}
-        for name, chunks in parts.items():
-            R = torch.cat(chunks)
+        for blk in ihvp.blocks:  # one layer's chunks at a time: the queries are held once, plus one layer
+            chunks = parts.pop(blk.spec.name)
+            R = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+            del chunks
             factors = low_rank(R, query_rank) if query_rank is not None else None
-            layers[name] = (factors[0] @ factors[1] if factors is not None else R, factors)
+            if blk.Q_S is not None:  # back to parameter space, once: Q_S R Q_Aᵀ (factors: Q_S U, V Q_Aᵀ)
+                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
+                if factors is not None:
+                    factors = (blk.Q_S @ factors[0], factors[1] @ blk.Q_A.T)
+                else:
+                    R = blk.Q_S @ R @ blk.Q_A.T
+            layers[blk.spec.name] = (factors[0] @ factors[1] if factors is not None else R, factors)
         n_q = next(iter(layers.values()))[0].shape[0] if layers else sum(c.shape[0] for c in cols[0])
         diag = (
             torch.cat([torch.cat(c) for c in cols], dim=1)
@@ -144,11 +154,8 @@ def kronecker_chunk_scores(
     with torch.no_grad():
         b = batch_size(batch)
         out = prepared.diag.new_zeros(len(ihvp.modules) if per_module else 1, prepared.diag.shape[0], b)
-        for blk in ihvp.blocks:
+        for blk in ihvp.blocks:  # the prepared queries are in parameter space: g, a as captured
             a, g = layer_parts[blk.spec.name]
-            if blk.Q_S is not None:
-                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
-                g, a = g @ blk.Q_S, a @ blk.Q_A
             out[group[blk.spec.name] if per_module else 0] += layer_scores(*prepared.layers[blk.spec.name], a, g)
         start = 0
         for d in ihvp.diags:

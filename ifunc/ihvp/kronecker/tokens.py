@@ -10,10 +10,10 @@ positions:
 
 ``s[q, i, t]`` is the contribution of the gradient that flows through position ``t`` (its own loss term
 and every later term that reads it) — the per-token decomposition of Grosse et al. (2023, §5.3). It is
-computed from captured ``a`` and ``g`` in the layer's eigenbasis (``g̃ = Q_Sᵀ g``, ``ã = Q_Aᵀ a``,
-``s = g̃ᵀ R̃ ã``); no per-token or per-example gradient is materialised. A module called ``k`` times per
-forward (a shared block, a layer reused at several depths) contributes the sum of its ``k`` calls at each
-position, so shared modules keep true per-token scores.
+computed from the captured ``a`` and ``g`` and the query preconditioned once in parameter space
+(:func:`~ifunc.ihvp.kronecker.score.kronecker_prepare`); no per-token or per-example gradient is materialised.
+A module called ``k`` times per forward (a shared block, a layer reused at several depths) contributes the sum
+of its ``k`` calls at each position, so shared modules keep true per-token scores.
 
 Parameters with diagonal blocks (preconditioned query ``q̃ = ∇f / (diag + λ)``) are split over positions
 the same way, from hooks on the modules that use them: ``nn.Linear`` / ``Conv1D`` (``g_tᵀ Q̃ a_t`` and
@@ -160,10 +160,7 @@ def token_chunk_scores(
     with torch.no_grad():
         out = prepared.diag.new_zeros(prepared.diag.shape[0], b, T)
         for blk in state.blocks:
-            a, g, c = captured[blk.spec.name]
-            if blk.Q_S is not None:
-                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
-                g, a = g @ blk.Q_S, a @ blk.Q_A
+            a, g, c = captured[blk.spec.name]  # the prepared queries are in parameter space: g, a as captured
             s = layer_token_scores(*prepared.layers[blk.spec.name], a, g)
             out += s.reshape(s.shape[0], b, len(c), T).sum(2)  # a module called k times: sum its calls
         if state.diags:
