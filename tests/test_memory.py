@@ -133,3 +133,25 @@ def test_factors_without_covariances_give_the_same_closure_and_round_trip(tmp_pa
     for factors in (lean, loaded):
         torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, factors, model=model, damping=0.1)(v), ref)
     torch.testing.assert_close(ifunc.ihvp_ekfac(loss, params, (x, y), model=model, damping=0.1)(v), ref)
+
+
+def test_the_default_kronecker_chunk_holds_at_most_default_positions(monkeypatch):
+    from ifunc import language
+    from ifunc.ihvp.kronecker import budget
+    from ifunc.testing import TinyGPT
+
+    model = TinyGPT(vocab=11, width=8, heads=2, layers=1, context=8).double().eval()
+    params = ifunc.params_of(model)
+    ids = torch.randint(0, 11, (20, 8), generator=torch.Generator().manual_seed(0))
+    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"]))
+    data = {"input_ids": ids}
+    ref = ifunc.attribute(loss, params, ifunc.ihvp_ekfac(loss, params, data, model=model, chunk_size=20), data, data)
+    layers = [blk.spec for blk in ifunc.ihvp_identity(params, model=model).blocks]
+    assert (
+        budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == budget.DEFAULT_CHUNK
+    )
+    monkeypatch.setattr(budget, "DEFAULT_POSITIONS", 24)  # 3 sequences of 8 tokens per chunk
+    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == 3
+    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=1 << 30, what="t") > 3
+    got = ifunc.attribute(loss, params, ifunc.ihvp_ekfac(loss, params, data, model=model), data, data)
+    torch.testing.assert_close(got, ref)
