@@ -15,7 +15,8 @@ Floors, measured in the same run (the machine is shared, so its speed moves): th
 benchmark's threads, and the float64 eigendecompositions of one layer's factors (one thread, as the fit runs
 them). The fit's FLOP floor counts two forward passes, two backward passes to the layer outputs (no weight
 gradients are needed), the covariance products, the eigenbasis rotations and per-sequence products of the
-EK-FAC pass; pairwise and per-token scores: one forward + backward over the training data, the rotations and
+EK-FAC pass; pairwise and per-token scores: one forward + backward over the training data (the queries are rotated
+back to parameter space once, so the training data is not rotated) and
 the ``q·n·T·out·in`` contraction.
 
 Kronfluence (``pip install kronfluence``, 1.0.1) needs ``nn.Linear`` layers: the benchmark converts GPT-2's
@@ -261,11 +262,12 @@ def flop_floors(args) -> dict:
     rot = cov  # g Q_S, a Q_A
     dw = 2 * n * T * L * sum(i * o for i, o in mlp)  # Σ_t g a^T per sequence
     query = 2 * per_token_fwd * q * T + 2 * q * T * L * sum(i * o + i * i + o * o for i, o in mlp)
+    query += 2 * q * L * sum(i * o * (i + o) for i, o in mlp)  # each query rotated back once: Q_S R Q_Aᵀ
     contraction = 2 * q * n * L * sum(i * o for i, o in mlp)
     return {
         "fit": 2 * pass_fb + cov + rot + dw,
-        "pairwise": pass_fb + rot + dw + contraction + query,
-        "per_token": pass_fb + rot + 2 * q * n * T * L * sum(i * o for i, o in mlp) + query,
+        "pairwise": pass_fb + dw + contraction + query,
+        "per_token": pass_fb + 2 * q * n * T * L * sum(i * o for i, o in mlp) + query,
     }
 
 
