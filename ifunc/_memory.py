@@ -11,7 +11,11 @@ numbers instead of being killed by the operating system.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +29,7 @@ __all__ = [
     "added_bytes",
     "examples_per_chunk",
     "chunk_examples",
+    "release_free_memory",
     "DEFAULT_CHUNK_BYTES",
 ]
 
@@ -48,6 +53,30 @@ def available_bytes() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # no C library found, or not glibc (musl has no malloc_trim)
+        return None
+
+
+def release_free_memory() -> None:
+    """Return the C allocator's free pages to the operating system (glibc's ``malloc_trim(0)``; else a no-op).
+
+    glibc serves tensors below its adaptive mmap threshold (up to 32 MiB: a 768 × 3072 float32 factor, a chunk's
+    activations) from its heap and keeps their pages when they are freed, so after a pass the process's resident
+    memory still counts everything the pass held at its peak. The Kronecker passes call this between passes (after
+    the covariance pass, the eigendecompositions, the eigenvalue pass and the query preparation): on GPT-2 small
+    the fit otherwise left about 0.85 GB of free heap resident under the scoring pass.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_budget() -> int:

@@ -30,6 +30,7 @@ import torch
 
 from ... import distributed
 from ..._data import DataSource, batch_size, n_chunks
+from ..._memory import release_free_memory
 from ..._progress import progress_bar
 from ..._types import Batch, Data, LossFn, Params
 from ...grads import batch_grads, check_summed
@@ -225,6 +226,7 @@ def fit_kronecker_factors(
                     _add(acc[s.name], "A", af.T @ af, 1.0 / a.shape[1], cov_dtype)
 
     one_pass(None)
+    release_free_memory()  # the pass's chunks are freed: hand their heap pages back before the factors grow
     distributed.reduce_stats(acc, "ASD" if diagonal else "AS", fb)  # sums over ranks (no-op without a process group)
     n = distributed.reduce_count(n)
     stats = {}
@@ -267,6 +269,7 @@ def fit_kronecker_factors(
             A, S = A.to(dtype), S.to(dtype)
         factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
     bar.close()
+    release_free_memory()
     if ekfac and layers:
         gen.set_state(start_state)
         one_pass({s.name: (factors[s.name].Q_S, factors[s.name].Q_A) for s in layers})
@@ -275,4 +278,5 @@ def fit_kronecker_factors(
             total = acc[s.name]["L"]
             assert isinstance(total, torch.Tensor)  # every layer added a chunk (the data is not empty)
             factors[s.name] = factors[s.name]._replace(ekfac=total.div_(n))
+        release_free_memory()
     return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)

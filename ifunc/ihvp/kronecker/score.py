@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..._data import DataSource, batch_size, iter_chunks
+from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
 from ._kernels import layer_scores, low_rank, per_example_quadratic
@@ -110,8 +111,14 @@ def kronecker_prepare(
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
                 a, g = layer_parts[blk.spec.name]
                 if blk.Q_S is not None:
+                    assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
                     g, a = g @ blk.Q_S, a @ blk.Q_A
-                parts[blk.spec.name].append(torch.einsum("bto,bti->boi", g, a) / (blk.eigenvalues + lam))
+                R = torch.einsum("bto,bti->boi", g, a).div_(blk.eigenvalues + lam)
+                if query_rank is None and blk.Q_S is not None:  # back to parameter space: Q_S R Q_Aᵀ
+                    R = blk.Q_S @ R @ blk.Q_A.T
+                parts[blk.spec.name].append(R)  # (the rank-r truncation is taken in the eigenbasis, below)
+                del a, g, R
+                release_free_memory()  # this layer's temporaries: what is held grows by one layer's queries only
             for j, (d, lam) in enumerate(zip(ihvp.diags, ihvp.diag_damping)):
                 G = diag[d.name].reshape(diag[d.name].shape[0], -1)
                 cols[j].append(G / (d.diag + lam))
@@ -121,20 +128,23 @@ def kronecker_prepare(
             chunks = parts.pop(blk.spec.name)
             R = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             del chunks
-            factors = low_rank(R, query_rank) if query_rank is not None else None
-            if blk.Q_S is not None:  # back to parameter space, once: Q_S R Q_Aᵀ (factors: Q_S U, V Q_Aᵀ)
-                assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
-                if factors is not None:
+            factors = None
+            if query_rank is not None:
+                factors = low_rank(R, query_rank)
+                if blk.Q_S is not None:  # the factors back to parameter space: Q_S U, V Q_Aᵀ
+                    assert blk.Q_A is not None
                     factors = (blk.Q_S @ factors[0], factors[1] @ blk.Q_A.T)
-                else:
-                    R = blk.Q_S @ R @ blk.Q_A.T
-            layers[blk.spec.name] = (factors[0] @ factors[1] if factors is not None else R, factors)
+                R = factors[0] @ factors[1]
+            layers[blk.spec.name] = (R, factors)
+            # the freed chunks sit in the C heap, sized unlike the concatenation: return them layer by layer
+            release_free_memory()
         n_q = next(iter(layers.values()))[0].shape[0] if layers else sum(c.shape[0] for c in cols[0])
         diag = (
             torch.cat([torch.cat(c) for c in cols], dim=1)
             if cols
             else torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
         )
+    release_free_memory()  # the query chunks are freed: the scoring pass reuses no more than it needs
     return PreparedQueries(diag, layers)
 
 
