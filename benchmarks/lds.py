@@ -78,7 +78,17 @@ def methods(loss, train, model, lam):
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     return {
         "explicit": lambda p: ifunc.ihvp_explicit(loss, p, train, damping=lam),
-        "cg (tol 1e-4, default)": lambda p: ifunc.ihvp_cg(loss, p, train, damping=lam),
+        "cg (default tol 1e-5)": lambda p: ifunc.ihvp_cg(loss, p, train, damping=lam),
+        "cg, tol 1e-2 + Nystrom preconditioner": lambda p: ifunc.ihvp_cg(
+            loss,
+            p,
+            train,
+            damping=lam,
+            tol=1e-2,
+            preconditioner=ifunc.nystrom_preconditioner(
+                ifunc.curvature_operator(loss, p, train), rank=100, damping=None, generator=g()
+            ),
+        ),
         "cg + EK-FAC preconditioner": lambda p: ifunc.ihvp_cg(
             loss, p, train, damping=lam, preconditioner=ifunc.ihvp_ekfac(loss, p, train, model=model, damping=lam)
         ),

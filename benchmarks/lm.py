@@ -9,7 +9,8 @@ libraries fit the same curvature), damping 1e-3. Each library runs in its own su
 trained weights (peak RSS is its own). Reported: wall seconds of factor fitting, pairwise ``[20, 2000]`` and
 per-token ``[20, 2000, 64]`` scores, the process peak RSS (before the extra ``query_rank=32`` per-token run), the
 ratios, the agreement of the two libraries'
-scores and how far each library's per-token scores are from summing to its pairwise scores.
+scores and how far each library's per-token scores are from summing to its pairwise scores, and each EK-FAC stage
+against its floor: its FLOPs (:func:`flop_floors`) over the float32 GEMM rate measured in the same run.
 
 Kronfluence is not an ifunc dependency: ``pip install kronfluence`` by hand; without it only ifunc runs.
 
@@ -239,6 +240,43 @@ def spawn(which: str, method: str, problem: str, out: str, threads: int) -> dict
     return None
 
 
+def gemm_rate(threads: int) -> float:
+    """Median GFLOP/s of a 2048² float32 matmul on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    out = torch.empty(2048, 2048)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / sorted(times)[2] / 1e9
+
+
+def flop_floors(n: int, q: int) -> dict:
+    """FLOPs of the unavoidable work of each EK-FAC stage (the eigendecompositions, ≤ 513², take < 0.1 s).
+
+    A forward pass and a backward pass to the layer outputs (no weight gradients) per pass over the data; the
+    fit: two passes, the covariance products ``a aᵀ``, ``g gᵀ`` and, for Λ, the eigenbasis rotations of ``a, g``
+    and the per-sequence ``Σ_t g aᵀ``; pairwise: one pass, ``Σ_t g aᵀ`` and the ``[q, n]`` contraction; per-token:
+    one pass and the ``q·n·T·out·in`` contraction.
+    """
+    T = CONTEXT
+    layers = [(WIDTH + 1, 3 * WIDTH), (WIDTH + 1, WIDTH), (WIDTH + 1, 4 * WIDTH), (4 * WIDTH + 1, WIDTH)] * BLOCKS
+    layers.append((WIDTH + 1, VOCAB))  # (in + bias, out) of every tracked Linear
+    weights = sum((i - 1) * o for i, o in layers)
+    per_token = 2 * weights + BLOCKS * 2 * 2 * T * WIDTH  # forward: the layers and attention's two products
+    passes = 2 * per_token * n * T  # forward + backward to the layer outputs
+    squares = 2 * n * T * sum(i * i + o * o for i, o in layers)
+    dw = 2 * n * T * sum(i * o for i, o in layers)
+    return {
+        "fit": 2 * passes + 2 * squares + dw,
+        "pairwise": passes + dw + 2 * q * n * sum(i * o for i, o in layers),
+        "per_token": passes + 2 * q * n * T * sum(i * o for i, o in layers),
+    }
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.flatten().argsort().argsort().double(), b.flatten().argsort().argsort().double()
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
@@ -276,6 +314,7 @@ def main() -> None:
         f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    rate0 = gemm_rate(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         problem = os.path.join(tmp, "problem.pt")
@@ -294,8 +333,11 @@ def main() -> None:
                         flush=True,
                     )
             rows.append((method, res, scores))
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
-    print("\n| method | step | ifunc | Kronfluence | ratio |\n|---|---|---|---|---|")
+    rate = max(rate0, gemm_rate(args.threads))  # the machine's speed when other jobs leave it free
+    floors = {k: v / (rate * 1e9) for k, v in flop_floors(n_train, n_query).items()}
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}; float32 GEMM {rate:.0f} GFLOP/s")
+    print("floors (FLOPs ÷ GEMM rate): " + ", ".join(f"{k} {v:.2f} s" for k, v in floors.items()))
+    print("\n| method | step | ifunc | Kronfluence | ratio | ifunc ÷ floor |\n|---|---|---|---|---|---|")
     for method, res, scores in rows:
         ours, theirs = res.get("ifunc"), res.get("kronfluence")
         if ours is None:
@@ -308,7 +350,8 @@ def main() -> None:
         ):
             t = f"{theirs[key]:.2f}" if theirs else "—"
             r = f"{ours[key] / theirs[key]:.2f}" if theirs and theirs[key] > 0 else "—"
-            print(f"| {method} | {label} | {ours[key]:.2f} | {t} | {r} |")
+            f = f"{ours[key] / floors[key]:.2f}" if key in floors and method == "ekfac" else ""
+            print(f"| {method} | {label} | {ours[key]:.2f} | {t} | {r} | {f} |")
         if theirs:
             total_o = ours["fit"] + ours["per_token"]
             total_t = theirs["fit"] + theirs["per_token"]
