@@ -151,6 +151,8 @@ def test_the_default_kronecker_chunk_holds_at_most_default_positions(monkeypatch
         budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == budget.DEFAULT_CHUNK
     )
     monkeypatch.setattr(budget, "DEFAULT_POSITIONS", 24)  # 3 sequences of 8 tokens per chunk
+    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == budget.MIN_CHUNK
+    monkeypatch.setattr(budget, "MIN_CHUNK", 1)
     assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == 3
     assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=1 << 30, what="t") > 3
     got = ifunc.attribute(loss, params, ifunc.ihvp_ekfac(loss, params, data, model=model), data, data)
