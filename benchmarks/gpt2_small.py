@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import torch
+from floors import gemm_rate  # the benchmarks directory is on the path of a script run from it
 
 VOCAB = 50257
 
@@ -224,19 +225,6 @@ def profile_fit(args) -> None:
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(40)
-
-
-def gemm_rate(threads: int) -> float:
-    """Median GFLOP/s of a 2048² float32 matmul on ``threads`` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b, out=b.new_empty(2048, 2048))
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        torch.mm(a, b, out=b.new_empty(2048, 2048))
-        times.append(time.perf_counter() - t)
-    return 2 * 2048**3 / sorted(times)[2] / 1e9
 
 
 def eigh_seconds(sizes: list[int]) -> float:

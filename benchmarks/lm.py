@@ -31,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from floors import gemm_rate  # the benchmarks directory is on the path of a script run from it
 from torch import nn
 
 VOCAB, CONTEXT, WIDTH, HEADS, BLOCKS = 256, 64, 128, 4, 2
@@ -238,20 +239,6 @@ def spawn(which: str, method: str, problem: str, out: str, threads: int) -> dict
             return json.loads(line[7:])
     print(f"[{which} {method} failed]\n{proc.stderr[-3000:]}", file=sys.stderr)
     return None
-
-
-def gemm_rate(threads: int) -> float:
-    """Median GFLOP/s of a 2048² float32 matmul on ``threads`` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    out = torch.empty(2048, 2048)
-    torch.mm(a, b, out=out)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t)
-    return 2 * 2048**3 / sorted(times)[2] / 1e9
 
 
 def flop_floors(n: int, q: int) -> dict:

@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from ekfac import DAMPING, QUERY_RANK, mlp  # noqa: E402
+from floors import gemm_rate  # noqa: E402
 
 import ifunc  # noqa: E402
 
@@ -197,19 +198,10 @@ def memory_check(args) -> None:
     print(f"peak RSS growth {rows[0]['n']:,} -> {rows[-1]['n']:,} examples: {growth:+.1f} % (target within 10 %)")
 
 
-def gemm_rate(mm) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        mm(a, b)
-    return 10 * 2 * 2048**3 / (time.perf_counter() - t0)
-
-
 def floor(args) -> dict:
     """GEMM rates, FLOPs of one example (the contractions ifunc chooses) and data generation alone, per example."""
     try:  # oneDNN's fp32 kernels (torch's MKL sgemm takes an AVX2 path on AMD CPUs)
-        dnn = gemm_rate(lambda a, b: torch._C._nn.mkldnn_linear(a.to_mkldnn(), b.to_mkldnn(), None).to_dense())
+        dnn = 1e9 * gemm_rate(mm=lambda a, b: torch._C._nn.mkldnn_linear(a.to_mkldnn(), b.to_mkldnn(), None).to_dense())
     except (AttributeError, RuntimeError):
         dnn = float("nan")
     layers = list(zip(SIZES[1:], (i + 1 for i in SIZES[:-1])))  # (out, in + bias column)
@@ -220,7 +212,13 @@ def floor(args) -> dict:
     for _ in loader(m):
         pass
     data = (time.perf_counter() - t0) / m
-    return {"gemm": gemm_rate(torch.matmul), "dnn": dnn, "capture": capture, "contraction": contraction, "data": data}
+    return {
+        "gemm": 1e9 * gemm_rate(mm=torch.matmul),
+        "dnn": dnn,
+        "capture": capture,
+        "contraction": contraction,
+        "data": data,
+    }
 
 
 def merge_cost(args, n: int = 200_000, size: int = 2) -> float:
