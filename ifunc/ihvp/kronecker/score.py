@@ -144,7 +144,6 @@ def kronecker_prepare(
             if cols
             else torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
         )
-    release_free_memory()  # the query chunks are freed: the scoring pass reuses no more than it needs
     return PreparedQueries(diag, layers)
 
 
