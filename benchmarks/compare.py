@@ -107,7 +107,9 @@ def run_ifunc(method: str, problem: dict, dtype=torch.float32) -> torch.Tensor:
         "cg": lambda: ifunc.ihvp_cg(loss, params, train, damping=DAMPING),
         "arnoldi": lambda: ifunc.ihvp_arnoldi(loss, params, train, rank=RANK, damping=DAMPING, generator=g),
         "nystrom": lambda: ifunc.ihvp_nystrom(loss, params, train, rank=RANK, damping=DAMPING, generator=g),
-        "lissa": lambda: ifunc.ihvp_lissa(loss, params, train, damping=DAMPING, depth=300, batch_size=100, generator=g),
+        "lissa": lambda: ifunc.ihvp_lissa(
+            loss, params, train, damping=DAMPING, depth=300, batch_size=100, generator=g, tol=None
+        ),
         "datainf": lambda: ifunc.ihvp_datainf(loss, params, train, damping=DAMPING),
         "ekfac": lambda: ifunc.ihvp_ekfac(loss, params, train, model=model, damping=DAMPING),
         "kfac": lambda: ifunc.ihvp_kfac(loss, params, train, model=model, damping=DAMPING),

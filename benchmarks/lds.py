@@ -95,7 +95,7 @@ def methods(loss, train, model, lam):
         "arnoldi (rank 100)": lambda p: ifunc.ihvp_arnoldi(loss, p, train, rank=100, damping=lam, generator=g()),
         "nystrom (rank 100)": lambda p: ifunc.ihvp_nystrom(loss, p, train, rank=100, damping=lam, generator=g()),
         "lissa (depth 300)": lambda p: ifunc.ihvp_lissa(
-            loss, p, train, damping=lam, depth=300, batch_size=100, generator=g()
+            loss, p, train, damping=lam, depth=300, batch_size=100, generator=g(), tol=None
         ),
         "datainf": lambda p: ifunc.ihvp_datainf(loss, p, train, damping=lam),
         "ekfac": lambda p: ifunc.ihvp_ekfac(loss, p, train, model=model, damping=lam),

@@ -68,7 +68,7 @@ def main(argv=None):
         "cg (tol 1e-6)": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam, tol=1e-6),
         "arnoldi (rank 50)": lambda: ifunc.ihvp_arnoldi(loss, params, train, rank=50, damping=lam, generator=gen()),
         "lissa (depth 300, batch 100)": lambda: ifunc.ihvp_lissa(
-            loss, params, train, damping=lam, depth=300, batch_size=100, generator=gen()
+            loss, params, train, damping=lam, depth=300, batch_size=100, generator=gen(), tol=None
         ),
     }
     optional = {

@@ -10,7 +10,8 @@ training chunks across the ranks by itself and every rank gets the single-proces
 each rank writes its own chunks to ``scores.h5.rank{r}of{W}`` (resumable: kill a rank, relaunch the same
 command, and only unfinished chunks are computed), and rank 0 merges them into ``scores.h5``.
 
-Every rank must hold the same parameters and the same data in the same order (no DistributedSampler):
+The model is float32, torch's default (a ``.double()`` one works alike). Every rank must hold the same parameters
+in the same dtype and the same data in the same order (no DistributedSampler):
 here the model is trained identically on every rank and its parameters are broadcast from rank 0 anyway,
 as one would after any training run.
 """
@@ -47,8 +48,19 @@ def train(x, y, *, epochs=200, seed=0):
     return model
 
 
+def influence(model, train_data, query, *, out=None):
+    """EK-FAC scores ``[n_query, n_train]`` of the training images on the queries (on every rank), or the path
+    of the HDF5 store ``out`` holding them."""
+    params = ifunc.params_of(model)
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
+    )
+    ihvp = ifunc.ihvp_ekfac(loss, params, train_data, model=model, damping=1e-3)  # statistics all-reduced
+    return ifunc.attribute(loss, params, ihvp, train_data, query, out=out, progress=False)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--out", default=None, help="HDF5 score store (default: scores returned in memory)")
     parser.add_argument("--queries", type=int, default=8)
     args, _ = parser.parse_known_args()
@@ -63,21 +75,13 @@ def main():
         if world > 1:
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
-        params = ifunc.params_of(model)
-        loss = ifunc.output_loss(
-            lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: F.cross_entropy(out, b[1], reduction="sum")
-        )
         train_data = [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(x), 100)]  # any DataLoader works too
         query = (xq[: args.queries], yq[: args.queries])
 
         start = time.perf_counter()
-        ihvp = ifunc.ihvp_ekfac(loss, params, train_data, model=model, damping=1e-3)  # statistics all-reduced
-        fitted = time.perf_counter()
-        if args.out is None:
-            scores = ifunc.attribute(loss, params, ihvp, train_data, query, progress=False)  # on every rank
-        else:
-            path = ifunc.attribute(loss, params, ihvp, train_data, query, out=args.out, progress=False)
-            scores = torch.from_numpy(ifunc.load_scores(path))
+        scores = influence(model, train_data, query, out=args.out)
+        if args.out is not None:  # the merged store, once every rank is done
+            scores = torch.from_numpy(ifunc.load_scores(scores))
         done = time.perf_counter()
 
         if rank == 0:
@@ -85,7 +89,7 @@ def main():
             for q in range(min(3, scores.shape[0])):
                 top = scores[q].topk(3).indices.tolist()
                 print(f"  query {q} (label {int(yq[q])}): most helpful training images {top}, labels {y[top].tolist()}")
-            print(f"fit {fitted - start:.2f} s, scores {done - fitted:.2f} s, total {done - start:.2f} s")
+            print(f"EK-FAC fit and scores in {done - start:.2f} s")
     finally:
         if launched:
             dist.destroy_process_group()

@@ -4,19 +4,34 @@ A *batch* is a tensor, or a tuple / list / dict of tensors whose leading dimensi
 A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts or tensors).
 
 :func:`iter_chunks` is the one chunk loop of ifunc: every pass that walks the data in fixed-size chunks
-(gradients, scores, factors) takes ``(index, offset, batch)`` from it. :func:`fingerprint` is the one
-content hash (data sets, parameters, query sets).
+(gradients, scores, factors) takes ``(index, offset, batch)`` from it, and :func:`check_chunk_size` the one
+rule for a chunk size. :func:`fingerprint` is the one content hash (data sets, parameters, query sets).
+
+Two guards live here, where user data enters: an *ordered* source (score columns, sampled labels) refuses a
+DataLoader whose order is not fixed (:func:`order_problem`), and iterating user data never moves the global
+RNG (a DataLoader draws its seeds from it): the data's draws run on a stream of their own that restarts at the
+global state on every pass, so every pass sees the same data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 Batch = Any
 
@@ -79,13 +94,22 @@ def concat_batches(batches: list[Batch]) -> Batch:
     return optree.tree_map(lambda *xs: torch.cat(xs), *batches, namespace="ifunc")
 
 
+class _Normalised(list):
+    """The batches of data held in memory, already checked (a list of batches)."""
+
+
 class DataSource:
     """A re-iterable view of user data as batches, with the total number of examples."""
 
-    def __init__(self, data, *, name: str = "data", batch_size_hint: int = 256, ordered: bool = False):
+    def __init__(self, data: Any, *, name: str = "data", batch_size_hint: int = 256, ordered: bool = False):
         self.name = name
-        if _is_batch(data):
-            self._batches: Iterable[Batch] = [data]
+        if isinstance(data, DataSource):  # a view of a view: the user's data again, with this view's guards
+            data = data._batches
+        self._batches: Iterable[Batch]
+        if isinstance(data, _Normalised):
+            self._batches = data
+        elif _is_batch(data):
+            self._batches = _Normalised([data])
         elif isinstance(data, list):
             if data and all(isinstance(b, torch.Tensor) for b in data):
                 raise TypeError(
@@ -98,13 +122,15 @@ class DataSource:
                     f"{name}: a list must hold batches (tensors, tuples or dicts of tensors); "
                     "pass one batch as a tuple, e.g. (x, y)"
                 )
-            self._batches = data
+            self._batches = _Normalised(data)
         elif isinstance(data, DataLoader):
-            if ordered and _shuffles(data):
+            problem = order_problem(data) if ordered else None
+            if problem is not None:
                 raise ValueError(
-                    f"{name}: the DataLoader shuffles (shuffle=True or a random sampler), so example i would not "
-                    "be the i-th example of the data and the scores' columns would be in a random order; pass a "
-                    "DataLoader with shuffle=False (the order of the data set itself)"
+                    f"{name}: the DataLoader shuffles: {problem}, so example i would not be the i-th example of the "
+                    "data (the scores' columns, or the labels sampled per example, would be in a random order); "
+                    "pass a DataLoader with shuffle=False (or sampler=SequentialSampler(dataset)), or the data set "
+                    "itself"
                 )
             self._batches = data
         elif isinstance(data, Dataset) or _map_style(data):
@@ -128,7 +154,7 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Batch]:
         empty = True
-        for batch in self._batches:
+        for batch in self._batches if isinstance(self._batches, list) else _own_rng_stream(self._batches):
             empty = False
             yield batch
         if empty and self._passes:
@@ -169,7 +195,11 @@ class DataSource:
 
         Batches are split and joined across the data's own batch boundaries, so chunk ``i`` always holds
         examples ``[i·size, (i+1)·size)`` whatever the DataLoader's batch size.
+
+        Raises:
+          ValueError / TypeError: ``size`` is not a positive int (:func:`chunk_width`).
         """
+        size = chunk_width(size)
         pending: list[Batch] = []
         held = 0
         for b in self:
@@ -203,6 +233,12 @@ class DataSource:
             return batch
         raise ValueError(f"{self.name} holds no examples")
 
+    def head(self, count: int) -> Batch:
+        """The first ``count`` examples as one batch, across batch boundaries (fewer when it holds fewer)."""
+        for chunk in self.chunks(count):
+            return chunk
+        raise ValueError(f"{self.name} holds no examples")
+
     def in_memory(self) -> Batch | None:
         """All examples as one batch when the data is already in memory (a batch or a list), else None."""
         if isinstance(self._batches, list):
@@ -220,10 +256,100 @@ def _map_style(data) -> bool:
     )
 
 
-def _shuffles(loader: DataLoader) -> bool:
-    """True when a DataLoader visits its data set in a random order."""
-    sampler = loader.sampler
-    return isinstance(sampler, RandomSampler) or bool(getattr(sampler, "shuffle", False))
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def order_problem(loader: DataLoader) -> str | None:
+    """None when ``loader`` yields its examples in a fixed order, else what makes the order random.
+
+    Fixed: an iterable-style data set (its own order), a ``SequentialSampler`` (directly or under a plain
+    ``BatchSampler``), or any other sampler / batch sampler whose indices are the same on two passes (checked by
+    iterating them twice with the global RNG saved and restored, so nothing is consumed). Random, refused by type
+    without iterating: ``RandomSampler`` (seeded or not), ``SubsetRandomSampler``, ``WeightedRandomSampler`` and
+    any sampler with ``shuffle=True`` (``DistributedSampler``), also under a ``BatchSampler``.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        return None
+    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    inner = index_sampler.sampler if isinstance(index_sampler, BatchSampler) else index_sampler
+    if isinstance(inner, _RANDOM_SAMPLERS) or getattr(inner, "shuffle", False) is True:
+        return f"its order comes from a {type(inner).__name__}, which draws a random order"
+    if type(inner) is SequentialSampler and type(index_sampler) in (SequentialSampler, BatchSampler):
+        return None
+    state = torch.get_rng_state()
+    try:
+        orders = [_plain(list(index_sampler)), _plain(list(index_sampler))]
+    finally:
+        torch.set_rng_state(state)
+    if orders[0] != orders[1]:
+        culprit = index_sampler if type(inner) is SequentialSampler else inner
+        return f"its sampler {type(culprit).__name__} gave two different orders on two passes"
+    return None
+
+
+def _plain(indices):
+    """Sampler output as plain Python values (tensors to lists), for comparison."""
+    if isinstance(indices, torch.Tensor):
+        return indices.tolist()
+    if isinstance(indices, (list, tuple)):
+        return [_plain(i) for i in indices]
+    return indices
+
+
+def _own_rng_stream(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Iterate user data with its own stream of the global CPU RNG, leaving the global RNG where it was.
+
+    A DataLoader draws its base seed from the global RNG when it starts a pass (and an unseeded random sampler
+    or a data set's augmentations draw from it too). Here those draws run on a copy of the global state taken
+    when the pass starts, swapped in around each step of the data and out again, so the caller's RNG never moves
+    and every pass draws the same numbers (worker ``i`` still gets seed ``base + i``). Cost: four state
+    copies of 5 KB per batch.
+    """
+    outer = torch.get_rng_state()
+    try:
+        it = iter(batches)
+    finally:
+        inner = torch.get_rng_state()
+        torch.set_rng_state(outer)
+    while True:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(inner)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            inner = torch.get_rng_state()
+            torch.set_rng_state(outer)
+        yield batch
+
+
+def check_chunk_size(chunk_size, *, name: str = "chunk_size") -> int | None:
+    """``chunk_size`` as a positive ``int``, or ``None`` (chunks sized from the byte budget): the one chunk-size rule.
+
+    Every public function that takes a ``chunk_size`` calls this at its boundary, and the one chunk loop
+    (:meth:`DataSource.chunks`) checks its width the same way (:func:`chunk_width`).
+
+    Raises:
+      TypeError: not a whole number (a float, a string, a bool). ValueError: below 1.
+    """
+    return None if chunk_size is None else chunk_width(chunk_size, name=name)
+
+
+def chunk_width(size, *, name: str = "chunk_size") -> int:
+    """``size`` as a positive ``int`` (examples per chunk); TypeError / ValueError naming ``name`` and the fix."""
+    fix = f"pass a positive int such as {name}=64 (examples per chunk)"
+    if size is not None:
+        fix += f", or {name}=None to size the chunks from the memory budget (max_memory=)"
+    if isinstance(size, bool):
+        raise TypeError(f"{name} must be a positive int, got the bool {size!r}; {fix}")
+    try:
+        number = operator.index(size)  # pyright: ignore[reportArgumentType]  # int, NumPy or 0-d torch integer
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {size!r} ({type(size).__name__}); {fix}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int, got {number}; {fix}")
+    return number
 
 
 class Chunk(NamedTuple):
@@ -250,5 +376,6 @@ def iter_chunks(source: DataSource, size: int) -> Iterator[Chunk]:
 
 def n_chunks(source: DataSource, size: int) -> int | None:
     """Number of chunks of ``size`` when the example count is cheap to know, else None (for progress bars)."""
+    size = chunk_width(size)
     n = source.cheap_count()
     return None if n is None else -(-n // size)

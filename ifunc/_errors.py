@@ -1,9 +1,31 @@
-"""Readable errors for what torch.func transforms reject inside a user's loss or model."""
+"""Readable errors: what torch.func transforms reject inside a user's loss or model, and bad counts."""
 
 from __future__ import annotations
 
 import contextlib
+import operator
+import re
 from collections.abc import Iterator
+
+#: torch's message for an op without a forward-mode derivative; group 1 is the op's name.
+_NO_FORWARD_AD = re.compile(r"forward AD with (\S+)")
+
+_SDPA_HINT = (
+    "attention through torch's fused scaled_dot_product_attention ({op}), which has no forward-mode derivative; "
+    "the Hessian and Gauss-Newton products (ihvp_cg, ihvp_lissa, ihvp_arnoldi, ihvp_nystrom, ihvp_explicit) "
+    'differentiate forward-over-reverse. Hugging Face models use it by default (attn_implementation="sdpa"): '
+    'load the model with eager attention, AutoModelForCausalLM.from_pretrained(name, attn_implementation="eager"); '
+    'for a model built from a config, set config._attn_implementation = "eager" (or pass '
+    'attn_implementation="eager" to the config) before GPT2LMHeadModel(config); or switch a loaded model with '
+    'model.set_attn_implementation("eager"). Outside transformers, write the attention out '
+    '(softmax(q kᵀ / √d) v). The Kronecker family and curvature="empirical_fisher" need only reverse mode'
+)
+
+_FORWARD_AD_HINT = (
+    "an operation without a forward-mode derivative in torch ({op}); the Hessian and Gauss-Newton products "
+    "differentiate forward-over-reverse (jvp): replace that operation in the model, or use what needs only "
+    'reverse mode (curvature="empirical_fisher", or the Kronecker family ihvp_ekfac / ihvp_kfac)'
+)
 
 _HINTS = (
     (
@@ -14,7 +36,8 @@ _HINTS = (
     (
         ("data-dependent control flow", ".item()"),
         "data-dependent Python (.item(), float(tensor), `if tensor:`, one_hot) inside the loss or model: rewrite "
-        "it with tensor operations (torch.where, masks); for Hugging Face models use attn_implementation='eager'",
+        "it with tensor operations (torch.where, masks); for Hugging Face models load them with eager attention, "
+        'from_pretrained(name, attn_implementation="eager") (or model.set_attn_implementation("eager"))',
     ),
     (
         ("must have the same dtype", "expected scalar type", "expected both vectors to have same dtype"),
@@ -32,6 +55,10 @@ _HINTS = (
 def explain(err: Exception, where: str) -> RuntimeError | None:
     """A RuntimeError naming the cause and the fix, or None when the error is not a known transform limit."""
     text = str(err)
+    match = _NO_FORWARD_AD.search(text)
+    if match is not None:
+        hint = _SDPA_HINT if "scaled_dot_product" in match.group(1) else _FORWARD_AD_HINT
+        return RuntimeError(f"{where}: torch.func hit {hint.format(op=match.group(1))}")
     for needles, hint in _HINTS:
         if any(n in text for n in needles):
             return RuntimeError(f"{where}: torch.func hit {hint}")
@@ -48,3 +75,20 @@ def explained(where: str, kinds: tuple = (RuntimeError,)) -> Iterator[None]:
         if readable is not None:
             raise readable from err
         raise
+
+
+def check_count(value, name: str, who: str, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``: ``TypeError`` for a bool, a float or a non-number, else ``ValueError``.
+
+    ``True`` is an int in Python, so ``rank=True`` would silently mean 1; a float such as ``2.0`` or ``2.5`` is
+    refused rather than truncated. Integer types that support ``operator.index`` (NumPy, 0-d torch) are accepted.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{who}: {name} must be an int >= {minimum}, got the bool {value!r}; pass a number such as 10")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{who}: {name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})") from None
+    if number < minimum:
+        raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {number}")
+    return number

@@ -22,11 +22,12 @@ import torch
 
 from . import distributed, store
 from ._data import DataSource, batch_size, fingerprint, tensor_leaves
+from ._identity import run_identity
 from ._version import __version__
 from .functional import flatten
 from .ihvp._base import IHVP
 
-__all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink", "store_meta"]
+__all__ = ["MemorySink", "GatherSink", "StoreSink", "RankStoreSink", "store_meta", "resumed_chunk_size"]
 
 
 class MemorySink:
@@ -220,7 +221,26 @@ class RankStoreSink:
         return self.out
 
 
-def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tuple[dict, dict]:
+def resumed_chunk_size(out) -> int | None:
+    """The chunk size recorded in the store ``out`` (or, under ``torchrun``, in a rank's part of it), else None.
+
+    A run with the default chunk size adopts it: the default follows the memory available at the time, so a rerun
+    would compute another one and be refused. Rank 0 reads it for every rank.
+    """
+
+    def read():
+        found = store.recorded_chunk_size(out)
+        size = distributed.world()[1]
+        for r in range(size if size > 1 else 0):
+            found = found or store.recorded_chunk_size(store.part_path(out, r, size))
+        return found
+
+    return distributed.broadcast_result(read)  # type: ignore[return-value]
+
+
+def store_meta(
+    loss, params, ihvp, query, measurement, query_rank, dtype, identity: str | None = None
+) -> tuple[dict, dict]:
     """What defines the scores of a store, and how far resuming one can be trusted: ``(meta, resume)``.
 
     ``meta`` holds the method's build inputs as far as the closure shows them: its name, the damping
@@ -230,7 +250,9 @@ def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tup
     query rank, score dtype and fingerprints of the parameters and queries. Training data is fingerprinted
     chunk by chunk by the store sinks. ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume``
     for a callable that is not an ifunc closure and carries no ``identity`` (nothing tells two apart);
-    ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf).
+    ``warn_resume`` for a closure whose curvature data is invisible to it (CG, LiSSA, DataInf). ``defined_by``
+    holds content hashes of the loss, the measurement and the model (a Kronecker closure's), or the user's
+    ``identity`` (:func:`ifunc._identity.run_identity`).
     """
 
     def summary(t: torch.Tensor) -> list:  # robust to last-bit differences, unlike a hash
@@ -247,7 +269,8 @@ def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tup
         return f"<{type(v).__name__}>"
 
     info = getattr(ihvp, "info", {}) or {}
-    identity = getattr(ihvp, "identity", None)
+    model = getattr(ihvp, "model", None)
+    closure_identity = getattr(ihvp, "identity", None)
     curvature = {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)}
     curvature.update(
         {
@@ -265,8 +288,9 @@ def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tup
         "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
         "method_info": settings,
         "curvature": curvature,
-        "identity": None if identity is None else str(identity),
+        "identity": None if closure_identity is None else str(closure_identity),
         "measurement": getattr(measurement or loss, "__qualname__", type(measurement or loss).__name__),
+        "defined_by": run_identity(loss, measurement, model if isinstance(model, torch.nn.Module) else None, identity),
         "query_rank": query_rank,
         "score_dtype": None if dtype is None else str(dtype),
         "params": fingerprint([flatten(params)[0]]),
@@ -274,13 +298,13 @@ def store_meta(loss, params, ihvp, query, measurement, query_rank, dtype) -> tup
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }
     resume = {}
-    if not isinstance(ihvp, IHVP) and identity is None:
+    if not isinstance(ihvp, IHVP) and closure_identity is None:
         resume["refuse_resume"] = (
             f"ihvp is a custom callable ({meta['method']}), which ifunc cannot tell apart from another one, so its "
             "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
             "ihvp.identity = '<a name that changes whenever the closure does>' before the first run"
         )
-    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and identity is None:
+    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and closure_identity is None:
         resume["warn_resume"] = (
             f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
             "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 
 from . import distributed
-from ._data import DataSource, batch_size, iter_chunks, n_chunks
+from ._data import DataSource, batch_size, check_chunk_size, iter_chunks, n_chunks
 from ._progress import progress_bar
 from ._scorers import generic_scorer, kronecker_scorer, solve, train_chunk_size
-from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, store_meta
+from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, resumed_chunk_size, store_meta
 from ._types import Data, LossFn, Measurement, Params
 from .functional import structure
 from .grads import chunk_size_for, iter_per_sample_grads
@@ -38,6 +38,15 @@ def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc
             if sink.wants(index):
                 sink.put(index, _finite(compute(batch, offset), offset))
         return sink.result()
+
+
+def check_score_dtype(dtype) -> None:
+    """TypeError unless ``dtype`` is None or a floating-point ``torch.dtype`` (an int dtype would truncate scores)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), got "
+            f"{dtype!r}: integer, bool and complex dtypes would truncate or distort the scores"
+        )
 
 
 def _finite(block: torch.Tensor, offset: int) -> torch.Tensor:
@@ -65,6 +74,7 @@ def attribute(
     per_module: bool = False,
     out=None,
     overwrite: bool = False,
+    identity: str | None = None,
     progress: bool | None = None,
     dtype: torch.dtype | None = None,
     per_token: bool = False,
@@ -96,12 +106,21 @@ def attribute(
         calling again with the same arguments resumes at the first unfinished chunk and never recomputes a
         finished one, and on a finished store is a no-op that opens it read-only. The file records what
         defines the scores (method, damping per block, settings, curvature summaries, fingerprints of the
-        parameters and queries) and a fingerprint of every training chunk; a call that differs, or whose
-        training data differs in a finished chunk, is refused. A custom callable ``ihvp`` is resumable only
-        with an ``identity`` attribute (a string). Another process writing the same file is refused
-        (:class:`BlockingIOError`). Read it with :func:`ifunc.load_scores` or :func:`ifunc.top_k`.
+        parameters and queries, content hashes of the loss, the measurement and the model: their code, closures,
+        referenced globals and module structure, see ``identity``) and a fingerprint of every training chunk; a
+        call that differs, or whose training data differs in a finished chunk, is refused. With the default
+        ``chunk_size`` a call that resumes a file adopts the chunk size recorded in it (the default follows the
+        memory available, which changes between runs); an explicit different one is refused. A custom callable
+        ``ihvp`` is resumable only with an ``identity`` attribute (a string). Another process writing the same
+        file is refused (:class:`BlockingIOError`); a write the disk refuses (full, a file-size limit) raises
+        :class:`OSError` naming the file, keeping every finished chunk. Read it with :func:`ifunc.load_scores` or
+        :func:`ifunc.top_k`.
       overwrite: with ``out``, replace an existing file instead of resuming it (never one that another
         process has open).
+      identity: with ``out``, a string recorded instead of the content hashes of the loss, measurement and
+        model, for code that cannot be hashed stably (an object whose ``repr`` holds a memory address: the
+        refusal names its path, e.g. ``loss -> closure 'model' -> attribute 'foo'``). Change it whenever the
+        loss, the measurement or the model changes: the store cannot check them then.
       progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
       dtype: precision of the contraction of preconditioned queries with training gradients and of the
         returned scores (default: the parameters' dtype). Gradients and the iHVP solve stay in the
@@ -144,6 +163,7 @@ def attribute(
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
+    check_score_dtype(dtype)
     kron = scorable(ihvp)
     if not kron and (query_rank is not None or per_module):
         raise ValueError(
@@ -161,8 +181,15 @@ def attribute(
         raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or per_module")
     if per_token:
         check_per_token(ihvp)
+    chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
+    if out is not None:  # before any work: an unidentifiable loss is refused at once
+        meta, resume = store_meta(loss, params, ihvp, query, measurement, query_rank, dtype, identity)
+        if chunk_size is None and not overwrite:  # the default follows free memory: resume with the file's
+            chunk_size = resumed_chunk_size(out)
+    elif identity is not None:
+        raise ValueError("identity= names what defines the scores of a score store; it needs out=")
     if kron:
         scorer = kronecker_scorer(
             loss,
@@ -180,22 +207,24 @@ def attribute(
         )
     else:
         scorer = generic_scorer(loss, params, ihvp, train, query, measurement, chunk_size, max_memory, dtype)
+    chunk = scorer.chunk
+    if chunk_size is None:  # every rank takes rank 0's: a default sized from each rank's free memory could differ
+        chunk = int(distributed.broadcast_result(lambda: scorer.chunk))  # pyright: ignore[reportArgumentType]
     if out is None:
         sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
     else:
-        meta, resume = store_meta(loss, params, ihvp, query, measurement, query_rank, dtype)
         kind = RankStoreSink if distributed.active() else StoreSink
         sink = kind(
             out,
             n_query=scorer.n_query,
             n_train=source.count(),
-            chunk=scorer.chunk,
-            meta=meta,
+            chunk=chunk,
+            meta=meta,  # pyright: ignore[reportPossiblyUnboundVariable]  # set above when out is given
             overwrite=overwrite,
-            **resume,
+            **resume,  # pyright: ignore[reportPossiblyUnboundVariable]
         )
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
-    scores = _score_loop(source, scorer.chunk, scorer.score, sink, desc=desc, progress=progress)
+    scores = _score_loop(source, chunk, scorer.score, sink, desc=desc, progress=progress)
     return scores.to(dtype) if dtype is not None and out is None else scores
 
 
@@ -218,6 +247,7 @@ def self_influence(
     family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``, summing
     to the total.
     """
+    chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source)
     if scorable(ihvp):

@@ -214,7 +214,7 @@ def curvature_operator(
         value = check_scalar(loss(unflatten(flat), first))
         if not torch.isfinite(value):
             raise ValueError(f"loss(params, batch) is {value.item()} on the first batch; check inputs and params")
-        check_summed(lambda x, b: loss(unflatten(x), b), flat, first)
+        check_summed(lambda x, b: loss(unflatten(x), b), flat, source)
 
     batches = source.pieces(part.count) if curvature != "fisher" else source  # keep every worker busy
 

@@ -10,11 +10,14 @@ in the same order (not a ``DistributedSampler``). How the work is split (``r`` t
   n``): rank ``r`` computes ``i ≡ r (mod W)``, the partial sums are all-reduced, and all ranks hold the same bits,
   so iterative solvers take identical steps everywhere.
 - Work per layer (eigendecompositions): layer ``l`` on rank ``l mod W``, shared by an all-reduce in which the
-  others contribute zeros (``x + 0 = x`` exactly).
+  others contribute zeros in the owner's dtypes (``x + 0 = x`` exactly).
 - Scores: chunk ``i`` on rank ``i mod W``, columns all-gathered, or written to per-rank stores merged by rank 0.
   Query gradients are broadcast from rank 0 first (float32 kernels can differ in the last bits between
   processes, and a distributed CG must see the same right-hand sides); self-influence solves rounds of ``W``
   chunks jointly for the same reason.
+- Before a collective whose ranks could disagree (statistics, shared eigendecompositions, broadcast queries,
+  gathered scores) the ranks swap shapes and dtypes: a mismatch raises ``ValueError`` on every rank, naming what
+  disagrees and each rank's shape and dtype, rather than aborting or hanging inside gloo/nccl.
 - Monte Carlo labels (``curvature="fisher"``) come from one generator in data order; a rank that skips a batch
   still draws its labels, so the result equals the single-process one.
 """
@@ -99,49 +102,83 @@ def _gather_object(obj) -> list:
     return out
 
 
-def reduce_sum(values: Sequence) -> list:
+SAME_PARAMS = "every rank must hold the same parameters in the same dtype (cast the model the same way on every rank)"
+SAME_QUERIES = "every rank must pass the same query data and hold the same parameters in the same dtype"
+
+
+def _spec(t) -> tuple | None:
+    """``(shape, dtype)`` of a tensor, None for anything else (a rank holding nothing, a number)."""
+    return (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
+
+
+def _agree(what: str, per_rank: list, fix: str) -> tuple | None:
+    """The ``(shape, dtype)`` every rank holding a tensor has (None if no rank holds one).
+
+    Raises ValueError on every rank alike (they all see the same gathered specs, so none waits in a collective)
+    naming ``what`` and each rank's shape and dtype when they differ.
+    """
+    found = [s for s in per_rank if s is not None]
+    if any(s != found[0] for s in found):
+        seen = ", ".join(
+            f"rank {r}: {'nothing' if s is None else f'{s[1]} {list(s[0])}'}" for r, s in enumerate(per_rank)
+        )
+        raise ValueError(f"ranks disagree on the shape/dtype of {what} ({seen}); {fix}")
+    return found[0] if found else None
+
+
+def _all_reduce_exact(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sums over the ranks, each in its own dtype (one collective per dtype), on each tensor's device.
+
+    Every rank must pass the same shapes and dtypes in the same order (the callers check it first).
+    """
+    out = list(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for j, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(j)
+    dev = _device()
+    for js in groups.values():  # first-appearance order: the same on every rank
+        flat = torch.cat([tensors[j].detach().reshape(-1).to(dev) for j in js])
+        torch.distributed.all_reduce(flat)
+        start = 0
+        for j in js:
+            t = tensors[j]
+            out[j] = flat[start : start + t.numel()].reshape(t.shape).to(t.device)
+            start += t.numel()
+    return out
+
+
+def reduce_sum(values: Sequence, names: Sequence[str] | None = None) -> list:
     """All-reduce a list of partial sums (tensors, or the number ``0`` where a rank saw no data).
 
     Returns the totals, identical on every rank, in the dtype each entry has on the ranks that hold a
-    tensor; without a process group the values are returned unchanged. One collective for the whole list.
+    tensor (summed in float64 for floating entries); without a process group the values are returned
+    unchanged. One handshake and one collective for the whole list.
+
+    Raises:
+      ValueError: on every rank, when the ranks' tensors for one entry differ in shape or dtype, naming the entry
+        (``names[j]``, e.g. a layer's statistic) and each rank's shape and dtype.
     """
     values = list(values)
     if not active():
         return values
-    specs = [(tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else None for v in values]
-    every = _gather_object([None if s is None else (s[0], s[1]) for s in specs])
-    agreed = []
-    for j in range(len(values)):
-        found = [ranks[j] for ranks in every if ranks[j] is not None]
-        if not found:  # no rank has a tensor: a plain number, summed as such
-            agreed.append(None)
-            continue
-        if any(f != found[0] for f in found):
-            raise RuntimeError(f"ranks disagree on the shape/dtype of a statistic: {found}")
-        agreed.append(found[0])
-    wide = torch.float64 if any(a is not None and a[1].is_floating_point for a in agreed) else torch.int64
-    dev = _device()
+    specs = [_spec(v) for v in values]
+    every = _gather_object(specs)
+    agreed = [
+        _agree(names[j] if names is not None else f"sum {j}", [ranks[j] for ranks in every], SAME_PARAMS)
+        for j in range(len(values))
+    ]
+    # integer tensors only: summed exactly in int64; otherwise float64 (plain numbers too: 0.5 stays 0.5)
+    wide = torch.int64 if all(a is not None and not a[1].is_floating_point for a in agreed) else torch.float64
     parts = []
     for v, a in zip(values, agreed):
-        if a is None:
-            parts.append(torch.tensor([float(v)], dtype=wide, device=dev))
+        if a is None:  # no rank has a tensor: a plain number, summed as such
+            parts.append(torch.tensor([float(v)], dtype=wide))
         elif isinstance(v, torch.Tensor):
-            parts.append(v.detach().reshape(-1).to(dev, wide))
-        else:
-            parts.append(torch.full((math.prod(a[0]),), float(v), dtype=wide, device=dev))
-    flat = torch.cat(parts)
-    torch.distributed.all_reduce(flat)
-    out, start = [], 0
-    for a, s in zip(agreed, specs):
-        if a is None:
-            out.append(flat[start].item())
-            start += 1
-            continue
-        size = math.prod(a[0])
-        home = s[2] if s is not None else torch.device("cpu")
-        out.append(flat[start : start + size].reshape(a[0]).to(home, a[1]))
-        start += size
-    return out
+            parts.append(v.detach().to(wide))
+        else:  # this rank saw no data: zeros shaped like the others' tensors
+            parts.append(torch.full(a[0], float(v), dtype=wide))
+    totals = _all_reduce_exact(parts)
+    return [t.item() if a is None else t.to(a[1]) for t, a in zip(totals, agreed)]
 
 
 def reduce_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -165,19 +202,33 @@ def reduce_count(n: int) -> int:
 def owner_map(items: Sequence, fn: Callable[[object], tuple], empty: Callable[[object], tuple]) -> list[tuple]:
     """``[fn(item) for item in items]`` with item ``l`` computed on rank ``l mod W`` and shared.
 
-    ``empty(item)`` returns zeros shaped like ``fn(item)``; the owner's tensors are shared by an
-    all-reduce with those zeros, so every rank ends with the owner's exact values.
+    The other ranks call ``empty(item)`` for zeros shaped like ``fn(item)``; the owner's result sets the dtype
+    (a placeholder in another dtype is cast: zeros are zeros in any dtype), and an all-reduce of the owner's
+    tensors with those zeros, in the owner's dtypes, gives every rank the owner's exact values (``x + 0 = x``).
+
+    Raises:
+      ValueError: on every rank, when a placeholder's shape differs from the owner's result (naming the item).
     """
     rank, size = world()
     if size == 1:
-        return [fn(x) for x in items]
-    local = [fn(x) if i % size == rank else empty(x) for i, x in enumerate(items)]
-    lengths = [len(t) for t in local]
-    flat = reduce_sum([t for tup in local for t in tup])
+        return [tuple(fn(x)) for x in items]
+    local = [tuple(fn(x)) if i % size == rank else tuple(empty(x)) for i, x in enumerate(items)]
+    every = _gather_object([[_spec(t) for t in tup] for tup in local])
+    flat = []
+    for i, (x, tup) in enumerate(zip(items, local)):
+        owner = every[i % size][i]
+        shapes = [[s[0] if s else None for s in ranks[i]] for ranks in every]
+        if any(s != shapes[i % size] for s in shapes):
+            raise ValueError(
+                f"the zeros standing in for {x!r} (computed on rank {i % size}) have shapes {shapes} per rank; "
+                "empty(item) must return zeros shaped like fn(item)"
+            )
+        flat.extend(t.to(s[1]) for t, s in zip(tup, owner))
+    flat = _all_reduce_exact(flat)
     out, start = [], 0
-    for k in lengths:
-        out.append(tuple(flat[start : start + k]))
-        start += k
+    for tup in local:
+        out.append(tuple(flat[start : start + len(tup)]))
+        start += len(tup)
     return out
 
 
@@ -187,7 +238,8 @@ def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> 
         return
     extra = {} if extra is None else extra
     where = [(acc[name], k) for name in acc for k in keys] + [(extra, k) for k in extra]
-    for (d, k), total in zip(where, reduce_sum([d[k] for d, k in where])):
+    names = [f"layer {name!r} statistic {k}" for name in acc for k in keys] + [f"the diagonal of {k!r}" for k in extra]
+    for (d, k), total in zip(where, reduce_sum([d[k] for d, k in where], names)):
         d[k] = total
 
 
@@ -201,15 +253,18 @@ def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
         return torch.cat(mine, dim=-1)
     rank, size = world()
     local = torch.cat(mine, dim=-1) if mine else None
-    specs = _gather_object(None if local is None else (tuple(local.shape[:-1]), local.dtype))
-    spec = next((s for s in specs if s is not None), None)
+    spec = _agree(
+        "the score columns (all axes but the last)",
+        _gather_object(None if local is None else (tuple(local.shape[:-1]), local.dtype)),
+        SAME_QUERIES,
+    )
     if spec is None:
         raise ValueError("the training data yielded no examples")
     lead, dtype = spec
     per_rank = [sum(w for i, w in enumerate(widths) if i % size == r) for r in range(size)]
     longest = max(per_rank)
-    home = local.device if local is not None else torch.device("cpu")
     dev = _device()
+    home = local.device if local is not None else dev  # a rank without chunks: where its collectives run
     buf = torch.zeros(*lead, longest, dtype=dtype, device=dev)
     if local is not None:
         buf[..., : local.shape[-1]] = local.to(dev)
@@ -243,6 +298,9 @@ def broadcast_result(fn: Callable[[], object]):
 def broadcast_from_rank0(tree: T) -> T:
     """Rank 0's tensors of a pytree on every rank (a broadcast); the tree itself without a process group.
 
+    The ranks first compare their leaves' shapes and dtypes: a mismatch (ranks given different queries, or
+    parameters in different dtypes) raises ValueError on every rank naming the leaf and each rank's shape and dtype.
+
     Two processes running the same code on the same data can differ in the last bits (the BLAS kernels
     depend on memory alignment). Whatever feeds a solver whose products are all-reduced (CG, LiSSA)
     must be bitwise the same on every rank, or the ranks would take different branches (a converged
@@ -250,6 +308,11 @@ def broadcast_from_rank0(tree: T) -> T:
     """
     if not active():
         return tree
+    leaves = optree.tree_leaves(tree, namespace="ifunc", none_is_leaf=True)  # pyright: ignore[reportArgumentType]
+    every = _gather_object([_spec(t) for t in leaves])
+    for j in range(max(len(e) for e in every)):  # a mismatch would otherwise abort inside the collective
+        per_rank = [e[j] if j < len(e) else None for e in every]
+        _agree(f"tensor {j} broadcast from rank 0 (the queries prepared for scoring)", per_rank, SAME_QUERIES)
     dev = _device()
 
     def bcast(t):
@@ -267,13 +330,20 @@ def gather_rows(local: torch.Tensor | None, widths: list[int], d: int) -> torch.
     """All-gather one round of row blocks: rank ``r`` holds block ``r`` ``[widths[r], d]`` (or None when the
     round has fewer blocks than ranks). Returns ``[Σ widths, d]`` in rank order on every rank."""
     rank, size = world()
-    if local is None:
-        local = torch.zeros(0, d, dtype=torch.get_default_dtype())
     if size == 1:
-        return local
-    home, dev = local.device, _device()
-    buf = torch.zeros(max(widths), d, dtype=local.dtype, device=dev)
-    buf[: local.shape[0]] = local.to(dev)
+        return local if local is not None else torch.zeros(0, d)
+    # a rank without a block in the last round learns the dtype from the others (not the default dtype)
+    spec = _agree(
+        "the gradient rows of a self-influence round",
+        _gather_object(None if local is None else (tuple(local.shape[1:]), local.dtype)),
+        SAME_PARAMS,
+    )
+    assert spec is not None  # rank 0 holds the round's first block
+    dev = _device()
+    home = local.device if local is not None else dev
+    buf = torch.zeros(max(widths), d, dtype=spec[1], device=dev)
+    if local is not None:
+        buf[: local.shape[0]] = local.to(dev)
     bufs = [torch.empty_like(buf) for _ in range(size)]
     torch.distributed.all_gather(bufs, buf)
     return torch.cat([bufs[r][:w] for r, w in enumerate(widths)]).to(home)

@@ -9,6 +9,7 @@ gradient raises naming the example and the data set (``"train"``, ``"query"``, .
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Callable
 
@@ -16,7 +17,7 @@ import optree
 import torch
 from torch.func import grad, vmap
 
-from ._data import DataSource, batch_size, iter_chunks, slice_batch
+from ._data import DataSource, batch_size, check_chunk_size, iter_chunks, slice_batch
 from ._errors import explained
 from ._memory import added_bytes, chunk_examples, probe_bytes
 from ._types import Batch, Data, Measurement, Params
@@ -74,25 +75,51 @@ def check_scalar(value, what: str = "loss(params, batch)") -> torch.Tensor:
     return value.reshape(())
 
 
-def check_summed(func: Callable, params: Params, batch: Batch, what: str = "loss(params, batch)") -> None:
-    """Raise when ``func`` looks mean-reduced: on two examples it returns the mean of their single values.
+def check_summed(func: Callable, params: Params, data, what: str = "loss(params, batch)") -> None:
+    """Raise unless ``func`` adds up over examples: ``f(params, {a, b}) = f(params, {a}) + f(params, {b})``.
 
-    ifunc's losses and measurements are sums over the batch (``reduction="sum"``); PyTorch's default
-    ``reduction="mean"`` silently rescales every batch differently and changes rankings. Three evaluations
-    of at most two examples, without gradients.
+    ifunc's losses and measurements are sums over the batch of per-example terms, so additivity on the first
+    two examples ``a, b`` of the data is exactly the contract. Any per-batch normalisation breaks it: PyTorch's
+    default ``reduction="mean"`` (``f({a, b}) = (f(a) + f(b)) / 2``), a mean over the real tokens of padded
+    sequences (a Hugging Face model's ``.loss``), a loss coupling the examples. The two examples are read
+    across the data's batch boundaries (a ``DataLoader(batch_size=1)`` included); data of one example has
+    nothing to compare and passes. Rounding is allowed: ``|f({a, b}) − f(a) − f(b)| ≤ √ε (|f(a)| + |f(b)|)``
+    with ``ε`` the machine epsilon of the value's dtype (a broken normalisation is off by a factor of order 1).
+    Three evaluations on at most two examples, without gradients.
+
+    Args:
+      func: ``func(params, batch) -> scalar``.
+      params: what ``func`` takes.
+      data: a batch, any data ifunc accepts, or a :class:`ifunc._data.DataSource`.
+      what: the function's name in the error.
+
+    Raises:
+      ValueError: ``f({a, b})`` differs from ``f(a) + f(b)`` beyond rounding.
     """
-    if batch_size(batch) < 2:
+    source = data if isinstance(data, DataSource) else DataSource(data)
+    try:
+        pair = source.head(2)
+    except RuntimeError:  # batches padded to different lengths cannot be joined: the first batch alone
+        pair = source.first()
+    if batch_size(pair) < 2:
         return
     with torch.no_grad():
-        both = float(check_scalar(func(params, slice_batch(batch, 0, 2)), what))
-        one = float(check_scalar(func(params, slice_batch(batch, 0, 1)), what))
-        two = float(check_scalar(func(params, slice_batch(batch, 1, 2)), what))
-    total, scale = one + two, max(abs(one), abs(two), 1e-30)
-    if abs(both - total) > 1e-3 * scale and abs(both - total / 2) <= 1e-4 * scale:
+        value = check_scalar(func(params, pair), what)
+        one = float(check_scalar(func(params, slice_batch(pair, 0, 1)), what))
+        two = float(check_scalar(func(params, slice_batch(pair, 1, 2)), what))
+    both = float(value)
+    if not all(math.isfinite(v) for v in (both, one, two)):
+        return  # the non-finite checks name the example
+    eps = torch.finfo(value.dtype if value.dtype.is_floating_point else torch.float32).eps
+    if abs(both - (one + two)) > math.sqrt(eps) * (abs(one) + abs(two)):
         raise ValueError(
-            f"{what} looks mean-reduced: on two examples it gives {both:.6g}, the mean of their single values "
-            f"({one:.6g}, {two:.6g}), not their sum. ifunc needs the loss summed over the batch: use "
-            "reduction='sum' (or .sum() instead of .mean())"
+            f"{what} looks mean-reduced (it is not a sum over the examples of the batch): on two examples it gives "
+            f"{both:.6g}, but the examples alone give {one:.6g} and {two:.6g}, which sum to {one + two:.6g}. ifunc "
+            "needs f(a and b) = f(a) + f(b): use reduction='sum' (or .sum() instead of .mean()); a loss normalised "
+            "per batch, such as a mean over the real tokens of padded sequences (a Hugging Face model's .loss), must "
+            "sum the per-token losses instead (ifunc.language.causal_lm_loss does); a loss that couples the "
+            "examples of a batch (batch statistics, in-batch negatives) has no per-example gradient and cannot be "
+            "used"
         )
 
 
@@ -162,12 +189,13 @@ def batch_grads(
     return G
 
 
-def _eager_check(func, params, chunk) -> None:
-    """Evaluate ``func`` on one example outside vmap: a readable error for non-scalar outputs and limits."""
+def _eager_check(func, params, chunk, source: DataSource) -> None:
+    """Evaluate ``func`` on one example outside vmap (a readable error for non-scalar outputs and limits), and
+    check that it is summed over examples on the first two (from ``chunk``, else read from ``source``)."""
     with explained("per-sample gradients (one example at a time)", (RuntimeError, ValueError)):
         value = func(params, slice_batch(chunk, 0, 1))
     check_scalar(value, "loss/measurement(params, batch)")
-    check_summed(func, params, chunk, "loss/measurement(params, batch)")
+    check_summed(func, params, chunk if batch_size(chunk) >= 2 else source, "loss/measurement(params, batch)")
 
 
 def iter_per_sample_grads(
@@ -187,14 +215,16 @@ def iter_per_sample_grads(
     indices in error messages (for data that is itself a chunk of a larger set); ``name`` names the data.
 
     Raises:
-      ValueError: ``func`` is not scalar-valued, or a gradient is NaN/inf (naming the example index).
+      ValueError: ``func`` is not scalar-valued or not summed over the batch (:func:`check_summed`), a gradient is
+        NaN/inf (naming the example index), or ``chunk_size`` is not a positive int (TypeError for a non-int).
     """
     flat, unflatten = flatten(params)
-    size = chunk_size or chunk_size_for(func, params, data, max_memory=max_memory, name=name)
+    source = DataSource(data, name=name, ordered=True)
+    size = check_chunk_size(chunk_size) or chunk_size_for(func, params, source, max_memory=max_memory, name=name)
     flat_func = lambda x, b: func(unflatten(x), b)  # noqa: E731
-    for chunk in iter_chunks(DataSource(data, name=name, ordered=True), size):
+    for chunk in iter_chunks(source, size):
         if chunk.index == 0:
-            _eager_check(flat_func, flat, chunk.batch)
+            _eager_check(flat_func, flat, chunk.batch, source)
         yield batch_grads(flat_func, flat, chunk.batch, name=name, offset=offset + chunk.offset)
 
 

@@ -5,6 +5,9 @@ Modes:
   read      open STORE with ``load_scores(lazy=True)``, touch READY, wait for GO, close it
   readonly  import everything, become the unprivileged user ``nobody``, prove STORE and its directory are
             not writable, then read STORE and re-run the call that wrote it; print the results as JSON
+  default   ``python store_worker.py default STORE AVAILABLE KILL_AFTER``: ``attribute(..., out=STORE)`` on
+            default settings, as if AVAILABLE bytes of memory were free (the default chunk size follows it);
+            SIGKILL itself in the middle of the chunk after chunk number KILL_AFTER is written (0: never)
 
 The problem is the one of ``problem()`` in the test file: ``mlp_problem(seed=1, sizes=(3, 5, 3), n=15)``,
 ``ihvp_explicit(damping=0.1)``, queries ``(x[:2], y[:2])``, ``chunk_size=3``.
@@ -13,6 +16,7 @@ The problem is the one of ``problem()`` in the test file: ``mlp_problem(seed=1, 
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -88,9 +92,37 @@ def readonly(store: Path) -> None:
     print(json.dumps(report))
 
 
+ARMED = [False]
+
+
+def default(store: Path, available: int, kill_after: int) -> None:
+    from ifunc import _memory
+
+    _memory.available_bytes = lambda: available  # the memory that happens to be free in this run
+    params, loss, ihvp, train, query = problem()
+
+    class Arm(logging.Handler):
+        def emit(self, record):
+            ARMED[0] = ARMED[0] or f"chunk {kill_after}/" in record.getMessage()
+            if "written" in record.getMessage():
+                print(record.getMessage(), flush=True)  # "ifunc: chunk i/n written to ..."
+
+    logging.getLogger("ifunc").addHandler(Arm())
+    logging.getLogger("ifunc").setLevel(logging.INFO)
+
+    def train_loss(p, b):  # the same function in every run: the store records it
+        if ARMED[0]:
+            os.kill(os.getpid(), signal.SIGKILL)  # die in the middle of the next chunk
+        return loss(p, b)
+
+    ifunc.attribute(train_loss, params, ihvp, train, query, measurement=loss, out=store, progress=False)
+
+
 if __name__ == "__main__":
     mode, store = sys.argv[1], Path(sys.argv[2])
-    if mode == "readonly":
+    if mode == "default":
+        default(store, int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "readonly":
         readonly(store)
     else:
         {"hold": hold, "read": read}[mode](store, Path(sys.argv[3]), Path(sys.argv[4]))

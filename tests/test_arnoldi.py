@@ -54,3 +54,37 @@ def test_rank_must_be_valid_and_damping_positive_below_full_rank():
         ifunc.ihvp_arnoldi(loss, params, data, rank=d + 1, damping=0.1)
     with pytest.raises(ValueError, match="damping must be > 0"):
         ifunc.ihvp_arnoldi(loss, params, data, rank=2, damping=0.0)
+
+
+@pytest.mark.parametrize(
+    "build, error, pattern",
+    [
+        (lambda p: ifunc.ihvp_arnoldi(*p, rank=True, damping=0.1), TypeError, "ihvp_arnoldi: rank .* the bool True"),
+        (lambda p: ifunc.ihvp_arnoldi(*p, rank=2.0, damping=0.1), TypeError, "ihvp_arnoldi: rank must be an int"),
+        (lambda p: ifunc.ihvp_arnoldi(*p, rank=0, damping=0.1), ValueError, "ihvp_arnoldi: rank must be an int >= 1"),
+        (
+            lambda p: ifunc.ihvp_arnoldi(*p, rank=2, oversample=-1, damping=0.1),
+            ValueError,
+            "oversample must be an int >= 0, got -1",
+        ),
+        (lambda p: ifunc.ihvp_arnoldi(*p, rank=2, oversample=1.5, damping=0.1), TypeError, "oversample must be an int"),
+        # the other count hyperparameters of the family, with the same check
+        (lambda p: ifunc.ihvp_datainf(*p, chunk_size=True, damping=0.1), TypeError, "chunk_size .* the bool True"),
+        (lambda p: ifunc.ihvp_datainf(*p, chunk_size=0, damping=0.1), ValueError, "chunk_size must be an int >= 1"),
+        (lambda p: ifunc.ihvp_lissa(*p, depth=False, damping=0.1), TypeError, "depth .* the bool False"),
+        (lambda p: ifunc.ihvp_lissa(*p, repeat=1.0, damping=0.1), TypeError, "repeat must be an int"),
+    ],
+)
+def test_counts_are_ints_and_a_bool_is_not_one(build, error, pattern):
+    _, params, loss, data = mlp_problem(seed=5)
+    with pytest.raises(error, match=pattern):
+        build((loss, params, data))
+
+
+def test_oversample_zero_is_allowed_and_full_rank_stays_exact():
+    _, params, loss, data = mlp_problem(seed=5)
+    d = ifunc.flatten(params)[0].numel()
+    a = ifunc.ihvp_arnoldi(loss, params, data, rank=d, oversample=0, damping=0.1)
+    b = ifunc.ihvp_explicit(loss, params, data, damping=0.1)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a(v), b(v), rtol=1e-7, atol=1e-9)

@@ -118,3 +118,61 @@ def test_gpt2_position_embedding_rows_per_token(gpt2):
     wpe = tok - ifunc.attribute(loss, params, only_fc, data, data, per_token=True)
     G = ifunc.per_sample_grads(loss, params, data, flat=False)["transformer.wpe.weight"][:, :6]  # rows 0..T-1
     torch.testing.assert_close(wpe, torch.einsum("qtc,btc->qbt", G, G), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the default attention (SDPA) and forward mode
+
+
+def _tiny_gpt2(how: str = "default"):
+    """A one-layer GPT-2 with SDPA (``how="default"``) or eager attention chosen in one of the documented ways."""
+    extra = {"attn_implementation": "eager"} if how == "config-argument" else {}
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0, **extra
+    )
+    if how == "config-attribute":
+        cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    if how == "set_attn_implementation":
+        model.set_attn_implementation("eager")
+    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"]).logits)
+    ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
+    return model, loss, {"input_ids": ids}
+
+
+SDPA_ERROR = (
+    r"torch\.func hit attention through torch's fused scaled_dot_product_attention .*no forward-mode derivative.*"
+    r'from_pretrained\(name, attn_implementation="eager"\).*config\._attn_implementation = "eager".*'
+    r'model\.set_attn_implementation\("eager"\)'
+)
+
+BUILDERS = {
+    "cg": lambda loss, p, data: ifunc.ihvp_cg(loss, p, data, damping=0.1),
+    "explicit": lambda loss, p, data: ifunc.ihvp_explicit(loss, p, data, damping=0.1),
+    "arnoldi": lambda loss, p, data: ifunc.ihvp_arnoldi(loss, p, data, rank=2, damping=0.1),
+    "nystrom": lambda loss, p, data: ifunc.ihvp_nystrom(loss, p, data, rank=2, damping=0.1),
+    "lissa": lambda loss, p, data: ifunc.ihvp_lissa(loss, p, data, damping=0.1, depth=2, tol=None),
+    "lissa-minibatch": lambda loss, p, data: ifunc.ihvp_lissa(
+        loss, p, data, damping=0.1, scale=100.0, depth=2, batch_size=1, tol=None
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BUILDERS))
+def test_default_sdpa_attention_is_explained_for_every_forward_mode_method(method):
+    model, loss, data = _tiny_gpt2()  # no attn_implementation: transformers picks SDPA
+    assert model.config._attn_implementation == "sdpa"
+    params = ifunc.params_of(model)
+    with pytest.raises(RuntimeError, match=SDPA_ERROR) as info:
+        ifunc.attribute(loss, params, BUILDERS[method](loss, params, data), data, data)
+    assert isinstance(info.value.__cause__, NotImplementedError)  # torch's own message stays in the chain
+
+
+@pytest.mark.parametrize("how", ["config-argument", "config-attribute", "set_attn_implementation"])
+def test_each_eager_switch_the_message_names_works(how):
+    model, loss, data = _tiny_gpt2(how)
+    assert model.config._attn_implementation == "eager"
+    params = ifunc.params_of(model)
+    scores = ifunc.attribute(loss, params, ifunc.ihvp_cg(loss, params, data, damping=0.1), data, data)
+    exact = ifunc.attribute(loss, params, ifunc.ihvp_explicit(loss, params, data, damping=0.1), data, data)
+    torch.testing.assert_close(scores, exact, rtol=1e-4, atol=1e-8)

@@ -18,7 +18,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ifunc"
 
 # group -> (layer, files relative to ifunc/; a trailing "/" takes every module below that folder)
 GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "base": (0, ("_types.py", "_data.py", "_errors.py", "_progress.py", "_version.py", "functional.py", "_memory.py")),
+    "base": (
+        0,
+        ("_types.py", "_data.py", "_errors.py", "_progress.py", "_version.py", "functional.py", "_memory.py")
+        + ("_identity.py",),
+    ),
     "ranks": (0, ("distributed.py",)),
     "store": (1, ("store/",)),
     "grads": (2, ("grads.py",)),

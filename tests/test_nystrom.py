@@ -81,3 +81,34 @@ def test_errors_name_the_problem():
     A = -random_spd(d, seed=1)  # negative definite: no Nyström approximation
     with pytest.raises(ValueError, match="positive semi-definite"):
         ifunc.nystrom_sketch(lambda V: V @ A, d, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "rank, error, pattern",
+    [
+        (True, TypeError, "rank must be an int >= 1, got the bool True"),
+        (2.0, TypeError, r"rank must be an int >= 1, got 2\.0 \(float\)"),
+        (0, ValueError, "rank must be an int >= 1, got 0"),
+        (-3, ValueError, "rank must be an int >= 1, got -3"),
+    ],
+)
+def test_rank_must_be_a_positive_int_in_every_nystrom_entry_point(rank, error, pattern):
+    """``True`` is an int in Python: without the check ``rank=True`` failed inside ``torch.eye``."""
+    _, params, loss, data = mlp_problem(seed=5)
+    op = ifunc.curvature_operator(loss, params, data)
+    d = op.flat_params.numel()
+    with pytest.raises(error, match=f"ihvp_nystrom: {pattern}"):
+        ifunc.ihvp_nystrom(loss, params, data, rank=rank, damping=0.1)
+    with pytest.raises((TypeError, ValueError), match="nystrom_preconditioner: rank must be an int"):
+        ifunc.nystrom_preconditioner(op, rank=rank, damping=0.1)  # its own range check comes first
+    with pytest.raises(error, match=pattern):
+        ifunc.nystrom_sketch(op.matvec, d, rank, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_numpy_integer_rank_is_accepted():
+    np = pytest.importorskip("numpy")
+    _, params, loss, data = mlp_problem(seed=5)
+    a = ifunc.ihvp_nystrom(loss, params, data, rank=np.int64(3), damping=0.1)
+    b = ifunc.ihvp_nystrom(loss, params, data, rank=3, damping=0.1)
+    v = torch.ones(a.dim)
+    torch.testing.assert_close(a(v), b(v), rtol=0, atol=0)

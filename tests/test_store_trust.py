@@ -70,23 +70,21 @@ def writes():
         logger.setLevel(level)
 
 
-def stopping(loss, written: list, after: int):
-    """``loss``, raising :class:`Stop` once ``after`` chunks are written."""
-
-    def train_loss(p, b):
-        if len(written) >= after:
-            raise Stop
-        return loss(p, b)
-
-    return train_loss
-
-
 def partial(path, loss, params, ihvp, train, query, *, after: int, **kw):
-    """A store with its first ``after`` chunks done, as a crash would leave it."""
-    with writes() as written, pytest.raises(Stop):
-        ifunc.attribute(
-            stopping(loss, written, after), params, ihvp, train, query, measurement=loss, out=path, progress=False, **kw
-        )
+    """A store with its first ``after`` chunks done, as a crash would leave it (the next chunk's write fails).
+
+    The crash comes from the store, not from a wrapper of the loss: the loss is part of what the store records.
+    """
+    real = store.ScoreWriter.write
+
+    def write(self, index, columns, fp):
+        if len(self.done) >= after:
+            raise Stop
+        real(self, index, columns, fp)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):
+        patch.setattr(store.ScoreWriter, "write", write)
+        ifunc.attribute(loss, params, ihvp, train, query, out=path, progress=False, **kw)
     with h5py.File(path, "r") as f:
         assert f["done"][...].sum() == after
 
@@ -391,15 +389,17 @@ def test_ekfac_with_heuristic_damping_resumes_and_another_damping_is_refused(tmp
     ihvp = build()
     assert isinstance(ihvp.damping, dict)
     path = tmp_path / "k.h5"
-    partial(path, loss, params, ihvp, (x, y), query, after=2, chunk_size=5)
-    with h5py.File(path, "r") as f:  # the resolved λ per block, no NaN
-        stored = json.loads(f["meta"][()])["damping"]
-    assert stored == pytest.approx(ihvp.damping) and all(np.isfinite(list(stored.values())))
     calls = []
 
     def counting(p, b):
         calls.append(1)
         return loss(p, b)
+
+    partial(path, counting, params, ihvp, (x, y), query, after=2, chunk_size=5, measurement=loss)
+    with h5py.File(path, "r") as f:  # the resolved λ per block, no NaN
+        stored = json.loads(f["meta"][()])["damping"]
+    assert stored == pytest.approx(ihvp.damping) and all(np.isfinite(list(stored.values())))
+    calls.clear()
 
     with writes() as written:  # the identical call, closure rebuilt
         ifunc.attribute(
@@ -416,7 +416,9 @@ def test_ekfac_with_heuristic_damping_resumes_and_another_damping_is_refused(tmp
     assert calls == []  # finished: the loss is never called
     before = sha(path)
     with pytest.raises(ValueError, match=r"different run \(damping\.0: file has"):
-        ifunc.attribute(loss, params, ihvp.with_damping(0.1), (x, y), query, out=path, chunk_size=5, progress=False)
+        ifunc.attribute(
+            counting, params, ihvp.with_damping(0.1), (x, y), query, measurement=loss, out=path, chunk_size=5
+        )
     assert sha(path) == before
     expected = ifunc.attribute(loss, params, ihvp, (x, y), query)
     np.testing.assert_allclose(ifunc.load_scores(path), expected.numpy(), rtol=1e-5, atol=1e-6)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
-from ._base import IHVP, check_rank
+from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 from ._damping import hutchinson_trace, resolve_damping, trace_beyond
 from ._operator import data_operator
@@ -116,8 +117,9 @@ def ihvp_arnoldi(
       ``info["damping_rule"]``, ``info["damping_trace"]``, ``info["damping_estimator"]``.
 
     Raises:
-      ValueError: rank out of range, ``H + λI`` not positive definite on the kept eigenpairs, ``damping=None``
-        with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
+      TypeError: ``rank`` or ``oversample`` is not an int (a bool or a float included).
+      ValueError: rank out of range, a negative oversample, ``H + λI`` not positive definite on the kept
+        eigenpairs, ``damping=None`` with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
 
     References:
       Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling up influence functions".
@@ -125,10 +127,12 @@ def ihvp_arnoldi(
     generator = generator if generator is not None else default_generator()
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
-    check_rank(rank)
-    if not 1 <= rank <= d:
-        raise ValueError(f"rank must be in [1, d={d}], got {rank}")
-    oversample = max(rank, 20) if oversample is None else int(oversample)
+    rank = check_count(rank, "rank", "ihvp_arnoldi")
+    if rank > d:
+        raise ValueError(f"ihvp_arnoldi: rank must be in [1, d={d}] (the number of parameters), got {rank}")
+    oversample = (
+        max(rank, 20) if oversample is None else check_count(oversample, "oversample", "ihvp_arnoldi", minimum=0)
+    )
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
     factors, krylov = [], []
     for block in groups:

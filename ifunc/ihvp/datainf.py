@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._data import DataSource, iter_chunks
+from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..curvature import CURVATURES, example_gradients, resolve_curvature
 from ..functional import flatten
@@ -68,7 +69,8 @@ def ihvp_datainf(
       :class:`IHVP` closure with ``info["blocks"]`` and ``info["n"]``.
 
     Raises:
-      ValueError: damping <= 0; a curvature other than the two Fishers (DataInf needs rank-one
+      TypeError: ``chunk_size`` is not an int (a bool or a float included).
+      ValueError: damping <= 0; ``chunk_size < 1``; a curvature other than the two Fishers (DataInf needs rank-one
         per-example terms); a non-finite gradient (naming the example); ``damping=None`` with every
         gradient zero.
 
@@ -82,6 +84,7 @@ def ihvp_datainf(
     """
     if damping is not None:
         check_damping(damping, allow_zero=False)
+    chunk_size = check_count(chunk_size, "chunk_size", "ihvp_datainf")
     if curvature not in GRADIENT_CURVATURES:
         raise ValueError(
             f"ihvp_datainf: curvature={curvature!r} cannot be used; DataInf inverts per-example rank-one "
@@ -91,13 +94,13 @@ def ihvp_datainf(
     curvature = resolve_curvature(loss, curvature)
     flat, unflatten = flatten(params)
     groups = resolve_blocks(blocks, unflatten, device=flat.device)
-    source = DataSource(data, name="data")
+    source = DataSource(data, name="data", ordered=curvature == "fisher")  # labels are drawn in data order
     gen = replayable(generator, flat.device)() if curvature == "fisher" else None
     parts = []
     for index, offset, chunk in iter_chunks(source, chunk_size):
         if index == 0:
             check_scalar(loss(unflatten(flat), chunk))
-            check_summed(lambda x, b: loss(unflatten(x), b), flat, chunk)
+            check_summed(lambda x, b: loss(unflatten(x), b), flat, source)
         G = example_gradients(loss, flat, unflatten, chunk, curvature=curvature, generator=gen, offset=offset)
         parts.append(G.detach())
     S = torch.cat(parts)  # [n, d]

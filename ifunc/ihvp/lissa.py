@@ -1,33 +1,33 @@
-"""LiSSA: the stochastic truncated Neumann series for ``(H + λI)^{-1} v`` (Agarwal et al. 2017)."""
+"""LiSSA: the truncated Neumann series for ``(H + λI)^{-1} v`` (Agarwal et al. 2017), checked for convergence."""
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Iterator
-from typing import Callable
 
 import torch
 
 from .._data import DataSource, index_batch
 from .._data import batch_size as _batch_size
+from .._errors import check_count, explained
 from .._types import Data, LossFn, MatVec, Params
-from ..curvature import _batch_matvec, curvature_operator
+from ..curvature import _batch_matvec
 from ..likelihood import default_generator
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
 from ._damping import hutchinson_trace, resolve_damping
 from ._operator import data_operator
 
-__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning", "DEFAULT_BATCH_SIZE"]
+__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning", "DEFAULT_TOL", "MAX_DEFAULT_DEPTH"]
 
-#: Examples per LiSSA step when ``batch_size=None`` and ``data`` holds more than this many (else all of it):
-#: a step then costs one product on 64 examples, not a pass over the data, so the default ``depth=1000``
-#: finishes in about the time of 1000 · 64 / n passes (pyDVL's LiSSA also steps on mini-batches).
-DEFAULT_BATCH_SIZE = 64
+#: Default ``tol``: the relative residual ``‖(H + λI)x − v‖ / ‖v‖`` every call must reach (else it raises).
+DEFAULT_TOL = 1e-2
+#: The most steps ``depth=None`` may choose; a damping that needs more is refused when the closure is built.
+MAX_DEFAULT_DEPTH = 10_000
 
 
 class LissaDivergenceError(ConvergenceError):
-    """The LiSSA recursion grew instead of settling: ``scale`` is below ``(λ_max(H) + λ) / 2``."""
+    """The LiSSA recursion grows instead of settling: ``scale`` is below ``(λ_max(H) + λ) / 2``."""
 
 
 class LissaDivergenceWarning(RuntimeWarning):
@@ -58,6 +58,24 @@ def _estimate_top_eigenvalue(matvec, d, like, generator, iters: int = 30) -> flo
     return value
 
 
+def contraction(damping: float, scale: float, top: float) -> float:
+    """``ρ = max |1 − a/s|`` over the eigenvalues ``a ∈ [λ, λ_max + λ]`` of ``H + λI`` (PSD ``H``).
+
+    A full-data step multiplies the error (and the residual) of every eigen-direction by ``1 − a/s``, so
+    after ``depth`` steps both are at most ``ρ^(depth+1)`` times their starting size.
+    """
+    return max(abs(1 - damping / scale), abs(1 - (top + damping) / scale))
+
+
+def depth_for(tol: float, rho: float) -> int:
+    """The fewest steps with ``ρ^(depth+1) <= tol`` (at least 1); ``ρ ≈ 1 − λ/s`` gives ``≈ (s/λ) ln(1/tol)``."""
+    if rho <= 0:
+        return 1
+    if rho >= 1:  # 1 − λ/s rounded to 1 (s/λ beyond 1e16): no number of steps is enough
+        return 2**62
+    return max(1, math.ceil(math.log(tol) / math.log(rho)) - 1)
+
+
 def ihvp_lissa(
     loss: LossFn,
     params: Params,
@@ -65,188 +83,277 @@ def ihvp_lissa(
     *,
     damping: float | None = None,
     scale: float | None = None,
-    depth: int = 1000,
+    depth: int | None = None,
+    tol: float | None = DEFAULT_TOL,
     repeat: int = 1,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     curvature: str | None = None,
     blocks="full",
 ) -> IHVP:
-    """``v -> (H + λI)^{-1} v`` by the LiSSA recursion.
+    """``v -> (H + λI)^{-1} v`` by the LiSSA recursion, with a convergence check on every call.
 
-    With ``x_0 = v`` and ``H_j`` the mean curvature on the ``j``-th sampled mini-batch,
-    ``x_j = v + (1 − λ/s) x_{j−1} − H_j x_{j−1} / s``; the estimate is ``x_depth / s``, averaged over
-    ``repeat`` independent runs. The recursion converges when every eigenvalue of ``(H + λI)/s`` lies in
-    ``(0, 2)``, i.e. ``s > (λ_max(H) + λ)/2``, and the truncation error decays like ``(1 − λ_min/s)^depth``.
-    With full-data steps (the default on at most 64 examples, or ``batch_size=n``) the result is exactly the
-    truncated Neumann sum ``(1/s) Σ_{j<=depth} (I − (H + λI)/s)^j v``.
+    With ``x_0 = v`` and ``H_j`` the mean curvature of the ``j``-th step (all of ``data`` by default),
+    ``x_j = v + (1 − λ/s) x_{j−1} − H_j x_{j−1} / s``; the estimate is ``x_depth / s``, averaged over ``repeat``
+    runs. With full-data steps it is the truncated Neumann sum ``(1/s) Σ_{j<=depth} (I − (H + λI)/s)^j v``,
+    whose residual is exactly ``(I − (H + λI)/s)^(depth+1) v``: every eigen-direction of error and residual
+    shrinks by ``1 − a/s`` per step (``a`` an eigenvalue of ``H + λI``), so both are at most
+    ``ρ^(depth+1)`` of their start with ``ρ = max(1 − λ/s, (λ_max + λ)/s − 1)``; the flattest direction sets
+    the pace, ``depth ≈ (s/λ) ln(1/tol)`` steps. The recursion grows when ``s <= (λ_max + λ)/2``.
+
+    What is checked, so that a call returns an answer within ``tol`` or raises:
+
+    - at build time (and by ``with_damping``): ``λ_max`` is estimated (30 power iterations on all of ``data``)
+      and a ``scale`` at or below ``(λ_max + λ)/2`` raises :class:`LissaDivergenceError` at any ``depth``;
+      ``depth=None`` is the fewest steps with ``ρ^(depth+1) <= tol``, refused (``ConvergenceError``) above
+      :data:`MAX_DEFAULT_DEPTH` (10,000) steps, naming the depth it needs.
+    - on every call: NaN/inf or growing iterates raise :class:`LissaDivergenceError` (with full-data steps
+      ``‖x_j − x_{j−1}‖ = ‖M^j v‖`` is log-convex in ``j``, so a last update larger than the first, or than
+      ``‖v‖`` at ``depth=1``, proves growth); then the relative residual ``‖(H + λI)x − v‖ / ‖v‖`` of every
+      right-hand side is measured on all of ``data`` (one more curvature product of the ``[k, d]`` block) and
+      above ``tol`` raises ``ConvergenceError`` with the residual reached and what to change. ``tol=None``
+      skips this check (a fixed-``depth`` estimate, no extra product; ``depth`` is then required).
+
+    Mini-batch steps (``batch_size``) make each step cheaper but leave noise that the recursion does not
+    average out, of order ``‖H_j − H‖ ‖x‖ / s``: their residual rarely reaches ``1e-2`` at small damping, so
+    they usually need ``tol=None`` (an unchecked stochastic estimate) or a larger ``repeat``/``batch_size``.
 
     With ``blocks="layer"`` (or a mapping) every ``H_j`` is replaced by its block diagonal
-    ``Σ_b P_b H_j P_b`` (cross-block curvature dropped): the recursion then runs independently in each
-    block on shared mini-batches, with one batched product per step.
+    ``Σ_b P_b H_j P_b`` (cross-block curvature dropped): the recursion runs in each block on shared steps,
+    ``λ_max`` and the residual are those of the block diagonal.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
-      data: batch, list of batches, Dataset or DataLoader. Mini-batches are drawn uniformly with
-        replacement from in-memory data with ``generator``; a DataLoader is cycled through in its order.
+      data: batch, list of batches, Dataset or DataLoader; ``H`` is the curvature of the mean loss over it.
       damping: λ > 0 (keyword-only, like every argument here), or ``None`` (default) for
-        ``λ = 0.1 × the mean eigenvalue = 0.1 · tr(H) / d`` of the mean curvature over all of ``data``, with
-        ``tr(H)`` from a Hutchinson estimate: 20 Rademacher probes in one batched product at build time
-        (exact when ``d <= 20``), drawn from a generator seeded from ``generator`` without advancing it.
-        Relative error at most ``sqrt(2 / (20 r))`` (one standard deviation) for a PSD curvature of
-        effective rank ``r = tr(H)² / ‖H‖_F²``. With ``blocks`` the same λ. The λ used is ``ihvp.damping``.
-      scale: s; default ``1.5 (λ_max + λ)`` with ``λ_max`` from 30 power iterations on all of ``data``: a
-        mini-batch curvature may exceed ``λ_max`` by up to 2x before the recursion grows (64-example batches
-        of the MLPs in ``benchmarks/exact_fast.py`` stayed within 1.25x).
-      depth: recursion steps. repeat: independent runs averaged.
-      batch_size: examples per step (in-memory data; a DataLoader is stepped through batch by batch). ``None``
-        (default) = :data:`DEFAULT_BATCH_SIZE` (64) when ``data`` holds more examples than that, else all of
-        ``data`` every step (then the result is exactly the truncated Neumann sum). Pass ``batch_size=n``
-        for full-data steps on larger data (``depth`` passes over it per call).
-      generator: drives mini-batch sampling and the power iteration; its state at build time is replayed
-        on every call, so the closure is deterministic. ``None`` = a generator seeded with 0. The global
-        RNG is never used.
-      curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` (the true Fisher's labels
-        are drawn from ``generator`` too).
+        ``λ = 0.1 × the mean eigenvalue = 0.1 · tr(H) / d``, with ``tr(H)`` from a Hutchinson estimate (20
+        Rademacher probes in one batched product, exact when ``d <= 20``) drawn from a generator seeded from
+        ``generator`` without advancing it. The λ used is ``ihvp.damping``.
+      scale: s > (λ_max + λ)/2; default ``1.5 (λ_max + λ)`` (then ``ρ = 1 − λ/s``), re-derived by ``with_damping``.
+      depth: recursion steps, an int >= 1; default ``None`` = the fewest that reach ``tol`` (see above),
+        re-derived by ``with_damping``. ``info["depth"]`` holds the one used.
+      tol: the relative residual every right-hand side must reach, in (0, 1); default :data:`DEFAULT_TOL`
+        (1e-2, the level at which CG keeps rankings, see :func:`ifunc.ihvp_cg`). ``None``: no check.
+      repeat: independent runs averaged (mini-batch steps only differ between runs), an int >= 1.
+      batch_size: ``None`` (default): all of ``data`` every step. An int ``b < n``: ``b`` examples drawn
+        uniformly with replacement from in-memory data with ``generator`` (a DataLoader is cycled through,
+        one of its batches per step); ``b >= n`` means all of the data.
+      generator: drives mini-batches, the power iteration and true-Fisher labels; its state at build time is
+        replayed on every call, so the closure is deterministic. ``None`` = seeded with 0; the global RNG is
+        never used.
+      curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
       blocks: ``"full"`` (default), ``"layer"`` or a mapping ``{parameter name: group}``.
 
     Returns:
-      :class:`IHVP` closure (deterministic: two calls give the same answer).
+      :class:`IHVP` closure with ``info["scale"]``, ``info["depth"]``, ``info["tol"]``, ``info["lambda_max"]``
+      (the estimate) and ``info["contraction"]`` (ρ).
 
     Raises:
-      ValueError: damping <= 0, depth/repeat < 1, the recursion produced NaN/inf, or ``damping=None`` with an
-        estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
+      LissaDivergenceError: (build or call) the scale is too small, or the iterates grew or became NaN/inf.
+      ConvergenceError: (call) a residual above ``tol``; (build) ``depth=None`` would need more than
+        :data:`MAX_DEFAULT_DEPTH` steps.
+      TypeError, ValueError: a damping <= 0, a scale <= 0, ``depth``/``repeat``/``batch_size`` not an int >= 1
+        (a bool or a float included), ``tol`` outside (0, 1), ``tol=None`` without ``depth``, or ``damping=None``
+        with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
 
-    Warns:
-      LissaDivergenceWarning: the iterates grew (scale too small for the curvature).
+    Example:
+      >>> ihvp = ifunc.ihvp_lissa(loss, params, train, damping=0.1)   # depth chosen for tol=1e-2
+      >>> x = ihvp(v)                                                   # or ConvergenceError, never silently off
 
     References:
       Agarwal, Bullins & Hazan (2017); Koh & Liang (2017).
     """
+    who = "ihvp_lissa"
     if damping is not None:
         check_damping(damping, allow_zero=False)
-    if depth < 1 or repeat < 1:
-        raise ValueError(f"depth and repeat must be >= 1, got depth={depth}, repeat={repeat}")
+    if scale is not None:
+        try:
+            value = float(scale) if not isinstance(scale, bool) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{who}: scale must be a finite number > 0 (or None for 1.5 (λ_max + λ)), got {scale!r}")
+        scale = value
+    depth = None if depth is None else check_count(depth, "depth", who)
+    repeat = check_count(repeat, "repeat", who)
+    batch_size = None if batch_size is None else check_count(batch_size, "batch_size", who)
+    if tol is None and depth is None:
+        raise ValueError(f"{who}: tol=None (no convergence check) needs an explicit depth=; or keep a tol")
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"{who}: tol must be in (0, 1) (a relative residual), or None for no check; got {tol!r}")
     state = (generator if generator is not None else default_generator()).get_state()
     full = data_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
     source = DataSource(data)
     like = full.flat_params
     d = like.numel()
     groups = resolve_blocks(blocks, full.unflatten, device=like.device)
-    lam, rule = resolve_damping(
-        damping,
-        lambda: hutchinson_trace(full.matvec, d, like=like, generator=generator),
-        d,
-        who="ihvp_lissa",
-        allow_zero=False,
+    lam0, rule0 = resolve_damping(
+        damping, lambda: hutchinson_trace(full.matvec, d, like=like, generator=generator), d, who=who, allow_zero=False
     )
 
     def block_op(matvec):
         return block_diagonal(matvec, groups, d)
 
+    operator = block_op(full.matvec)  # the curvature the residual is measured on
+    top = _estimate_top_eigenvalue(operator, d, like, _fresh(state))
+
     def labels(gen):  # only the true Fisher draws from gen here, so other curvatures keep their streams
         return _child(gen) if full.curvature == "fisher" else None
 
-    top = None  # the spectral bound the default scale is built on, reported when the recursion grows
-    if scale is None:
-        top = _estimate_top_eigenvalue(block_op(full.matvec), d, like, _fresh(state))
-        scale = 1.5 * (top + lam)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    s = float(scale)
-
     # the curvature of each recursion step: all of the data, sampled mini-batches, or the loader's batches
-    step_operator: Callable[[torch.Generator], Iterator[MatVec]]
-    if batch_size is None and full.n > DEFAULT_BATCH_SIZE:
-        batch_size = DEFAULT_BATCH_SIZE
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"ihvp_lissa: batch_size must be a positive integer or None, got {batch_size!r}")
-    if batch_size is None:
+    full_steps = batch_size is None or batch_size >= full.n
+    per_step = full.n if batch_size is None else batch_size
+    pool = None if full_steps else source.in_memory()
+    where = f"{full.curvature} curvature products (a LiSSA mini-batch)"
 
-        def full_steps(gen):
+    def batch_step(batch, gen) -> MatVec:
+        """The mean curvature of one batch (block-diagonal with ``blocks``)."""
+        size = _batch_size(batch)
+        with explained(where):
+            product = _batch_matvec(loss, like, full.unflatten, batch, full.curvature, labels(gen))
+
+        def mean(V: torch.Tensor) -> torch.Tensor:
+            with explained(where):
+                return product(V) / size
+
+        return block_op(mean)
+
+    def step_operator(gen: torch.Generator) -> Iterator[MatVec]:
+        if full_steps:
             while True:
-                yield block_op(full.matvec)
+                yield operator
+        elif pool is not None:  # in memory: batch_size examples drawn with replacement
+            while True:
+                yield batch_step(index_batch(pool, torch.randint(full.n, (per_step,), generator=gen)), gen)
+        else:  # a DataLoader: its batches in its order, over and over
+            while True:
+                for batch in source:
+                    yield batch_step(batch, gen)
 
-        step_operator = full_steps
-    else:
-        pool = source.in_memory()
-        if pool is not None:
-            n = _batch_size(pool)
+    def build(lam: float, rule=None) -> IHVP:
+        lam = check_damping(lam, allow_zero=False)
+        s = 1.5 * (top + lam) if scale is None else float(scale)
+        if not s > (top + lam) / 2:  # only a given scale can fail: the default has a factor 3 of margin
+            raise LissaDivergenceError(
+                f"{who} would have diverged: scale={s:g} is too small for damping {lam:g}: the largest eigenvalue of "
+                f"(H + λI)/scale is about {(top + lam) / s:.4g} >= 2 (λ_max(H) ≈ {top:.3e} from 30 power iterations), "
+                f"so the recursion grows at every depth; pass scale > (λ_max(H) + λ)/2 ≈ {(top + lam) / 2:.3e}, e.g. "
+                f"{1.5 * (top + lam):.3e}, or leave scale=None"
+            )
+        rho = contraction(lam, s, top)
+        needed = depth_for(tol, rho) if tol is not None else None
+        steps = depth if depth is not None else needed
+        assert steps is not None  # tol=None requires a depth (checked above)
+        if depth is None and steps > MAX_DEFAULT_DEPTH:
+            raise ConvergenceError(
+                f"{who}: reaching tol={tol:g} at damping {lam:g} needs about {steps} steps (the flattest direction "
+                f"shrinks by 1 − λ/s = {1 - lam / s:.6f} per step, s = {s:.3e}), more than the {MAX_DEFAULT_DEPTH} "
+                f"that depth=None allows. Use ihvp_cg (about √(s/λ) iterations instead of s/λ), a larger damping, "
+                f"or pass depth={steps} to run them"
+            )
+        # full-data updates ‖M^j v‖ are log-convex in j (1.01: rounding); mini-batch ones are noisy (a heuristic)
+        growth = 1.01 if full_steps else 10.0
+        scale_is = f"scale={s:g}" if scale is not None else f"the default scale 1.5 (λ_max + λ) = {s:.3e}"
 
-            def sampled_steps(gen):
-                while True:
-                    idx = torch.randint(n, (batch_size,), generator=gen)
-                    # the batch product itself: no per-step flattening of params or data wrapping
-                    product = _batch_matvec(
-                        loss, like, full.unflatten, index_batch(pool, idx), full.curvature, labels(gen)
-                    )
-                    yield block_op(lambda V, product=product: product(V) / batch_size)
+        def diverged(detail: str) -> LissaDivergenceError:
+            cure = "a larger scale=" if full_steps else "a larger scale= or batch_size= (a mini-batch can curve more)"
+            indefinite = (
+                ", or H + λI is not positive definite (a Hessian with negative curvature: a larger damping, or "
+                'curvature="ggn")'
+                if full.curvature == "hessian"
+                else ""
+            )
+            return LissaDivergenceError(
+                f"{who} diverged: {detail}; {scale_is} is too small for the curvature met by the steps "
+                f"(λ_max(H) ≈ {top:.3e}, damping {lam:g}){indefinite}: use {cure}, or ihvp_cg"
+            )
 
-            step_operator = sampled_steps
-        else:
+        watch = full_steps or tol is None  # stop a growing recursion early (with mini-batches and a tol: at the end)
 
-            def cycled_steps(gen):
-                for batch in itertools.cycle(source):
-                    yield block_op(
-                        curvature_operator(
-                            loss, params, batch, curvature=full.curvature, generator=labels(gen), check=False
-                        ).matvec
-                    )
-
-            step_operator = cycled_steps
-
-    def solve(V: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(V)
-        gen = _fresh(state)  # every call replays the same draws: the closure is deterministic
-        for _ in range(repeat):
+        def run(V: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, float]:
             ops = step_operator(gen)
-            x = V.clone()
-            first_step = None
-            for _j in range(depth):
+            eps, tiny = 100 * torch.finfo(V.dtype).eps, torch.finfo(V.dtype).tiny
+            x, first, ratio = V.clone(), V.norm(dim=1), 0.0
+            for j in range(steps):
                 new = V + (1 - lam / s) * x - next(ops)(x) / s
-                step = float((new - x).norm())
+                update = (new - x).norm(dim=1)
                 x = new
                 if not torch.isfinite(x).all():
-                    raise ValueError(
-                        f"ihvp_lissa diverged to NaN/inf (scale={s:g}); use a larger scale (> (λ_max + λ)/2)"
-                    )
-                first_step = step if first_step is None else first_step
-            assert first_step is not None  # depth >= 1 (checked above): the loop ran at least once
-            if depth > 1 and step > 10 * max(first_step, 1e-30):
-                bound = "" if top is None else f" (the default scale used the estimate λ_max(H) ≈ {top:.3e})"
-                raise LissaDivergenceError(
-                    f"ihvp_lissa diverged: the recursion is growing (last step {step:.3e} vs first "
-                    f"{first_step:.3e}); scale={s:g} is too small{bound}: use scale > (λ_max(H) + λ)/2"
-                )
-            total += x / s
-        return total / repeat
+                    raise diverged(f"the iterates reached NaN/inf after {j + 1} steps")
+                if j == 0 and steps > 1:
+                    first = update  # later updates are compared with M v (with v itself at depth 1)
+                    continue
+                above_rounding = update > eps * x.norm(dim=1)
+                ratio = float(torch.where(above_rounding, update / first.clamp_min(tiny), 0).max())
+                if watch and ratio > growth:
+                    raise diverged(f"after {j + 1} steps the last update is {ratio:.3g} times the first (growing)")
+            return x, ratio
 
-    return IHVP(
-        solve,
-        name="lissa",
-        damping=lam,
-        unflatten=full.unflatten,
-        like=like.new_zeros(()),
-        rebuild=lambda new: ihvp_lissa(
-            loss,
-            params,
-            data,
-            damping=new,
-            scale=s,
-            depth=depth,
-            repeat=repeat,
-            batch_size=batch_size,
-            generator=generator,
-            curvature=full.curvature,
-            blocks=blocks,
-        ),
-        info={
-            "scale": s,
-            "depth": depth,
-            "repeat": repeat,
-            "batch_size": batch_size,  # the one used: None = all of the data every step
-            "blocks": blocks_info("lissa", groups),
-            **(rule.info() if rule is not None else {}),
-        },
-    )
+        def solve(V: torch.Tensor) -> torch.Tensor:
+            if V.shape[0] == 0:
+                return V.clone()
+            total = torch.zeros_like(V)
+            gen = _fresh(state)  # every call replays the same draws: the closure is deterministic
+            ratio = 0.0
+            for _ in range(1 if full_steps else repeat):  # full-data runs are identical: one is enough
+                x, r = run(V, gen)
+                ratio = max(ratio, r)
+                total += x / s
+            X = total / (1 if full_steps else repeat)
+            if tol is None:
+                return X
+            residual = (V - operator(X) - lam * X).norm(dim=1) / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+            worst = float(residual.max())
+            if worst <= tol:
+                return X
+            if ratio > growth or (full_steps and worst > 1):
+                raise diverged(f"relative residual {worst:.3e} after {steps} steps, growing")
+            failed = int((residual > tol).sum())
+            raise ConvergenceError(f"{who} did not converge: " + advice(worst, failed, V.shape[0]))
+
+        def advice(worst: float, failed: int, k: int) -> str:
+            head = (
+                f"{failed} of {k} right-hand sides have relative residual ‖(H + λI)x − v‖/‖v‖ up to "
+                f"{worst:.3e} > tol={tol:g} after {steps} steps (damping {lam:g}, {scale_is}). "
+            )
+            if not full_steps:
+                return head + (
+                    f"The steps use mini-batches of {batch_size} examples, whose noise the recursion keeps: use "
+                    "batch_size=None (all the data every step: the exact truncated Neumann sum), a larger batch_size "
+                    "or repeat, a larger damping, or tol=None to accept the stochastic estimate; or use ihvp_cg"
+                )
+            if needed is not None and steps < needed:
+                return head + (
+                    f"The flattest direction shrinks by 1 − λ/s = {1 - lam / s:.6f} per step: pass depth >= {needed} "
+                    "(or leave depth=None), a larger damping, or use ihvp_cg (about √(s/λ) iterations)"
+                )
+            return head + (
+                "More steps were run than a PSD curvature needs: H + λI is likely not positive definite (a Hessian "
+                'with negative curvature: use curvature="ggn" or a larger damping), λ_max was underestimated '
+                f"(pass a larger scale=), or tol is below the rounding of {like.dtype} (use float64 or a larger tol); "
+                "or use ihvp_cg"
+            )
+
+        return IHVP(
+            solve,
+            name="lissa",
+            damping=lam,
+            unflatten=full.unflatten,
+            like=like.new_zeros(()),
+            rebuild=build,
+            info={
+                "scale": s,
+                "depth": steps,
+                "tol": tol,
+                "repeat": repeat,
+                "batch_size": None if full_steps else batch_size,  # the one used: None = all of the data
+                "lambda_max": top,
+                "contraction": rho,
+                "curvature": full.curvature,
+                "blocks": blocks_info("lissa", groups),
+                **(rule.info() if rule is not None else {}),
+            },
+        )
+
+    return build(lam0, rule0)

@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP
@@ -75,6 +76,11 @@ def _sketch(
     device,
     name: str,
 ) -> Sketch:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name}: dtype must be a floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
+    rank = check_count(rank, "rank", name)
+    if rank > d:
+        raise ValueError(f"{name}: rank must be an int in [1, d={d}] (the sketch has at most d columns), got {rank}")
     # rows drawn one probe at a time, so a larger rank extends the same sketch (nested ranges)
     omega = torch.stack([torch.randn(d, generator=generator, dtype=torch.float64) for _ in range(rank)], 1)
     omega = omega.to(device)
@@ -158,6 +164,7 @@ def ihvp_nystrom(
       ``damping=None`` also ``info["damping_rule"]``, ``info["damping_trace"]``, ``info["damping_estimator"]``.
 
     Raises:
+      TypeError: ``rank`` is not an int (a bool or a float included).
       ValueError: rank out of range, damping <= 0 with a low rank, or the curvature is not PSD (also a
         non-positive trace with ``damping=None``).
 
@@ -171,8 +178,9 @@ def ihvp_nystrom(
     generator = generator if generator is not None else default_generator()
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     d = op.flat_params.numel()
-    if not isinstance(rank, int) or not 1 <= rank <= d:
-        raise ValueError(f"ihvp_nystrom: rank must be an integer in [1, d={d}], got {rank!r}")
+    rank = check_count(rank, "rank", "ihvp_nystrom")
+    if rank > d:
+        raise ValueError(f"ihvp_nystrom: rank must be an int in [1, d={d}] (the number of parameters), got {rank}")
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
     factors, sketches = [], []
     for block in groups:

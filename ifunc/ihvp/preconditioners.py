@@ -76,6 +76,8 @@ def _operator(
     operator: CurvatureOperator | MatVec, dim: int | None, who: str, dtype=None
 ) -> tuple[MatVec, int, torch.Tensor]:
     """``(matvec, d, like)`` from a :class:`CurvatureOperator` or a plain ``matvec`` with ``dim``."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be a floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
     if isinstance(operator, CurvatureOperator):
         return operator.matvec, operator.flat_params.numel(), operator.flat_params
     if not callable(operator):

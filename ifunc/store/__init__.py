@@ -1,15 +1,16 @@
 """HDF5 disk I/O of ifunc: score stores (written chunk by chunk, resumable, checked) and tensor files.
 
 ``scores`` writes and resumes score stores (``_meta``: their metadata), ``merge`` merges per-rank stores,
-``reading`` reads finished ones, and ``_hdf5`` holds the file primitives (locks, atomic creation, files of
-named tensor groups). Nothing here knows a method or a scorer; it imports only the base modules.
+``reading`` reads finished ones, ``_hdf5`` holds the file primitives (locks, atomic creation, files of
+named tensor groups) and ``_disk`` what goes wrong on disk (refused writes, temporaries of killed processes).
+Nothing here knows a method or a scorer; it imports only the base modules.
 """
 
 from .._data import fingerprint
 from ._hdf5 import read_tensor_groups, write_tensor_groups
 from .merge import merge_parts, part_path
 from .reading import load_scores, top_k
-from .scores import ScoreWriter, check_fingerprint, remove_store
+from .scores import ScoreWriter, check_fingerprint, recorded_chunk_size, remove_store
 
 __all__ = [
     "ScoreWriter",
@@ -18,6 +19,7 @@ __all__ = [
     "fingerprint",
     "check_fingerprint",
     "remove_store",
+    "recorded_chunk_size",
     "part_path",
     "merge_parts",
     "write_tensor_groups",

@@ -2,7 +2,8 @@
 
 HDF5 locks a file with ``flock``: a writer holds it exclusively, readers share it. A new file is built under a
 unique temporary name in the same directory, locked, and only then linked into place; a replacement happens
-only while holding the lock of the file it replaces; the temporary name is removed whatever happens.
+only while holding the lock of the file it replaces; the temporary name is removed whatever happens (and one
+left by a killed process is removed by the next save or load of that path: :mod:`._disk`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import errno
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,15 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ._disk import (
+    close_quietly,
+    is_temporary,
+    is_write_failure,
+    remove_stale_temporaries,
+    reserve,
+    temporary_name,
+    write_failed,
+)
 
 try:
     import fcntl
@@ -29,6 +38,7 @@ except ImportError:  # Windows: an open file cannot be replaced there anyway
 
 
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
+_HEADROOM = 1 << 16  #: bytes of HDF5 metadata (superblock, headers, JSON) a new file is allowed besides its data
 
 
 def _h5py():
@@ -111,20 +121,30 @@ def _exclusive(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _create(path: Path, build: Callable, *, replace: bool) -> Any:
+def _create(path: Path, build: Callable, *, replace: bool, size: int) -> Any:
     """A new HDF5 file at ``path``, returned open ``r+`` (locked) after ``build(file)`` filled it.
 
-    It is built under a unique temporary name in the same directory and locked before it appears at
-    ``path``. ``replace``: an existing file is replaced, only while nobody has it open; otherwise
-    :class:`FileExistsError` if a file appeared at ``path`` meanwhile. The temporary name never survives.
+    It is built under a unique temporary name in the same directory (:func:`temporary_name`), locked from its
+    creation on, and only then linked into place. ``replace``: an existing file is replaced, only while nobody has
+    it open; otherwise :class:`FileExistsError` if a file appeared at ``path`` meanwhile. The temporary name never
+    survives, and a stale one that a killed process left beside ``path`` is removed first. ``size`` (bytes, an
+    upper bound of the file's size) is tried on disk before HDF5 writes anything (:func:`reserve`).
+
+    Raises:
+      OSError: the disk refused the file (full, a file-size limit), named; nothing changed at ``path``.
     """
     h5py = _h5py()
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    remove_stale_temporaries(path)
+    try:
+        reserve(path, size)
+    except OSError as err:
+        raise write_failed(path, err, "creating", kept="nothing changed at that path") from None
+    tmp = path.with_name(temporary_name(path))
     f: Any = None
     try:
-        with h5py.File(tmp, "x") as new:  # created by us alone (O_EXCL), with the usual permissions
-            build(new)
-        f = h5py.File(tmp, "r+")
+        f = h5py.File(tmp, "x")  # created by us alone (O_EXCL), locked by HDF5 until it is closed
+        build(f)
+        f.flush()
         try:
             os.link(tmp, path)  # atomic, and only if nothing is at `path`: never replaces a file unlocked
         except FileExistsError:
@@ -132,15 +152,19 @@ def _create(path: Path, build: Callable, *, replace: bool) -> Any:
                 raise
             with _exclusive(path):
                 os.replace(tmp, path)
-        except OSError:  # no hard links on this file system
+        except OSError as err:  # no hard links on this file system
+            if is_write_failure(err):
+                raise
             if path.exists() and not replace:
                 raise FileExistsError(path) from None
             with _exclusive(path):
                 os.replace(tmp, path)
         return f
-    except BaseException:
+    except BaseException as err:
         if f is not None:
-            f.close()
+            close_quietly(f)
+        if isinstance(err, (OSError, RuntimeError)) and is_write_failure(err):
+            raise write_failed(path, err, "creating", kept="nothing changed at that path") from None
         raise
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -201,8 +225,9 @@ def write_tensor_groups(
                 if value is not None:
                     g.create_dataset(name, data=value.detach().cpu().numpy())
 
+    size = sum(t.numel() * t.element_size() for ts in groups.values() for t in ts.values() if t is not None)
     try:
-        _create(path, build, replace=overwrite).close()
+        _create(path, build, replace=overwrite, size=size + _HEADROOM + 256 * sum(map(len, groups.values()))).close()
     except FileExistsError:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
 
@@ -210,12 +235,29 @@ def write_tensor_groups(
 def read_tensor_groups(path, fmt: str, what: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """``(meta, {group: {name: array}})`` of a file written by :func:`write_tensor_groups` in format ``fmt``.
 
+    A stale temporary that a killed save left beside ``path`` is removed first (best effort); a temporary itself
+    is never read as such a file.
+
     Raises:
-      ValueError: unreadable, or not a file of that format (``what`` names it in the message).
+      ValueError: unreadable, damaged metadata, a temporary of an interrupted save, or not a file of that format
+        (``what`` names it in the message).
     """
     h5py = _h5py()
+    path = Path(path)
+    if is_temporary(path):
+        raise ValueError(
+            f"{path} is a temporary file of an interrupted ifunc save, not an ifunc {what}; load the file it was "
+            "written for (without the .<pid>-<hex>.tmp suffix), or save again"
+        )
+    remove_stale_temporaries(path)
     with _open(path, fmt, what) as f:
-        meta = json.loads(f.attrs["meta"])
+        try:
+            meta = json.loads(f.attrs["meta"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(
+                f"{path}: the metadata of this ifunc {what} is damaged ({type(err).__name__}: {err}); save it again "
+                "(overwrite=True)"
+            ) from None
         groups: dict[str, dict[str, np.ndarray]] = {}
 
         def collect(node, prefix):

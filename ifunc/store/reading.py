@@ -29,10 +29,22 @@ def _open_complete(path) -> Any:
 
 
 def _chunk_checks(f, path, verify: bool) -> tuple[int, np.ndarray | None]:
-    """``(chunk size, checksums)``; checksums None when not verifying, or for a version 1 file (with a warning)."""
-    chunk = int(read_meta(f)["chunk_size"])
+    """``(chunk size, checksums)``; checksums None when not verifying, or for a version 1 file (with a warning).
+
+    Unverified reading needs no metadata (chunk size 1: any block of columns will do).
+    """
     if not verify:
-        return chunk, None
+        return 1, None
+    try:
+        chunk = int(read_meta(f)["chunk_size"])
+        if chunk < 1:
+            raise ValueError(f"chunk_size {chunk}")
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{path}: the store's metadata is damaged ({type(err).__name__}: {err}), so its chunks cannot be "
+            "checked. Re-run the attribute(..., out=path) call with overwrite=True to recompute the scores, or read "
+            "them unchecked with verify=False"
+        ) from None
     if "checksums" not in f:
         warnings.warn(
             f"{path} was written by an older ifunc without checksums; its scores cannot be verified", stacklevel=3
@@ -65,7 +77,8 @@ def load_scores(path, *, lazy: bool = False, verify: bool = True):
       ``np.ndarray [n_query, n_train]``, or the ``h5py.Dataset`` with ``lazy=True``.
 
     Raises:
-      ValueError: not a score store, unreadable, incomplete, or a chunk fails its checksum (named).
+      ValueError: not a score store, unreadable, incomplete, its metadata damaged, or a chunk fails its checksum
+        (named).
       BlockingIOError: another process is writing the file.
     """
     f = _open_complete(path)

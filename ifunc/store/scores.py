@@ -4,7 +4,7 @@ Layout of a score file (``format = "ifunc-scores"``, ``version = 2``), ``n_chunk
 chunk size ``s``; chunk ``c`` is the columns ``[c·s, min((c+1)·s, n_train))``::
 
     /scores        float32 [n_query, n_train]  contiguous, allocated when the file is created
-    /done          uint8   [n_chunks]          1 once chunk c's columns, fingerprint and checksum are flushed
+    /done          uint8   [n_chunks]          1 once chunk c's columns, fingerprint and checksum are written
     /fingerprints  S32     [n_chunks]          fingerprint of chunk c's training tensors: the first 128 bits
                                                of SHA-256 over each tensor's shape, dtype and bytes
                                                (ifunc._data.fingerprint)
@@ -17,9 +17,12 @@ chunk size ``s``; chunk ``c`` is the columns ``[c·s, min((c+1)·s, n_train))``:
     attrs          format, version
 
 Crash safety comes from the layout: every dataset is contiguous and fully allocated at creation, so writing a
-chunk only overwrites raw bytes at fixed offsets and never touches HDF5 metadata. A chunk is marked done
-only after its data is flushed; a process killed mid-chunk leaves that chunk unmarked, and the next run
-recomputes it and nothing else.
+chunk only overwrites raw bytes at fixed offsets and never touches HDF5 metadata. Those bytes are written with
+plain file writes at the datasets' offsets, not through HDF5 (whose cache, once a write fails, fails again on
+close and can crash the process), so a write that the disk refuses (full, a file-size limit) raises an
+:class:`OSError` naming the file and leaves HDF5 with nothing to flush. A chunk is marked done only after its
+columns, fingerprint and checksum are written; a process killed (or refused) mid-chunk leaves that chunk
+unmarked, and the next run recomputes it and nothing else.
 
 Trust:
 
@@ -54,10 +57,11 @@ from typing import Any
 
 import numpy as np
 
-from ._hdf5 import _check_path, _create, _exclusive, _h5open, _h5py
+from ._disk import write_failed
+from ._hdf5 import _HEADROOM, _check_path, _create, _exclusive, _h5open, _h5py
 from ._meta import describe_difference, plain, read_meta
 
-__all__ = ["ScoreWriter", "check_fingerprint", "remove_store"]
+__all__ = ["ScoreWriter", "check_fingerprint", "remove_store", "recorded_chunk_size"]
 
 
 FORMAT = "ifunc-scores"
@@ -136,7 +140,9 @@ class ScoreWriter:
         self._file: Any = None
         if overwrite or not self.path.exists():
             try:
-                self._file = _create(self.path, lambda f: self._layout(f, wanted, n_query), replace=overwrite)
+                size = n_query * self.n_train * self.dtype.itemsize + 37 * self.n_chunks + len(json.dumps(wanted))
+                build = lambda f: self._layout(f, wanted, n_query)  # noqa: E731
+                self._file = _create(self.path, build, replace=overwrite, size=size + _HEADROOM)
             except FileExistsError:  # another process created it since we looked
                 pass
         if self._file is None:
@@ -146,6 +152,7 @@ class ScoreWriter:
         self.read_only = self._file.mode == "r"
         self._scores, self._done = self._file["scores"], self._file["done"]
         self._fingerprints, self._checksums = self._file["fingerprints"], self._file["checksums"]
+        self._raw: Any = None  # the file opened for plain writes, at the first chunk written
         self.done = set(np.nonzero(self._done[...])[0].tolist())
         if self.done:
             log.info("ifunc: resuming %s: %d of %d chunks already done", self.path, len(self.done), self.n_chunks)
@@ -203,20 +210,49 @@ class ScoreWriter:
         return self._fingerprints[index].decode()
 
     def write(self, index: int, columns: np.ndarray, fp: str) -> None:
-        """Write chunk ``index`` (``[n_query, width]``) with its fingerprint and checksum, flush, mark it done."""
+        """Write chunk ``index`` (``[n_query, width]``) with its fingerprint and checksum, then mark it done.
+
+        Raises:
+          OSError: the disk refused the write (full, a file-size limit): named, with the path; the chunks
+            already done are kept and a re-run resumes at this one.
+        """
         start = index * self.chunk_size
         width = min(self.chunk_size, self.n_train - start)
         columns = np.ascontiguousarray(columns, dtype=self.dtype)
         if columns.shape[1:] != (width,):
             raise ValueError(f"chunk {index} of {self.path} has {width} columns, got {columns.shape[1:]}")
-        self._scores[:, start : start + width] = columns
-        self._fingerprints[index] = fp.encode()
-        self._checksums[index] = zlib.crc32(columns.data)
-        self._file.flush()
-        self._done[index] = 1
-        self._file.flush()
+        try:
+            if self._raw is None:
+                self._raw = open(self.path, "r+b", buffering=0)  # noqa: SIM115  (closed in close())
+            n_query, n_train = self._scores.shape
+            cells = columns.astype(self._scores.dtype, copy=False)
+            step = self._scores.dtype.itemsize
+            for q in range(n_query):  # row q of the C-order matrix holds columns [start, start + width) here
+                self._put(self._scores, (q * n_train + start) * step, cells[q].tobytes())
+            self._put(self._fingerprints, index * 32, fp.encode().ljust(32, b"\0"))
+            checksum = np.array([zlib.crc32(columns.data)], dtype=self._checksums.dtype)
+            self._put(self._checksums, index * checksum.itemsize, checksum.tobytes())
+            self._put(self._done, index, b"\x01")  # last: only a complete chunk counts as done
+        except OSError as err:
+            raise write_failed(self.path, err, f"writing chunk {index} of", kept=self._kept()) from None
         self.done.add(index)
         log.info("ifunc: chunk %d/%d written to %s", index + 1, self.n_chunks, self.path)
+
+    def _put(self, dataset, at: int, data: bytes) -> None:
+        """Write ``data`` at byte ``at`` of a contiguous, allocated dataset (a short write is continued or fails)."""
+        self._raw.seek(dataset.id.get_offset() + at)
+        view = memoryview(data)
+        while view.nbytes:
+            written = self._raw.write(view)
+            if not written:
+                raise OSError(errno.EIO, "the file accepted no more bytes")
+            view = view[written:]
+
+    def _kept(self) -> str:
+        return (
+            f"the {len(self.done)} chunks already completed are kept (a chunk is marked done only after its scores "
+            "are written), and re-running the same call resumes at the first unfinished one"
+        )
 
     def read(self, index: int) -> np.ndarray:
         """The stored columns of chunk ``index``, ``[n_query, width]``, checked against their checksum."""
@@ -226,6 +262,9 @@ class ScoreWriter:
         return columns
 
     def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         self._file.close()
 
     def __enter__(self):
@@ -251,12 +290,37 @@ def _validate(f, path, wanted: dict, refuse_resume: str | None) -> None:
         ) from None
     differences = describe_difference(found, wanted)
     if differences:
+        hint = ""
+        if found.get("chunk_size") != wanted.get("chunk_size"):
+            hint = (
+                f"; the chunk size is part of the file's layout: drop chunk_size= (a resumed run adopts the file's), "
+                f"or pass chunk_size={found.get('chunk_size')}"
+            )
         raise ValueError(
-            f"{path} holds scores from a different run ({differences}); refusing to mix them. Use "
+            f"{path} holds scores from a different run ({differences}){hint}; refusing to mix them. Use "
             "overwrite=True to start over, or another path"
         )
     if refuse_resume:
         raise ValueError(f"{path} exists and {refuse_resume}; use overwrite=True to start over, or another path")
+
+
+def recorded_chunk_size(path) -> int | None:
+    """The chunk size recorded in the score store at ``path``; None when there is none (or no readable one).
+
+    A run with the default chunk size adopts it to resume the file: the default depends on the memory available
+    at the time, so a rerun would otherwise compute another one. Whatever is wrong with an unreadable file is
+    left for :class:`ScoreWriter` to report.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with _h5open(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                return None
+            return int(read_meta(f)["chunk_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def remove_store(path) -> None:

@@ -19,10 +19,23 @@ __all__ = [
     "layer_scores",
     "layer_token_scores",
     "per_example_quadratic",
+    "damped_div",
     "TOKEN_BUDGET",
 ]
 
 TOKEN_BUDGET = 1 << 25  # elements of the largest temporary (query block × positions × features)
+
+
+def damped_div(x: torch.Tensor, values: torch.Tensor, lam: float) -> torch.Tensor:
+    """``x / (Λ + λ)`` that does not overflow when ``λ`` is beyond the dtype's range (float32: above 3.4e38).
+
+    Then ``Λ + λ`` is ``inf`` and the quotient 0; instead ``(x · λ⁻¹) / (Λ · λ⁻¹ + 1)``, where ``λ⁻¹`` is
+    representable (as a subnormal at worst), gives ``x / λ`` to the dtype's precision.
+    """
+    if lam <= torch.finfo(values.dtype).max / 4:
+        return x / (values + lam)
+    inv = 1.0 / lam
+    return (x * inv) / (values * inv + 1)
 
 
 @contextlib.contextmanager
@@ -133,7 +146,7 @@ def per_example_quadratic(eigenvalues: torch.Tensor, Q_S, Q_A, a, g, lam: float)
     """``Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` for every example of the chunk, ``[b]``."""
     if Q_S is not None:
         g, a = g @ Q_S, a @ Q_A
-    inv = 1.0 / (eigenvalues + lam)
+    inv = damped_div(torch.ones_like(eigenvalues), eigenvalues, lam)
     if a.shape[1] == 1:  # (g̃ ⊗ ã)² weighted: (g̃²) inv (ã²)ᵀ, one matmul
         return ((g[:, 0] ** 2) @ inv * (a[:, 0] ** 2)).sum(dim=1)
     R = torch.einsum("bto,bti->boi", g, a)

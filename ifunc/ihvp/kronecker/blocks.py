@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..._types import Params
+from ._kernels import damped_div
 from .layers import LayerSpec, kind_of, parameter_names
 
 __all__ = ["KronBlock", "DiagBlock", "layout", "gather", "scatter", "precondition_layer"]
@@ -63,7 +64,7 @@ def scatter(out: torch.Tensor, blk: KronBlock, M: torch.Tensor) -> None:
 def precondition_layer(blk: KronBlock, M: torch.Tensor, lam: float) -> torch.Tensor:
     """``Q_S [(Q_Sᵀ M Q_A) / (Λ + λ)] Q_Aᵀ`` for ``M [k, out, in(+1)]``."""
     if blk.Q_S is None:
-        return M / (blk.eigenvalues + lam)
+        return damped_div(M, blk.eigenvalues, lam)
     assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
     R = blk.Q_S.T @ M @ blk.Q_A
-    return blk.Q_S @ (R / (blk.eigenvalues + lam)) @ blk.Q_A.T
+    return blk.Q_S @ damped_div(R, blk.eigenvalues, lam) @ blk.Q_A.T

@@ -22,13 +22,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..._data import DataSource, batch_size, slice_batch
+from ..._data import DataSource, batch_size, check_chunk_size, slice_batch  # the one chunk-size rule
 from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad
 from .layers import LayerSpec
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_POSITIONS", "MIN_CHUNK", "capture_chunk_size"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_POSITIONS", "MIN_CHUNK", "capture_chunk_size", "check_chunk_size"]
 
 #: examples per chunk at most (the chunk is also the unit a resumed score store keeps)
 DEFAULT_CHUNK = 256
@@ -73,7 +73,9 @@ def capture_chunk_size(
         def run():
             with layer_capture(model, list(layers)) as rec, torch.enable_grad():
                 value = loss(p, part)
-            positions.append(max((sum(rec.positions(s)) for s in layers), default=1))
+            # rows per example whichever dimension indexes the examples (the specs may not be probed yet)
+            rows = (sum(x.numel() // max(1, x.shape[-1]) for x in rec.inputs[s.name]) // k for s in layers)
+            positions.append(max(rows, default=1))
             return [value] + [o for outputs in rec.outputs.values() for o in outputs]
 
         return probe_bytes(run)

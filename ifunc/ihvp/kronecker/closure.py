@@ -27,6 +27,7 @@ import torch
 from ..._types import Params
 from ...functional import structure
 from .._base import IHVP, check_damping
+from ._kernels import damped_div
 from .blocks import DiagBlock, KronBlock, gather, precondition_layer, scatter
 
 __all__ = ["KroneckerIHVP", "build_closure"]
@@ -95,6 +96,7 @@ class KroneckerIHVP(IHVP):
         block_damping,
         diag_damping,
         modules,
+        probe,
     ):
         super().__init__(solve, name=name, damping=damping, unflatten=unflatten, like=like, rebuild=rebuild, info=info)
         self.model = model
@@ -103,13 +105,19 @@ class KroneckerIHVP(IHVP):
         self.block_damping: tuple[float, ...] = block_damping
         self.diag_damping: tuple[float, ...] = diag_damping
         self.modules: tuple[str, ...] = modules
+        #: the layer specs checked by :func:`~ifunc.ihvp.kronecker.capture.probe_layers` (key ``"layers"``), filled by
+        #: the fit or by the first capture for scoring; shared by the closures ``with_damping`` makes
+        self.probe: dict = probe
 
     def __repr__(self) -> str:
         lam = "per-layer" if isinstance(self.damping, dict) else f"{self.damping:g}"
         return f"IHVP({self.name}, d={self.dim}, damping={lam})"
 
 
-def build_closure(name: str, params: Params, blocks, diags, model, damping, extra_info) -> KroneckerIHVP:
+def build_closure(
+    name: str, params: Params, blocks, diags, model, damping, extra_info, *, probed: bool = False
+) -> KroneckerIHVP:
+    """The closure over ``blocks`` and ``diags``; ``probed``: the blocks' layer specs were checked by the fit."""
     unflatten = structure(params)  # no copy of the parameters: the closure keeps only their layout, dtype, device
     first = optree.tree_leaves(params, namespace="ifunc")[0]
     dtype, like = first.dtype, first.new_zeros(())
@@ -123,6 +131,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
     )
     diags = tuple(d._replace(diag=d.diag.to(dtype)) for d in diags)
     groups = tuple(dict.fromkeys([b.spec.name for b in blocks] + [d.group for d in diags]))
+    probe = {"layers": [b.spec for b in blocks]} if probed else {}
 
     def rebuild(lam) -> KroneckerIHVP:
         bl = tuple(_auto(b.eigenvalues, lam, f"layer {b.spec.name!r}") for b in blocks)
@@ -137,7 +146,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
             for blk, lam_l in zip(blocks, bl):
                 scatter(out, blk, precondition_layer(blk, gather(V, blk), lam_l))
             for d, lam_d in zip(diags, dl):
-                out[:, d.sl] = V[:, d.sl] / (d.diag + lam_d)
+                out[:, d.sl] = damped_div(V[:, d.sl], d.diag, lam_d)
             return out
 
         per_block = {**{b.spec.name: l_ for b, l_ in zip(blocks, bl)}, **{d.name: l_ for d, l_ in zip(diags, dl)}}
@@ -156,6 +165,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
             block_damping=bl,
             diag_damping=dl,
             modules=groups,
+            probe=probe,
         )
 
     return rebuild(damping)

@@ -37,8 +37,8 @@ from ...grads import batch_grads, check_summed
 from ...likelihood import default_generator
 from .._operator import check_same_data
 from ._kernels import one_thread, rotated_sq_sum
-from .budget import capture_chunk_size
-from .capture import layer_capture, requiring_grad
+from .budget import capture_chunk_size, check_chunk_size
+from .capture import layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
 from .factors import KroneckerFactors, LayerFactors
 from .layers import find_layers, parameter_names
@@ -136,6 +136,9 @@ def fit_kronecker_factors(
     Raises:
       ValueError / TypeError: unknown curvature, a loss without outputs for ``"ggn"``/``"fisher"``,
         non-finite factors, uncovered parameters with ``fallback=False``.
+      ExampleDimError / WeightUseError (``ValueError``): a tracked layer whose input has no dimension of the examples,
+        or whose weight is also used outside its calls (tied, functional, a custom ``forward``); see
+        :func:`~ifunc.ihvp.kronecker.capture.probe_layers`, run on the first batch before the passes.
 
     Example:
       >>> factors = ifunc.fit_kronecker_factors(loss, params, loader, model=model, sample="categorical",
@@ -147,7 +150,7 @@ def fit_kronecker_factors(
       Martens & Grosse (2015); George et al. (2018); Eschenhagen et al. (2023) for the "expand"
       normalisation of weight-shared (token / patch) layers.
     """
-    curvature, sample = resolve(loss, curvature, sample)
+    chunk_size = check_chunk_size(chunk_size)
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     names, excl, kept = split_excluded(params, exclude)
@@ -163,9 +166,16 @@ def fit_kronecker_factors(
     device = next(iter(params.values())).device
     gen = generator if generator is not None else default_generator(device)
     start_state = gen.get_state()
+    curvature, sample = resolve(loss, curvature, sample)  # checks an explicit choice; None: decided on the outputs
     source = DataSource(data, name="data", ordered=curvature == "fisher")
     check_same_data(source)  # every rank must hold all the data (no-op without a process group)
-    check_summed(loss, params, source.first())
+    check_summed(loss, params, source)
+    layers = probe_layers(loss, params, model, layers, source.first())  # example dims; weights used only by the calls
+    if curvature is None:  # the default depends on the outputs' shape (one or several positions per example)
+        curvature, sample = resolve(loss, curvature, sample, probe=(params, source.first()))
+        if curvature == "fisher":  # sampled labels follow the chunks: the data must keep its order
+            source = DataSource(data, name="data", ordered=True)
+    assert curvature is not None  # resolve decides the default once it has seen the outputs
     # running sums: the number 0 until the first chunk adds a tensor (distributed.reduce_sum takes both)
     acc: dict[str, dict[str, torch.Tensor | float]] = {s.name: {"A": 0.0, "S": 0.0, "D": 0.0, "L": 0.0} for s in layers}
     fb = {k: torch.zeros_like(params[k], dtype=eigen_dtype) for k in uncovered}
@@ -198,12 +208,12 @@ def fit_kronecker_factors(
                         draws(loss, params, batch, curvature, sample, n_samples, gen)
                 continue
             p = requiring_grad(params)
-            with layer_capture(model, layers) as rec, torch.enable_grad():
+            with layer_capture(model, layers, examples=batch_size(batch)) as rec, torch.enable_grad():
                 root, directions = draws(loss, p, batch, curvature, sample, n_samples, gen)
             rec.check()
             acts = {s.name: rec.activations(s) for s in layers}
             for j, (u, w) in enumerate(directions):
-                gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1)
+                gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1) if layers else {}
                 for s in layers:
                     a, g, st = acts[s.name], gs[s.name], acc[s.name]
                     if rotations is None:  # chunk products in the params' dtype, D sums in eigen_dtype
@@ -257,7 +267,7 @@ def fit_kronecker_factors(
     def zeros(name):
         A, S, D = stats[name]
         QA, QS = torch.zeros_like(A, dtype=dtype), torch.zeros_like(S, dtype=dtype)
-        eA, eS = A.new_zeros(len(A)), S.new_zeros(len(S))
+        eA, eS = A.new_zeros(len(A), dtype=eigen_dtype), S.new_zeros(len(S), dtype=eigen_dtype)  # as eig's
         if not keep_covariances:  # another rank decomposes this layer: its covariances are not needed here
             stats[name] = (None, None, D)
         return eA, QA, eS, QS

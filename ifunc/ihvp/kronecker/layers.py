@@ -3,7 +3,11 @@
 For a layer ``y_t = W a_t (+ b)`` applied at positions ``t`` (tokens, conv patches, repeated calls), the
 per-example weight gradient is ``DW = Σ_t g_t a_tᵀ`` in the weight-matrix layout ``[out, in]``. A *layer
 kind* says how to read ``a [b, T, in]`` from the module's input, ``g [b, T, out]`` from the gradient of its
-output, and how the flat parameter slice maps to ``[out, in]``. Supported: ``nn.Linear``, ``nn.Conv2d``
+output, and how the flat parameter slice maps to ``[out, in]``. The examples may lie along any dimension but the
+features' (``[batch, ..., in]``, or sequence-first ``[T, batch, in]``, e.g. ``nn.TransformerEncoderLayer(batch_first=
+False)``): :func:`example_dim` finds it from the call shapes on one and two examples, and the adapter moves it first
+(inputs and output gradients alike); an input without one (examples flattened with positions, ``x.reshape(b * T, d)``,
+or shared by the batch) is refused with :class:`ExampleDimError`. Supported: ``nn.Linear``, ``nn.Conv2d``
 (``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight ``[in, out]``).
 
 A *use kind* says how a module that holds a diagonal-block parameter (``nn.Linear``, ``Conv1D``,
@@ -26,7 +30,25 @@ from torch import nn
 from ..._types import Params
 from ...functional import parameter_names as leaf_names
 
-__all__ = ["LayerSpec", "LayerKind", "layer_kind", "kind_of", "find_layers", "parameter_names"]
+__all__ = [
+    "LayerSpec",
+    "LayerKind",
+    "layer_kind",
+    "kind_of",
+    "find_layers",
+    "parameter_names",
+    "example_dim",
+    "LayerCaptureError",
+    "ExampleDimError",
+]
+
+
+class LayerCaptureError(ValueError):
+    """A tracked layer whose captured ``a``, ``g`` would not give its per-example weight gradients."""
+
+
+class ExampleDimError(LayerCaptureError):
+    """A tracked layer's input has no dimension of the examples, or not ``b`` rows along it."""
 
 
 class LayerSpec(NamedTuple):
@@ -38,6 +60,9 @@ class LayerSpec(NamedTuple):
     bias: str | None  #: qualified name of the tracked bias, or None
     out_features: int
     in_features: int  #: columns of the weight matrix (``in·kh·kw`` for conv), without the bias
+    #: dimension of the layer input (and output) that indexes the examples: 0 for ``[batch, ..., in]``, 1 for a
+    #: sequence-first ``[T, batch, in]``; found by :func:`~ifunc.ihvp.kronecker.capture.probe_layers`
+    batch_dim: int = 0
 
 
 def _positions_last(x: torch.Tensor) -> torch.Tensor:
@@ -58,13 +83,17 @@ class LayerKind:
         """``(out, in)`` of the weight matrix."""
         return int(weight.shape[0]), int(weight[0].numel())
 
-    def inputs(self, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``a [b, T, in]`` from the module's (detached) input."""
-        return _positions_last(x)
+    def example_dims(self, ndim: int) -> tuple[int, ...]:
+        """Dimensions of an ``ndim``-dimensional input that may index the examples (never the features)."""
+        return tuple(range(ndim - 1))
 
-    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
-        """``g [b, T, out]`` from the gradient of the module's output."""
-        return _positions_last(g)
+    def inputs(self, module: nn.Module, x: torch.Tensor, name: str, dim: int = 0) -> torch.Tensor:
+        """``a [b, T, in]`` from the module's (detached) input whose dimension ``dim`` indexes the examples."""
+        return _positions_last(x.movedim(dim, 0))
+
+    def output_grads(self, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """``g [b, T, out]`` from the gradient of the module's output (examples along ``dim``, as the input)."""
+        return _positions_last(g.movedim(dim, 0))
 
     def to_matrix(self, W: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
         """Flat weight slices ``[k, numel]`` -> ``[k, out, in]``."""
@@ -102,8 +131,11 @@ class Conv2dKind(LayerKind):
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
-    def inputs(self, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-        if x.dim() != 4:
+    def example_dims(self, ndim: int) -> tuple[int, ...]:
+        return (0,) if ndim == 4 else ()
+
+    def inputs(self, module: nn.Module, x: torch.Tensor, name: str, dim: int = 0) -> torch.Tensor:
+        if x.dim() != 4 or dim != 0:
             raise ValueError(f"layer capture: Conv2d {name!r} needs [b, C, H, W] input, got {tuple(x.shape)}")
         assert isinstance(module, nn.Conv2d)  # this kind matches only nn.Conv2d (see matches)
         padding = module.padding
@@ -120,7 +152,7 @@ class Conv2dKind(LayerKind):
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
         return cols.transpose(1, 2)  # [b, L, C·kh·kw] in the weight's column order
 
-    def output_grads(self, g: torch.Tensor) -> torch.Tensor:
+    def output_grads(self, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
 
@@ -136,6 +168,48 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 def kind_of(spec: LayerSpec) -> LayerKind:
     """The adapter of a tracked layer."""
     return KINDS[spec.kind]
+
+
+def example_dim(spec: LayerSpec, one: list, two: list | None) -> int:
+    """The dimension of the layer's input that indexes the examples, from its call shapes on one and two examples."""
+    kind = kind_of(spec)
+    fix = (
+        "keep a [batch, ...] (or sequence-first [T, batch, ...]) shape up to this layer (e.g. x.reshape(b, T, d), "
+        "not x.reshape(b * T, d)), or leave the layer out of the Kronecker blocks with modules= (its parameters then "
+        "get a diagonal block) or exclude= it"
+    )
+    seen = f"input shapes per call {one} with 1 example" + ("" if two is None else f" and {two} with 2 examples")
+    if two is not None and len(one) != len(two):
+        raise ExampleDimError(
+            f"layer capture: {spec.name!r} is called {len(one)} times for 1 example and {len(two)} "
+            f"for 2 ({seen}); the calls of a tracked layer must not depend on the batch size; {fix}"
+        )
+    dims = set()
+    for c, s1 in enumerate(one):
+        allowed = kind.example_dims(len(s1))
+        if two is None:  # one example only: a dimension of size 1 (0 first)
+            found = [d for d in allowed if s1[d] == 1][:1]
+        else:
+            s2 = two[c]
+            changed = [d for d in range(len(s1)) if len(s1) != len(s2) or s1[d] != s2[d]]
+            found = (
+                changed
+                if len(changed) == 1 and changed[0] in allowed and (s1[changed[0]], s2[changed[0]]) == (1, 2)
+                else []
+            )
+        if not found:
+            raise ExampleDimError(
+                f"layer capture: the input of {spec.name!r} has no dimension of the examples ({seen}: no dimension has "
+                "size 1 for one example and 2 for two, so the examples are flattened together with positions, or the "
+                f"input is shared by the whole batch); {fix}"
+            )
+        dims.add(found[0])
+    if len(dims) != 1:
+        raise ExampleDimError(
+            f"layer capture: the calls of {spec.name!r} index the examples along different dimensions {sorted(dims)} "
+            f"({seen}); {fix}"
+        )
+    return dims.pop()
 
 
 def parameter_names(params: Params) -> list[str]:

@@ -35,7 +35,7 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
     return {p: info[p] for p in parameter_names(params) if p in info}
 
 
-def _from_factors(method: str, params, factors: KroneckerFactors, model, damping) -> IHVP:
+def _from_factors(method: str, params, factors: KroneckerFactors, model, damping, probed: bool = False) -> IHVP:
     if not isinstance(factors, KroneckerFactors):
         raise TypeError(
             f"expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got {type(factors).__name__}"
@@ -64,7 +64,7 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
         for p, v in factors.fallback.items()
     ]
     info = {"blocks": _blocks_info(params, factors, method), "curvature": factors.curvature, "n": factors.n}
-    return build_closure(method, params, blocks, diags, model, damping, info)
+    return build_closure(method, params, blocks, diags, model, damping, info, probed=probed)
 
 
 def _factors(loss, params, data_or_factors, model, ekfac, kwargs, diagonal=False) -> KroneckerFactors:
@@ -129,7 +129,8 @@ def ihvp_ekfac(
       George et al. (2018), "Fast approximate natural gradient descent in a Kronecker-factored eigenbasis";
       Grosse et al. (2023), "Studying large language model generalization with influence functions".
     """
-    return _from_factors("ekfac", params, _factors(loss, params, data, model, True, fit_kwargs), model, damping)
+    fitted = _factors(loss, params, data, model, True, fit_kwargs)
+    return _from_factors("ekfac", params, fitted, model, damping, fitted is not data)
 
 
 @_fit_doc
@@ -153,7 +154,8 @@ def ihvp_kfac(
       Martens & Grosse (2015), "Optimizing neural networks with Kronecker-factored approximate curvature";
       Grosse & Martens (2016) for convolutions.
     """
-    return _from_factors("kfac", params, _factors(loss, params, data, model, False, fit_kwargs), model, damping)
+    fitted = _factors(loss, params, data, model, False, fit_kwargs)
+    return _from_factors("kfac", params, fitted, model, damping, fitted is not data)
 
 
 @_fit_doc
@@ -175,9 +177,8 @@ def ihvp_diagonal(
     Example:
       >>> ihvp = ifunc.ihvp_diagonal(loss, params, loader, model=model, curvature="empirical_fisher")
     """
-    return _from_factors(
-        "diagonal", params, _factors(loss, params, data, model, False, fit_kwargs, True), model, damping
-    )
+    fitted = _factors(loss, params, data, model, False, fit_kwargs, True)
+    return _from_factors("diagonal", params, fitted, model, damping, fitted is not data)
 
 
 def ihvp_identity(
@@ -188,7 +189,9 @@ def ihvp_identity(
     With ``model`` the blocks follow its supported layers (``modules=`` chooses them; other parameters
     form diagonal blocks), which enables fast Kronecker scoring and ``per_module=True`` in
     :func:`ifunc.attribute`; scores are then ``∇f(z_q)ᵀ ∇ℓ(z_i) / λ``. ``exclude=`` names parameters (or
-    modules) to leave out: zero block, no influence (as in :func:`ihvp_ekfac`).
+    modules) to leave out: zero block, no influence (as in :func:`ihvp_ekfac`). With no data at build, the layers'
+    example dimensions and the uses of their weights are checked on the first batch the scoring captures
+    (:func:`~ifunc.ihvp.kronecker.capture.probe_layers`), as for closures built from saved factors.
 
     Example:
       >>> ihvp = ifunc.ihvp_identity(params)          # TracIn-style dot products, one checkpoint

@@ -29,10 +29,11 @@ from ..._data import DataSource, batch_size, iter_chunks
 from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
-from ._kernels import layer_scores, low_rank, per_example_quadratic
-from .budget import DEFAULT_CHUNK, capture_chunk_size
-from .capture import layer_capture, requiring_grad
+from ._kernels import damped_div, layer_scores, low_rank, per_example_quadratic
+from .budget import DEFAULT_CHUNK, capture_chunk_size, check_chunk_size
+from .capture import layer_capture, probe_layers, requiring_grad
 from .closure import KroneckerIHVP
+from .layers import LayerSpec
 
 __all__ = [
     "scorable",
@@ -50,17 +51,30 @@ def scorable(ihvp) -> bool:
     return isinstance(ihvp, KroneckerIHVP) and ihvp.model is not None
 
 
+def checked_layers(loss, params, ihvp: KroneckerIHVP, batch) -> list[LayerSpec]:
+    """The closure's layer specs with their example dimensions, checked once per closure (:func:`probe_layers`).
+
+    A closure fitted from data was checked by the fit; one built from factors (loaded, or fitted elsewhere) or by
+    :func:`ifunc.ihvp_identity` is checked on the first batch it captures, and the result kept in the closure.
+    """
+    if "layers" not in ihvp.probe:
+        ihvp.probe["layers"] = probe_layers(loss, params, ihvp.model, [blk.spec for blk in ihvp.blocks], batch)
+    return ihvp.probe["layers"]
+
+
 def capture_chunk(loss, params, ihvp: KroneckerIHVP, batch, *, name: str, offset: int):
     """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example."""
-    layers = [blk.spec for blk in ihvp.blocks]
+    layers = checked_layers(loss, params, ihvp, batch)
     diag_names = [d.name for d in ihvp.diags]
-    p = requiring_grad(params)
-    with layer_capture(ihvp.model, layers) as rec, torch.enable_grad():
-        value = loss(p, batch)
-    rec.check()
-    gs = rec.output_grads(value, retain_graph=False)
-    check_finite(list(gs.values()), name, offset)
-    inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
+    inputs_grads = {}
+    if layers:
+        p = requiring_grad(params)
+        with layer_capture(ihvp.model, layers, examples=batch_size(batch)) as rec, torch.enable_grad():
+            value = loss(p, batch)
+        rec.check()
+        gs = rec.output_grads(value, retain_graph=False)
+        check_finite(list(gs.values()), name, offset)
+        inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
     diag = batch_grads(loss, params, batch, wrt=diag_names, name=name, offset=offset) if diag_names else {}
     return inputs_grads, diag
 
@@ -95,17 +109,18 @@ def kronecker_prepare(
     """
     if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
+    check_chunk_size(chunk_size)
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
     queries = DataSource(query, name="query", ordered=True)
-    layers = [blk.spec for blk in ihvp.blocks]
+    layers = checked_layers(func, params, ihvp, queries.first())
     step = chunk_size or capture_chunk_size(
         func, params, ihvp.model, layers, queries, max_memory=max_memory, what="Kronecker query gradients"
     )
     for _, offset, batch in iter_chunks(queries, step):
         if offset == 0:
-            check_summed(func, params, batch, "measurement(params, batch)")
+            check_summed(func, params, queries, "measurement(params, batch)")
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
         with torch.no_grad():
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
@@ -113,7 +128,7 @@ def kronecker_prepare(
                 if blk.Q_S is not None:
                     assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
                     g, a = g @ blk.Q_S, a @ blk.Q_A
-                R = torch.einsum("bto,bti->boi", g, a).div_(blk.eigenvalues + lam)
+                R = damped_div(torch.einsum("bto,bti->boi", g, a), blk.eigenvalues, lam)
                 if query_rank is None and blk.Q_S is not None:  # back to parameter space: Q_S R Q_Aᵀ
                     R = blk.Q_S @ R @ blk.Q_A.T
                 parts[blk.spec.name].append(R)  # (the rank-r truncation is taken in the eigenbasis, below)
@@ -121,7 +136,7 @@ def kronecker_prepare(
                 release_free_memory()  # this layer's temporaries: what is held grows by one layer's queries only
             for j, (d, lam) in enumerate(zip(ihvp.diags, ihvp.diag_damping)):
                 G = diag[d.name].reshape(diag[d.name].shape[0], -1)
-                cols[j].append(G / (d.diag + lam))
+                cols[j].append(damped_div(G, d.diag, lam))
     with torch.no_grad():
         layers = {}
         for blk in ihvp.blocks:  # one layer's chunks at a time: the queries are held once, plus one layer
@@ -189,5 +204,5 @@ def kronecker_self_terms(
             s[group[blk.spec.name]] += per_example_quadratic(blk.eigenvalues, blk.Q_S, blk.Q_A, a, g, lam)
         for d, lam in zip(ihvp.diags, ihvp.diag_damping):
             G = diag[d.name].reshape(b, -1)
-            s[group[d.group]] += (G * G / (d.diag + lam)).sum(dim=1)
+            s[group[d.group]] += damped_div(G * G, d.diag, lam).sum(dim=1)
     return s if per_module else s.sum(dim=0, keepdim=True)

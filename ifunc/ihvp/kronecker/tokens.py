@@ -38,7 +38,7 @@ from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
-from .score import PreparedQueries, scorable
+from .score import PreparedQueries, checked_layers, scorable
 from .uses import NotSplittable, UseKind, use_kind
 
 __all__ = ["check_per_token", "token_chunk_scores"]
@@ -118,7 +118,7 @@ def _positions(calls: dict[str, list[int]]) -> int:
 
 def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
     """Tracked layers ``{name: (a, g, [positions per call])}`` and diagonal-block uses ``{module: [(x, y, gy)]}``."""
-    layers = [blk.spec for blk in ihvp.blocks]
+    layers = checked_layers(loss, params, ihvp, batch)
     extra = list(dict.fromkeys(mn for _, (mn, _, _) in uses))
     p = requiring_grad(params)
     b = batch_size(batch)  # uses shared by the batch (position embeddings) are broadcast to the b examples

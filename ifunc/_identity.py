@@ -1,0 +1,364 @@
+"""Content hashes of Python values (losses, measurements, models) that agree between processes.
+
+A score store records what defines its scores; the parameters and data are tensors (:func:`ifunc._data.fingerprint`),
+but the loss, the measurement and the model are *code and configuration*. :func:`content_hash` walks such a value and
+hashes what determines its behaviour, never an address or an ``id``, so the same code in a fresh process gives the
+same hash and a change anywhere it can reach gives another:
+
+* ``None``, bools, numbers, strings, bytes: by type and ``repr``; tuples, lists, dicts, sets: element by element
+  (sets and dict keys in sorted order of their own hashes, so string hashing's per-process seed does not matter);
+* tensors by content (shape, dtype, bytes); numpy arrays likewise; ``torch.Generator`` by its state;
+* a function by its code object (``co_code``, ``co_consts`` with nested code objects, ``co_names``), defaults,
+  closure cells, and -- for code outside installed libraries -- the globals it names, recursively;
+  bound methods by function and ``__self__``; ``functools.partial`` by function and arguments; builtins by name;
+* Python modules by name; a class by qualified name, and for a class defined outside installed libraries also by
+  every function and value of its body (along its bases), so an edited ``forward`` or ``__call__`` is seen;
+* an ``nn.Module`` by its structure: for every submodule its name, class, ``forward``, ``extra_repr()``, training
+  flag, hooks, public attributes, the names, shapes and dtypes of its parameters (their values are the ``params``
+  of the call, fingerprinted on their own) and the content of its buffers;
+* any other object with a ``__dict__`` by class and ``__dict__`` (``OutputLoss``, Hugging Face configs, ...);
+  anything else by ``repr`` unless the ``repr`` holds a memory address.
+
+A value that cannot be identified that way raises :class:`UnidentifiableError` naming where it sits, e.g.
+``loss -> closure 'model' -> attribute 'foo'``. Shared objects are hashed once (a back-reference after that) and
+cycles end there; the walk stops with the same error below :data:`MAX_DEPTH` levels.
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import hashlib
+import logging
+import os
+import re
+import sys
+import sysconfig
+import types
+from typing import Any
+
+import torch
+
+from ._data import fingerprint
+
+__all__ = ["content_hash", "run_identity", "UnidentifiableError", "MAX_DEPTH"]
+
+#: levels of nesting (closure -> global -> attribute -> ...) followed before a value counts as unidentifiable
+MAX_DEPTH = 48
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_BUILTIN = (
+    types.BuiltinFunctionType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.MethodDescriptorType,
+    types.ClassMethodDescriptorType,
+    types.GetSetDescriptorType,
+    types.MemberDescriptorType,
+)
+_GLOBAL_OPS = {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME"}
+#: attribute names known to hold a per-process value that defines nothing (Hugging Face's GenerationConfig keeps
+#: ``hash()`` of a string there, which Python seeds anew in every process)
+_VOLATILE = frozenset({"_original_object_hash"})
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+class UnidentifiableError(ValueError):
+    """A value whose behaviour cannot be hashed stably; ``path`` names where it sits (``loss -> closure 'f'``)."""
+
+    def __init__(self, path: str, reason: str, message: str | None = None):
+        super().__init__(message or f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def content_hash(value: Any, *, name: str = "value") -> str:
+    """SHA-256 (first 32 hex digits) of what defines ``value``'s behaviour, the same in every process running this code.
+
+    Args:
+      value: a loss, a measurement, an ``nn.Module``, or any value they close over.
+      name: how the value is named at the start of an error's path.
+
+    Raises:
+      UnidentifiableError: something reachable from ``value`` has no stable identity (e.g. an object whose
+        ``repr`` is ``<Foo object at 0x7f...>``), or it is nested deeper than :data:`MAX_DEPTH`; the message
+        names its path.
+
+    Example:
+      >>> content_hash(lambda p, b: 2 * p) == content_hash(lambda p, b: 2 * p)
+      True
+    """
+    hasher = _Hasher()
+    hasher.visit(value, (name,))
+    return hasher.sha.hexdigest()[:32]
+
+
+def run_identity(loss, measurement, model, identity: str | None) -> dict:
+    """What defines the scores besides tensors: content hashes of the loss, measurement and model (or ``identity``).
+
+    The hashes (:func:`content_hash`) follow code, closures, referenced globals and module
+    structure, so the same code in a fresh process records the same values and a changed measurement or
+    ``forward`` records others. ``identity`` (a non-empty string) is recorded instead when given.
+
+    Raises:
+      UnidentifiableError: something they reach has no stable identity; the message names its path and says to
+        pass ``identity=``.
+      TypeError: ``identity`` is not a non-empty string.
+    """
+    if identity is not None:
+        if not isinstance(identity, str) or not identity.strip():
+            raise TypeError(
+                f"identity= must be a non-empty string naming the loss, measurement and model (e.g. 'gpt2-ft v3, "
+                f"completion nll'), got {identity!r}"
+            )
+        return {"identity": identity}
+    found = {}
+    for name, value in (("loss", loss), ("measurement", measurement), ("model", model)):
+        if name == "measurement" and value is None:  # the default measurement is the loss itself
+            found[name] = found["loss"]
+            continue
+        try:
+            found[name] = None if value is None else content_hash(value, name=name)
+        except UnidentifiableError as err:
+            message = (
+                f"a score store records the loss, the measurement and the model by content, so that a rerun with "
+                f"other code is refused; but {err.path} cannot be identified: {err.reason}. Pass "
+                "identity='<a name that changes whenever the loss, measurement or model does>' to attribute(..., "
+                "out=...) to record that name instead"
+            )
+            raise UnidentifiableError(err.path, err.reason, message) from None
+    return found
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    return tuple(sorted(r.rstrip(os.sep) + os.sep for r in roots))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names the code (and the code nested in it) looks up as globals (not attribute names)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+class _Hasher:
+    """One walk: the running SHA-256, the objects already hashed (by id, kept alive) and the library test."""
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.seen: dict[int, int] = {}
+        self.alive: list = []  # visited objects stay alive, so their ids stay unique during the walk
+        self.roots = _library_roots()
+        self.libraries: dict[str, bool] = {}
+
+    def put(self, *tokens) -> None:
+        for token in tokens:
+            data = token if isinstance(token, bytes) else str(token).encode()
+            self.sha.update(f"{len(data)}:".encode())
+            self.sha.update(data)
+
+    def once(self, value) -> bool:
+        """True the first time ``value`` is met; afterwards a back-reference to its first visit is hashed."""
+        key = id(value)
+        if key in self.seen:
+            self.put("ref", self.seen[key])
+            return False
+        self.seen[key] = len(self.seen)
+        self.alive.append(value)
+        return True
+
+    def library(self, module: str | None) -> bool:
+        """Code of an installed library (stdlib, site-packages, ifunc): hashed as code, its globals by name only."""
+        if not module or module == "__main__":
+            return False
+        if module not in self.libraries:
+            top = module.partition(".")[0]
+            found = sys.modules.get(module) or sys.modules.get(top)
+            where = getattr(found, "__file__", None)
+            if top == "ifunc" or top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
+                self.libraries[module] = True
+            elif where is None:
+                self.libraries[module] = False
+            else:
+                self.libraries[module] = os.path.realpath(where).startswith(self.roots)
+        return self.libraries[module]
+
+    def fail(self, path: tuple, reason: str):
+        return UnidentifiableError(" -> ".join(path), reason)
+
+    def sub_digest(self, value, path: tuple) -> str:
+        """A separate hash of ``value`` (to sort set elements and dict keys by)."""
+        child = _Hasher()
+        child.roots, child.libraries = self.roots, self.libraries
+        child.visit(value, path)
+        return child.sha.hexdigest()
+
+    # ------------------------------------------------------------ the walk
+
+    def visit(self, value, path: tuple) -> None:
+        if len(path) > MAX_DEPTH:
+            raise self.fail(path, f"nested deeper than {MAX_DEPTH} levels")
+        kind = type(value)
+        if kind in _PLAIN:
+            self.put(kind.__name__, repr(value))
+        elif isinstance(value, torch.Tensor):
+            try:
+                t = value.detach()
+                self.put("tensor", fingerprint([t.to_dense() if t.layout != torch.strided else t]))
+            except Exception as err:  # a meta or fake tensor has no content to hash
+                raise self.fail(path, f"a {value.device.type} tensor whose content cannot be read ({err})") from None
+        elif isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            self.put(kind.__name__, str(value))
+        elif isinstance(value, torch.Generator):
+            self.put("generator", str(value.device), fingerprint([value.get_state()]))
+        elif isinstance(value, types.ModuleType):
+            self.put("module", value.__name__)
+        elif isinstance(value, types.CodeType):
+            self.code(value, path)
+        elif isinstance(value, (tuple, frozenset)) or self.once(value):
+            self.fresh(value, kind, path)
+
+    def fresh(self, value, kind: type, path: tuple) -> None:
+        """A value met for the first time (containers, callables, objects)."""
+        if isinstance(value, (tuple, list)):
+            self.put(_qualname(kind), len(value))
+            for i, item in enumerate(value):
+                self.visit(item, path + (f"[{i}]",))
+        elif isinstance(value, (set, frozenset)):
+            self.put(_qualname(kind), *sorted(self.sub_digest(x, path + ("set element",)) for x in value))
+        elif isinstance(value, dict):
+            self.mapping(value, kind, path)
+        elif isinstance(value, types.FunctionType):
+            self.function(value, path)
+        elif isinstance(value, types.MethodType):
+            self.put("method")
+            self.visit(value.__func__, path + ("function",))
+            self.visit(value.__self__, path + ("bound to",))
+        elif isinstance(value, functools.partial):
+            self.put("partial")
+            self.visit(value.func, path + ("function",))
+            self.visit(value.args, path + ("arguments",))
+            self.visit(value.keywords, path + ("keywords",))
+        elif isinstance(value, _BUILTIN):
+            self.put("builtin", getattr(value, "__module__", None), getattr(value, "__qualname__", value.__name__))
+            bound = getattr(value, "__self__", None)
+            if bound is not None and not isinstance(bound, (types.ModuleType, type)):
+                self.visit(bound, path + ("bound to",))
+        elif isinstance(value, (staticmethod, classmethod)):
+            self.put(kind.__name__)
+            self.visit(value.__func__, path + ("function",))
+        elif isinstance(value, property):
+            self.put("property")
+            self.visit((value.fget, value.fset, value.fdel), path)
+        elif isinstance(value, type):
+            self.cls(value, path)
+        elif isinstance(value, torch.nn.Module):
+            self.module(value, path)
+        elif isinstance(value, logging.Logger):
+            self.put("logger", value.name)
+        elif kind.__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "dtype"):
+            self.put("ndarray", str(value.dtype), tuple(value.shape), hashlib.sha256(value.tobytes()).hexdigest())
+        elif isinstance(getattr(value, "__dict__", None), dict):
+            self.cls(kind, path + ("class",))
+            self.attributes(vars(value), path)
+        else:
+            self.by_repr(value, kind, path)
+
+    def by_repr(self, value, kind: type, path: tuple) -> None:
+        try:
+            text = repr(value)
+        except Exception as err:  # a broken __repr__ identifies nothing
+            raise self.fail(path, f"{_qualname(kind)} has no usable repr ({type(err).__name__})") from None
+        if _ADDRESS.search(text):
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            raise self.fail(path, f"{shown} has no stable identity (its repr holds a memory address)")
+        self.put(_qualname(kind), text)
+
+    def mapping(self, value: dict, kind: type, path: tuple) -> None:
+        self.put(_qualname(kind), len(value))
+        if all(type(k) is str for k in value):
+            keyed = sorted((k, k) for k in value)
+        else:
+            keyed = sorted(((self.sub_digest(k, path + ("key",)), k) for k in value), key=lambda dk: dk[0])
+        for digest, key in keyed:
+            self.put(digest)
+            self.visit(value[key], path + (f"[{key!r}]",))
+
+    def attributes(self, attrs: dict, path: tuple, skip=()) -> None:
+        names = sorted(k for k in attrs if k not in skip and k not in _VOLATILE)
+        self.put("attributes", len(names))
+        for k in names:
+            self.put(k)
+            self.visit(attrs[k], path + (f"attribute {k!r}",))
+
+    def code(self, code: types.CodeType, path: tuple) -> None:
+        self.put("code", code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)
+        self.put(code.co_code, *code.co_names, *code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+        for const in code.co_consts:
+            self.visit(const, path)
+
+    def function(self, fn: types.FunctionType, path: tuple) -> None:
+        self.put("function", fn.__module__, fn.__qualname__)
+        self.code(fn.__code__, path)
+        self.visit(fn.__defaults__, path + ("defaults",))
+        self.visit(fn.__kwdefaults__, path + ("keyword defaults",))
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # a cell not yet filled
+                self.put("empty cell", name)
+                continue
+            self.put("cell", name)
+            self.visit(contents, path + (f"closure {name!r}",))
+        if self.library(fn.__module__):
+            return  # a library's globals are its own modules, functions and constants: known by name
+        scope = fn.__globals__
+        for name in sorted(n for n in _global_names(fn.__code__) if n in scope):
+            self.put("global", name)
+            self.visit(scope[name], path + (f"global {name!r}",))
+
+    def cls(self, klass: type, path: tuple) -> None:
+        if not self.once(klass):
+            return
+        self.put("class", klass.__module__, klass.__qualname__)
+        for base in klass.__mro__:
+            if self.library(base.__module__):
+                continue
+            body = {k: v for k, v in vars(base).items() if not _dunder(k) or callable(v)}
+            body.pop("_abc_impl", None)  # ABC's registry cache: an address, and no behaviour
+            self.put("body", base.__qualname__)
+            self.attributes(body, path + (f"class {base.__qualname__}",), skip=("__dict__", "__weakref__"))
+
+    def module(self, model: torch.nn.Module, path: tuple) -> None:
+        self.put("nn.Module")
+        for name, sub in model.named_modules(remove_duplicate=False):
+            where = path + (f"submodule {name!r}",) if name else path
+            if sub is not model and not self.once(sub):
+                continue
+            kind = type(sub)
+            self.put("submodule", name)
+            self.cls(kind, where + ("class",))
+            self.visit(getattr(kind, "forward", None), where + ("forward",))
+            try:
+                self.put(sub.extra_repr(), sub.training)
+            except Exception as err:
+                raise self.fail(where, f"extra_repr() failed ({type(err).__name__}: {err})") from None
+            for pname, p in sub._parameters.items():
+                self.put("parameter", pname, None if p is None else (tuple(p.shape), str(p.dtype)))
+            self.visit(dict(sub._buffers), where + ("buffers",))
+            for hooks in _HOOKS:
+                self.visit(list(getattr(sub, hooks, {}).values()), where + (hooks.strip("_"),))
+            public = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
+            self.attributes(public, where)
+
+
+def _qualname(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
