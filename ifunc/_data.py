@@ -7,10 +7,8 @@ A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts 
 (gradients, scores, factors) takes ``(index, offset, batch)`` from it, and :func:`check_chunk_size` the one
 rule for a chunk size. :func:`fingerprint` is the one content hash (data sets, parameters, query sets).
 
-Two guards live here, where user data enters: an *ordered* source (score columns, sampled labels) refuses a
-DataLoader whose order is not fixed (:func:`order_problem`), and iterating user data never moves the global
-RNG (a DataLoader draws its seeds from it): the data's draws run on a stream of their own that restarts at the
-global state on every pass, so every pass sees the same data.
+Two guards of :mod:`ifunc._order` hold where user data enters: an *ordered* source (score columns, sampled
+labels) refuses a DataLoader whose order is not fixed, and iterating user data never moves the global RNG.
 """
 
 from __future__ import annotations
@@ -22,16 +20,9 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    SubsetRandomSampler,
-    WeightedRandomSampler,
-)
+from torch.utils.data import DataLoader, Dataset
+
+from ._order import order_problem, own_rng_stream
 
 Batch = Any
 
@@ -154,7 +145,7 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Batch]:
         empty = True
-        for batch in self._batches if isinstance(self._batches, list) else _own_rng_stream(self._batches):
+        for batch in self._batches if isinstance(self._batches, list) else own_rng_stream(self._batches):
             empty = False
             yield batch
         if empty and self._passes:
@@ -254,74 +245,6 @@ def _map_style(data) -> bool:
         and hasattr(data, "__len__")
         and hasattr(data, "column_names")  # a table of examples: its rows, not its items, are the examples
     )
-
-
-_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
-
-
-def order_problem(loader: DataLoader) -> str | None:
-    """None when ``loader`` yields its examples in a fixed order, else what makes the order random.
-
-    Fixed: an iterable-style data set (its own order), a ``SequentialSampler`` (directly or under a plain
-    ``BatchSampler``), or any other sampler / batch sampler whose indices are the same on two passes (checked by
-    iterating them twice with the global RNG saved and restored, so nothing is consumed). Random, refused by type
-    without iterating: ``RandomSampler`` (seeded or not), ``SubsetRandomSampler``, ``WeightedRandomSampler`` and
-    any sampler with ``shuffle=True`` (``DistributedSampler``), also under a ``BatchSampler``.
-    """
-    if isinstance(loader.dataset, IterableDataset):
-        return None
-    index_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    inner = index_sampler.sampler if isinstance(index_sampler, BatchSampler) else index_sampler
-    if isinstance(inner, _RANDOM_SAMPLERS) or getattr(inner, "shuffle", False) is True:
-        return f"its order comes from a {type(inner).__name__}, which draws a random order"
-    if type(inner) is SequentialSampler and type(index_sampler) in (SequentialSampler, BatchSampler):
-        return None
-    state = torch.get_rng_state()
-    try:
-        orders = [_plain(list(index_sampler)), _plain(list(index_sampler))]
-    finally:
-        torch.set_rng_state(state)
-    if orders[0] != orders[1]:
-        culprit = index_sampler if type(inner) is SequentialSampler else inner
-        return f"its sampler {type(culprit).__name__} gave two different orders on two passes"
-    return None
-
-
-def _plain(indices):
-    """Sampler output as plain Python values (tensors to lists), for comparison."""
-    if isinstance(indices, torch.Tensor):
-        return indices.tolist()
-    if isinstance(indices, (list, tuple)):
-        return [_plain(i) for i in indices]
-    return indices
-
-
-def _own_rng_stream(batches: Iterable[Batch]) -> Iterator[Batch]:
-    """Iterate user data with its own stream of the global CPU RNG, leaving the global RNG where it was.
-
-    A DataLoader draws its base seed from the global RNG when it starts a pass (and an unseeded random sampler
-    or a data set's augmentations draw from it too). Here those draws run on a copy of the global state taken
-    when the pass starts, swapped in around each step of the data and out again, so the caller's RNG never moves
-    and every pass draws the same numbers (worker ``i`` still gets seed ``base + i``). Cost: four state
-    copies of 5 KB per batch.
-    """
-    outer = torch.get_rng_state()
-    try:
-        it = iter(batches)
-    finally:
-        inner = torch.get_rng_state()
-        torch.set_rng_state(outer)
-    while True:
-        outer = torch.get_rng_state()
-        torch.set_rng_state(inner)
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        finally:
-            inner = torch.get_rng_state()
-            torch.set_rng_state(outer)
-        yield batch
 
 
 def check_chunk_size(chunk_size, *, name: str = "chunk_size") -> int | None:

@@ -135,3 +135,54 @@ def test_exact_ggn_warns_about_its_cost(monkeypatch):
     model, params, loss, data = _problem(torch.float64, T=4)
     with pytest.warns(UserWarning, match='backward passes per chunk .*curvature="fisher"'):
         ifunc.ihvp_diagonal(loss, params, data, model=model, curvature="ggn", damping=0.5)
+
+
+def _pooled(dtype, *, likelihood=None):
+    """A sequence classifier that pools the logits over positions inside the loss: positions are coupled."""
+    model, params, _, (x, y) = _problem(dtype, T=3, n=5)
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]),
+        lambda o, b: F.cross_entropy(o.mean(1), b[1][:, 0], reduction="sum"),
+        likelihood=likelihood,
+    )
+    return model, params, loss, (x, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+def test_ggn_of_a_loss_coupling_positions_is_exact(dtype):
+    dt, tol = DTYPES[dtype]
+    model, params, loss, data = _pooled(dt)
+    exact = torch.diagonal(ifunc.ggn(loss, params, data))  # the whole output Hessian of each example
+    closure = ifunc.ihvp_diagonal(loss, params, data, model=model, curvature="ggn", damping=0.5)
+    assert rel_error(_diagonal_of(closure, params, 0.5), exact) < tol
+
+
+def test_default_for_a_loss_coupling_positions_is_the_exact_ggn():
+    """A likelihood per position cannot describe a pooled loss: the default stays exact."""
+    model, params, loss, data = _pooled(torch.float64, likelihood="categorical")
+    assert ifunc.fit_kronecker_factors(loss, params, data, model=model).curvature == "ggn"
+
+
+def test_a_coupled_loss_with_too_many_outputs_is_refused(monkeypatch):
+    from ifunc.ihvp.kronecker import cotangents
+
+    monkeypatch.setattr(cotangents, "GGN_PASSES_WARN", 5)
+    model, params, loss, data = _pooled(torch.float64)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="couples the 3 positions.*empirical_fisher"):
+        ifunc.ihvp_diagonal(loss, params, data, model=model, curvature="ggn", damping=0.5)
+
+
+def test_many_classes_at_one_position_default_to_the_sampled_fisher():
+    from ifunc.ihvp.kronecker.cotangents import DEFAULT_GGN_OUTPUTS
+
+    torch.manual_seed(0)
+    for C, default in [(DEFAULT_GGN_OUTPUTS, "ggn"), (DEFAULT_GGN_OUTPUTS + 1, "fisher")]:
+        model = nn.Linear(3, C).double().eval()
+        params = ifunc.params_of(model)
+        x, y = torch.randn(4, 3), torch.randint(0, C, (4,))
+        loss = ifunc.output_loss(
+            lambda p, b, m=model: ifunc.call(m, p, b[0]),
+            lambda o, b: F.cross_entropy(o, b[1], reduction="sum"),
+            likelihood="categorical",
+        )
+        assert ifunc.fit_kronecker_factors(loss, params, (x, y), model=model).curvature == default

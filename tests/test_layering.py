@@ -20,8 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ifunc"
 GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "base": (
         0,
-        ("_types.py", "_data.py", "_errors.py", "_progress.py", "_version.py", "functional.py", "_memory.py")
-        + ("_identity.py",),
+        ("_types.py", "_data.py", "_order.py", "_errors.py", "_progress.py", "_version.py", "functional.py")
+        + ("_memory.py", "_identity.py"),
     ),
     "ranks": (0, ("distributed.py",)),
     "store": (1, ("store/",)),
