@@ -14,8 +14,9 @@ same hash and a change anywhere it can reach gives another:
 * Python modules by name; a class by qualified name, and for a class defined outside installed libraries also by
   every function and value of its body (along its bases), so an edited ``forward`` or ``__call__`` is seen;
 * an ``nn.Module`` by its structure: for every submodule its name, class, ``forward``, ``extra_repr()``, training
-  flag, hooks, public attributes, the names, shapes and dtypes of its parameters (their values are the ``params``
-  of the call, fingerprinted on their own) and the content of its buffers;
+  flag, hooks, public attributes, the names, shapes and dtypes of its parameters, the values of those not in
+  ``params`` (a frozen base model under adapters; the others are fingerprinted as ``params``) and the content of
+  its buffers;
 * any other object with a ``__dict__`` by class and ``__dict__`` (``OutputLoss``, Hugging Face configs, ...);
   anything else by ``repr`` unless the ``repr`` holds a memory address.
 
@@ -72,12 +73,15 @@ class UnidentifiableError(ValueError):
         self.path, self.reason = path, reason
 
 
-def content_hash(value: Any, *, name: str = "value") -> str:
+def content_hash(value: Any, *, name: str = "value", tracked: frozenset[str] = frozenset()) -> str:
     """SHA-256 (first 32 hex digits) of what defines ``value``'s behaviour, the same in every process running this code.
 
     Args:
       value: a loss, a measurement, an ``nn.Module``, or any value they close over.
       name: how the value is named at the start of an error's path.
+      tracked: names of the parameters the caller passes as ``params`` (``ifunc.call`` reads them from there, and
+        they are fingerprinted apart): a module's parameter of that name is hashed by shape and dtype, any other
+        (a frozen base model under LoRA adapters) by content.
 
     Raises:
       UnidentifiableError: something reachable from ``value`` has no stable identity (e.g. an object whose
@@ -89,11 +93,12 @@ def content_hash(value: Any, *, name: str = "value") -> str:
       True
     """
     hasher = _Hasher()
+    hasher.tracked = tracked
     hasher.visit(value, (name,))
     return hasher.sha.hexdigest()[:32]
 
 
-def run_identity(loss, measurement, model, identity: str | None) -> dict:
+def run_identity(loss, measurement, model, identity: str | None, *, tracked: frozenset[str] = frozenset()) -> dict:
     """What defines the scores besides tensors: content hashes of the loss, measurement and model (or ``identity``).
 
     The hashes (:func:`content_hash`) follow code, closures, referenced globals and module
@@ -118,7 +123,7 @@ def run_identity(loss, measurement, model, identity: str | None) -> dict:
             found[name] = found["loss"]
             continue
         try:
-            found[name] = None if value is None else content_hash(value, name=name)
+            found[name] = None if value is None else content_hash(value, name=name, tracked=tracked)
         except UnidentifiableError as err:
             message = (
                 f"a score store records the loss, the measurement and the model by content, so that a rerun with "
@@ -154,6 +159,7 @@ class _Hasher:
         self.alive: list = []  # visited objects stay alive, so their ids stay unique during the walk
         self.roots = _library_roots()
         self.libraries: dict[str, bool] = {}
+        self.tracked: frozenset[str] = frozenset()
 
     def put(self, *tokens) -> None:
         for token in tokens:
@@ -193,7 +199,7 @@ class _Hasher:
     def sub_digest(self, value, path: tuple) -> str:
         """A separate hash of ``value`` (to sort set elements and dict keys by)."""
         child = _Hasher()
-        child.roots, child.libraries = self.roots, self.libraries
+        child.roots, child.libraries, child.tracked = self.roots, self.libraries, self.tracked
         child.visit(value, path)
         return child.sha.hexdigest()
 
@@ -349,6 +355,8 @@ class _Hasher:
                 raise self.fail(where, f"extra_repr() failed ({type(err).__name__}: {err})") from None
             for pname, p in sub._parameters.items():
                 self.put("parameter", pname, None if p is None else (tuple(p.shape), str(p.dtype)))
+                if p is not None and (f"{name}.{pname}" if name else pname) not in self.tracked:
+                    self.put(fingerprint([p]))  # not in params: ifunc.call reads its value from the module
             self.visit(dict(sub._buffers), where + ("buffers",))
             for hooks in _HOOKS:
                 self.visit(list(getattr(sub, hooks, {}).values()), where + (hooks.strip("_"),))

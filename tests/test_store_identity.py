@@ -131,11 +131,13 @@ def _sigmoid_forward(self, x):
 
 
 def test_a_module_is_hashed_by_structure_forward_buffers_and_flags_not_parameters(monkeypatch):
-    h = content_hash(_net())
+    tracked = frozenset(dict(_net().named_parameters()))
+    h = content_hash(_net(), tracked=tracked)
     net = _net()
     with torch.no_grad():
-        net.fc.weight += 1.0  # parameters are the call's params, fingerprinted on their own
-    assert content_hash(net) == h
+        net.fc.weight += 1.0  # tracked parameters are the call's params, fingerprinted on their own
+    assert content_hash(net, tracked=tracked) == h
+    assert content_hash(net) != content_hash(_net())  # untracked ones (a frozen base) by content
     for change in (
         lambda m: m.mask.mul_(2.0),  # a buffer
         lambda m: m.train(),  # the training flag
@@ -145,9 +147,9 @@ def test_a_module_is_hashed_by_structure_forward_buffers_and_flags_not_parameter
     ):
         changed = _net()
         change(changed)
-        assert content_hash(changed) != h
+        assert content_hash(changed, tracked=tracked) != h
     monkeypatch.setattr(Net, "forward", _sigmoid_forward)  # the class's code
-    assert content_hash(_net()) != h
+    assert content_hash(_net(), tracked=tracked) != h
 
 
 # ---------------------------------------------------------------- stores refuse another loss, measurement or model
@@ -238,7 +240,9 @@ def test_a_kronecker_store_records_the_closures_model(tmp_path, monkeypatch):
     path = ifunc.attribute(loss, params, ihvp, train, query, out=tmp_path / "k.h5", chunk_size=4, progress=False)
     with h5py.File(path, "r") as f:
         recorded = json.loads(f["meta"][()])["defined_by"]
-    assert recorded["model"] == content_hash(model, name="model") and recorded["loss"] == recorded["measurement"]
+    tracked = frozenset(params)
+    assert recorded["model"] == content_hash(model, name="model", tracked=tracked)
+    assert recorded["loss"] == recorded["measurement"]
     before = sha(path)
     monkeypatch.setattr(Net, "forward", _sigmoid_forward)
     with pytest.raises(ValueError, match=r"defined_by\.loss: .*defined_by\.model: file has"):
@@ -368,3 +372,27 @@ def test_a_hugging_face_gpt2_hashes_the_same_in_every_process_and_cheaply(tmp_pa
     start = time.perf_counter()
     content_hash(_net())
     assert time.perf_counter() - start < 1.0
+
+
+def test_weights_outside_params_are_recorded_by_content(tmp_path):
+    """A frozen base (parameters the call reads from the module, as under LoRA adapters) is part of the run;
+    the module's own copies of the tracked parameters are not (``params`` override them)."""
+    model, params, loss, _, train, query = _problem()
+    head = next(k for k in reversed(list(params)) if k.endswith("weight"))
+    tracked = {head: params[head].clone()}  # only the head: every other weight is frozen in the module
+    ihvp = ifunc.ihvp_identity(tracked, damping=1.0)
+    run = lambda: ifunc.attribute(
+        loss, tracked, ihvp, train, query, out=tmp_path / "f.h5", chunk_size=4, progress=False
+    )  # noqa: E731
+    path = run()
+    before = sha(path)
+    owned = dict(model.named_parameters())
+    with torch.no_grad():
+        owned[head].add_(1.0)  # overridden by params: the scores cannot change
+    assert run() == path and sha(path) == before
+    frozen = next(k for k in owned if k != head and k.endswith("weight"))
+    with torch.no_grad():
+        owned[frozen].mul_(1.5)
+    with pytest.raises(ValueError, match=r"defined_by\.loss"):
+        run()
+    assert sha(path) == before
