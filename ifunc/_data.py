@@ -38,7 +38,7 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")  # the bytes in place, no copy
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # bytes in place (0-d too)
     return h.hexdigest()[:32]
 
 

@@ -73,15 +73,16 @@ class UnidentifiableError(ValueError):
         self.path, self.reason = path, reason
 
 
-def content_hash(value: Any, *, name: str = "value", tracked: frozenset[str] = frozenset()) -> str:
+def content_hash(value: Any, *, name: str = "value", tracked: dict | None = None) -> str:
     """SHA-256 (first 32 hex digits) of what defines ``value``'s behaviour, the same in every process running this code.
 
     Args:
       value: a loss, a measurement, an ``nn.Module``, or any value they close over.
       name: how the value is named at the start of an error's path.
-      tracked: names of the parameters the caller passes as ``params`` (``ifunc.call`` reads them from there, and
-        they are fingerprinted apart): a module's parameter of that name is hashed by shape and dtype, any other
-        (a frozen base model under LoRA adapters) by content.
+      tracked: the ``params`` of the call (name -> tensor): in a module that holds every one of them (same names
+        and shapes: the module ``ifunc.call`` runs them through), a parameter of one of those names (or tied to one)
+        is hashed by shape and dtype, as the call reads it from ``params`` (fingerprinted apart); every other
+        parameter (a frozen base model under adapters, another module's weights) by content.
 
     Raises:
       UnidentifiableError: something reachable from ``value`` has no stable identity (e.g. an object whose
@@ -93,12 +94,12 @@ def content_hash(value: Any, *, name: str = "value", tracked: frozenset[str] = f
       True
     """
     hasher = _Hasher()
-    hasher.tracked = tracked
+    hasher.tracked = {k: tuple(v.shape) for k, v in (tracked or {}).items()}
     hasher.visit(value, (name,))
     return hasher.sha.hexdigest()[:32]
 
 
-def run_identity(loss, measurement, model, identity: str | None, *, tracked: frozenset[str] = frozenset()) -> dict:
+def run_identity(loss, measurement, model, identity: str | None, *, tracked: dict | None = None) -> dict:
     """What defines the scores besides tensors: content hashes of the loss, measurement and model (or ``identity``).
 
     The hashes (:func:`content_hash`) follow code, closures, referenced globals and module
@@ -117,7 +118,7 @@ def run_identity(loss, measurement, model, identity: str | None, *, tracked: fro
                 f"completion nll'), got {identity!r}"
             )
         return {"identity": identity}
-    found = {}
+    found: dict[str, str | None] = {"default_dtype": str(torch.get_default_dtype())}  # a forward's factories follow it
     for name, value in (("loss", loss), ("measurement", measurement), ("model", model)):
         if name == "measurement" and value is None:  # the default measurement is the loss itself
             found[name] = found["loss"]
@@ -159,7 +160,7 @@ class _Hasher:
         self.alive: list = []  # visited objects stay alive, so their ids stay unique during the walk
         self.roots = _library_roots()
         self.libraries: dict[str, bool] = {}
-        self.tracked: frozenset[str] = frozenset()
+        self.tracked: dict[str, tuple] = {}
 
     def put(self, *tokens) -> None:
         for token in tokens:
@@ -223,6 +224,8 @@ class _Hasher:
             self.put("generator", str(value.device), fingerprint([value.get_state()]))
         elif isinstance(value, types.ModuleType):
             self.put("module", value.__name__)
+            if not self.library(value.__name__):  # the user's own module: what its code reads can change
+                self.module_attributes(value, path)
         elif isinstance(value, types.CodeType):
             self.code(value, path)
         elif isinstance(value, (tuple, frozenset)) or self.once(value):
@@ -285,11 +288,9 @@ class _Hasher:
         self.put(_qualname(kind), text)
 
     def mapping(self, value: dict, kind: type, path: tuple) -> None:
+        """Items in insertion order (a loss may iterate them; the order does not depend on the hash seed)."""
         self.put(_qualname(kind), len(value))
-        if all(type(k) is str for k in value):
-            keyed = sorted((k, k) for k in value)
-        else:
-            keyed = sorted(((self.sub_digest(k, path + ("key",)), k) for k in value), key=lambda dk: dk[0])
+        keyed = [(k if type(k) is str else self.sub_digest(k, path + ("key",)), k) for k in value]
         for digest, key in keyed:
             self.put(digest)
             self.visit(value[key], path + (f"[{key!r}]",))
@@ -312,6 +313,8 @@ class _Hasher:
         self.code(fn.__code__, path)
         self.visit(fn.__defaults__, path + ("defaults",))
         self.visit(fn.__kwdefaults__, path + ("keyword defaults",))
+        if vars(fn):  # attributes set on the function (g.scale = 2.0)
+            self.attributes(vars(fn), path, skip=("__wrapped__",) if "__wrapped__" not in vars(fn) else ())
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
             try:
                 contents = cell.cell_contents
@@ -339,8 +342,30 @@ class _Hasher:
             self.put("body", base.__qualname__)
             self.attributes(body, path + (f"class {base.__qualname__}",), skip=("__dict__", "__weakref__"))
 
+    def module_attributes(self, mod: types.ModuleType, path: tuple) -> None:
+        """A user module's own functions and classes, and its plain values (numbers, strings, tensors, containers);
+        other objects it holds (loggers, connections, imported things) are left out, not refused."""
+        if not self.once(mod):
+            return
+        for k, v in sorted(vars(mod).items()):
+            own = isinstance(v, (types.FunctionType, type)) and getattr(v, "__module__", None) == mod.__name__
+            if _dunder(k) or not (own or type(v) in _PLAIN or isinstance(v, (torch.Tensor, tuple, list, dict))):
+                continue
+            try:
+                digest = self.sub_digest(v, path + (f"attribute {k!r}",))
+            except UnidentifiableError:
+                continue
+            self.put(k, digest)
+
     def module(self, model: torch.nn.Module, path: tuple) -> None:
         self.put("nn.Module")
+        names: dict[int, list[str]] = {}  # parameter (by identity) -> every name it has (ties)
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        # the module the call runs with params holds every one of them: its copies of those are not read
+        holds = bool(self.tracked) and all(shapes.get(n) == shape for n, shape in self.tracked.items())
+        read = {k for k, ns in names.items() if holds and any(n in self.tracked for n in ns)}
         for name, sub in model.named_modules(remove_duplicate=False):
             where = path + (f"submodule {name!r}",) if name else path
             if sub is not model and not self.once(sub):
@@ -355,13 +380,17 @@ class _Hasher:
                 raise self.fail(where, f"extra_repr() failed ({type(err).__name__}: {err})") from None
             for pname, p in sub._parameters.items():
                 self.put("parameter", pname, None if p is None else (tuple(p.shape), str(p.dtype)))
-                if p is not None and (f"{name}.{pname}" if name else pname) not in self.tracked:
+                if p is not None and id(p) not in read:
                     self.put(fingerprint([p]))  # not in params: ifunc.call reads its value from the module
             self.visit(dict(sub._buffers), where + ("buffers",))
             for hooks in _HOOKS:
                 self.visit(list(getattr(sub, hooks, {}).values()), where + (hooks.strip("_"),))
-            public = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
-            self.attributes(public, where)
+            own = {k: v for k, v in vars(sub).items() if k not in _MODULE_INTERNALS}  # private ones too (self._t)
+            self.attributes(own, where)
+
+
+#: the attributes every nn.Module has (parameters, buffers, submodules, hooks: hashed above, or no behaviour)
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"training"}
 
 
 def _qualname(kind: type) -> str:

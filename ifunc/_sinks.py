@@ -295,7 +295,7 @@ def store_meta(
             measurement,
             model if isinstance(model, torch.nn.Module) else None,
             identity,
-            tracked=frozenset(params) if isinstance(params, dict) else frozenset(),
+            tracked=params if isinstance(params, dict) else None,
         ),
         "query_rank": query_rank,
         "score_dtype": None if dtype is None else str(dtype),

@@ -69,7 +69,8 @@ def test_containers_partials_and_output_losses_hash_by_content():
     assert content_hash(functools.partial(a, b=1)) == content_hash(functools.partial(a, b=1))
     assert content_hash(functools.partial(a, b=1)) != content_hash(functools.partial(a, b=2))
     assert content_hash(ifunc.output_loss(a, b)) != content_hash(ifunc.output_loss(b, a))
-    assert content_hash({"x": 1, 2: "y"}) == content_hash({2: "y", "x": 1})  # keys in a stable order
+    assert content_hash({"x": 1, 2: "y"}) == content_hash({"x": 1, 2: "y"})
+    assert content_hash({"x": 1, 2: "y"}) != content_hash({2: "y", "x": 1})  # insertion order: a loss may iterate it
     assert content_hash({"a", "b", "c"}) == content_hash({"c", "b", "a"})
     assert content_hash([1, (2.0, None, True)]) != content_hash([1, (2.0, None, False)])
 
@@ -131,7 +132,7 @@ def _sigmoid_forward(self, x):
 
 
 def test_a_module_is_hashed_by_structure_forward_buffers_and_flags_not_parameters(monkeypatch):
-    tracked = frozenset(dict(_net().named_parameters()))
+    tracked = dict(_net().named_parameters())
     h = content_hash(_net(), tracked=tracked)
     net = _net()
     with torch.no_grad():
@@ -240,8 +241,7 @@ def test_a_kronecker_store_records_the_closures_model(tmp_path, monkeypatch):
     path = ifunc.attribute(loss, params, ihvp, train, query, out=tmp_path / "k.h5", chunk_size=4, progress=False)
     with h5py.File(path, "r") as f:
         recorded = json.loads(f["meta"][()])["defined_by"]
-    tracked = frozenset(params)
-    assert recorded["model"] == content_hash(model, name="model", tracked=tracked)
+    assert recorded["model"] == content_hash(model, name="model", tracked=params)
     assert recorded["loss"] == recorded["measurement"]
     before = sha(path)
     monkeypatch.setattr(Net, "forward", _sigmoid_forward)
@@ -396,3 +396,47 @@ def test_weights_outside_params_are_recorded_by_content(tmp_path):
     with pytest.raises(ValueError, match=r"defined_by\.loss"):
         run()
     assert sha(path) == before
+
+
+def test_what_a_loss_reads_through_its_own_module_functions_and_private_attributes_counts(tmp_path):
+    import types
+
+    helpers = types.ModuleType("user_helpers")  # a module of the user's project (not an installed library)
+    helpers.SCALE = 1.0
+    sys.modules["user_helpers"] = helpers
+    try:
+        f = source("import user_helpers\ndef f(p, b):\n    return user_helpers.SCALE * p\n")
+        h = content_hash(f)
+        helpers.SCALE = 2.0
+        assert content_hash(f) != h
+    finally:
+        del sys.modules["user_helpers"]
+    g = source("def f(p, b):\n    return f.scale * p\n")
+    g.scale = 1.0
+    h = content_hash(g)
+    g.scale = 2.0
+    assert content_hash(g) != h
+    net = _net()
+    net._temperature = 1.0
+    h = content_hash(net)
+    net._temperature = 2.0
+    assert content_hash(net) != h
+    assert content_hash(torch.tensor(2.0)) != content_hash(torch.tensor(3.0))  # 0-d tensors (BatchNorm's counter)
+    bn = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).double().eval()
+    assert content_hash(bn) == content_hash(bn)
+
+
+def test_a_frozen_module_with_the_names_of_the_trained_one_is_recorded_by_content():
+    """params of a head; a backbone whose parameter names collide with the head's is still a frozen input."""
+    torch.manual_seed(0)
+    backbone, head = nn.Sequential(nn.Linear(3, 4)).double(), nn.Sequential(nn.Linear(4, 2)).double()
+    params = ifunc.params_of(head)
+    loss = lambda p, b: ifunc.call(head, p, backbone(b[0])).sum()  # noqa: E731
+    h = content_hash(loss, tracked=params)
+    with torch.no_grad():
+        backbone[0].weight.add_(1.0)
+    assert content_hash(loss, tracked=params) != h
+    h = content_hash(loss, tracked=params)
+    with torch.no_grad():
+        head[0].weight.add_(1.0)  # the call reads params, not the module's copy
+    assert content_hash(loss, tracked=params) == h
