@@ -77,13 +77,22 @@ def explained(where: str, kinds: tuple = (RuntimeError,)) -> Iterator[None]:
         raise
 
 
+def _is_bool(value) -> bool:
+    """A Python, NumPy or 0-d torch boolean (``operator.index`` turns ``torch.tensor(True)`` into 1)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype) in ("torch.bool", "bool")
+
+
 def check_count(value, name: str, who: str, *, minimum: int = 1) -> int:
     """``value`` as an int ``>= minimum``: ``TypeError`` for a bool, a float or a non-number, else ``ValueError``.
 
     ``True`` is an int in Python, so ``rank=True`` would silently mean 1; a float such as ``2.0`` or ``2.5`` is
-    refused rather than truncated. Integer types that support ``operator.index`` (NumPy, 0-d torch) are accepted.
+    refused rather than truncated. Integer types that support ``operator.index`` (NumPy, 0-d torch) are accepted;
+    their booleans (``numpy.bool_``, a 0-d ``torch.bool`` tensor) are refused like ``True``.
     """
-    if isinstance(value, bool):
+    if _is_bool(value):
         raise TypeError(f"{who}: {name} must be an int >= {minimum}, got the bool {value!r}; pass a number such as 10")
     try:
         number = operator.index(value)

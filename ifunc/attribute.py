@@ -183,7 +183,7 @@ def attribute(
         check_per_token(ihvp)
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
-    check_same_data(source)  # every rank must hold all the data (no-op without a process group)
+    check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
     if out is not None:  # before any work: an unidentifiable loss is refused at once
         meta, resume = store_meta(loss, params, ihvp, query, measurement, query_rank, dtype, identity)
         if chunk_size is None and not overwrite:  # the default follows free memory: resume with the file's
@@ -249,7 +249,7 @@ def self_influence(
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
-    check_same_data(source)
+    check_same_data(source, params)
     if scorable(ihvp):
         step = chunk_size or train_chunk_size(loss, params, ihvp, source, max_memory)
         compute = lambda batch, offset: kronecker_self_terms(  # noqa: E731

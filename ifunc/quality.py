@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ._errors import check_count
 from .ihvp._base import IHVP
 from .likelihood import default_generator
 
@@ -101,7 +102,7 @@ def ihvp_error(
       ``score_spearman`` is ``None`` with fewer than 2 score columns).
 
     Raises:
-      ValueError: ``probes < 1``, wrong gradient shapes, ``train`` without ``queries``.
+      TypeError, ValueError: ``probes`` not an int >= 1 (a bool or a float included); ValueError: wrong gradient shapes, ``train`` without ``queries``.
 
     Example:
       >>> exact = ifunc.ihvp_explicit(loss, params, data, damping=1e-3)
@@ -109,8 +110,7 @@ def ihvp_error(
       >>> Q = ifunc.per_sample_grads(loss, params, test_batch)
       >>> ifunc.ihvp_error(approx, exact, queries=Q).score_spearman
     """
-    if int(probes) < 1:
-        raise ValueError(f"ihvp_error: probes must be >= 1, got {probes}")
+    probes = check_count(probes, "probes", "ihvp_error")
     ref_dim = getattr(reference, "dim", ihvp.dim)
     if ref_dim != ihvp.dim:
         raise ValueError(
@@ -126,7 +126,7 @@ def ihvp_error(
         raise ValueError("ihvp_error: train gradients need query gradients too (pass queries=...)")
     generator = generator if generator is not None else default_generator()
     dtype = ihvp.dtype
-    V = torch.randn(int(probes), ihvp.dim, generator=generator, dtype=dtype).to(ihvp.device)
+    V = torch.randn(probes, ihvp.dim, generator=generator, dtype=dtype).to(ihvp.device)
     with torch.no_grad():
         probe = _relative(ihvp(V), reference(V))
         query_error = cosine = rank = None

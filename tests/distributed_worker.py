@@ -157,12 +157,29 @@ def split_by_hand() -> str:
     return _caught(lambda: ifunc.ihvp_cg(loss, params, mine, damping=0.1))
 
 
+def params_by_rank() -> dict[str, str]:
+    """What ranks holding other parameter values, or the same ones in another dtype, are told (each builder and
+    attribute)."""
+    _, params, loss, train, query = problem()
+    rank = torch.distributed.get_rank()
+    moved = {k: v + 1e-2 * rank for k, v in params.items()}  # rank 1 loaded another checkpoint
+    other = {torch.float32: torch.float64, torch.float64: torch.float32}
+    cast = {k: v.to(other[v.dtype]) if rank else v for k, v in params.items()}  # rank 1 cast its model
+    ident = ifunc.ihvp_identity(params, damping=1.0)
+    return {
+        "values/cg": _caught(lambda: ifunc.ihvp_cg(loss, moved, train, damping=0.1)),
+        "values/attribute": _caught(lambda: ifunc.attribute(loss, moved, ident, train, query, progress=False)),
+        "dtype/cg": _caught(lambda: ifunc.ihvp_cg(loss, cast, train, damping=0.1)),
+    }
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     try:
         results = compute_all(sys.argv[1])
         results["refused"] = split_by_hand()
+        results["params_refused"] = params_by_rank()
         results["collectives"] = collectives()
         torch.save(results, os.path.join(sys.argv[1], f"rank{torch.distributed.get_rank()}.pt"))
     finally:

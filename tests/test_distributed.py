@@ -211,7 +211,7 @@ def test_worker_covers_every_case(launched):
     ranks, one = launched
     scored = {k.split("/", 1)[1] for k in one if k.split("/")[1] not in ("ggn", "fisher", "n_ggn", "n_fisher")}
     assert scored == set(SCORES) | {f"{kind}/{m}" for kind in ("bf16", "written", "rewritten") for m in ("ekfac", "cg")}
-    assert set(ranks[0]) == set(one) | {"refused", "collectives"}
+    assert set(ranks[0]) == set(one) | {"refused", "params_refused", "collectives"}
 
 
 @pytest.mark.slow
@@ -262,6 +262,18 @@ def test_ranks_holding_different_data_are_refused(launched):
     ranks, _ = launched
     for res in ranks:  # every rank is told, none waits forever
         assert "same, complete data" in res["refused"], res["refused"]
+
+
+@pytest.mark.slow
+def test_ranks_holding_different_parameters_are_refused(launched):
+    ranks, _ = launched
+    for res in ranks:  # every rank is told, none waits forever; the message shows each rank's dtypes
+        for case, message in res["params_refused"].items():
+            assert "different data or parameters" in message and "same parameters" in message, (case, message)
+        assert (
+            "torch.float64" in res["params_refused"]["dtype/cg"]
+            and "torch.float32" in res["params_refused"]["dtype/cg"]
+        )
 
 
 def test_hooks_are_the_identity_without_a_process_group():

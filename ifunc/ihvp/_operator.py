@@ -7,6 +7,7 @@ rank then takes the same solver steps. Without a process group it is :func:`ifun
 
 from __future__ import annotations
 
+import optree
 import torch
 
 from .. import distributed
@@ -23,22 +24,30 @@ def rank_partition() -> Partition:
     return Partition(rank, size, distributed.reduce_tensor)
 
 
-def check_same_data(source: DataSource) -> None:
-    """Raise on every rank unless all ranks see the same data: same size (when cheap), same first batch.
+def check_same_data(source: DataSource, params: Params | None = None) -> None:
+    """Raise on every rank unless all ranks see the same data (size when cheap, first batch) and ``params``.
 
     ifunc shards the data itself, so each rank must pass all of it, in the same order; a
     ``DistributedSampler`` (each rank a different part) or an unseeded shuffle would otherwise give silently
-    wrong sums. Never an extra pass over the data. Nothing happens without a process group.
+    wrong sums, and so would parameters that differ between ranks (a rank that loaded another checkpoint, or
+    a model cast to another dtype). The message shows each rank's dtypes. Never an extra pass over the data.
+    Nothing happens without a process group.
     """
     if not distributed.active():
         return
-    signature = (source.cheap_count(), fingerprint(tensor_leaves(source.first())))
+    leaves = tensor_leaves(source.first())
+    signature = (source.cheap_count(), sorted({str(t.dtype) for t in leaves}), fingerprint(leaves))
+    what = "data (example count, dtypes, first-batch fingerprint)"
+    if params is not None:
+        tensors = [t for t in optree.tree_leaves(params, namespace="ifunc") if isinstance(t, torch.Tensor)]
+        signature += (sorted({str(t.dtype) for t in tensors}), fingerprint(tensors))
+        what = "data or parameters (example count, dtypes, fingerprints)"
     distributed.check_same(
         signature,
         (
-            f"{source.name}: the ranks hold different data (example count, first-batch fingerprint); under "
-            "torch.distributed every rank must pass the same, complete data in the same order (no DistributedSampler, "
-            "no unseeded shuffling): ifunc shards it across the ranks"
+            f"{source.name}: the ranks hold different {what}; under torch.distributed every rank must pass the same, "
+            "complete data in the same order (no DistributedSampler, no unseeded shuffling) and the same parameters "
+            "in the same dtype: ifunc shards the data across the ranks"
         ),
     )
 
@@ -47,5 +56,5 @@ def data_operator(
     loss: LossFn, params: Params, data: Data, *, curvature: str | None = None, generator: torch.Generator | None = None
 ) -> CurvatureOperator:
     """:func:`ifunc.curvature_operator` over ``data``, with this rank's partition of the batches."""
-    check_same_data(DataSource(data, name="data"))
+    check_same_data(DataSource(data, name="data"), params)
     return curvature_operator(loss, params, data, curvature=curvature, generator=generator, partition=rank_partition())

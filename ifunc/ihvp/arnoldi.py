@@ -26,13 +26,17 @@ def lanczos(
 
     Args:
       matvec: ``[1, d] -> [1, d]`` product with the symmetric operator (in any float dtype).
-      d: dimension. steps: Krylov dimension (<= d).
+      d: dimension. steps: Krylov dimension, an int >= 1 (capped at ``d``).
       generator: for the random starting vectors.
 
     Returns:
       ``(eigenvalues [steps], eigenvectors [d, steps])`` (Ritz pairs, ascending), float64.
+
+    Raises:
+      TypeError, ValueError: ``d`` or ``steps`` not an int >= 1 (a bool or a float included).
     """
-    steps = min(int(steps), d)
+    d = check_count(d, "d", "lanczos")
+    steps = min(check_count(steps, "steps", "lanczos"), d)
     basis = torch.zeros(steps, d, dtype=torch.float64, device=device)
     alphas = torch.zeros(steps, dtype=torch.float64)
     betas = torch.zeros(steps, dtype=torch.float64)

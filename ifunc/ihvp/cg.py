@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._errors import check_count
 from .._types import Data, LossFn, Params, Preconditioner
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
@@ -24,60 +25,26 @@ class CGResult(NamedTuple):
     """Result of :func:`cg_solve` for ``k`` right-hand sides."""
 
     x: torch.Tensor  #: ``[k, d]`` solutions
-    iterations: torch.Tensor  #: ``[k]`` iterations each right-hand side took
-    residual: torch.Tensor  #: ``[k]`` final residual norms ``‖b − A x‖``
-    converged: torch.Tensor  #: ``[k]`` bool: right-hand side ``i`` met ``‖r_i‖ <= max(tol ‖b_i‖, atol)``
+    iterations: torch.Tensor  #: ``[k]`` iterations each right-hand side took (restarts included)
+    residual: torch.Tensor  #: ``[k]`` final TRUE residual norms ``‖b − A x‖`` (recomputed, not recursive)
+    converged: torch.Tensor  #: ``[k]`` bool: the true residual meets ``‖b_i − A x_i‖ <= max(tol ‖b_i‖, atol)``
+    #: ``[k]`` bool: stopped above the tolerance before ``maxiter`` because a restart no longer halved the true
+    #: residual: the rounding floor of the dtype (a looser ``tol``, more damping or float64 is needed)
+    stalled: torch.Tensor | None = None
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=1)
 
 
-def cg_solve(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    B: torch.Tensor,
-    *,
-    tol: float = DEFAULT_TOL,
-    atol: float = 0.0,
-    maxiter: int | None = None,
-    preconditioner: Preconditioner | None = None,
-) -> CGResult:
-    """Solve ``A X = B`` for SPD ``A`` by (preconditioned) conjugate gradients, ``k`` systems at once.
-
-    The ``k`` recurrences run in lockstep so that each iteration costs one batched ``matvec`` on the
-    still-active columns; a column stops as soon as ``‖r‖ <= max(tol·‖b‖, atol)``. Starts from ``X = 0``.
-
-    Args:
-      matvec: ``[m, d] -> [m, d]``, the product with ``A``.
-      B: right-hand sides ``[k, d]`` (or ``[d]``).
-      tol, atol: relative and absolute residual tolerances (``tol`` default :data:`DEFAULT_TOL` = 1e-5).
-      maxiter: iteration cap (default ``min(10 d, 1000)``).
-      preconditioner: ``[m, d] -> [m, d]`` approximating ``A^{-1}`` (SPD).
-
-    Returns:
-      :class:`CGResult` (``x [k, d]``, or ``[d]`` for a ``[d]`` input; ``iterations``, ``residual`` and
-      ``converged`` are ``[k]`` either way); never raises on non-convergence: ``bool(res.converged.all())``
-      says whether every right-hand side converged.
-
-    Raises:
-      ValueError: ``A`` is not positive definite along a search direction, or NaN appeared.
-    """
-    single = B.dim() == 1
-    B = B.reshape(-1, B.shape[-1]) if single else B
-    k, d = B.shape
-    maxiter = min(10 * d, 1000) if maxiter is None else int(maxiter)
-    M = preconditioner if preconditioner is not None else (lambda r: r)
-    X = torch.zeros_like(B)
-    R = B.clone()
+def _iterate(matvec, M, X, R, threshold, active, iterations, budget: int) -> int:
+    """Run (preconditioned) CG from ``X`` with residual ``R`` on the ``active`` rows, in place; steps run."""
     Z = M(R)
     P = Z.clone()
     rz = _rowdot(R, Z)
-    threshold = torch.clamp(tol * B.norm(dim=1), min=atol)
-    iterations = torch.zeros(k, dtype=torch.long)
-    active = R.norm(dim=1) > threshold
-    for _ in range(maxiter):
+    for step in range(budget):
         if not bool(active.any()):
-            break
+            return step
         idx = active.nonzero().squeeze(1)
         p = P[idx]
         Ap = matvec(p)
@@ -100,11 +67,75 @@ def cg_solve(
         rz[idx] = rz_new
         iterations[idx] += 1
         active[idx] = r.norm(dim=1) > threshold[idx]
+    return budget
+
+
+def cg_solve(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    B: torch.Tensor,
+    *,
+    tol: float = DEFAULT_TOL,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    preconditioner: Preconditioner | None = None,
+) -> CGResult:
+    """Solve ``A X = B`` for SPD ``A`` by (preconditioned) conjugate gradients, ``k`` systems at once.
+
+    The ``k`` recurrences run in lockstep so that each iteration costs one batched ``matvec`` on the
+    still-active columns; a column stops as soon as its recursive residual ``r`` has ``‖r‖ <= max(tol·‖b‖, atol)``.
+    Starts from ``X = 0``.
+
+    **The true residual is checked.** In finite precision the recursive residual drifts away from
+    ``b − A x`` (by about ``ε ‖A‖ ‖x‖``, ε the dtype's rounding), so after the iterations stop the true residual
+    ``b − A x`` of the columns that ran is recomputed (one block ``matvec``). A column above the tolerance restarts
+    CG from its ``x`` with that true residual, sharing the ``maxiter`` budget, as long as each restart at
+    least halves its true residual; when a restart does not, the column is at the rounding floor of the dtype and
+    is reported ``stalled``. ``residual`` and ``converged`` always describe the true residual.
+
+    Args:
+      matvec: ``[m, d] -> [m, d]``, the product with ``A``.
+      B: right-hand sides ``[k, d]`` (or ``[d]``).
+      tol, atol: relative and absolute residual tolerances (``tol`` default :data:`DEFAULT_TOL` = 1e-5).
+      maxiter: iteration cap, an int >= 1 (default ``min(10 d, 1000)``), restarts included.
+      preconditioner: ``[m, d] -> [m, d]`` approximating ``A^{-1}`` (SPD).
+
+    Returns:
+      :class:`CGResult` (``x [k, d]``, or ``[d]`` for a ``[d]`` input; ``iterations``, ``residual``,
+      ``converged`` and ``stalled`` are ``[k]`` either way); never raises on non-convergence:
+      ``bool(res.converged.all())`` says whether every right-hand side converged.
+
+    Raises:
+      TypeError, ValueError: ``maxiter`` not an int >= 1 (a bool or a float included).
+      ValueError: ``A`` is not positive definite along a search direction, or NaN appeared.
+    """
+    single = B.dim() == 1
+    B = B.reshape(-1, B.shape[-1]) if single else B
+    k, d = B.shape
+    maxiter = min(10 * d, 1000) if maxiter is None else check_count(maxiter, "maxiter", "cg_solve")
+    M = preconditioner if preconditioner is not None else (lambda r: r)
+    X = torch.zeros_like(B)
+    R = B.clone()
+    threshold = torch.clamp(tol * B.norm(dim=1), min=atol)
+    iterations = torch.zeros(k, dtype=torch.long)
+    stalled = torch.zeros(k, dtype=torch.bool)
     residual = R.norm(dim=1)
-    converged = residual <= threshold
+    todo = residual > threshold
+    budget = maxiter
+    while bool(todo.any()) and budget > 0:
+        ran = todo.clone()
+        budget -= _iterate(matvec, M, X, R, threshold, todo, iterations, budget)
+        idx = ran.nonzero().squeeze(1)
+        R[idx] = B[idx] - matvec(X[idx])  # the true residual of the columns that ran
+        true = R[idx].norm(dim=1)
+        progress = true <= 0.5 * residual[idx]
+        residual[idx] = true
+        above = true > threshold[idx]
+        stalled[idx] = above & ~progress
+        todo = torch.zeros_like(todo)
+        todo[idx] = above & progress
     if single:
         X = X[0]
-    return CGResult(X, iterations, residual, converged)
+    return CGResult(X, iterations, residual, residual <= threshold, stalled)
 
 
 def ihvp_cg(
@@ -185,6 +216,7 @@ def ihvp_cg(
     References:
       Hestenes & Stiefel (1952); Martens (2010); Koh & Liang (2017).
     """
+    maxiter = None if maxiter is None else check_count(maxiter, "maxiter", "ihvp_cg")
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
     if tol < 0 or atol < 0:
         raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._errors import check_count
 from ..curvature import CurvatureOperator
 from ..likelihood import default_generator
 from ._base import check_damping
@@ -123,7 +124,8 @@ def jacobi_preconditioner(
       ``diagonal`` (``[d]``, the estimated ``diag(H)``), ``damping`` and ``with_damping(λ)`` (free).
 
     Raises:
-      ValueError: ``probes < 1``, or ``diag(H) + λ`` has a non-positive entry (raise ``damping``).
+      TypeError, ValueError: ``probes`` or ``chunk`` not an int >= 1 (a bool or a float included), or
+        ``diag(H) + λ`` has a non-positive entry (raise ``damping``).
 
     Example:
       >>> op = ifunc.curvature_operator(loss, params, data)
@@ -134,6 +136,8 @@ def jacobi_preconditioner(
       Bekas, Kokiopoulou & Saad (2007), "An estimator for the diagonal of a matrix".
     """
     lam = None if damping is None else check_damping(damping)
+    probes = None if probes is None else check_count(probes, "probes", "jacobi_preconditioner")
+    chunk = check_count(chunk, "chunk", "jacobi_preconditioner")
     matvec, d, like = _operator(operator, dim, "jacobi_preconditioner", dtype)
     if probes is None:
         diagonal = torch.empty(d, dtype=like.dtype, device=like.device)
@@ -143,10 +147,8 @@ def jacobi_preconditioner(
             E[torch.arange(stop - start), torch.arange(start, stop)] = 1
             diagonal[start:stop] = (matvec(E) * E).sum(1)
     else:
-        if int(probes) < 1:
-            raise ValueError(f"jacobi_preconditioner: probes must be >= 1 (or None for exact), got {probes}")
         generator = generator if generator is not None else default_generator()
-        Z = (2 * torch.randint(0, 2, (int(probes), d), generator=generator) - 1).to(like.dtype).to(like.device)
+        Z = (2 * torch.randint(0, 2, (probes, d), generator=generator) - 1).to(like.dtype).to(like.device)
         diagonal = (Z * matvec(Z)).mean(0)
         # a PSD diagonal is >= 0: where noise drove the estimate to <= 0, fall back to the mean diagonal
         # trace / d (which Hutchinson estimates well)
@@ -202,14 +204,16 @@ def nystrom_preconditioner(
       sketch is kept).
 
     Raises:
-      ValueError: rank out of range, damping <= 0, or the operator is not PSD.
+      TypeError, ValueError: ``rank`` not an int in [1, d] (a bool or a float included), damping <= 0, or the
+        operator is not PSD.
 
     References:
       Frangella, Tropp & Udell (2023), "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl.
     """
     lam = None if damping is None else check_damping(damping, allow_zero=False)
     matvec, d, like = _operator(operator, dim, "nystrom_preconditioner", dtype)
-    if not isinstance(rank, int) or not 1 <= rank <= d:
+    rank = check_count(rank, "rank", "nystrom_preconditioner")
+    if rank > d:
         raise ValueError(f"nystrom_preconditioner: rank must be an integer in [1, d={d}], got {rank!r}")
     generator = generator if generator is not None else default_generator()
     U, w = nystrom_sketch(

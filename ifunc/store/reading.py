@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._errors import check_count
 from ._hdf5 import _open
 from ._meta import read_meta
 from .scores import FORMAT, _verify
@@ -114,11 +115,14 @@ def top_k(
 
     Raises:
       ValueError: as :func:`load_scores`, or ``k`` out of range.
+      TypeError, ValueError: ``k`` or ``block`` not an int >= 1 (a bool or a float included).
     """
+    k = check_count(k, "k", "top_k")
+    block = check_count(block, "block", "top_k")
     with _open_complete(path) as f:
         ds = f["scores"]
         n_query, n_train = ds.shape
-        if not 1 <= k <= n_train:
+        if k > n_train:
             raise ValueError(f"k must be in [1, n_train={n_train}], got {k}")
         chunk, sums = _chunk_checks(f, path, verify)
         best_v = torch.empty(n_query, 0)

@@ -1,7 +1,8 @@
 """The Kronecker family: K-FAC, EK-FAC, diagonal and identity closures built from captured layer statistics.
 
-``layers`` (one adapter per layer kind; ``uses`` for per-token splits of diagonal blocks) → ``capture`` (the one
-hook system; ``budget`` sizes its chunks) → ``fit`` (factors, stored by ``factors``) → ``closure``
+``layers`` (one adapter per layer kind; ``uses`` for per-token splits of diagonal blocks) → ``hooks`` (the one
+hook system) → ``capture`` (the probe: each layer's example dimension, weights used only by their module, rows
+that are their example's own; ``budget`` sizes the chunks) → ``fit`` (factors, stored by ``factors``) → ``closure``
 (:class:`KroneckerIHVP`, built by ``methods``: ekfac / kfac / diagonal / identity) → ``score`` / ``tokens``
 (pairwise, per-module, self and per-token contractions used by :func:`ifunc.attribute`); ``_kernels`` holds the
 dense linear algebra.

@@ -105,8 +105,9 @@ class KroneckerIHVP(IHVP):
         self.block_damping: tuple[float, ...] = block_damping
         self.diag_damping: tuple[float, ...] = diag_damping
         self.modules: tuple[str, ...] = modules
-        #: the layer specs checked by :func:`~ifunc.ihvp.kronecker.capture.probe_layers` (key ``"layers"``), filled by
-        #: the fit or by the first capture for scoring; shared by the closures ``with_damping`` makes
+        #: ``id(callable) -> UseCheck``: what :func:`~ifunc.ihvp.kronecker.capture.probe_layers` found of each loss or
+        #: measurement's use of the layers (example dims, weight uses), from the fit or from the first capture of that
+        #: callable for scoring; shared by the closures ``with_damping`` makes
         self.probe: dict = probe
 
     def __repr__(self) -> str:
@@ -114,10 +115,8 @@ class KroneckerIHVP(IHVP):
         return f"IHVP({self.name}, d={self.dim}, damping={lam})"
 
 
-def build_closure(
-    name: str, params: Params, blocks, diags, model, damping, extra_info, *, probed: bool = False
-) -> KroneckerIHVP:
-    """The closure over ``blocks`` and ``diags``; ``probed``: the blocks' layer specs were checked by the fit."""
+def build_closure(name: str, params: Params, blocks, diags, model, damping, extra_info, *, check=None) -> KroneckerIHVP:
+    """The closure over ``blocks`` and ``diags``; ``check``: the fit's :class:`~.capture.UseCheck` of its loss."""
     unflatten = structure(params)  # no copy of the parameters: the closure keeps only their layout, dtype, device
     first = optree.tree_leaves(params, namespace="ifunc")[0]
     dtype, like = first.dtype, first.new_zeros(())
@@ -131,7 +130,7 @@ def build_closure(
     )
     diags = tuple(d._replace(diag=d.diag.to(dtype)) for d in diags)
     groups = tuple(dict.fromkeys([b.spec.name for b in blocks] + [d.group for d in diags]))
-    probe = {"layers": [b.spec for b in blocks]} if probed else {}
+    probe = {} if check is None else {id(check.func): check}
 
     def rebuild(lam) -> KroneckerIHVP:
         bl = tuple(_auto(b.eigenvalues, lam, f"layer {b.spec.name!r}") for b in blocks)

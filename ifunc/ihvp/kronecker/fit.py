@@ -38,12 +38,12 @@ from ...likelihood import default_generator
 from .._operator import check_same_data
 from ._kernels import one_thread, rotated_sq_sum
 from .budget import capture_chunk_size, check_chunk_size
-from .capture import layer_capture, probe_layers, requiring_grad
+from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
 from .factors import KroneckerFactors, LayerFactors
 from .layers import find_layers, parameter_names
 
-__all__ = ["fit_kronecker_factors", "split_excluded", "CURVATURES"]
+__all__ = ["fit_kronecker_factors", "fit_checked", "split_excluded", "CURVATURES"]
 
 
 def _add(st: dict, key: str, product: torch.Tensor, weight: float, dtype: torch.dtype) -> None:
@@ -136,9 +136,11 @@ def fit_kronecker_factors(
     Raises:
       ValueError / TypeError: unknown curvature, a loss without outputs for ``"ggn"``/``"fisher"``,
         non-finite factors, uncovered parameters with ``fallback=False``.
-      ExampleDimError / WeightUseError (``ValueError``): a tracked layer whose input has no dimension of the examples,
-        or whose weight is also used outside its calls (tied, functional, a custom ``forward``); see
-        :func:`~ifunc.ihvp.kronecker.capture.probe_layers`, run on the first batch before the passes.
+      ExampleDimError / WeightUseError / ExampleMixError (``ValueError``): a tracked layer whose input has no
+        dimension of the examples, whose weight is also used outside its calls (tied, functional, a custom
+        ``forward``), or whose input rows are not the examples in order and apart (a model that sorts or mixes the
+        batch); see :func:`~ifunc.ihvp.kronecker.capture.probe_layers`, run on the first two examples before the
+        passes (and, for a layer without a gradient there, on the first chunk where it has one).
 
     Example:
       >>> factors = ifunc.fit_kronecker_factors(loss, params, loader, model=model, sample="categorical",
@@ -150,6 +152,32 @@ def fit_kronecker_factors(
       Martens & Grosse (2015); George et al. (2018); Eschenhagen et al. (2023) for the "expand"
       normalisation of weight-shared (token / patch) layers.
     """
+    return fit_checked(**locals())[0]  # the same arguments
+
+
+def fit_checked(
+    loss: LossFn,
+    params: Params,
+    data: Data,
+    *,
+    model: torch.nn.Module,
+    modules=None,
+    exclude=(),
+    curvature: str | None = None,
+    sample=None,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    ekfac: bool = True,
+    fallback: bool = True,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    diagonal: bool = True,
+    eigen_dtype: torch.dtype = torch.float64,
+    keep_covariances: bool = True,
+    progress: bool | None = None,
+) -> tuple[KroneckerFactors, UseCheck]:
+    """:func:`fit_kronecker_factors` (same arguments and defaults) and what it checked of ``loss``'s use of the layers
+    (:class:`~.capture.UseCheck`, kept by the closure built from the fit)."""
     chunk_size = check_chunk_size(chunk_size)
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -168,9 +196,10 @@ def fit_kronecker_factors(
     start_state = gen.get_state()
     curvature, sample = resolve(loss, curvature, sample)  # checks an explicit choice; None: decided on the outputs
     source = DataSource(data, name="data", ordered=curvature == "fisher")
-    check_same_data(source)  # every rank must hold all the data (no-op without a process group)
+    check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
     check_summed(loss, params, source)
-    layers = probe_layers(loss, params, model, layers, source.first())  # example dims; weights used only by the calls
+    check = probe_layers(loss, params, model, layers, source.head(2))  # example dims, weight uses, rows = examples
+    layers = check.layers
     if curvature is None:  # the default depends on the outputs' shape (one or several positions per example)
         curvature, sample = resolve(loss, curvature, sample, probe=(params, source.first()))
         if curvature == "fisher":  # sampled labels follow the chunks: the data must keep its order
@@ -213,7 +242,10 @@ def fit_kronecker_factors(
             rec.check()
             acts = {s.name: rec.activations(s) for s in layers}
             for j, (u, w) in enumerate(directions):
-                gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1) if layers else {}
+                wrt = check.wrt(p) if rotations is None and j == 0 else {}  # layers not yet seen with a gradient
+                gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1, wrt=wrt) if layers else {}
+                if wrt:
+                    check.observe(loss, params, model, batch, rec, {s.name: (acts[s.name], gs[s.name]) for s in layers})
                 for s in layers:
                     a, g, st = acts[s.name], gs[s.name], acc[s.name]
                     if rotations is None:  # chunk products in the params' dtype, D sums in eigen_dtype
@@ -289,4 +321,5 @@ def fit_kronecker_factors(
             assert isinstance(total, torch.Tensor)  # every layer added a chunk (the data is not empty)
             factors[s.name] = factors[s.name]._replace(ekfac=total.div_(n))
         release_free_memory()
-    return KroneckerFactors(tuple(layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
+    out = KroneckerFactors(tuple(check.layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
+    return out, check

@@ -38,8 +38,11 @@ __all__ = [
     "find_layers",
     "parameter_names",
     "example_dim",
+    "settled_dim",
     "LayerCaptureError",
     "ExampleDimError",
+    "WeightUseError",
+    "ExampleMixError",
 ]
 
 
@@ -49,6 +52,14 @@ class LayerCaptureError(ValueError):
 
 class ExampleDimError(LayerCaptureError):
     """A tracked layer's input has no dimension of the examples, or not ``b`` rows along it."""
+
+
+class WeightUseError(LayerCaptureError):
+    """A tracked weight's gradient is not ``Σ_t g_t a_tᵀ`` over its layer's calls: it is used elsewhere too."""
+
+
+class ExampleMixError(LayerCaptureError):
+    """Row ``i`` of a tracked layer's batched input is not example ``i`` alone: the model reorders or mixes examples."""
 
 
 class LayerSpec(NamedTuple):
@@ -61,8 +72,12 @@ class LayerSpec(NamedTuple):
     out_features: int
     in_features: int  #: columns of the weight matrix (``in·kh·kw`` for conv), without the bias
     #: dimension of the layer input (and output) that indexes the examples: 0 for ``[batch, ..., in]``, 1 for a
-    #: sequence-first ``[T, batch, in]``; found by :func:`~ifunc.ihvp.kronecker.capture.probe_layers`
-    batch_dim: int = 0
+    #: sequence-first ``[T, batch, in]``; found by :func:`~ifunc.ihvp.kronecker.capture.probe_layers`; None while
+    #: only one example has been seen (any dimension of size 1 then; settled on the first batch of two or more)
+    batch_dim: int | None = 0
+    #: the model modifies the layer's output in place after the call (``nn.ReLU(inplace=True)``): the capture hands
+    #: it a copy, so the recorded output keeps the gradient of the layer's own result
+    copy_output: bool = False
 
 
 def _positions_last(x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +185,28 @@ def kind_of(spec: LayerSpec) -> LayerKind:
     return KINDS[spec.kind]
 
 
-def example_dim(spec: LayerSpec, one: list, two: list | None) -> int:
-    """The dimension of the layer's input that indexes the examples, from its call shapes on one and two examples."""
+def settled_dim(spec: LayerSpec, x: torch.Tensor, examples: int | None) -> int:
+    """The example dimension of a call's input (or output) ``x``: the spec's, or while it is undecided (one example
+    seen so far) the first dimension of size 1 that may index the examples, which is as good as any for one example.
+
+    Raises:
+      ExampleDimError: the dimension is undecided and the batch holds two or more examples.
+    """
+    if spec.batch_dim is not None:
+        return spec.batch_dim
+    if examples is not None and examples > 1:
+        raise ExampleDimError(
+            f"layer capture: the example dimension of {spec.name!r} is undecided (found on one example only) and the "
+            f"batch holds {examples}; probe the layers on two examples first"
+        )
+    return next((d for d in kind_of(spec).example_dims(x.dim()) if x.shape[d] == 1), 0)
+
+
+def example_dim(spec: LayerSpec, one: list, two: list | None) -> int | None:
+    """The dimension of the layer's input that indexes the examples, from its call shapes on one and two examples.
+
+    With one example only (``two=None``) it stays undecided (None) once a dimension of size 1 exists.
+    """
     kind = kind_of(spec)
     fix = (
         "keep a [batch, ...] (or sequence-first [T, batch, ...]) shape up to this layer (e.g. x.reshape(b, T, d), "
@@ -209,7 +244,7 @@ def example_dim(spec: LayerSpec, one: list, two: list | None) -> int:
             f"layer capture: the calls of {spec.name!r} index the examples along different dimensions {sorted(dims)} "
             f"({seen}); {fix}"
         )
-    return dims.pop()
+    return None if two is None else dims.pop()
 
 
 def parameter_names(params: Params) -> list[str]:

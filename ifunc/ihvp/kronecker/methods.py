@@ -16,7 +16,7 @@ from .._base import IHVP, check_damping
 from .blocks import DiagBlock, KronBlock, layout
 from .closure import build_closure
 from .factors import KroneckerFactors
-from .fit import fit_kronecker_factors, split_excluded
+from .fit import fit_checked, split_excluded
 from .layers import find_layers, parameter_names
 
 __all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity"]
@@ -35,7 +35,7 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
     return {p: info[p] for p in parameter_names(params) if p in info}
 
 
-def _from_factors(method: str, params, factors: KroneckerFactors, model, damping, probed: bool = False) -> IHVP:
+def _from_factors(method: str, params, factors: KroneckerFactors, model, damping, check=None) -> IHVP:
     if not isinstance(factors, KroneckerFactors):
         raise TypeError(
             f"expected data or KroneckerFactors from ifunc.fit_kronecker_factors, got {type(factors).__name__}"
@@ -64,19 +64,20 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
         for p, v in factors.fallback.items()
     ]
     info = {"blocks": _blocks_info(params, factors, method), "curvature": factors.curvature, "n": factors.n}
-    return build_closure(method, params, blocks, diags, model, damping, info, probed=probed)
+    return build_closure(method, params, blocks, diags, model, damping, info, check=check)
 
 
-def _factors(loss, params, data_or_factors, model, ekfac, kwargs, diagonal=False) -> KroneckerFactors:
+def _factors(loss, params, data_or_factors, model, ekfac, kwargs, diagonal=False):
+    """``(factors, the fit's UseCheck of loss or None)``: the given factors, or fitted from data."""
     if isinstance(data_or_factors, KroneckerFactors):
         if kwargs:
             raise TypeError(f"{sorted(kwargs)} configure fitting; they cannot be used with precomputed factors")
-        return data_or_factors
+        return data_or_factors, None
     if model is None:
         raise TypeError("the Kronecker family needs model= (the nn.Module your loss calls) to capture layers")
     # D = E[DW²] only where it is used; A and S are not kept (the closures use their eigendecompositions)
     kwargs = {"diagonal": diagonal, "keep_covariances": False, **kwargs}
-    return fit_kronecker_factors(loss, params, data_or_factors, model=model, ekfac=ekfac, **kwargs)
+    return fit_checked(loss, params, data_or_factors, model=model, ekfac=ekfac, **kwargs)
 
 
 _FIT_DOC = """
@@ -129,8 +130,8 @@ def ihvp_ekfac(
       George et al. (2018), "Fast approximate natural gradient descent in a Kronecker-factored eigenbasis";
       Grosse et al. (2023), "Studying large language model generalization with influence functions".
     """
-    fitted = _factors(loss, params, data, model, True, fit_kwargs)
-    return _from_factors("ekfac", params, fitted, model, damping, fitted is not data)
+    fitted, check = _factors(loss, params, data, model, True, fit_kwargs)
+    return _from_factors("ekfac", params, fitted, model, damping, check)
 
 
 @_fit_doc
@@ -154,8 +155,8 @@ def ihvp_kfac(
       Martens & Grosse (2015), "Optimizing neural networks with Kronecker-factored approximate curvature";
       Grosse & Martens (2016) for convolutions.
     """
-    fitted = _factors(loss, params, data, model, False, fit_kwargs)
-    return _from_factors("kfac", params, fitted, model, damping, fitted is not data)
+    fitted, check = _factors(loss, params, data, model, False, fit_kwargs)
+    return _from_factors("kfac", params, fitted, model, damping, check)
 
 
 @_fit_doc
@@ -177,8 +178,8 @@ def ihvp_diagonal(
     Example:
       >>> ihvp = ifunc.ihvp_diagonal(loss, params, loader, model=model, curvature="empirical_fisher")
     """
-    fitted = _factors(loss, params, data, model, False, fit_kwargs, True)
-    return _from_factors("diagonal", params, fitted, model, damping, fitted is not data)
+    fitted, check = _factors(loss, params, data, model, False, fit_kwargs, True)
+    return _from_factors("diagonal", params, fitted, model, damping, check)
 
 
 def ihvp_identity(

@@ -31,9 +31,8 @@ from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
 from ._kernels import damped_div, layer_scores, low_rank, per_example_quadratic
 from .budget import DEFAULT_CHUNK, capture_chunk_size, check_chunk_size
-from .capture import layer_capture, probe_layers, requiring_grad
+from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .closure import KroneckerIHVP
-from .layers import LayerSpec
 
 __all__ = [
     "scorable",
@@ -51,30 +50,37 @@ def scorable(ihvp) -> bool:
     return isinstance(ihvp, KroneckerIHVP) and ihvp.model is not None
 
 
-def checked_layers(loss, params, ihvp: KroneckerIHVP, batch) -> list[LayerSpec]:
-    """The closure's layer specs with their example dimensions, checked once per closure (:func:`probe_layers`).
+def checked(loss, params, ihvp: KroneckerIHVP, batch) -> UseCheck:
+    """What :func:`probe_layers` found of ``loss``'s use of the closure's layers, checked once per callable.
 
-    A closure fitted from data was checked by the fit; one built from factors (loaded, or fitted elsewhere) or by
-    :func:`ifunc.ihvp_identity` is checked on the first batch it captures, and the result kept in the closure.
+    A closure fitted from data holds the fit's check of its loss; any other callable (a measurement, another loss),
+    and every callable of a closure built from factors (loaded, or fitted elsewhere) or by :func:`ifunc.ihvp_identity`,
+    is checked on the first two examples of ``batch``, the first it captures, and the result kept in the closure (keyed
+    by the callable's identity). Example dims found on one example are settled on the first batch of two or more.
     """
-    if "layers" not in ihvp.probe:
-        ihvp.probe["layers"] = probe_layers(loss, params, ihvp.model, [blk.spec for blk in ihvp.blocks], batch)
-    return ihvp.probe["layers"]
+    check = ihvp.probe.get(id(loss))
+    if check is None or check.func is not loss:
+        check = probe_layers(loss, params, ihvp.model, [blk.spec for blk in ihvp.blocks], batch)
+        ihvp.probe[id(loss)] = check
+    else:
+        check.ready(loss, params, ihvp.model, batch)
+    return check
 
 
 def capture_chunk(loss, params, ihvp: KroneckerIHVP, batch, *, name: str, offset: int):
     """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example."""
-    layers = checked_layers(loss, params, ihvp, batch)
+    check = checked(loss, params, ihvp, batch)
     diag_names = [d.name for d in ihvp.diags]
     inputs_grads = {}
-    if layers:
+    if check.layers:
         p = requiring_grad(params)
-        with layer_capture(ihvp.model, layers, examples=batch_size(batch)) as rec, torch.enable_grad():
+        with layer_capture(ihvp.model, check.layers, examples=batch_size(batch)) as rec, torch.enable_grad():
             value = loss(p, batch)
         rec.check()
-        gs = rec.output_grads(value, retain_graph=False)
+        gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
         check_finite(list(gs.values()), name, offset)
-        inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in layers}
+        inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in check.layers}
+        check.observe(loss, params, ihvp.model, batch, rec, inputs_grads)
     diag = batch_grads(loss, params, batch, wrt=diag_names, name=name, offset=offset) if diag_names else {}
     return inputs_grads, diag
 
@@ -107,20 +113,19 @@ def kronecker_prepare(
     layer by layer like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
     ``measurement`` must, like the loss, be a sum over examples that do not interact.
     """
-    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+    if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
     check_chunk_size(chunk_size)
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
     queries = DataSource(query, name="query", ordered=True)
-    layers = checked_layers(func, params, ihvp, queries.first())
+    check_summed(func, params, queries, "measurement(params, batch)")  # before the probe, whose rows assume it
+    layers = checked(func, params, ihvp, queries.head(2)).layers
     step = chunk_size or capture_chunk_size(
         func, params, ihvp.model, layers, queries, max_memory=max_memory, what="Kronecker query gradients"
     )
     for _, offset, batch in iter_chunks(queries, step):
-        if offset == 0:
-            check_summed(func, params, queries, "measurement(params, batch)")
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
         with torch.no_grad():
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):

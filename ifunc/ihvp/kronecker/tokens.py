@@ -33,12 +33,12 @@ from typing import Callable
 
 import torch
 
-from ..._data import batch_size
+from ..._data import batch_size, slice_batch
 from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
 from .closure import KroneckerIHVP
-from .score import PreparedQueries, checked_layers, scorable
+from .score import PreparedQueries, checked, scorable
 from .uses import NotSplittable, UseKind, use_kind
 
 __all__ = ["check_per_token", "token_chunk_scores"]
@@ -116,18 +116,76 @@ def _positions(calls: dict[str, list[int]]) -> int:
     return sizes.pop()
 
 
+def _shared_uses(loss, params, ihvp: KroneckerIHVP, batch, uses, check) -> set[str]:
+    """The modules using diagonal-block parameters whose calls are shared by the batch (a position table read with
+    ``arange(T)``), found once per callable (:func:`_find_shared`) on the first batch of two or more examples.
+
+    Empty while batches hold one example: widening a ``[T]`` lookup to ``[1, T]`` then changes nothing.
+    """
+    if check.uses is None and batch_size(batch) > 1:
+        check.uses = _find_shared(loss, params, ihvp.model, batch, uses)
+    return check.uses or set()
+
+
+def _call_shapes(loss, params, model, batch, extra) -> dict[str, list[tuple[tuple, tuple, bool]]]:
+    """Per module ``[(input shape, output shape, an index lookup?)]`` of each call on ``batch`` (no gradient)."""
+    named = dict(model.named_modules())
+    with layer_capture(model, [], extra) as rec, torch.no_grad():
+        loss(params, batch)
+    lookup = {m: _split(named[m]).name == "embedding" for m in extra}
+    return {
+        m: [(tuple(x.shape), tuple(y.shape), lookup[m] and not x.is_floating_point()) for x, y in rec.calls[m]]
+        for m in extra
+    }
+
+
+def _moved(one: tuple, two: tuple) -> list[int] | None:
+    """Dimensions whose size differs between one and two examples (None: the number of dimensions differs)."""
+    return [d for d in range(len(one)) if one[d] != two[d]] if len(one) == len(two) else None
+
+
+def _find_shared(loss, params, model, batch, uses) -> set[str]:
+    """Uses shared by the batch, from the call shapes on one and two examples; every other use must take its
+    examples along dimension 0 of its input and output (sequence-first modules are refused, naming the fix)."""
+    extra = list(dict.fromkeys(mn for _, (mn, _, _) in uses))
+    one, two = (_call_shapes(loss, params, model, slice_batch(batch, 0, k), extra) for k in (1, 2))
+    named, shared = dict(model.named_modules()), set()
+    for mn in extra:
+        for (x1, y1, lookup), (x2, y2, _) in zip(one.get(mn, []), two.get(mn, [])):
+            moved = (_moved(x1, x2), _moved(y1, y2))
+            if moved == ([], []) and lookup and (len(x1) == 1 or (len(x1) == 2 and x1[0] == 1)):
+                shared.add(mn)  # an index lookup shared by the batch: widened to the examples by the hook
+            elif moved != ([0], [0]):
+                names = sorted({d.name for d, (n, _, _) in uses if n == mn})
+                how = (
+                    "is called on a tensor shared by the whole batch"
+                    if moved == ([], [])
+                    else ("does not take its examples along dimension 0 (sequence-first?)")
+                )
+                raise ValueError(
+                    f"per_token=True: {mn!r} ({type(named[mn]).__name__}, using the diagonal-block parameters "
+                    f"{names}) {how}: input {x1} and output {y1} for one example, {x2} and {y2} for two. Per-token "
+                    "scores of diagonal-block parameters need batch-first modules ([batch, T, ...], e.g. "
+                    f"batch_first=True) or a position lookup of arange(T); build the closure with exclude={names}"
+                )
+    return shared
+
+
 def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
     """Tracked layers ``{name: (a, g, [positions per call])}`` and diagonal-block uses ``{module: [(x, y, gy)]}``."""
-    layers = checked_layers(loss, params, ihvp, batch)
+    check = checked(loss, params, ihvp, batch)
+    shared = _shared_uses(loss, params, ihvp, batch, uses, check)
     extra = list(dict.fromkeys(mn for _, (mn, _, _) in uses))
     p = requiring_grad(params)
     b = batch_size(batch)  # uses shared by the batch (position embeddings) are broadcast to the b examples
-    with layer_capture(ihvp.model, layers, extra, examples=b) as rec, torch.enable_grad():
+    widen = shared if b > 1 else extra  # one example: widening a [T] lookup to [1, T] changes nothing
+    with layer_capture(ihvp.model, check.layers, extra, examples=b, widen=widen) as rec, torch.enable_grad():
         value = loss(p, batch)
     rec.check()
-    gs = rec.output_grads(value, retain_graph=False)
+    gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
     check_finite(list(gs.values()), "train", offset)
-    captured = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name], rec.positions(s)) for s in layers}
+    captured = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name], rec.positions(s)) for s in check.layers}
+    check.observe(loss, params, ihvp.model, batch, rec, {n: (a, g) for n, (a, g, _) in captured.items()})
     return captured, rec.call_grads()
 
 

@@ -47,9 +47,11 @@ class UseKind:
         ``[b, T, C]`` (row ``t`` is used only by position ``t``). The model computes the same values; the
         per-token check against per-example gradients still guards the result.
         """
-        if self.name == "embedding" and x.dim() == 1:
+        if self.name != "embedding" or x.is_floating_point() or x.is_complex():
+            return None  # only an index lookup shared by the batch is widened: nothing else changes the forward
+        if x.dim() == 1:
             return x.expand(b, *x.shape), y.expand(b, *y.shape)
-        if b != 1 and x.dim() >= 2 and x.shape[0] == 1 and y.dim() >= 2 and y.shape[0] == 1:
+        if b != 1 and x.dim() == 2 and x.shape[0] == 1 and y.dim() == 3 and y.shape[0] == 1:
             return x.expand(b, *x.shape[1:]), y.expand(b, *y.shape[1:])
         return None
 
