@@ -519,3 +519,34 @@ def test_a_finished_store_in_a_read_only_directory_is_readable_and_rerunnable_by
     finally:
         folder.chmod(0o755)
         shutil.rmtree(base)
+
+
+def test_a_store_damaged_in_its_layout_is_named_and_left_untouched(tmp_path):
+    """A short /done, a missing /fingerprints, metadata that is not an object or a version that is not a number:
+    a named error, never a write at offsets past a dataset's end."""
+    import h5py
+
+    from ifunc.testing import mlp_problem
+
+    _, params, loss, (x, y) = mlp_problem(seed=0, sizes=(3, 4, 2), n=12)
+    ihvp = ifunc.ihvp_identity(params, damping=1.0)
+
+    def run(path):
+        return ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=path, chunk_size=4, progress=False)
+
+    damages = {
+        "short done": lambda f: (f.__delitem__("done"), f.create_dataset("done", data=np.zeros(1, dtype=np.uint8))),
+        "no fingerprints": lambda f: f.__delitem__("fingerprints"),
+        "meta a list": lambda f: (f.__delitem__("meta"), f.__setitem__("meta", "[1, 2]")),
+        "version a string": lambda f: f.attrs.__setitem__("version", "2"),
+    }
+    for name, damage in damages.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.h5"
+        run(path)
+        with h5py.File(path, "r+") as f:
+            f["done"][0] = 0  # unfinished: a rerun would resume it
+            damage(f)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match="damaged|no readable metadata"):
+            run(path)
+        assert path.read_bytes() == before, name

@@ -277,13 +277,20 @@ class ScoreWriter:
 def _validate(f, path, wanted: dict, refuse_resume: str | None) -> None:
     if f.attrs.get("format") != FORMAT or "scores" not in f or "done" not in f:
         raise ValueError(f"{path} is not an ifunc score store; it was left untouched (overwrite=True replaces it)")
-    if f.attrs.get("version", 1) < VERSION:
+    version = f.attrs.get("version", 1)
+    if not isinstance(version, (int, np.integer)):
+        raise ValueError(
+            f"{path} is damaged (its format version is {version!r}); it was left untouched (overwrite=True replaces it)"
+        )
+    if version < VERSION:
         raise ValueError(
             f"{path} was written by an older ifunc (no per-chunk fingerprints), so resuming it cannot "
             "be checked; re-run with overwrite=True (load_scores still reads it)"
         )
     try:
         found = read_meta(f)
+        if not isinstance(found, dict):
+            raise ValueError(f"a {type(found).__name__} where a JSON object belongs")
     except (KeyError, ValueError) as err:
         raise ValueError(
             f"{path} has no readable metadata ({err}); it was left untouched (overwrite=True replaces it)"
@@ -299,6 +306,15 @@ def _validate(f, path, wanted: dict, refuse_resume: str | None) -> None:
         raise ValueError(
             f"{path} holds scores from a different run ({differences}){hint}; refusing to mix them. Use "
             "overwrite=True to start over, or another path"
+        )
+    n_chunks = -(-int(wanted["n_train"]) // int(wanted["chunk_size"]))
+    layout = {"scores": (wanted["n_query"], wanted["n_train"]), "done": (n_chunks,), "fingerprints": (n_chunks,)}
+    layout["checksums"] = (n_chunks,)
+    damaged = [k for k, shape in layout.items() if k not in f or tuple(f[k].shape) != tuple(shape)]
+    if damaged:  # never write at offsets past a dataset's end
+        raise ValueError(
+            f"{path} is damaged: its datasets {damaged} are missing or not shaped as its metadata says "
+            f"({layout}); it was left untouched (overwrite=True replaces it)"
         )
     if refuse_resume:
         raise ValueError(f"{path} exists and {refuse_resume}; use overwrite=True to start over, or another path")
