@@ -264,7 +264,7 @@ def chunk_width(size, *, name: str = "chunk_size") -> int:
     fix = f"pass a positive int such as {name}=64 (examples per chunk)"
     if size is not None:
         fix += f", or {name}=None to size the chunks from the memory budget (max_memory=)"
-    if isinstance(size, bool):
+    if isinstance(size, bool) or (isinstance(size, torch.Tensor) and size.dtype == torch.bool):
         raise TypeError(f"{name} must be a positive int, got the bool {size!r}; {fix}")
     try:
         number = operator.index(size)  # pyright: ignore[reportArgumentType]  # int, NumPy or 0-d torch integer

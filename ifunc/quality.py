@@ -102,7 +102,8 @@ def ihvp_error(
       ``score_spearman`` is ``None`` with fewer than 2 score columns).
 
     Raises:
-      TypeError, ValueError: ``probes`` not an int >= 1 (a bool or a float included); ValueError: wrong gradient shapes, ``train`` without ``queries``.
+      TypeError, ValueError: ``probes`` not an int >= 1 (a bool or a float included).
+      ValueError: wrong gradient shapes, ``train`` without ``queries``.
 
     Example:
       >>> exact = ifunc.ihvp_explicit(loss, params, data, damping=1e-3)

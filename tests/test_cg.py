@@ -105,3 +105,38 @@ def test_ihvp_cg_default_damping_converges_on_an_mlp():
     assert isinstance(ihvp.damping, float) and ihvp.damping > 0
     x = ihvp(torch.ones(ihvp.dim))
     assert torch.isfinite(x).all()
+
+
+def _f32_problem(lam):
+    model, _, loss, (x, y) = mlp_problem(seed=3, sizes=(4, 16, 3), n=60, dtype=torch.float32)
+    params = ifunc.params_of(model.float())
+    G = ifunc.ggn(loss, {k: v.double() for k, v in params.items()}, (x.double(), y))
+    V = torch.randn(4, G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return params, loss, (x, y), G, V
+
+
+def test_float32_cg_checks_the_true_residual_not_the_recursive_one():
+    """In float32 the recursive residual drifts below tol while ``(H + λI)x − v`` does not: either the true
+    residual meets tol (after restarts from x) or the error names the dtype's floor."""
+    params, loss, data, G, V = _f32_problem(1e-2)
+    A = G + 1e-2 * torch.eye(G.shape[0], dtype=torch.float64)
+    X = ifunc.ihvp_cg(loss, params, data, damping=1e-2)(V.float()).double()
+    assert float(((X @ A - V).norm(dim=1) / V.norm(dim=1)).max()) <= 2e-5  # tol 1e-5, measured in float64
+    with pytest.raises(ifunc.ConvergenceError, match=r"true relative residual .* stalls at .*torch.float32 rounding "):
+        ifunc.ihvp_cg(loss, params, data, damping=1e-4)(V.float())
+    # cg_solve reports the true residual and marks the stall, without raising
+    op = ifunc.curvature_operator(loss, params, data)
+    res = ifunc.cg_solve(lambda P: op.matvec(P) + 1e-4 * P, V.float())
+    true = (V.float() - op.matvec(res.x) - 1e-4 * res.x).norm(dim=1)
+    torch.testing.assert_close(res.residual, true, rtol=1e-3, atol=0)
+    assert res.converged.tolist() == (res.residual <= 1e-5 * V.float().norm(dim=1)).tolist()
+    assert res.stalled is not None and bool((res.stalled | res.converged).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tol_below_the_dtype_rounding_is_met_at_the_floor(dtype):
+    A = random_spd(20, cond=10, seed=2).to(dtype)
+    b = torch.randn(20, generator=torch.Generator().manual_seed(3)).to(dtype)
+    res = ifunc.cg_solve(lambda V: V @ A, b, tol=1e-30)
+    assert float(res.residual[0]) <= 4 * torch.finfo(dtype).eps * float(b.norm())
+    assert bool(res.stalled[0]) and not bool(res.converged[0])

@@ -319,3 +319,61 @@ def test_a_dataloader_gives_the_same_full_steps_and_cycles_its_batches_for_mini_
     X = stepped(V)
     torch.testing.assert_close(stepped(V), X, rtol=0, atol=0)
     assert rel_error(X, torch.linalg.solve(G + 0.3 * torch.eye(G.shape[0]), V.T).T) < 0.5
+
+
+# ----------------------------------------------------------------- mini-batch steps from a DataLoader
+
+
+def _streamed_reference(params, loss, x, y, V, lam, s, depth, b, starts):
+    """The LiSSA recursion by hand on consecutive batches of ``b`` examples, cycled, averaged over ``starts``."""
+    n = x.shape[0]
+    chunks = [ifunc.ggn(loss, params, (x[i : i + b], y[i : i + b])) for i in range(0, n, b)]
+    total = torch.zeros_like(V)
+    for start in starts:
+        X = V.clone()
+        for j in range(depth):
+            H = chunks[(start + j) % len(chunks)]
+            X = V + (1 - lam / s) * X - X @ H / s
+        total += X / s
+    return total / len(starts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_dataloader_is_re_cut_to_batch_size_and_repeat_runs_start_at_different_batches(dtype):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    params, loss, (x, y), _, V = _problem(dtype, n=10)
+    lam, s, depth = 0.5, 3.0, 7
+    kw = dict(damping=lam, scale=s, depth=depth, tol=None, batch_size=4)
+    outs = [
+        ifunc.ihvp_lissa(loss, params, DataLoader(TensorDataset(x, y), batch_size=own), **kw)(V) for own in (3, 5, 10)
+    ]
+    ref = _streamed_reference(params, loss, x, y, V, lam, s, depth, 4, starts=[0])  # batches of 4, 4, 2
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for out in outs:  # the loader's own batch size (3, 5 or 10) does not matter: batch_size=4 is honoured
+        torch.testing.assert_close(out, ref, **tol)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    two = ifunc.ihvp_lissa(loss, params, loader, **(kw | {"repeat": 2}))
+    assert two.info["repeat"] == 2 and two.info["batch_size"] == 4
+    # 3 batches: run 0 starts at batch 0, run 1 at batch ⌊1·3/2⌋ = 1
+    torch.testing.assert_close(two(V), _streamed_reference(params, loss, x, y, V, lam, s, depth, 4, [0, 1]), **tol)
+    assert not torch.allclose(two(V), outs[0])
+
+
+def test_streamed_mini_batches_refuse_a_shuffling_loader_and_runs_that_would_repeat():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    params, loss, (x, y), _, _ = _problem(n=10)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0))
+    kw = dict(damping=0.5, depth=5, tol=None)
+    with pytest.raises(ValueError, match=r"from a DataLoader that shuffles .*RandomSampler.*shuffle=False"):
+        ifunc.ihvp_lissa(loss, params, shuffled, batch_size=4, **kw)
+    ifunc.ihvp_lissa(loss, params, shuffled, damping=0.5)  # all the data every step: the order does not matter
+    ordered = DataLoader(TensorDataset(x, y), batch_size=3)
+    with pytest.raises(ValueError, match=r"repeat=4 .* only 3 distinct runs of batch_size=4.*repeat <= 3"):
+        ifunc.ihvp_lissa(loss, params, ordered, batch_size=4, repeat=4, **kw)
+    for data in (ordered, (x, y)):
+        with pytest.raises(ValueError, match=r"repeat=2 with all of the data every step .* would be identical"):
+            ifunc.ihvp_lissa(loss, params, data, damping=0.5, repeat=2)
+        with pytest.raises(ValueError, match=r"repeat=2 with all of the data every step"):
+            ifunc.ihvp_lissa(loss, params, data, batch_size=10, repeat=2, **kw)

@@ -15,6 +15,11 @@ from ._operator import data_operator
 
 __all__ = ["ihvp_cg", "cg_solve", "CGResult", "DEFAULT_TOL"]
 
+#: :func:`ihvp_cg` accepts a ``tol`` below the rounding of the dtype (``tol=1e-12`` in float32) as met when the
+#: true relative residual stalls at or below ``FLOOR_EPS · ε`` (ε the dtype's machine epsilon: 4.8e-7 in float32,
+#: 8.9e-16 in float64, 3.1e-2 in bfloat16): no solve in that dtype does better.
+FLOOR_EPS = 4
+
 #: The default relative tolerance of :func:`cg_solve` and :func:`ihvp_cg`: stop a right-hand side ``b``
 #: when ``‖b − A x‖ <= max(DEFAULT_TOL · ‖b‖, atol)``. SciPy's and JAX's ``cg`` default; rankings of
 #: training examples settle long before, so a looser ``tol`` is often enough and costs fewer iterations.
@@ -46,6 +51,12 @@ def _iterate(matvec, M, X, R, threshold, active, iterations, budget: int) -> int
         if not bool(active.any()):
             return step
         idx = active.nonzero().squeeze(1)
+        exact = rz[idx] == 0  # the recursive residual underflowed to zero: nothing left to do for that column
+        if bool(exact.any()):
+            active[idx[exact]] = False
+            idx = idx[~exact]
+            if idx.numel() == 0:
+                return step
         p = P[idx]
         Ap = matvec(p)
         pAp = _rowdot(p, Ap)
@@ -118,19 +129,22 @@ def cg_solve(
     threshold = torch.clamp(tol * B.norm(dim=1), min=atol)
     iterations = torch.zeros(k, dtype=torch.long)
     stalled = torch.zeros(k, dtype=torch.bool)
+    # the recursion stops at 1% of the dtype's rounding at the latest: below it the products underflow to noise
+    stop = torch.maximum(threshold, 0.01 * torch.finfo(B.dtype).eps * B.norm(dim=1))
     residual = R.norm(dim=1)
     todo = residual > threshold
     budget = maxiter
     while bool(todo.any()) and budget > 0:
         ran = todo.clone()
-        budget -= _iterate(matvec, M, X, R, threshold, todo, iterations, budget)
+        budget -= _iterate(matvec, M, X, R, stop, todo, iterations, budget)
         idx = ran.nonzero().squeeze(1)
+        stopped = ~todo[idx]  # stopped on the recursive residual, not on the iteration cap
         R[idx] = B[idx] - matvec(X[idx])  # the true residual of the columns that ran
         true = R[idx].norm(dim=1)
         progress = true <= 0.5 * residual[idx]
         residual[idx] = true
         above = true > threshold[idx]
-        stalled[idx] = above & ~progress
+        stalled[idx] = above & ~progress & stopped
         todo = torch.zeros_like(todo)
         todo[idx] = above & progress
     if single:
@@ -189,8 +203,11 @@ def ihvp_cg(
         deviation) for a PSD curvature of effective rank ``r = tr(H)² / ‖H‖_F²``: 32 % for ``r = 1``, 3 %
         for ``r = 100``. With ``blocks`` the same λ (the block diagonal has the trace of ``H``). The λ used
         is ``ihvp.damping``; ``info["damping_trace"]`` holds the estimate.
-      tol, atol: stop when ``‖(H + λI)x − v‖ <= max(tol‖v‖, atol)`` for every right-hand side.
-      maxiter: iteration cap, default ``min(10 d, 1000)``.
+      tol, atol: stop when ``‖(H + λI)x − v‖ <= max(tol‖v‖, atol)`` for every right-hand side (the true residual,
+        checked after the iterations; a ``tol`` below the dtype's rounding counts as met at ``4 ε``, see
+        :data:`FLOOR_EPS`). This bounds the residual, not the error of ``x``, which can be larger by
+        up to the condition number of ``H + λI``.
+      maxiter: iteration cap, an int >= 1, default ``min(10 d, 1000)`` (restarts included).
       preconditioner: callable ``[k, d] -> [k, d]`` approximating ``(H + λI)^{-1}`` (e.g. another iHVP,
         :func:`ifunc.jacobi_preconditioner` or :func:`ifunc.nystrom_preconditioner`). One built with
         ``damping=None`` is applied with this closure's λ (the rule's λ with ``damping=None``, and the new λ
@@ -204,7 +221,11 @@ def ihvp_cg(
 
     Raises:
       ConvergenceError: (at call time) the tolerance was not met within ``maxiter`` for some right-hand
-        sides; the message says how many of the ``k`` and the largest relative residual reached.
+        sides; the message says how many of the ``k`` and the largest relative residual reached. The residual is
+        the true one, ``(H + λI)x − v`` recomputed after the iterations (one more curvature product; CG restarts
+        from ``x`` while that halves it, see :func:`cg_solve`): in float32 or bfloat16 the recursive residual
+        can fall below ``tol`` while the true one cannot, and then the error names the dtype's floor and the fix
+        (a looser ``tol``, more damping, or float64).
       ValueError: ``H + λI`` not positive definite, non-scalar loss, negative damping, ``damping=None`` with
         an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
 
@@ -245,9 +266,23 @@ def ihvp_cg(
                     f"non-positive curvature ({err}) ({V.dtype}): H + λI is singular or lost to "
                     "rounding; use damping > 0 (or more), or compute in float64"
                 ) from None
-            if not bool(res.converged.all()):
-                failed = int((~res.converged).sum())
-                rel = (res.residual / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)).max()
+            rels = res.residual / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+            # a tol below the dtype's rounding is met by a column whose restarts stalled within FLOOR_EPS ε of it
+            at_floor = (
+                res.stalled & (rels <= FLOOR_EPS * torch.finfo(V.dtype).eps) if res.stalled is not None else False
+            )
+            ok = res.converged | at_floor
+            if not bool(ok.all()):
+                failed = int((~ok).sum())
+                rel = rels[~ok].max()
+                if res.stalled is not None and bool(res.stalled.any()):
+                    raise ConvergenceError(
+                        f"ihvp_cg: {failed} of {V.shape[0]} right-hand sides did not converge: the true relative "
+                        f"residual ‖(H + λI)x − v‖/‖v‖ stalls at {float(rel):.3e} > tol={tol:g} (restarting CG from x "
+                        f"no longer reduces it): {V.dtype} rounding cannot reach tol={tol:g} on this problem "
+                        f"(damping {lam:g}). Use a looser tol (>= {2 * float(rel):.1e}), more damping, or float64 "
+                        "(model.double() and float64 data)"
+                    )
                 raise ConvergenceError(
                     f"ihvp_cg: {failed} of {V.shape[0]} right-hand sides did not converge in "
                     f"{int(res.iterations.max())} iterations: relative residual {float(rel):.3e} > tol={tol:g}. "

@@ -6,10 +6,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import DataLoader
 
 from .._data import DataSource, index_batch
 from .._data import batch_size as _batch_size
 from .._errors import check_count, explained
+from .._order import order_problem
 from .._types import Data, LossFn, MatVec, Params
 from ..curvature import _batch_matvec
 from ..likelihood import default_generator
@@ -134,11 +136,19 @@ def ihvp_lissa(
       depth: recursion steps, an int >= 1; default ``None`` = the fewest that reach ``tol`` (see above),
         re-derived by ``with_damping``. ``info["depth"]`` holds the one used.
       tol: the relative residual every right-hand side must reach, in (0, 1); default :data:`DEFAULT_TOL`
-        (1e-2, the level at which CG keeps rankings, see :func:`ifunc.ihvp_cg`). ``None``: no check.
-      repeat: independent runs averaged (mini-batch steps only differ between runs), an int >= 1.
-      batch_size: ``None`` (default): all of ``data`` every step. An int ``b < n``: ``b`` examples drawn
-        uniformly with replacement from in-memory data with ``generator`` (a DataLoader is cycled through,
-        one of its batches per step); ``b >= n`` means all of the data.
+        (1e-2, the level at which CG keeps rankings, see :func:`ifunc.ihvp_cg`). ``None``: no check. It bounds
+        the RESIDUAL ``‖(H + λI)x − v‖/‖v‖`` (as for CG), not the error of ``x``: that can be larger by up to the
+        condition number of ``H + λI`` (a ``v`` with a small part along the flat directions). With
+        ``curvature="hessian"`` the default ``depth`` assumes the smallest eigenvalue of ``H + λI`` is about λ
+        (a PSD ``H``); negative curvature makes it smaller and the residual check is what catches the difference.
+      repeat: runs averaged, an int >= 1; only mini-batch runs differ, so with all of the data every step
+        ``repeat > 1`` is refused (``ValueError``). From a DataLoader or Dataset, run ``r`` starts at batch
+        ``⌊r c / repeat⌋`` of the ``c = ⌈n / b⌉`` consecutive batches, and ``repeat > c`` is refused.
+      batch_size: ``None`` (default): all of ``data`` every step. An int ``b < n``: ``b`` examples per step,
+        drawn uniformly with replacement with ``generator`` from in-memory data (a batch or a list of batches);
+        from a DataLoader or Dataset, its examples in order are re-cut into consecutive batches of ``b``
+        examples (whatever the loader's own batch size), cycled (a shuffling DataLoader is refused: the
+        closure would change on every call). ``b >= n`` means all of the data.
       generator: drives mini-batches, the power iteration and true-Fisher labels; its state at build time is
         replayed on every call, so the closure is deterministic. ``None`` = seeded with 0; the global RNG is
         never used.
@@ -154,8 +164,10 @@ def ihvp_lissa(
       ConvergenceError: (call) a residual above ``tol``; (build) ``depth=None`` would need more than
         :data:`MAX_DEFAULT_DEPTH` steps.
       TypeError, ValueError: a damping <= 0, a scale <= 0, ``depth``/``repeat``/``batch_size`` not an int >= 1
-        (a bool or a float included), ``tol`` outside (0, 1), ``tol=None`` without ``depth``, or ``damping=None``
-        with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping).
+        (a bool or a float included), ``tol`` outside (0, 1), ``tol=None`` without ``depth``, ``damping=None``
+        with an estimated ``tr(H) <= 0`` (an indefinite Hessian: pass a damping), ``repeat > 1`` with full-data
+        steps or more runs than a streamed data set has distinct ones, or mini-batch steps from a shuffling
+        DataLoader.
 
     Example:
       >>> ihvp = ifunc.ihvp_lissa(loss, params, train, damping=0.1)   # depth chosen for tol=1e-2
@@ -205,6 +217,29 @@ def ihvp_lissa(
     full_steps = batch_size is None or batch_size >= full.n
     per_step = full.n if batch_size is None else batch_size
     pool = None if full_steps else source.in_memory()
+    n_chunks = -(-full.n // per_step)  # a loader's examples in order, cut into consecutive batches of per_step
+    if full_steps and repeat > 1:
+        raise ValueError(
+            f"{who}: repeat={repeat} with all of the data every step (batch_size={batch_size}, n={full.n}): the runs "
+            "would be identical (the full-data recursion is deterministic); pass repeat=1, or a batch_size below the "
+            "number of examples for averaged mini-batch runs"
+        )
+    if not full_steps and pool is None:
+        problem = order_problem(data) if isinstance(data, DataLoader) else None
+        if problem is not None:
+            raise ValueError(
+                f"{who}: mini-batch steps (batch_size={batch_size}) from a DataLoader that shuffles ({problem}) would "
+                "change on every call, but the closure must be deterministic: pass a DataLoader with shuffle=False "
+                "(its examples are re-cut into consecutive batches of batch_size), the data in memory (a batch or a "
+                "list of batches: batches are then drawn with generator), or batch_size=None"
+            )
+        if repeat > n_chunks:
+            raise ValueError(
+                f"{who}: repeat={repeat} runs over data streamed from a DataLoader/Dataset: its {full.n} examples in "
+                f"order give only {n_chunks} distinct runs of batch_size={batch_size} (run r starts at batch "
+                f"⌊r·{n_chunks}/repeat⌋), so some runs would repeat; pass repeat <= {n_chunks}, or the data in memory "
+                "(a batch or a list of batches: independent random batches drawn with generator)"
+            )
     where = f"{full.curvature} curvature products (a LiSSA mini-batch)"
 
     def batch_step(batch, gen) -> MatVec:
@@ -219,17 +254,20 @@ def ihvp_lissa(
 
         return block_op(mean)
 
-    def step_operator(gen: torch.Generator) -> Iterator[MatVec]:
+    def step_operator(gen: torch.Generator, run: int) -> Iterator[MatVec]:
         if full_steps:
             while True:
                 yield operator
         elif pool is not None:  # in memory: batch_size examples drawn with replacement
             while True:
                 yield batch_step(index_batch(pool, torch.randint(full.n, (per_step,), generator=gen)), gen)
-        else:  # a DataLoader: its batches in its order, over and over
+        else:  # streamed: consecutive batches of batch_size examples in order, cycled; run r starts at its own one
+            skip = run * n_chunks // repeat
             while True:
-                for batch in source:
-                    yield batch_step(batch, gen)
+                for i, batch in enumerate(source.chunks(per_step)):
+                    if i >= skip:
+                        yield batch_step(batch, gen)
+                skip = 0
 
     def build(lam: float, rule=None) -> IHVP:
         lam = check_damping(lam, allow_zero=False)
@@ -271,8 +309,8 @@ def ihvp_lissa(
 
         watch = full_steps or tol is None  # stop a growing recursion early (with mini-batches and a tol: at the end)
 
-        def run(V: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-            ops = step_operator(gen)
+        def run(V: torch.Tensor, gen: torch.Generator, index: int) -> tuple[torch.Tensor, float]:
+            ops = step_operator(gen, index)
             eps, tiny = 100 * torch.finfo(V.dtype).eps, torch.finfo(V.dtype).tiny
             x, first, ratio = V.clone(), V.norm(dim=1), 0.0
             for j in range(steps):
@@ -296,11 +334,11 @@ def ihvp_lissa(
             total = torch.zeros_like(V)
             gen = _fresh(state)  # every call replays the same draws: the closure is deterministic
             ratio = 0.0
-            for _ in range(1 if full_steps else repeat):  # full-data runs are identical: one is enough
-                x, r = run(V, gen)
+            for index in range(repeat):
+                x, r = run(V, gen, index)
                 ratio = max(ratio, r)
                 total += x / s
-            X = total / (1 if full_steps else repeat)
+            X = total / repeat
             if tol is None:
                 return X
             residual = (V - operator(X) - lam * X).norm(dim=1) / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)

@@ -30,6 +30,7 @@ import torch
 
 from ... import distributed
 from ..._data import DataSource, batch_size, n_chunks
+from ..._errors import check_count
 from ..._memory import release_free_memory
 from ..._progress import progress_bar
 from ..._types import Batch, Data, LossFn, Params
@@ -179,8 +180,7 @@ def fit_checked(
     """:func:`fit_kronecker_factors` (same arguments and defaults) and what it checked of ``loss``'s use of the layers
     (:class:`~.capture.UseCheck`, kept by the closure built from the fit)."""
     chunk_size = check_chunk_size(chunk_size)
-    if int(n_samples) < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    n_samples = check_count(n_samples, "n_samples", "fit_kronecker_factors")
     names, excl, kept = split_excluded(params, exclude)
     if not kept:
         raise ValueError("exclude removed every parameter")
