@@ -101,7 +101,7 @@ def main():
     reference = ifunc.attribute(
         loss,
         final,
-        ifunc.ihvp_cg(loss, final, train_data, damping=damping, tol=1e-6),
+        ifunc.ihvp_cg(loss, final, train_data, damping=damping, tol=1e-5),  # float32 reaches ~1e-6, not below
         train_data,
         query,
         progress=False,
