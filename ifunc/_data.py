@@ -115,6 +115,11 @@ class DataSource:
                 )
             self._batches = _Normalised(data)
         elif isinstance(data, DataLoader):
+            if ordered and data.drop_last and data.batch_size is not None:
+                raise ValueError(
+                    f"{name}: the DataLoader has drop_last=True, so the examples of its last, incomplete batch would "
+                    "get no column (and no share of the curvature); pass drop_last=False"
+                )
             problem = order_problem(data) if ordered else None
             if problem is not None:
                 raise ValueError(

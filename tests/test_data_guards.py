@@ -393,3 +393,13 @@ def test_a_chunk_size_must_be_a_positive_int_everywhere(value, error):
         ifunc.attribute(loss, params, cg, data, data, chunk_size=np.int64(4)),
         ifunc.attribute(loss, params, cg, data, data, chunk_size=4),
     )
+
+
+def test_a_loader_that_drops_its_last_examples_is_refused_where_columns_follow_the_data():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _, params, loss, (x, y) = mlp_problem(seed=0, sizes=(3, 4, 2), n=10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True)
+    ihvp = ifunc.ihvp_identity(params, damping=1.0)
+    with pytest.raises(ValueError, match="train: the DataLoader has drop_last=True.*drop_last=False"):
+        ifunc.attribute(loss, params, ihvp, loader, (x[:2], y[:2]))
