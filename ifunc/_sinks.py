@@ -310,7 +310,13 @@ def store_meta(
             "stored scores cannot be trusted to be this closure's. To make such a store resumable, set "
             "ihvp.identity = '<a name that changes whenever the closure does>' before the first run"
         )
-    elif isinstance(ihvp, IHVP) and not curvature and info.get("curvature") != "identity" and closure_identity is None:
+    elif (
+        isinstance(ihvp, IHVP)
+        and not curvature
+        and "data" not in info
+        and info.get("curvature") != "identity"
+        and closure_identity is None
+    ):
         resume["warn_resume"] = (
             f"the file records this {meta['method']} closure's method, damping and settings but not the data its "
             "curvature was built on, so a change of that data cannot be detected; make sure it is the same (set "

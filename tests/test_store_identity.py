@@ -440,3 +440,20 @@ def test_a_frozen_module_with_the_names_of_the_trained_one_is_recorded_by_conten
     with torch.no_grad():
         head[0].weight.add_(1.0)  # the call reads params, not the module's copy
     assert content_hash(loss, tracked=params) == h
+
+
+def test_a_cg_store_is_refused_when_the_closure_solves_on_other_data(tmp_path):
+    """CG keeps nothing computed from its data; the data it solves on is recorded, so other data is refused."""
+    model, params, loss, _, (x, y), query = _problem()
+    path = tmp_path / "cg.h5"
+
+    def run(train):
+        ihvp = ifunc.ihvp_cg(loss, params, train, damping=0.5)
+        return ifunc.attribute(loss, params, ihvp, (x, y), query, out=path, chunk_size=4, progress=False)
+
+    run((x, y))
+    before = sha(path)
+    assert run((x, y)) == path and sha(path) == before  # the same data: the finished store is returned
+    with pytest.raises(ValueError, match=r"different run \(method_info\.data"):
+        run((x[:-1], y[:-1]))  # the curvature of other data
+    assert sha(path) == before

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -208,13 +209,16 @@ def test_the_settings_of_the_method_are_part_of_what_is_checked(change, words, t
     assert sha(path) == before
 
 
-def test_a_matrix_free_closure_warns_on_resume_and_its_identity_is_checked(tmp_path):
-    """CG's curvature data is not visible in the closure: resuming warns; an ``identity`` makes it checked."""
+def test_a_matrix_free_closure_records_its_data_and_its_identity_is_checked(tmp_path):
+    """CG keeps nothing computed from its data: the closure records the data's fingerprint (no warning on resume);
+    an ``identity`` is checked too."""
     params, loss, _, data, query = problem()
     cg = ifunc.ihvp_cg(loss, params, data, damping=0.1, tol=1e-10)
+    assert isinstance(cg.info["data"], str)
     path = tmp_path / "s.h5"
     ifunc.attribute(loss, params, cg, data, query, out=path, chunk_size=3, progress=False)
-    with pytest.warns(UserWarning, match="not the data its curvature was built on"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ifunc.attribute(loss, params, cg, data, query, out=path, chunk_size=3, progress=False)
     cg.identity = "cg on data v1"
     ifunc.attribute(loss, params, cg, data, query, out=path, chunk_size=3, progress=False, overwrite=True)

@@ -7,6 +7,8 @@ rank then takes the same solver steps. Without a process group it is :func:`ifun
 
 from __future__ import annotations
 
+import hashlib
+
 import optree
 import torch
 
@@ -15,7 +17,7 @@ from .._data import DataSource, fingerprint, tensor_leaves
 from .._types import Data, LossFn, Params
 from ..curvature import CurvatureOperator, Partition, curvature_operator
 
-__all__ = ["data_operator", "check_same_data", "rank_partition"]
+__all__ = ["data_operator", "check_same_data", "rank_partition", "data_signature"]
 
 
 def rank_partition() -> Partition:
@@ -58,3 +60,15 @@ def data_operator(
     """:func:`ifunc.curvature_operator` over ``data``, with this rank's partition of the batches."""
     check_same_data(DataSource(data, name="data"), params)
     return curvature_operator(loss, params, data, curvature=curvature, generator=generator, partition=rank_partition())
+
+
+def data_signature(data: Data) -> str:
+    """The fingerprints of every batch of ``data``, hashed in order (one pass, no gradients).
+
+    Closures that keep nothing computed from their data (CG, LiSSA solve on it at every call) record it in
+    ``info["data"]``, so a score store built on other data is refused instead of resumed.
+    """
+    h = hashlib.sha256()
+    for batch in DataSource(data, name="data"):
+        h.update(fingerprint(tensor_leaves(batch)).encode())
+    return h.hexdigest()[:32]

@@ -11,7 +11,7 @@ from .._types import Data, LossFn, Params, Preconditioner
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
 from ._damping import hutchinson_trace, resolve_damping
-from ._operator import data_operator
+from ._operator import data_operator, data_signature
 
 __all__ = ["ihvp_cg", "cg_solve", "CGResult", "DEFAULT_TOL"]
 
@@ -239,6 +239,7 @@ def ihvp_cg(
     """
     maxiter = None if maxiter is None else check_count(maxiter, "maxiter", "ihvp_cg")
     op = data_operator(loss, params, data, curvature=curvature, generator=generator)
+    signature = data_signature(data)  # CG keeps nothing computed from its data: a store records what it solves on
     if tol < 0 or atol < 0:
         raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")
     groups = resolve_blocks(blocks, op.unflatten, device=op.flat_params.device)
@@ -302,6 +303,7 @@ def ihvp_cg(
                 "atol": atol,
                 "maxiter": maxiter,
                 "curvature": op.curvature,
+                "data": signature,
                 "blocks": blocks_info("cg", groups),
                 **(rule.info() if rule is not None else {}),
             },

@@ -18,7 +18,7 @@ from ..likelihood import default_generator
 from ._base import IHVP, ConvergenceError, check_damping
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
 from ._damping import hutchinson_trace, resolve_damping
-from ._operator import data_operator
+from ._operator import data_operator, data_signature
 
 __all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning", "DEFAULT_TOL", "MAX_DEFAULT_DEPTH"]
 
@@ -196,6 +196,7 @@ def ihvp_lissa(
         raise ValueError(f"{who}: tol must be in (0, 1) (a relative residual), or None for no check; got {tol!r}")
     state = (generator if generator is not None else default_generator()).get_state()
     full = data_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
+    signature = data_signature(data)  # recorded by score stores: LiSSA keeps nothing computed from its data
     source = DataSource(data)
     like = full.flat_params
     d = like.numel()
@@ -389,6 +390,7 @@ def ihvp_lissa(
                 "lambda_max": top,
                 "contraction": rho,
                 "curvature": full.curvature,
+                "data": signature,
                 "blocks": blocks_info("lissa", groups),
                 **(rule.info() if rule is not None else {}),
             },
