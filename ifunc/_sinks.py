@@ -15,6 +15,7 @@ columns), then asks ``sink.wants(index)`` (is it mine, and not already on disk?)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,32 @@ def _fingerprint(batch) -> str:
     return fingerprint(tensor_leaves(batch))
 
 
+def _check_other_world(out, size: int, overwrite: bool) -> None:
+    """Refuse (or with ``overwrite`` remove) per-rank parts of ``out`` left by a run on another number of ranks.
+
+    Their chunks follow that run's split (chunk ``i`` on rank ``i mod W``): resuming them needs the same ``W``.
+    """
+    out = Path(out)
+    pattern = re.compile(re.escape(out.name) + r"\.rank(\d+)of(\d+)$")
+    parts = sorted(
+        f
+        for f in (out.parent.iterdir() if out.parent.is_dir() else ())
+        if (m := pattern.match(f.name)) and int(m.group(2)) != size
+    )
+    if not parts:
+        return
+    if overwrite:
+        for f in parts:
+            store.remove_store(f)
+        return
+    worlds = sorted({int(pattern.match(f.name).group(2)) for f in parts})  # type: ignore[union-attr]
+    raise ValueError(
+        f"{out}: unfinished per-rank parts of a run on {worlds} rank(s) exist ({[f.name for f in parts]}); this run "
+        f"has {size}. Relaunch with torchrun --nproc-per-node={worlds[0]} to resume them, or pass overwrite=True "
+        "to start over (it removes them)"
+    )
+
+
 class StoreSink:
     """Chunks written to a resumable score store; a chunk already done is never recomputed.
 
@@ -104,6 +131,7 @@ class StoreSink:
         self.pending: dict[int, str] = {}
 
     def __enter__(self):
+        _check_other_world(self.out, 1, bool(self.args["overwrite"]))
         self.writer = store.ScoreWriter(self.out, **self.args)
         return self
 
@@ -163,6 +191,8 @@ class RankStoreSink:
         return args
 
     def __enter__(self):
+        distributed.broadcast_result(lambda: _check_other_world(self.out, self.size, self.overwrite))  # rank 0's
+
         def finished_in_final():
             if self.overwrite:
                 store.remove_store(self.out)  # only if no other process has it open

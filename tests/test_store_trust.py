@@ -554,3 +554,16 @@ def test_a_store_damaged_in_its_layout_is_named_and_left_untouched(tmp_path):
         with pytest.raises(ValueError, match="damaged|no readable metadata"):
             run(path)
         assert path.read_bytes() == before, name
+
+
+def test_parts_of_a_run_on_another_number_of_ranks_are_named_not_silently_left(tmp_path):
+    """A torchrun store killed on 2 ranks and rerun in one process: its parts follow the 2-rank split."""
+    params, loss, ihvp, data, query = problem()
+    out = tmp_path / "s.h5"
+    part = tmp_path / "s.h5.rank1of2"
+    ifunc.attribute(loss, params, ihvp, data, query, out=part, chunk_size=3, progress=False)  # stands in for a part
+    with pytest.raises(ValueError, match=r"parts of a run on \[2\] rank\(s\).*nproc-per-node=2.*overwrite=True"):
+        ifunc.attribute(loss, params, ihvp, data, query, out=out, chunk_size=3, progress=False)
+    assert part.exists() and not out.exists()
+    ifunc.attribute(loss, params, ihvp, data, query, out=out, chunk_size=3, progress=False, overwrite=True)
+    assert not part.exists() and out.exists()
