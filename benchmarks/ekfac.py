@@ -1,6 +1,6 @@
-"""EK-FAC: ifunc vs Kronfluence on the same model and data, side by side in one run (issue 3).
+"""EK-FAC: ifunc vs Kronfluence on the same model and data, side by side in one run.
 
-Workload (PEERS.md): MLP 784-512-512-10 with ReLU, random 28×28 inputs and labels, briefly trained;
+Workload (the peers' speed workload): MLP 784-512-512-10 with ReLU, random 28×28 inputs and labels, briefly trained;
 5,000 training and 100 query examples; float32, CPU, empirical Fisher, damping 1e-3 for both; full
 ``[100, 5000]`` pairwise score matrix. Each library runs in its own subprocess (so peak RSS is its own);
 the parent prints fit time (covariances + eigendecompositions + EK-FAC eigenvalues), pairwise-score time,

@@ -1,4 +1,4 @@
-"""GPT-2 small's shape on one machine (issue 16): MLP-only EK-FAC with sampled labels, ifunc vs Kronfluence.
+"""GPT-2 small's shape on one machine: MLP-only EK-FAC with sampled labels, ifunc vs Kronfluence.
 
 ``GPT2LMHeadModel(GPT2Config())`` (124M parameters; random weights seeded 0, eval mode, nothing downloaded),
 the 24 MLP layers tracked (``transformer_modules(model, attention=False)``: every ``c_fc`` / ``c_proj``),

@@ -1,4 +1,4 @@
-"""GPT-Neo at the shape of TinyStories-1M: MLP-only EK-FAC fit, pairwise and per-token scores (issue 14).
+"""GPT-Neo at the shape of TinyStories-1M: MLP-only EK-FAC fit, pairwise and per-token scores.
 
 A ``GPTNeoForCausalLM`` built from ``GPTNeoConfig`` with random weights (nothing is downloaded): hidden 64,
 8 layers, 16 heads, vocabulary 50,257, alternating global/local attention (window 256), float32, eager

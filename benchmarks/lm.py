@@ -1,4 +1,4 @@
-"""Language-model workload of PEERS.md: EK-FAC / K-FAC / identity fit, pairwise and per-token scores.
+"""The peers' language-model workload: EK-FAC / K-FAC / identity fit, pairwise and per-token scores.
 
 ifunc vs Kronfluence.
 

@@ -1,6 +1,6 @@
-"""EK-FAC scores of 100 queries against 1,000,000 training examples, streamed to a resumable HDF5 store (issue 13).
+"""EK-FAC scores of 100 queries against 1,000,000 training examples, streamed to a resumable HDF5 store.
 
-Workload (PEERS.md): the MLP 784-512-512-10 with ReLU of ``benchmarks/ekfac.py``, briefly trained on seeded
+Workload: the peers' speed MLP 784-512-512-10 with ReLU of ``benchmarks/ekfac.py``, briefly trained on seeded
 random data; EK-FAC (empirical Fisher, damping 1e-3) fitted on the first ``--fit`` training examples; 100
 queries, ``query_rank=32``. The training set is a map-style Dataset that makes block ``k`` of 1,024 examples
 from a generator seeded with ``k`` (so example ``i`` is always the same, as resuming requires, and nothing is

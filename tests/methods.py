@@ -1,7 +1,7 @@
 """The iHVP method table: every builder of the public API, how to call it, and what it is exact against.
 
 One list, :data:`METHODS`, drives ``tests/test_contract.py``: every closure keeps the contract of
-DESIGN.md §2 (stacks, pytrees, symmetry, positivity, linearity, determinism, damping, purity), and the
+docs/conventions.md (stacks, pytrees, symmetry, positivity, linearity, determinism, damping, purity), and the
 ``"exact"`` ones also agree with a dense solve of the curvature they claim to invert. A new builder gets
 a row here and is tested like the others.
 

@@ -1,4 +1,4 @@
-"""Every bad input gets a named error (or the exact correct result): one table, one row per input (issue 12).
+"""Every bad input gets a named error (or the exact correct result): one table, one row per input.
 
 A row is ``(id, call, exception, words)``: ``call(p)`` runs on a fresh small problem ``p`` and must raise
 ``exception`` whose message matches ``words`` (a regex). Rows that apply to several methods are expanded

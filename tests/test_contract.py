@@ -1,4 +1,4 @@
-"""The iHVP closure contract (DESIGN.md §2), run over every method of the table in ``tests/methods.py``.
+"""The iHVP closure contract, run over every method of the table in ``tests/methods.py``.
 
 Hypothesis draws seeds, sizes and the damping; the problems and vectors are built from them. Each property
 is one test, parametrised over the table, so a failure names the method and the property.

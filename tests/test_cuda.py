@@ -1,4 +1,4 @@
-"""Device-correct code (issue 14 item 5): every method of the table, and the scores, on a CUDA device.
+"""Device-correct code: every method of the table, and the scores, on a CUDA device.
 
 Skipped without a GPU. Every tensor and generator ifunc creates must live on the parameters' device, so the
 closure of every row runs on CUDA and agrees with the same closure on the CPU; ``attribute`` (generic and

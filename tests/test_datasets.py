@@ -1,4 +1,4 @@
-"""Hugging Face ``datasets`` (built in memory, torch format) as train / query data everywhere (issue 14, item 3).
+"""Hugging Face ``datasets`` (built in memory, torch format) as train / query data everywhere.
 
 A ``Dataset.from_dict(...).with_format("torch")`` yields dict rows of ``input_ids`` / ``attention_mask`` /
 ``labels``; its ``DataLoader`` collates them into the dict batches ifunc takes. Every path is compared with the

@@ -1,5 +1,5 @@
 """GPT-Neo at the shape of TinyStories-1M (random weights from GPTNeoConfig, nothing downloaded): MLP-only EK-FAC
-and per-token scores, as in the tokenwise-influence write-up (issue 14, item 1). ``benchmarks/gpt_neo.py`` times
+and per-token scores, as in the tokenwise-influence write-up. ``benchmarks/gpt_neo.py`` times
 the same set-up on 1,000 sequences of 128 tokens."""
 
 import pytest

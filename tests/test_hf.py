@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 (tiny random config, eager attention, no downloads) with the Kronecker family (issue 7)."""
+"""Hugging Face GPT-2 (tiny random config, eager attention, no downloads) with the Kronecker family."""
 
 import pytest
 import torch

@@ -358,7 +358,7 @@ _CNN_BELOW = (
 def test_ekfac_scores_rank_like_exact_ggn(kind, seed):
     """Briefly trained regression nets, damping λ = mean EK-FAC eigenvalue (10× the default heuristic).
 
-    Measured over seeds 0-2 (see the report of issue 3): Spearman 0.97-0.99 (MLP), 0.87-0.94 (CNN); at the
+    Measured over seeds 0-2: Spearman 0.97-0.99 (MLP), 0.87-0.94 (CNN); at the
     default 0.1× heuristic 0.70-0.80; classification nets agree less (0.6-0.9 here), because K-FAC's
     independence of ``a`` and ``g`` fails when the output Hessian varies strongly between examples.
     """

@@ -1,4 +1,4 @@
-"""KroneckerFactors' repr shows per-layer shapes, never tensor values (issue 14, item 10)."""
+"""KroneckerFactors' repr shows per-layer shapes, never tensor values."""
 
 import ifunc
 from ifunc.testing import mlp_problem

@@ -1,4 +1,4 @@
-"""Language models: per-token scores, padding, measurements (issue 7)."""
+"""Language models: per-token scores, padding, measurements."""
 
 import pytest
 import torch

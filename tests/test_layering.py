@@ -1,4 +1,4 @@
-"""The package's import layering (DESIGN.md §3), read from the source with ``ast``: nothing is imported.
+"""The package's import layering (docs/architecture.md), read from the source with ``ast``: nothing is imported.
 
 A module may import ifunc modules of its own layer or of lower layers, never of a higher one; there are no
 import cycles among ifunc modules and no ifunc import inside a function (the usual way to dodge a cycle).
@@ -137,7 +137,7 @@ def test_every_module_has_a_layer():
     unknown = [str(p.relative_to(PACKAGE.parent)) for p in MODULES.values() if _group_of(p) is None]
     assert not unknown, (
         f"modules without a layer: {unknown}; add each to GROUPS in tests/test_layering.py "
-        "(and to the layer diagram in DESIGN.md §3)"
+        "(and to the layer diagram in docs/architecture.md)"
     )
 
 

@@ -2,7 +2,7 @@
 
 nn.Linear projections (q/k/v/o, gate/up/down) are Kronecker layers; RMSNorm weights are diagonal blocks split per
 token by their own use kind (``y = w ⊙ x̂``: position t contributes ``q̃ᵀ(g_t ⊙ x̂_t)``); rotary positions have no
-parameters (issue 14, item 1).
+parameters.
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""LoRA adapters (peft): influence over the adapter matrices alone, the frozen base untouched (issue 14, item 2).
+"""LoRA adapters (peft): influence over the adapter matrices alone, the frozen base untouched.
 
 ``ifunc.params_of(peft_model)`` (``trainable_only=True``) gives exactly the ``lora_A`` / ``lora_B`` weights; they
 are ``nn.Linear`` modules, so the Kronecker family captures them like any layer.

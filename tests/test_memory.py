@@ -1,4 +1,4 @@
-"""One byte budget (issue 16): chunk sizes come from max_memory and the measured bytes of one example."""
+"""One byte budget: chunk sizes come from max_memory and the measured bytes of one example."""
 
 import pytest
 import torch

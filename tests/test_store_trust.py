@@ -1,4 +1,4 @@
-"""Score stores never mix, lose or silently return wrong data (issue 12, items 1-5).
+"""Score stores never mix, lose or silently return wrong data.
 
 Each test checks behaviour and, where a file must not change, its SHA-256 (and inode) before and after.
 A second process (``tests/store_worker.py``) plays the other writer, the reader holding the file, and the
