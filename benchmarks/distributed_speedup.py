@@ -80,6 +80,7 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.worker, "w") as f:
             json.dump(times, f)
+    dist.barrier()  # every rank done before any tears the group down
     dist.destroy_process_group()
 
 

@@ -90,6 +90,8 @@ def main():
                 top = scores[q].topk(3).indices.tolist()
                 print(f"  query {q} (label {int(yq[q])}): most helpful training images {top}, labels {y[top].tolist()}")
             print(f"EK-FAC fit and scores in {done - start:.2f} s")
+        if launched:
+            dist.barrier()  # every rank done before any tears the group down (gloo can abort a rank still talking)
     finally:
         if launched:
             dist.destroy_process_group()

@@ -56,5 +56,6 @@ if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
     try:
         main(*sys.argv[1:4])
+        torch.distributed.barrier()  # both ranks done before either tears the group down
     finally:
         torch.distributed.destroy_process_group()

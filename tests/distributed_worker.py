@@ -182,5 +182,6 @@ if __name__ == "__main__":
         results["params_refused"] = params_by_rank()
         results["collectives"] = collectives()
         torch.save(results, os.path.join(sys.argv[1], f"rank{torch.distributed.get_rank()}.pt"))
+        torch.distributed.barrier()  # both ranks done before either tears the group down
     finally:
         torch.distributed.destroy_process_group()
