@@ -23,7 +23,7 @@ Kronfluence (``pip install kronfluence``, 1.0.1) needs ``nn.Linear`` layers: the
 ``Conv1D`` to ``nn.Linear`` with the same weights. Pass ``--kronfluence-python`` to run it from another
 environment (e.g. a venv made with ``--system-site-packages`` so it uses the same torch).
 
-    python benchmarks/gpt2_small.py                         # the issue's workload (slow: tens of minutes)
+    python benchmarks/gpt2_small.py                         # the full workload (slow: tens of minutes)
     python benchmarks/gpt2_small.py --train 16 --layers 2   # a quick run
     python benchmarks/gpt2_small.py --profile               # ifunc's fit under cProfile, by stage
 """

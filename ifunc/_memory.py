@@ -1,12 +1,14 @@
-"""One byte budget for every pass that holds per-example or per-token tensors.
+"""One byte budget and one chunk cap for every pass that holds per-example or per-token tensors.
 
-Chunk sizes come from ``max_memory`` (bytes; default :func:`default_budget`, half of the memory the machine has
-available, and then at most :data:`DEFAULT_CHUNK_BYTES` of per-example tensors) divided by the bytes one example
-adds, *measured* (:func:`added_bytes`: a pass over two examples minus one over one): the tensors autograd saves for
-the backward pass (activations, logits included) and the outputs of the pass, times a factor for the backward pass's
-own temporaries. The generic per-example gradients (:func:`ifunc.grads.chunk_size_for`) and every Kronecker pass
-(:mod:`ifunc.ihvp.kronecker.budget`) size their chunks here. A pass that cannot fit even one example raises with the
-numbers instead of being killed by the operating system.
+Chunk sizes come from ``max_memory`` (bytes) divided by the bytes one example adds, *measured*
+(:func:`added_bytes`: a pass over two examples minus one over one): the tensors autograd saves for the backward
+pass (activations, logits included) and the outputs of the pass, times a factor for the backward pass's own
+temporaries. Without ``max_memory``, the default budget: half the available memory (:func:`default_budget`), and
+at most :data:`DEFAULT_CHUNK_BYTES` (1 GiB) of per-example tensors. :func:`chunk_cap` is the one cap on the number
+of examples, :func:`chunk_examples` the one chunk-size rule: the generic per-example gradients
+(:func:`ifunc.grads.chunk_size_for`) and every Kronecker pass (:mod:`ifunc.ihvp.kronecker.budget`) size their chunks
+with it. A pass that cannot fit even one example raises with the numbers instead of being killed by the operating
+system.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ __all__ = [
     "added_bytes",
     "examples_per_chunk",
     "chunk_examples",
+    "chunk_cap",
     "release_free_memory",
     "DEFAULT_CHUNK_BYTES",
+    "MAX_CHUNK",
+    "DEFAULT_POSITIONS",
+    "MIN_CHUNK",
 ]
 
 #: fraction of the available memory a pass may use by default
@@ -38,6 +44,15 @@ DEFAULT_FRACTION = 0.5
 #: bytes of per-example tensors one chunk holds at most when ``max_memory`` is not given: by default a pass holds
 #: about the model, what it accumulates and 1 GiB, not half the machine (larger chunks buy little speed)
 DEFAULT_CHUNK_BYTES = 1 << 30
+#: examples per chunk at most, whatever the budget (a finished chunk is also the unit a resumed score store keeps)
+MAX_CHUNK = 4096
+#: positions (rows of the captured products: examples × tokens or patches) per chunk by default: the products reach
+#: their full rate well before, so larger default chunks only cost memory. ``max_memory=`` or ``chunk_size=``
+#: chooses larger chunks
+DEFAULT_POSITIONS = 4096
+#: examples the positions rule always allows (the byte budget still bounds them): an image's first convolution has
+#: a position per pixel, and too few images per chunk leave the products small
+MIN_CHUNK = 32
 
 
 def available_bytes() -> int:
@@ -71,8 +86,8 @@ def release_free_memory() -> None:
     glibc serves tensors below its adaptive mmap threshold (up to 32 MiB: a 768 × 3072 float32 factor, a chunk's
     activations) from its heap and keeps their pages when they are freed, so after a pass the process's resident
     memory still counts everything the pass held at its peak. The Kronecker passes call this between passes (after
-    the covariance pass, the eigendecompositions, the eigenvalue pass and the query preparation): on GPT-2 small
-    the fit otherwise left about 0.85 GB of free heap resident under the scoring pass.
+    the covariance pass, the eigendecompositions, the eigenvalue pass and the query preparation), so the free heap
+    of one pass does not stay resident under the next.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -140,13 +155,39 @@ def added_bytes(probe: Callable[[int], int], size: int) -> int:
     return max(probe(2) - one, 1) if size >= 2 else one
 
 
-def chunk_examples(max_memory: int | None, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:
-    """Examples per chunk: :func:`examples_per_chunk` within ``max_memory``, and without it also at most
-    :data:`DEFAULT_CHUNK_BYTES` of per-example tensors."""
+def chunk_cap(max_memory: int | None, positions: int = 1) -> int:
+    """The most examples a chunk holds, whatever the bytes: the one cap.
+
+    With an explicit ``max_memory``: :data:`MAX_CHUNK` (4096). Without it (the default budget), also at most
+    :data:`DEFAULT_POSITIONS` positions, but never fewer than :data:`MIN_CHUNK` examples:
+    ``min(MAX_CHUNK, max(MIN_CHUNK, DEFAULT_POSITIONS // positions))``.
+
+    Args:
+      max_memory: the caller's byte budget, or ``None`` for the default one.
+      positions: rows one example adds to the pass's products: 1 for per-example gradients, the tokens or patches
+        of a layer for a captured Kronecker pass (the largest over the layers).
+    """
+    if max_memory is not None:
+        return MAX_CHUNK
+    return min(MAX_CHUNK, max(MIN_CHUNK, DEFAULT_POSITIONS // max(1, positions)))
+
+
+def chunk_examples(
+    max_memory: int | None, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0, positions: int = 1
+) -> int:
+    """Examples per chunk: the one chunk-size rule.
+
+    :func:`examples_per_chunk` within ``max_memory`` (``None``: the default budget: half the available memory,
+    and at most :data:`DEFAULT_CHUNK_BYTES` of per-example tensors, ``factor · per_example`` each), and at most
+    :func:`chunk_cap` ``(max_memory, positions)`` examples.
+
+    Raises:
+      MemoryError: not even one example fits, with the numbers.
+    """
     n = examples_per_chunk(resolve_budget(max_memory), per_example, what=what, fixed=fixed, factor=factor)
     if max_memory is None:
         n = min(n, max(1, DEFAULT_CHUNK_BYTES // max(1, int(factor * per_example))))
-    return n
+    return min(n, chunk_cap(max_memory, positions))
 
 
 def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int = 0, factor: float = 3.0) -> int:

@@ -1,9 +1,8 @@
 """Influence scores: pairwise ``[n_query, n_train]`` and self-influence ``[n_train]``.
 
-One loop serves every case: a *scorer* turns a chunk of training examples into score columns (the generic
-scorer from per-example gradients and one block solve of the queries, or the Kronecker contractions of a
-:class:`ifunc.KroneckerIHVP`), and a *sink* (:mod:`ifunc._sinks`) keeps them in memory, writes them to a
-resumable store, or shares them across ``torchrun`` ranks.
+Both are the one loop of :mod:`ifunc._score_loop`: chunks of training examples × the closure's scorer
+(``ihvp.scorer``: the generic one, or the Kronecker family's captured contractions) × a sink
+(:mod:`ifunc._sinks`: memory, a resumable store, or shared across ``torchrun`` ranks). Nothing here knows a method.
 """
 
 from __future__ import annotations
@@ -13,31 +12,14 @@ from typing import Callable
 import torch
 
 from . import distributed
-from ._data import DataSource, batch_size, check_chunk_size, iter_chunks, n_chunks
-from ._progress import progress_bar
-from ._scorers import generic_scorer, kronecker_scorer, solve, train_chunk_size
-from ._sinks import GatherSink, MemorySink, RankStoreSink, StoreSink, resumed_chunk_size, store_meta
+from ._data import DataSource, Partition, check_chunk_size
+from ._score_loop import agreed_chunk, run_chunks
+from ._sinks import GatherSink, MemorySink, Sink, default_sink
+from ._store_meta import store_meta
 from ._types import Data, LossFn, Measurement, Params
-from .functional import structure
-from .grads import chunk_size_for, iter_per_sample_grads
-from .ihvp._operator import check_same_data
-from .ihvp.kronecker.score import kronecker_self_terms, scorable
-from .ihvp.kronecker.tokens import check_per_token
+from .ihvp import ScoreOptions, check_same_data, rank_partition, scorer_for
 
 __all__ = ["attribute", "self_influence"]
-
-
-def _score_loop(source: DataSource, chunk: int, compute: Callable, sink, *, desc: str, progress):
-    """The one scoring loop: every chunk in order, computed where the sink wants it."""
-    shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
-    with sink:
-        for index, offset, batch in progress_bar(
-            iter_chunks(source, chunk), total=n_chunks(source, chunk), desc=desc, progress=shown
-        ):
-            sink.seen(index, batch)  # first: a store checks a chunk it has against its fingerprint
-            if sink.wants(index):
-                sink.put(index, _finite(compute(batch, offset), offset))
-        return sink.result()
 
 
 def check_score_dtype(dtype) -> None:
@@ -47,17 +29,6 @@ def check_score_dtype(dtype) -> None:
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64, torch.bfloat16, ...), got "
             f"{dtype!r}: integer, bool and complex dtypes would truncate or distort the scores"
         )
-
-
-def _finite(block: torch.Tensor, offset: int) -> torch.Tensor:
-    """``block`` unchanged, or a ValueError when the contraction itself overflowed (gradients were finite)."""
-    if not bool(torch.isfinite(block).all()):
-        raise ValueError(
-            f"scores of the training chunk starting at example {offset} are inf/NaN although every gradient was "
-            f"finite: the contraction overflowed in {block.dtype} (max {torch.finfo(block.dtype).max:.3g}); use "
-            "float32 or bfloat16 (dtype=), or a loss scale that keeps gradients small"
-        )
-    return block
 
 
 def attribute(
@@ -79,6 +50,7 @@ def attribute(
     dtype: torch.dtype | None = None,
     per_token: bool = False,
     token_mask: Callable | None = None,
+    sink: Sink | None = None,
 ):
     """Pairwise influence scores of training examples on query measurements.
 
@@ -96,7 +68,8 @@ def attribute(
       ihvp: a closure from any ``ifunc.ihvp_*`` (or any callable ``[k, d] -> [k, d]``).
       train, query: batch, list of batches, Dataset or DataLoader.
       measurement: ``f(params, batch) -> scalar`` for the queries; default ``loss``.
-      chunk_size, max_memory: examples per gradient chunk, or a byte budget (default 1 GiB).
+      chunk_size, max_memory: examples per chunk, or a byte budget for the tensors a chunk holds (default: half
+        the available memory, and at most 1 GiB of per-example tensors; see :mod:`ifunc._memory`).
       query_rank: Kronecker family only: compress each preconditioned query to rank ``r`` per layer
         (SVD), trading accuracy for speed.
       per_module: Kronecker family only: return ``[n_modules, n_query, n_train]``, one slice per block of
@@ -122,11 +95,12 @@ def attribute(
         refusal names its path, e.g. ``loss -> closure 'model' -> attribute 'foo'``). Change it whenever the
         loss, the measurement or the model changes: the store cannot check them then.
       progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
-      dtype: precision of the contraction of preconditioned queries with training gradients and of the
-        returned scores (default: the parameters' dtype). Gradients and the iHVP solve stay in the
-        parameters' dtype, eigendecompositions in float64. ``torch.bfloat16`` halves the memory traffic of
-        the dominant ``[n_query, d] × [d, chunk]`` products; it keeps about 3 significant digits (score
-        rankings correlate > 0.99 with float64 in our tests), so use it for ranking, not for exact values.
+      dtype: dtype of the returned scores (default: the parameters'). With the generic scorer (every closure
+        but the Kronecker family's with ``model=``) it is also the precision of the contraction of the
+        preconditioned queries with the training gradients: ``torch.bfloat16`` halves the memory traffic of
+        the dominant ``[n_query, d] × [d, chunk]`` products and keeps about 3 significant digits, so use it
+        for ranking, not for exact values. Gradients and the iHVP solve stay in the parameters' dtype; the
+        Kronecker family's contractions too (only the result is cast).
       per_token: Kronecker family only: return ``[n_query, n_train, T]``, the contribution of each position
         ``t`` of each training sequence, ``s[q, i, t] = Σ_l g_{l,t}ᵀ Q̃_l a_{l,t}`` over the tracked layers
         (no per-token gradient is formed); ``s.sum(-1)`` equals the pairwise scores. A module called several
@@ -139,11 +113,15 @@ def attribute(
         Chunks of different lengths are padded with zeros at the end to the longest ``T``.
       token_mask: with ``per_token``: ``token_mask(batch) -> [b, T]`` (1 = real token, 0 = padding); masked
         positions get exactly 0.
+      sink: where the columns go instead of memory or ``out=``: any object with the sink protocol of
+        :mod:`ifunc._sinks` (``chunk_size``, ``open``, ``seen``, ``wants``, ``put``, ``result``, ``close``);
+        the call returns its ``result()``.
 
-    When ``ihvp`` is a Kronecker-family closure built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``,
-    ``ihvp_diagonal``, ``ihvp_identity``), queries are preconditioned per layer and contracted with
-    captured layer inputs / output-gradients of the training examples (``Σ_t g_tᵀ Q̃ a_t``), with no
-    per-example gradient of the whole model; the result is the same as the generic path.
+    How a chunk is scored is the closure's: ``ihvp.scorer(loss, params, options)``. A Kronecker-family closure
+    built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``, ``ihvp_diagonal``, ``ihvp_identity``) preconditions the
+    queries per layer and contracts them with captured layer inputs / output-gradients of the training
+    examples (``Σ_t g_tᵀ Q̃ a_t``), with no per-example gradient of the whole model; the result is the same as
+    the generic scorer's.
 
     Memory: the query gradients ``[n_query, d]``, one chunk of training gradients and the output; the
     training data streams (any DataLoader), so with ``out=`` peak memory does not grow with ``n_train``.
@@ -164,12 +142,6 @@ def attribute(
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
     """
     check_score_dtype(dtype)
-    kron = scorable(ihvp)
-    if not kron and (query_rank is not None or per_module):
-        raise ValueError(
-            "query_rank= and per_module=True need a Kronecker-family closure built with model= "
-            "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
-        )
     if token_mask is not None and not per_token:
         raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
     if per_token and (per_module or out is not None or distributed.active()):
@@ -179,53 +151,29 @@ def attribute(
         )
     if out is not None and per_module:
         raise NotImplementedError("per_module=True cannot be written to a score store yet; drop out= or per_module")
-    if per_token:
-        check_per_token(ihvp)
+    if sink is not None and out is not None:
+        raise ValueError("pass either out= (a score store) or sink=, not both")
+    if identity is not None and out is None:
+        raise ValueError("identity= names what defines the scores of a score store; it needs out=")
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
+    queries = DataSource(query, name="query", ordered=True)
     check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
-    if out is not None:  # before any work: an unidentifiable loss is refused at once
-        meta, resume = store_meta(loss, params, ihvp, query, measurement, query_rank, dtype, identity)
-        if chunk_size is None and not overwrite:  # the default follows free memory: resume with the file's
-            chunk_size = resumed_chunk_size(out)
-    elif identity is not None:
-        raise ValueError("identity= names what defines the scores of a score store; it needs out=")
-    if kron:
-        scorer = kronecker_scorer(
-            loss,
-            params,
-            ihvp,
-            train,
-            query,
-            measurement,
-            chunk_size,
-            max_memory,
-            query_rank,
-            per_module,
-            per_token,
-            token_mask,
-        )
-    else:
-        scorer = generic_scorer(loss, params, ihvp, train, query, measurement, chunk_size, max_memory, dtype)
-    chunk = scorer.chunk
-    if chunk_size is None:  # every rank takes rank 0's: a default sized from each rank's free memory could differ
-        chunk = int(distributed.broadcast_result(lambda: scorer.chunk))  # pyright: ignore[reportArgumentType]
-    if out is None:
-        sink = GatherSink() if distributed.active() else MemorySink(tokens=per_token)
-    else:
-        kind = RankStoreSink if distributed.active() else StoreSink
-        sink = kind(
-            out,
-            n_query=scorer.n_query,
-            n_train=source.count(),
-            chunk=chunk,
-            meta=meta,  # pyright: ignore[reportPossiblyUnboundVariable]  # set above when out is given
-            overwrite=overwrite,
-            **resume,  # pyright: ignore[reportPossiblyUnboundVariable]
-        )
+    options = ScoreOptions(measurement, max_memory, dtype, query_rank, per_module, per_token, token_mask)
+    scorer = scorer_for(ihvp, loss, params, options)  # refuses options the closure cannot score
+    if sink is None:
+        meta, resume = None, {}
+        if out is not None:  # before any work: an unidentifiable loss is refused at once
+            meta, resume = store_meta(loss, params, ihvp, queries, measurement, query_rank, dtype, identity)
+        sink = default_sink(out, tokens=per_token, meta=meta, overwrite=overwrite, resume=resume)
+    chunk_size = chunk_size or sink.chunk_size()  # a resumed store's own: the default follows free memory
+    n_query = scorer.prepare(queries, chunk_size)
+    chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=True))
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
-    scores = _score_loop(source, chunk, scorer.score, sink, desc=desc, progress=progress)
-    return scores.to(dtype) if dtype is not None and out is None else scores
+    scores = run_chunks(
+        source, chunk, rank_partition(), scorer.chunk, sink, n_query=n_query, desc=desc, progress=progress
+    )
+    return scores.to(dtype) if dtype is not None and isinstance(scores, torch.Tensor) else scores
 
 
 def self_influence(
@@ -242,64 +190,21 @@ def self_influence(
     """Self-influence ``s[i] = ∇ℓ(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)``, ``[n_train]``.
 
     Large values flag examples the model finds surprising (often mislabelled). Training data streams in
-    chunks; each chunk of gradients is solved as one ``[c, d]`` block (Kronecker-family closures use
-    per-layer contractions instead). ``progress`` as in :func:`attribute`. ``per_module=True`` (Kronecker
-    family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``, summing
-    to the total.
+    chunks through the closure's scorer: the generic one solves each chunk of gradients as one ``[c, d]``
+    block, the Kronecker family contracts per layer. ``progress`` as in :func:`attribute`. ``per_module=True``
+    (Kronecker family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``,
+    summing to the total. Under ``torchrun`` a scorer whose solve is collective (the generic one) runs every
+    chunk on every rank with its examples split over the ranks; the Kronecker scorer runs chunk ``i`` on one
+    rank and the terms are all-gathered.
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source, params)
-    if scorable(ihvp):
-        step = chunk_size or train_chunk_size(loss, params, ihvp, source, max_memory)
-        compute = lambda batch, offset: kronecker_self_terms(  # noqa: E731
-            loss, params, ihvp, batch, per_module=per_module, offset=offset
-        )
-        sink = GatherSink() if distributed.active() else MemorySink()
-        s = _score_loop(source, step, compute, sink, desc="ifunc self-influence", progress=progress)
-        return s if per_module else s[0]
-    if per_module:
-        raise ValueError(
-            "per_module=True needs a Kronecker-family closure built with model= "
-            "(ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
-        )
-    d = structure(params).dim
-    chunk = chunk_size or chunk_size_for(loss, params, source, max_memory=max_memory, name="train")
-    if distributed.active():  # a round of W chunks at a time: the solve may itself be distributed
-        chunk = max(1, chunk // distributed.world()[1])
-    rank, size = distributed.world()
-    out, held = [], []
-    bar = progress_bar(
-        iter_chunks(source, chunk),
-        total=n_chunks(source, chunk),
-        desc="ifunc self-influence",
-        progress=progress if rank == 0 else False,
+    scorer = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory, per_module=per_module))
+    chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=False))
+    partition = Partition() if scorer.splits_examples else rank_partition()
+    sink = GatherSink() if distributed.active() else MemorySink()
+    s = run_chunks(
+        source, chunk, partition, scorer.self_terms, sink, n_query=0, desc="ifunc self-influence", progress=progress
     )
-    for index, offset, batch in bar:
-        mine = index % size == rank
-        G = (
-            torch.cat(list(iter_per_sample_grads(loss, params, batch, chunk_size=chunk, name="train", offset=offset)))
-            if mine
-            else None
-        )
-        held.append((batch_size(batch), G))
-        if len(held) == size:
-            out.append(_self_round(ihvp, held, d))
-            held = []
-    if held:
-        out.append(_self_round(ihvp, held, d))
-    if not out:
-        raise ValueError("the training data yielded no examples")
-    return torch.cat(out)
-
-
-def _self_round(ihvp, held: list, d: int) -> torch.Tensor:
-    """``[Σ b]``: ``gᵢᵀ (H + λI)^{-1} gᵢ`` for one round of chunks, chunk ``r`` held by rank ``r``.
-
-    Every rank solves the whole round (all-gathered in chunk order), so a solver whose products are
-    all-reduced (CG, LiSSA) sees the same right-hand sides everywhere.
-    """
-    rank = distributed.world()[0]
-    local = held[rank][1] if rank < len(held) else None
-    G = distributed.gather_rows(local, [w for w, _ in held], d)
-    return (G * solve(ihvp, G)).sum(dim=1)
+    return s if per_module else s[0]

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ._data import DataSource
+from ._data import DataSource, Partition  # Partition: re-exported, the solvers pass one
 from ._errors import explained
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten
@@ -36,6 +36,7 @@ __all__ = [
     "curvature_operator",
     "CurvatureOperator",
     "Partition",
+    "batch_matvec",
     "hvp",
     "ggn_vp",
     "hessian",
@@ -92,7 +93,7 @@ def example_gradients(
     return batch_grads(lambda x, b: loss(unflatten(x), b), flat, batch, name=name, offset=offset)
 
 
-def _batch_matvec(
+def batch_matvec(
     loss: LossFn,
     flat: torch.Tensor,
     unflatten: Unflatten,
@@ -100,7 +101,12 @@ def _batch_matvec(
     curvature: str,
     generator: torch.Generator | None = None,
 ):
-    """``V [k, d] -> M_batch V`` for the summed loss of one batch."""
+    """``V [k, d] -> M_batch V``: the curvature of the loss of one batch (summed, not averaged) on ``k`` vectors.
+
+    ``M_batch`` is ``∇² loss(θ, batch)`` (``"hessian"``), ``Σ_i J_iᵀ Λ_i J_i`` (``"ggn"``), ``Σ_i ∇ℓ_i ∇ℓ_iᵀ``
+    (``"empirical_fisher"``) or ``Σ_i J_iᵀ g_i g_iᵀ J_i`` with labels drawn from ``generator`` (``"fisher"``);
+    :func:`curvature_operator` averages it over the batches. Returns the closure ``[k, d] -> [k, d]``.
+    """
     if curvature == "hessian":
         g = grad(lambda x: loss(unflatten(x), batch).reshape(()))
         return vmap(lambda v: jvp(g, (flat,), (v,))[1])
@@ -132,6 +138,9 @@ def _batch_matvec(
     return matvec
 
 
+_batch_matvec = batch_matvec  # TRANSITIONAL: the old name, until ifunc/ihvp/lissa.py imports batch_matvec
+
+
 class CurvatureOperator(NamedTuple):
     """The mean curvature of the loss over the data as a linear operator on flat vectors."""
 
@@ -140,23 +149,6 @@ class CurvatureOperator(NamedTuple):
     unflatten: Unflatten
     n: int  #: number of examples averaged over
     curvature: str
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-class Partition(NamedTuple):
-    """A share of a sum over batches: this worker sums the batches ``i ≡ index (mod count)``.
-
-    ``reduce`` adds the shares of all workers (an all-reduce under ``torchrun``). The default is the
-    whole sum in one process. The solvers pass the partition of the process group; the curvature layer
-    itself knows no collectives.
-    """
-
-    index: int = 0
-    count: int = 1
-    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 
 def curvature_operator(
@@ -222,9 +214,9 @@ def curvature_operator(
         out = torch.zeros_like(V)
         gen = fresh() if curvature == "fisher" else None
         for index, batch in enumerate(batches):
-            if index % part.count == part.index:
+            if part.owns(index):
                 with explained(f"{curvature} curvature products"):
-                    out += _batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
+                    out += batch_matvec(loss, flat, unflatten, batch, curvature, gen)(V)
             elif gen is not None:  # another rank's batch: draw its labels anyway, to keep the generator in step
                 assert isinstance(loss, OutputLoss)
                 sampled_output_gradients(loss, loss.outputs(unflatten(flat), batch), batch, gen)

@@ -4,7 +4,8 @@ A leaf: it imports no other ifunc module and is called only by the orchestrating
 curvature operators their rank's partition of the data; :func:`ifunc.attribute` picks a sink that gathers columns
 or merges per-rank stores). Under a default process group (``gloo`` on CPU, ``nccl`` on GPU) ifunc splits its
 work over the ``W`` ranks and every rank returns what one process would have; every rank passes the *same* data
-in the same order (not a ``DistributedSampler``). How the work is split (``r`` the rank, ``i`` a batch or chunk):
+in the same order (not a ``DistributedSampler``). Which rank computes what is not decided here: the callers pass
+the owners, from the one rule of :class:`ifunc._data.Partition` (``r`` the rank, ``i`` a batch or chunk):
 
 - Sums over the data (curvature products, so every operator-based solver; the Kronecker statistics ``A, S, D, Λ,
   n``): rank ``r`` computes ``i ≡ r (mod W)``, the partial sums are all-reduced, and all ranks hold the same bits,
@@ -24,8 +25,7 @@ in the same order (not a ``DistributedSampler``). How the work is split (``r`` t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable, TypeVar
 
 import optree
@@ -34,8 +34,6 @@ import torch
 __all__ = [
     "world",
     "active",
-    "shard",
-    "chunk_size",
     "reduce_sum",
     "reduce_tensor",
     "reduce_count",
@@ -64,29 +62,6 @@ def world() -> tuple[int, int]:
 def active() -> bool:
     """True when a default process group with more than one rank is initialised."""
     return world()[1] > 1
-
-
-def shard(items: Iterable) -> Iterator[tuple[bool, object]]:
-    """``(mine, item)`` for every item, ``mine`` true on the rank ``index mod W``.
-
-    Every rank iterates over all items (so data loaders and generators advance identically) and
-    computes only its own.
-    """
-    rank, size = world()
-    for index, item in enumerate(items):
-        yield index % size == rank, item
-
-
-def chunk_size(n: int | None, size: int, *, split: bool = True) -> int:
-    """Chunk width for sharded passes over ``n`` examples: ``size``, or ``⌈n / W⌉`` when that is smaller.
-
-    Without it, data smaller than ``W`` chunks would keep some ranks idle. ``split=False`` (or an unknown
-    ``n``) keeps ``size`` (for Monte Carlo labels, whose draws are grouped per chunk).
-    """
-    _, ranks = world()
-    if ranks == 1 or not split or not n:
-        return size
-    return max(1, min(size, math.ceil(n / ranks)))
 
 
 def _device() -> torch.device:
@@ -199,28 +174,33 @@ def reduce_count(n: int) -> int:
     return int(t.item())
 
 
-def owner_map(items: Sequence, fn: Callable[[object], tuple], empty: Callable[[object], tuple]) -> list[tuple]:
-    """``[fn(item) for item in items]`` with item ``l`` computed on rank ``l mod W`` and shared.
+def owner_map(
+    items: Sequence, fn: Callable[[object], tuple], empty: Callable[[object], tuple], owners: Sequence[int]
+) -> list[tuple]:
+    """``[fn(item) for item in items]`` with item ``l`` computed on rank ``owners[l]`` and shared.
 
     The other ranks call ``empty(item)`` for zeros shaped like ``fn(item)``; the owner's result sets the dtype
     (a placeholder in another dtype is cast: zeros are zeros in any dtype), and an all-reduce of the owner's
     tensors with those zeros, in the owner's dtypes, gives every rank the owner's exact values (``x + 0 = x``).
+    Without a process group every item is computed here.
 
     Raises:
-      ValueError: on every rank, when a placeholder's shape differs from the owner's result (naming the item).
+      ValueError: ``owners`` is not one rank per item; on every rank, when a placeholder's shape differs from the
+        owner's result (naming the item).
     """
     rank, size = world()
+    _check_owners(owners, len(items), size)
     if size == 1:
         return [tuple(fn(x)) for x in items]
-    local = [tuple(fn(x)) if i % size == rank else tuple(empty(x)) for i, x in enumerate(items)]
+    local = [tuple(fn(x)) if owners[i] == rank else tuple(empty(x)) for i, x in enumerate(items)]
     every = _gather_object([[_spec(t) for t in tup] for tup in local])
     flat = []
     for i, (x, tup) in enumerate(zip(items, local)):
-        owner = every[i % size][i]
+        owner = every[owners[i]][i]
         shapes = [[s[0] if s else None for s in ranks[i]] for ranks in every]
-        if any(s != shapes[i % size] for s in shapes):
+        if any(s != shapes[owners[i]] for s in shapes):
             raise ValueError(
-                f"the zeros standing in for {x!r} (computed on rank {i % size}) have shapes {shapes} per rank; "
+                f"the zeros standing in for {x!r} (computed on rank {owners[i]}) have shapes {shapes} per rank; "
                 "empty(item) must return zeros shaped like fn(item)"
             )
         flat.extend(t.to(s[1]) for t, s in zip(tup, owner))
@@ -230,6 +210,15 @@ def owner_map(items: Sequence, fn: Callable[[object], tuple], empty: Callable[[o
         out.append(tuple(flat[start : start + len(tup)]))
         start += len(tup)
     return out
+
+
+def _check_owners(owners: Sequence[int], count: int, size: int) -> None:
+    """Raise ValueError unless ``owners`` holds ``count`` ranks of ``range(size)``."""
+    if len(owners) != count or any(not 0 <= r < size for r in owners):
+        raise ValueError(
+            f"owners must give one rank in [0, {size}) per item ({count} items), got {list(owners)}; build them "
+            "with the process group's partition, owners[i] = partition.owner(i)"
+        )
 
 
 def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> None:
@@ -243,15 +232,21 @@ def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> 
         d[k] = total
 
 
-def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
+def gather_columns(mine: list[torch.Tensor], widths: list[int], owners: Sequence[int]) -> torch.Tensor:
     """All-gather column blocks: block ``i`` (width ``widths[i]``, examples on the last axis) is held by rank
-    ``i mod W``; ``mine`` are this rank's blocks in order. Returns the concatenation ``[..., Σ widths]`` on
-    every rank (the blocks themselves without a process group)."""
+    ``owners[i]``; ``mine`` are this rank's blocks in order. Returns the concatenation ``[..., Σ widths]`` on
+    every rank (the blocks themselves without a process group).
+
+    Raises:
+      ValueError: no block at all; ``owners`` is not one rank per block; on every rank, when the ranks' blocks
+        disagree in shape (all axes but the last) or dtype.
+    """
+    _, size = world()
+    _check_owners(owners, len(widths), size)
     if not active():
         if not mine:
             raise ValueError("the training data yielded no examples")
         return torch.cat(mine, dim=-1)
-    rank, size = world()
     local = torch.cat(mine, dim=-1) if mine else None
     spec = _agree(
         "the score columns (all axes but the last)",
@@ -261,7 +256,7 @@ def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
     if spec is None:
         raise ValueError("the training data yielded no examples")
     lead, dtype = spec
-    per_rank = [sum(w for i, w in enumerate(widths) if i % size == r) for r in range(size)]
+    per_rank = [sum(w for w, o in zip(widths, owners) if o == r) for r in range(size)]
     longest = max(per_rank)
     dev = _device()
     home = local.device if local is not None else dev  # a rank without chunks: where its collectives run
@@ -271,8 +266,7 @@ def gather_columns(mine: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
     bufs = [torch.empty_like(buf) for _ in range(size)]
     torch.distributed.all_gather(bufs, buf)
     cols, used = [], [0] * size
-    for i, w in enumerate(widths):
-        r = i % size
+    for w, r in zip(widths, owners):
         cols.append(bufs[r][..., used[r] : used[r] + w])
         used[r] += w
     return torch.cat(cols, dim=-1).to(home)

@@ -33,8 +33,6 @@ __all__ = [
     "chunk_size_for",
 ]
 
-MAX_CHUNK = 4096  #: examples per chunk at most: a finished chunk is also the unit a resumed score store keeps
-
 
 def chunk_size_for(
     func: Callable, params: Params, data: Data, *, max_memory: int | None = None, name: str = "data", fixed: int = 0
@@ -43,8 +41,9 @@ def chunk_size_for(
 
     One example costs four gradient-sized rows ``[d]`` (the gradient, its vmap buffers, the product with the
     queries) plus three times the bytes autograd saves in its forward pass (activations, logits: measured on the
-    first example); ``fixed`` bytes are held besides (e.g. the preconditioned queries). At most
-    :data:`MAX_CHUNK`.
+    first example); ``fixed`` bytes are held besides (e.g. the preconditioned queries). ``max_memory=None`` is the
+    default budget: half the available memory, and at most 1 GiB of per-example tensors. At most
+    :func:`ifunc._memory.chunk_cap` examples (one position per example: 4096).
 
     Raises:
       MemoryError: not even one example fits, with the numbers.
@@ -60,8 +59,7 @@ def chunk_size_for(
             return probe_bytes(lambda: func(unflatten(x), part))
 
     per_example = 4 * flat.numel() * flat.element_size() + 3 * added_bytes(probe, size)
-    n = chunk_examples(max_memory, per_example, what=f"per-example gradients ({name})", fixed=fixed, factor=1)
-    return min(n, MAX_CHUNK)
+    return chunk_examples(max_memory, per_example, what=f"per-example gradients ({name})", fixed=fixed, factor=1)
 
 
 def check_scalar(value, what: str = "loss(params, batch)") -> torch.Tensor:
@@ -244,8 +242,10 @@ def per_sample_grads(
       func: ``func(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader (in order: a shuffling DataLoader is refused).
-      chunk_size: examples per ``vmap`` call; default from the byte budget ``max_memory`` (default: half the
-        available memory; see :func:`chunk_size_for`).
+      chunk_size: examples per ``vmap`` call; default from the byte budget ``max_memory`` (see
+        :func:`chunk_size_for`).
+      max_memory: bytes a chunk may hold; ``None``: the default budget: half the available memory, and at most
+        1 GiB of per-example tensors.
       flat: return ``[n, d]``; ``False`` returns a pytree like ``params`` with leaves ``[n, *shape]``.
       name: the data set's name in error messages.
 

@@ -136,14 +136,15 @@ def collectives() -> dict:
             ["a", "b"],
             lambda x: (torch.full((3,), 1.5, dtype=f64), torch.full((2, 2), 2.5, dtype=f32)),
             lambda x: (torch.zeros(3, dtype=f32), torch.zeros(2, 2, dtype=f64)),
+            [0, 1],
         ),
         "owner_map_shape": _caught(
-            lambda: distributed.owner_map(["layer0"], lambda x: (torch.ones(3),), lambda x: (torch.zeros(4),))
+            lambda: distributed.owner_map(["layer0"], lambda x: (torch.ones(3),), lambda x: (torch.zeros(4),), [0])
         ),
         "reduce_sum": _caught(
             lambda: distributed.reduce_sum([torch.ones(3, dtype=f32 if rank == 0 else f64)], ["layer '0' statistic A"])
         ),
-        "gather_columns": _caught(lambda: distributed.gather_columns([torch.ones(2 + rank, 4)], [4, 4])),
+        "gather_columns": _caught(lambda: distributed.gather_columns([torch.ones(2 + rank, 4)], [4, 4], [0, 1])),
         "broadcast": _caught(lambda: distributed.broadcast_from_rank0({"Q": torch.ones(4 + rank, 3)})),
         # a round with fewer blocks than ranks: rank 1 holds none, its rows come in rank 0's dtype (float64 here)
         "gather_rows": distributed.gather_rows(torch.ones(2, 3, dtype=f64) if rank == 0 else None, [2], 3),

@@ -57,3 +57,24 @@ def test_ggn_needs_split_loss_and_loss_must_be_scalar():
         ifunc.curvature_operator(lambda p, b: loss.outputs(p, b), params, data, curvature="hessian")
     with pytest.raises(ValueError, match="curvature='fisherish'"):
         ifunc.curvature_operator(loss, params, data, curvature="fisherish")
+
+
+def test_a_partition_owns_every_chunk_once_and_iter_chunks_marks_them():
+    from ifunc._data import DataSource, iter_chunks
+
+    whole = ifunc.curvature.Partition()
+    assert (whole.index, whole.count) == (0, 1) and whole.reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+    parts = [ifunc.curvature.Partition(r, 3) for r in range(3)]
+    for i in range(10):  # chunk i: owned by worker i mod 3 alone, its (i // 3)-th chunk
+        assert [p.owns(i) for p in parts] == [r == i % 3 for r in range(3)]
+        assert all(p.owner(i) == i % 3 and p.local(i) == i // 3 for p in parts)
+    assert [parts[0].width(n, 8) for n in (None, 0, 5, 30)] == [8, 8, 2, 8]  # no worker idles on small data
+    x = torch.arange(7.0)[:, None]
+    chunks = list(iter_chunks(DataSource(x), 2, partition=parts[1]))  # every chunk reaches every worker
+    assert [(c.index, c.offset, len(c.batch), c.mine) for c in chunks] == [
+        (0, 0, 2, False),
+        (1, 2, 2, True),
+        (2, 4, 2, False),
+        (3, 6, 1, False),
+    ]
+    assert all(c.mine for c in iter_chunks(DataSource(x), 2))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ifunc
-from ifunc.ihvp._damping import DAMPING_RULE, PROBES
+from ifunc.ihvp._damping import DAMPING_FACTOR, DAMPING_RULE, PROBES, block_damping, check_conditioning
+from ifunc.testing import mlp_problem
 
 from .methods import METHODS, Method, dim, ggn, make_problem
 
@@ -165,3 +166,47 @@ def test_datainf_with_zero_gradients_asks_for_an_explicit_damping():
     loss = lambda q, b: (b @ q["layer.w"]).square().sum()  # noqa: E731
     with pytest.raises(ValueError, match=r"ihvp_datainf: damping=None .* is not positive"):
         ifunc.ihvp_datainf(loss, params, x)
+
+
+def test_the_per_block_mode_is_the_same_rule_on_the_block():
+    values = torch.rand(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert block_damping(values, None, "layer 'fc'", who="ekfac") == DAMPING_FACTOR * float(values.mean())
+    assert block_damping(values, 0.5, "layer 'fc'", who="ekfac") == 0.5
+    with pytest.raises(
+        ValueError, match=r"ekfac: damping=None .* of layer 'fc', but .* is not positive.*Pass damping="
+    ):
+        block_damping(torch.zeros(3), None, "layer 'fc'", who="ekfac")
+
+
+@pytest.mark.parametrize(
+    "eigenvalues, damping, dtype, outcome",
+    [
+        ([-1.0, 2.0], 0.5, torch.float64, "not positive definite at damping 0.5.*raise damping above 1.000e\\+00"),
+        ([0.0, 2.0], 0.0, torch.float64, "not positive definite at damping 0 .*use damping > 0"),
+        ([1e-9, 1.0], 0.0, torch.float32, "numerically singular at damping 0.*use damping > 0"),
+        ([1e-9, 1.0], 1e-9, torch.float32, "warn"),
+        ([1e-9, 1.0], 1e-9, torch.float64, None),
+        ([], 0.0, torch.float64, None),
+    ],
+)
+def test_one_conditioning_check(eigenvalues, damping, dtype, outcome):
+    """Raise when the damped inverse does not exist or is rounding noise, warn when the dtype loses it."""
+    w = torch.tensor(eigenvalues, dtype=torch.float64)
+    check = lambda: check_conditioning(w, damping, dtype, who="m", what="the block")  # noqa: E731
+    if outcome == "warn":
+        with pytest.warns(UserWarning, match=rf"m: the block has damped condition number .* beyond what {dtype}"):
+            check()
+    elif outcome is not None:
+        with pytest.raises(ValueError, match="m: the block .*" + outcome):
+            check()
+    else:
+        check()
+
+
+def test_explicit_and_kronecker_blocks_share_the_check():
+    """The same zero eigenvalue at damping 0 is refused in the same words by both families."""
+    model, params, _, _ = mlp_problem(seed=0, sizes=(2, 2), n=1, activation=None, task="regression")
+    with pytest.raises(ValueError, match="ihvp_explicit: the curvature plus λI is not positive definite at damping 0"):
+        ifunc.ihvp_from_matrix(torch.diag(torch.tensor([0.0, 1.0, 1.0, 2.0, 1.0, 1.0])), params, damping=0.0)
+    with pytest.raises(ValueError, match="identity: the block of layer '0' plus λI is not positive definite"):
+        ifunc.ihvp_identity(params, model=model, damping=1.0).with_damping(0.0)

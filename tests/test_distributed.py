@@ -280,8 +280,8 @@ def test_hooks_are_the_identity_without_a_process_group():
     assert distributed.world() == (0, 1) and not distributed.active()
     x = torch.arange(3.0)
     assert distributed.reduce_sum([x, 0.0])[0] is x and distributed.reduce_count(7) == 7
-    assert [m for m, _ in distributed.shard(range(3))] == [True] * 3
-    assert distributed.owner_map([1, 2], lambda v: (torch.tensor(v),), lambda v: ())[1][0] == 2
+    assert distributed.owner_map([1, 2], lambda v: (torch.tensor(v),), lambda v: (), [0, 0])[1][0] == 2
+    assert torch.equal(distributed.gather_columns([x[None]], [3], [0]), x[None])
     assert distributed.broadcast_from_rank0({"a": x})["a"] is x
     rows = torch.ones(2, 3, dtype=torch.float32)
     assert distributed.gather_rows(rows, [2], 3) is rows

@@ -28,7 +28,8 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "grads": (2, ("grads.py",)),
     "curvature": (3, ("curvature.py", "likelihood.py")),
     "solvers": (4, ("ihvp/",)),
-    "scoring": (5, ("attribute.py", "_scorers.py", "_sinks.py", "ensemble.py", "quality.py")),
+    "scoring": (5, ("attribute.py", "_score_loop.py", "_sinks.py", "_store_sinks.py", "_store_meta.py")
+                + ("ensemble.py", "quality.py")),
     "models": (5, ("language.py", "measurements.py", "testing.py")),
     "face": (6, ("__init__.py", "__main__.py")),
 }

@@ -147,13 +147,28 @@ def test_the_default_kronecker_chunk_holds_at_most_default_positions(monkeypatch
     data = {"input_ids": ids}
     ref = ifunc.attribute(loss, params, ifunc.ihvp_ekfac(loss, params, data, model=model, chunk_size=20), data, data)
     layers = [blk.spec for blk in ifunc.ihvp_identity(params, model=model).blocks]
-    assert (
-        budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == budget.DEFAULT_CHUNK
-    )
-    monkeypatch.setattr(budget, "DEFAULT_POSITIONS", 24)  # 3 sequences of 8 tokens per chunk
-    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == budget.MIN_CHUNK
-    monkeypatch.setattr(budget, "MIN_CHUNK", 1)
+    default = _memory.DEFAULT_POSITIONS // 8  # 8 tokens per sequence
+    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == default
+    monkeypatch.setattr(_memory, "DEFAULT_POSITIONS", 24)  # 3 sequences of 8 tokens per chunk
+    assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == _memory.MIN_CHUNK
+    monkeypatch.setattr(_memory, "MIN_CHUNK", 1)
     assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=None, what="t") == 3
     assert budget.capture_chunk_size(loss, params, model, layers, data, max_memory=1 << 30, what="t") > 3
     got = ifunc.attribute(loss, params, ifunc.ihvp_ekfac(loss, params, data, model=model), data, data)
     torch.testing.assert_close(got, ref)
+
+
+def test_one_cap_bounds_the_chunks_of_every_pass():
+    # the rule: MAX_CHUNK examples; by default also DEFAULT_POSITIONS positions, but never below MIN_CHUNK examples
+    assert _memory.chunk_cap(None) == _memory.chunk_cap(1 << 40) == _memory.MAX_CHUNK == 4096
+    assert _memory.chunk_cap(None, positions=64) == _memory.DEFAULT_POSITIONS // 64
+    assert _memory.chunk_cap(None, positions=1 << 20) == _memory.MIN_CHUNK
+    assert _memory.chunk_cap(1 << 40, positions=1 << 20) == _memory.MAX_CHUNK
+    # a generous budget: the per-example gradients and a one-position Kronecker pass both stop at the one cap
+    from ifunc.ihvp.kronecker.budget import capture_chunk_size
+    from ifunc.ihvp.kronecker.layers import find_layers
+
+    model, params, loss, (x, y) = mlp_problem(seed=8, sizes=(4, 8, 3), n=4)
+    layers, _ = find_layers(model, params)
+    assert chunk_size_for(loss, params, (x, y), max_memory=1 << 40) == _memory.MAX_CHUNK
+    assert capture_chunk_size(loss, params, model, layers, (x, y), max_memory=1 << 40, what="t") == _memory.MAX_CHUNK

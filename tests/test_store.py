@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ifunc
 from ifunc import _memory, distributed, store
-from ifunc._scorers import generic_scorer
-from ifunc._sinks import resumed_chunk_size
+from ifunc._data import DataSource
+from ifunc._store_sinks import resumed_chunk_size
+from ifunc.ihvp import ScoreOptions, scorer_for
 from ifunc.testing import mlp_problem
 
 from . import store_worker
@@ -189,7 +190,9 @@ def _free_memory_for(monkeypatch, chunks) -> dict[int, int]:
     while set(chunks) - set(found) and free < 1 << 24:
         monkeypatch.setattr(_memory, "available_bytes", lambda free=free: free)
         try:
-            found.setdefault(generic_scorer(loss, params, ihvp, train, query, loss, None, None, None).chunk, free)
+            scorer = scorer_for(ihvp, loss, params, ScoreOptions())
+            scorer.prepare(DataSource(query, name="query"), None)
+            found.setdefault(scorer.chunk_size(DataSource(train, name="train"), pairs=True), free)
         except MemoryError:
             pass
         free = int(free * 1.05)

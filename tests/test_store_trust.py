@@ -27,8 +27,9 @@ import torch
 import ifunc
 from ifunc import store
 from ifunc._data import DataSource
-from ifunc._sinks import RankStoreSink
-from ifunc.attribute import _score_loop
+from ifunc._data import Partition
+from ifunc._score_loop import run_chunks
+from ifunc._store_sinks import RankStoreSink
 from ifunc.testing import mlp_problem
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -266,8 +267,9 @@ def test_per_rank_stores_check_fingerprints_in_their_part_and_in_the_merged_file
                 raise Stop
             return torch.stack([batch[0].sum(1), batch[0].square().sum(1)])
 
-        sink = RankStoreSink(path, n_query=2, n_train=15, chunk=3, meta={"method": "test"}, overwrite=False)
-        return _score_loop(DataSource((x, y), name="train", ordered=True), 3, compute, sink, desc="", progress=False)
+        sink = RankStoreSink(path, meta={"method": "test"}, overwrite=False)
+        source = DataSource((x, y), name="train", ordered=True)
+        return run_chunks(source, 3, Partition(), compute, sink, n_query=2, desc="", progress=False)
 
     with pytest.raises(Stop):
         run(x, fail_at=9)  # chunks 0-2 in the part file

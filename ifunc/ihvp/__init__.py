@@ -1,6 +1,13 @@
-"""iHVP methods: one file per method, each returning an :class:`IHVP` closure."""
+"""iHVP methods: one file per method, each returning an :class:`IHVP` closure that brings its own scorer.
+
+Besides the methods, the scoring layer takes from here what a closure offers it: the scorer protocol
+(:class:`Scorer`, :class:`ScoreOptions`, :func:`scorer_for`) and the process group's share of the data
+(:func:`rank_partition`, :func:`check_same_data`).
+"""
 
 from ._base import IHVP, ConvergenceError
+from ._operator import check_same_data, rank_partition
+from ._scorer import GenericScorer, Scorer, ScoreOptions, scorer_for
 from .arnoldi import ihvp_arnoldi, lanczos
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
@@ -24,6 +31,12 @@ from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
 
 __all__ = [
     "IHVP",
+    "Scorer",
+    "ScoreOptions",
+    "GenericScorer",
+    "scorer_for",
+    "rank_partition",
+    "check_same_data",
     "ConvergenceError",
     "ihvp_explicit",
     "ihvp_from_matrix",

@@ -1,4 +1,7 @@
-"""The iHVP closure type shared by every method."""
+"""The iHVP closure type shared by every method, its one constructor :meth:`IHVP.make`, and :meth:`IHVP.describe`.
+
+``summary`` and ``plain`` turn what a closure holds into JSON-able values (a score store's metadata).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +10,14 @@ from typing import Any, Callable
 import torch
 
 from ..functional import Unflatten
+from ._damping import RuleDamping, check_damping
+from ._scorer import GenericScorer, ScoreOptions
 
-__all__ = ["IHVP", "ConvergenceError", "check_damping", "check_rank"]
+__all__ = ["IHVP", "ConvergenceError", "check_rank", "plain", "summary"]
 
 
 class ConvergenceError(RuntimeError):
     """An iterative solver stopped before reaching its tolerance."""
-
-
-def check_damping(damping, *, allow_zero: bool = True) -> float:
-    try:
-        value = float(damping)
-    except (TypeError, ValueError):
-        raise TypeError(f"damping must be a number, got {type(damping).__name__}") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-    if value == 0 and not allow_zero:
-        raise ValueError("damping must be > 0 for this method (its complement / recursion divides by it)")
-    return value
 
 
 def check_rank(rank) -> int:
@@ -32,6 +25,24 @@ def check_rank(rank) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int (the number of eigenpairs or sketch columns), got {rank!r}")
     return rank
+
+
+def summary(t: torch.Tensor) -> list:
+    """``[numel, Σ|x|, Σx²]`` of a tensor, in float64: robust to last-bit differences, unlike a hash."""
+    t = t.detach().to("cpu", torch.float64)
+    return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
+
+
+def plain(v):
+    """``v`` as JSON-able values: numbers, strings, None, lists and string-keyed dicts of them; any other object
+    by its type only, ``"<TypeName>"`` (its repr may hold a memory address)."""
+    if isinstance(v, (str, int, float, bool, type(None))):
+        return v
+    if isinstance(v, (tuple, list)):
+        return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    return f"<{type(v).__name__}>"
 
 
 class IHVP:
@@ -49,7 +60,15 @@ class IHVP:
       info: method-specific values fixed at build time (eigenvalues, rank, scale, ...); ``info["blocks"]``
         maps each parameter name to ``(method, block name)``.
       dtype, device: the parameters' dtype and device.
+      identity: ``None``, or a name set by the user (``ihvp.identity = "..."``) that changes whenever the data
+        the curvature was built on does; a score store records it and refuses to resume under another one.
+
+    Builders make closures with :meth:`make`; a subclass lists its extra attributes in ``FIELDS``.
     """
+
+    #: extra attributes of a subclass, set by :meth:`make` from its keyword arguments
+    FIELDS: tuple[str, ...] = ()
+    identity: Any = None
 
     def __init__(
         self,
@@ -72,6 +91,44 @@ class IHVP:
         self.device: torch.device = like.device  #: the parameters' device
         self._rebuild = rebuild
         self.info = dict(info or {})
+
+    @classmethod
+    def make(
+        cls,
+        solve: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str,
+        damping: Any,
+        unflatten: Unflatten,
+        like: torch.Tensor,
+        info: dict[str, Any],
+        rebuild: Callable[[float], IHVP] | None = None,
+        rule: RuleDamping | None = None,
+        **fields: Any,
+    ):
+        """The one constructor of every closure: ``v -> solve(v)`` for ``V [k, d] -> [k, d]``.
+
+        Args:
+          solve: the flat solve ``[k, d] -> [k, d]`` in the parameters' dtype.
+          name: the method. damping: λ (a mapping block -> λ for per-block damping).
+          unflatten: the parameters' layout; like: any tensor in the parameters' dtype and device (only
+            those are kept). info: the method's values fixed at build time. rebuild: ``λ -> closure`` for
+            :meth:`with_damping` (None: fixed damping).
+          rule: how ``damping=None`` chose λ; its entries are appended to ``info``.
+          fields: the subclass's ``FIELDS``, each exactly once.
+
+        Raises:
+          TypeError: ``fields`` other than ``cls.FIELDS``.
+        """
+        if set(fields) != set(cls.FIELDS):
+            raise TypeError(f"{cls.__name__}.make needs the fields {sorted(cls.FIELDS)}, got {sorted(fields)}")
+        info = {**info, **(rule.info() if rule is not None else {})}
+        out = cls(
+            solve, name=name, damping=damping, unflatten=unflatten, like=like.new_zeros(()), rebuild=rebuild, info=info
+        )
+        for key, value in fields.items():
+            setattr(out, key, value)
+        return out
 
     def solve(self, V: torch.Tensor) -> torch.Tensor:
         """Flat stack ``[k, d] -> [k, d]``, no input conversion (internal fast path)."""
@@ -98,6 +155,46 @@ class IHVP:
         if self._rebuild is None:
             raise NotImplementedError(f"{self.name} iHVP cannot change its damping")
         return self._rebuild(check_damping(damping))
+
+    def _curvature_summary(self) -> dict[str, list]:
+        """``{label: [numel, Σ|x|, Σx²]}`` of every curvature tensor the closure holds: ``"info {key}"`` for each
+        tensor in ``info`` (eigenvalues)."""
+        return {f"info {k}": summary(v) for k, v in self.info.items() if isinstance(v, torch.Tensor)}
+
+    def describe(self) -> dict[str, Any]:
+        """What defines this closure, JSON-able, for a score store's metadata.
+
+        Returns:
+          ``{"method", "damping", "method_info", "curvature", "identity", "data_recorded"}``: the name; λ (a
+          mapping block -> λ for per-block damping); the JSON-able values of ``info`` (:func:`plain`) except the
+          damping and tensors; ``{label: [numel, Σ|x|, Σx²]}`` of every curvature tensor held (:func:`summary`;
+          ``"info {key}"`` for a tensor in ``info``); ``str(identity)`` or None; and whether the data the
+          curvature was built on is recorded, False when there is no curvature summary, no ``info["data"]``
+          fingerprint, no ``identity`` and the curvature is not ``"identity"``.
+        """
+        curvature = self._curvature_summary()
+        damping = self.damping
+        return {
+            "method": self.name,
+            "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
+            "method_info": {
+                k: plain(v) for k, v in self.info.items() if k != "damping" and not isinstance(v, torch.Tensor)
+            },
+            "curvature": curvature,
+            "identity": None if self.identity is None else str(self.identity),
+            "data_recorded": bool(curvature)
+            or "data" in self.info
+            or self.info.get("curvature") == "identity"
+            or self.identity is not None,
+        }
+
+    def scorer(self, loss, params, options: ScoreOptions) -> Any:
+        """How :func:`ifunc.attribute` scores with this closure (an :class:`ifunc.ihvp.Scorer`).
+
+        The default is the generic scorer: per-example gradients and one block solve of the queries with
+        :meth:`solve`. A closure with a cheaper way to score (the Kronecker family) returns its own.
+        """
+        return GenericScorer(self.solve, self.dim, loss, params, options)
 
     def __repr__(self) -> str:
         return f"IHVP({self.name}, d={self.dim}, damping={self.damping:g})"

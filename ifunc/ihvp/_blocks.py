@@ -14,9 +14,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..functional import Unflatten, parameter_names
-from ._base import IHVP, check_damping
-from ._damping import RuleDamping
-from ._eigen import check_conditioning, check_positive, eigen_solve
+from ._base import IHVP
+from ._damping import RuleDamping, check_conditioning, check_damping
+from ._eigen import eigen_solve
 
 __all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join", "eigen_blocks_ihvp"]
 
@@ -157,13 +157,17 @@ def eigen_blocks_ihvp(
 
     def build(lam: float, rule: RuleDamping | None = None) -> IHVP:
         lam = check_damping(lam, allow_zero=not low_rank)
-        check_positive(eigenvalues, lam, f"ihvp_{name}")
-        check_conditioning(eigenvalues, lam, f"ihvp_{name}", like.dtype)
+        check_conditioning(eigenvalues, lam, like.dtype, who=f"ihvp_{name}")
         solves = [(lambda V, f=f: eigen_solve(f.Q, f.w, lam, V, complement=f.complement)) for f in factors]
-        extra = {"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})}
-        extra.update(rule.info() if rule is not None else {})
-        return IHVP(
-            join(solves, blocks), name=name, damping=lam, unflatten=unflatten, like=like, rebuild=build, info=extra
+        return IHVP.make(
+            join(solves, blocks),
+            name=name,
+            damping=lam,
+            unflatten=unflatten,
+            like=like,
+            rebuild=build,
+            info={"eigenvalues": eigenvalues, "blocks": blocks_info(name, blocks), **(info or {})},
+            rule=rule,
         )
 
     return build(damping, rule)

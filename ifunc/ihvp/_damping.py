@@ -1,9 +1,17 @@
-"""The one default damping rule of every iHVP method: ``λ = 0.1 × the mean eigenvalue`` of the curvature.
+"""The one damping rule of every iHVP method, and the one check that the damped inverse can be trusted.
 
-``damping=None`` means ``λ = 0.1 · tr(C) / d`` for the ``[d, d]`` curvature ``C`` a method inverts (the mean
-of all ``d`` eigenvalues is ``tr(C) / d``). With ``blocks=`` the curvature inverted is the block diagonal
-``D = Σ_b P_b C P_b``, whose trace is that of ``C``: the rule gives one λ for the whole closure, the same in
-every block mode, recorded in ``ihvp.damping`` as a number. How each method gets ``tr(C)``:
+**The rule.** ``damping=None`` means ``λ = DAMPING_FACTOR × the mean eigenvalue`` (0.1, the heuristic of Grosse
+et al. 2023) of the curvature block being inverted. Two modes, one factor, one wording of the error:
+
+- whole closure (:func:`resolve_damping`: explicit, CG, LiSSA, Arnoldi, Nyström, DataInf): the block is the
+  whole ``[d, d]`` curvature ``C``, whose mean eigenvalue is ``tr(C) / d``, so ``λ = 0.1 · tr(C) / d``. With
+  ``blocks=`` the curvature inverted is the block diagonal ``D = Σ_b P_b C P_b``, whose trace is that of ``C``:
+  one λ for the whole closure, the same in every block mode, recorded in ``ihvp.damping`` as a number;
+- per block (:func:`block_damping`: the Kronecker family, EK-FAC, K-FAC, diagonal): each layer block and each
+  diagonal block is inverted on its own, so each gets ``λ_b = 0.1 × mean(Λ_b)`` from its own eigenvalues
+  ``Λ_b`` (exact), and ``ihvp.damping`` is the mapping block name -> ``λ_b``.
+
+How the whole-closure methods get ``tr(C)``:
 
 - explicit: the sum of its eigenvalues (exact);
 - DataInf: ``(1/n) Σ_i ‖g_i‖²`` from the per-example gradients it already holds (exact);
@@ -17,23 +25,30 @@ touched. It is unbiased with relative standard error ``sqrt(2 Σ_{i≠j} C_ij² 
 ``sqrt(2 / (m r))`` for a PSD ``C`` of effective rank ``r = tr(C)² / ‖C‖_F²``: 32 % in the worst case
 (rank one), 10 % at ``r = 10``, 3 % at ``r = 100``. When the dimension left to estimate is at most ``m``
 the probes are an orthonormal basis of it instead, and the trace is exact for the same cost.
+
+**The check.** :func:`check_conditioning` is the one test of a damped inverse from its eigenvalues (explicit,
+Arnoldi and every Kronecker block): it raises when the inverse does not exist or is rounding noise, and warns
+when the dtype cannot solve it accurately.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
 
 from ..likelihood import default_generator
-from ._base import check_damping
 
 __all__ = [
     "DAMPING_FACTOR",
     "DAMPING_RULE",
     "PROBES",
     "RuleDamping",
+    "block_damping",
+    "check_conditioning",
+    "check_damping",
     "hutchinson_trace",
     "resolve_damping",
     "trace_beyond",
@@ -41,12 +56,30 @@ __all__ = [
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
-#: λ = DAMPING_FACTOR × mean eigenvalue (the heuristic of Grosse et al. 2023, used by the Kronecker family).
+#: λ = DAMPING_FACTOR × the mean eigenvalue of the block inverted (the heuristic of Grosse et al. 2023).
 DAMPING_FACTOR = 0.1
 #: ``ihvp.info["damping_rule"]`` of a closure built with ``damping=None``.
 DAMPING_RULE = "0.1 x mean eigenvalue"
 #: Rademacher probes of the Hutchinson trace estimate (one batched curvature product of this many vectors).
 PROBES = 20
+
+
+def check_damping(damping, *, allow_zero: bool = True) -> float:
+    """A given ``damping`` as a float: finite and ``>= 0`` (``> 0`` unless ``allow_zero``).
+
+    Raises:
+      TypeError: not a number.
+      ValueError: negative, NaN or infinite; zero where ``allow_zero`` is False.
+    """
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        raise TypeError(f"damping must be a number, got {type(damping).__name__}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    if value == 0 and not allow_zero:
+        raise ValueError("damping must be > 0 for this method (its complement / recursion divides by it)")
+    return value
 
 
 class RuleDamping(NamedTuple):
@@ -114,8 +147,17 @@ def trace_beyond(known: float, rest: list[tuple[float, str]], space: str) -> tup
     return known + sum(t for t, _ in rest), label
 
 
+def _rule_fails(who: str, of: str, mean: str, cause: str, fix: str = "") -> ValueError:
+    """The one error of the rule: the mean eigenvalue it would scale is not positive."""
+    return ValueError(
+        f"{who}: damping=None uses λ = {DAMPING_FACTOR} × the mean eigenvalue of {of}, but {mean} is not positive: "
+        f"{cause}. Pass damping= explicitly (a positive number){fix}"
+    )
+
+
 def resolve_damping(damping, trace: Callable[[], tuple[float, str]], d: int, *, who: str, allow_zero: bool = True):
-    """``(λ, rule)``: a given ``damping`` checked (``rule = None``), or the rule's λ from ``trace()``.
+    """``(λ, rule)`` of a whole-closure method: a given ``damping`` checked (``rule = None``), or the rule's
+    ``λ = DAMPING_FACTOR · tr(C) / d`` from ``(tr(C), estimator) = trace()``.
 
     Raises:
       ValueError: the mean eigenvalue ``tr / d`` is not positive (an indefinite Hessian, no curvature) or not
@@ -126,11 +168,86 @@ def resolve_damping(damping, trace: Callable[[], tuple[float, str]], d: int, *, 
     value, estimator = trace()
     mean = value / d
     if not math.isfinite(mean) or not mean > 0:
-        raise ValueError(
-            f"{who}: damping=None uses λ = {DAMPING_FACTOR} × the mean eigenvalue of the curvature (tr / d), but "
-            f"tr / d = {mean:.3e} ({estimator}) is not positive: the curvature is indefinite (a Hessian away from "
-            'a minimum) or zero. Pass damping= explicitly (a positive number), or use a PSD curvature ("ggn", '
-            '"fisher", "empirical_fisher")'
+        raise _rule_fails(
+            who,
+            "the curvature (tr / d)",
+            f"tr / d = {mean:.3e} ({estimator})",
+            "the curvature is indefinite (a Hessian away from a minimum) or zero",
+            ', or use a PSD curvature ("ggn", "fisher", "empirical_fisher")',
         )
     rule = RuleDamping(DAMPING_FACTOR * mean, value, estimator)
     return rule.damping, rule
+
+
+def block_damping(values: torch.Tensor, damping, what: str, *, who: str) -> float:
+    """λ of one block inverted on its own: a given ``damping`` checked, or ``DAMPING_FACTOR × mean(values)``.
+
+    ``values``: the block's eigenvalues (any shape, exact: a Kronecker layer's ``Λ``, a diagonal block's
+    entries). ``what`` names the block in the error (``"layer 'fc1'"``), ``who`` the method.
+
+    Raises:
+      ValueError: ``damping=None`` and the block's mean eigenvalue is not positive (no curvature reaches it);
+        a given damping that is negative, NaN or infinite.
+    """
+    if damping is not None:
+        return check_damping(damping)
+    mean = float(values.mean()) if values.numel() else 0.0
+    lam = DAMPING_FACTOR * mean
+    if not lam > 0:
+        raise _rule_fails(who, what, f"its mean eigenvalue {mean:.3e}", "the block has no curvature")
+    return lam
+
+
+def check_conditioning(
+    eigenvalues: torch.Tensor,
+    damping: float,
+    dtype: torch.dtype,
+    *,
+    who: str,
+    what: str = "the curvature",
+    stacklevel: int = 4,
+) -> None:
+    """The one check of a damped inverse ``(C + λI)^{-1}`` from the eigenvalues ``w`` of ``C`` (``what``).
+
+    With ``low = min(w) + λ``, ``high = max(w) + λ``, the damped condition number ``c = high / low`` and the
+    limit ``L = 1 / (100 ε)`` of ``dtype`` (ε its machine epsilon; the curvature was computed in ``dtype``, and
+    beyond ``L`` at most about two digits of the solve are above its rounding):
+
+    - ``low <= 0`` (or NaN): ``ValueError``, ``C + λI`` is not positive definite and its inverse does not
+      exist (an indefinite Hessian, or a singular curvature at ``λ = 0``);
+    - ``λ = 0`` and ``c >= L``: ``ValueError``, ``C`` is numerically singular and its inverse is rounding noise
+      (values of order ``1 / ε``);
+    - ``λ > 0`` and ``c >= L``: a ``UserWarning`` (the solve is inaccurate in ``dtype``, not meaningless);
+    - otherwise, and for an empty block: nothing.
+
+    Raises:
+      ValueError: the first two cases, with the damping that fixes them.
+    """
+    if not eigenvalues.numel():
+        return
+    lowest, highest = float(eigenvalues.min()), float(eigenvalues.max())
+    low, high = lowest + damping, highest + damping
+    limit = 1.0 / (100 * torch.finfo(dtype).eps)
+    rule = f"damping=None picks {DAMPING_FACTOR} × the mean eigenvalue"
+    if not low > 0:
+        fix = (
+            f'raise damping above {-lowest:.3e}, or use a PSD curvature ("ggn", "fisher", "empirical_fisher")'
+            if lowest < 0
+            else f"use damping > 0 ({rule})"
+        )
+        raise ValueError(
+            f"{who}: {what} plus λI is not positive definite at damping {damping:g} (eigenvalues of {what} from "
+            f"{lowest:.3e} to {highest:.3e}): its inverse does not exist; {fix}"
+        )
+    if high / low < limit:
+        return
+    if damping == 0:
+        raise ValueError(
+            f"{who}: {what} is numerically singular at damping 0 (eigenvalues from {low:.3e} to {high:.3e} in "
+            f"{dtype}): its inverse is rounding noise; use damping > 0 ({rule})"
+        )
+    warnings.warn(
+        f"{who}: {what} has damped condition number {high / low:.3e}, beyond what {dtype} solves accurately; use "
+        "float64 or raise damping",
+        stacklevel=stacklevel,
+    )

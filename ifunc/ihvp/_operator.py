@@ -3,6 +3,9 @@
 Every operator-based method (explicit, CG, LiSSA, Arnoldi, Nyström) builds its operator here, so under
 ``torchrun`` each rank computes the batches ``i ≡ rank (mod W)`` and the products are all-reduced: every
 rank then takes the same solver steps. Without a process group it is :func:`ifunc.curvature_operator`.
+
+:func:`rank_partition` is the one place where the process group becomes a :class:`ifunc._data.Partition`: the
+Kronecker fit, the curvature operators and the scoring sinks all split their chunks with it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ import optree
 import torch
 
 from .. import distributed
-from .._data import DataSource, fingerprint, tensor_leaves
+from .._data import DataSource, Partition, fingerprint, tensor_leaves
 from .._types import Data, LossFn, Params
-from ..curvature import CurvatureOperator, Partition, curvature_operator
+from ..curvature import CurvatureOperator, curvature_operator
 
 __all__ = ["data_operator", "check_same_data", "rank_partition", "data_signature"]
 
 
 def rank_partition() -> Partition:
-    """This process's share of a sum over batches: rank ``r`` of ``W`` sums ``i ≡ r (mod W)``, all-reduced."""
+    """This process's share of a pass over chunks: ``Partition(rank, W, all-reduce)`` of the default process group.
+
+    Rank ``r`` of ``W`` computes the chunks ``i ≡ r (mod W)`` and ``reduce`` sums a tensor over the ranks;
+    without a process group it is ``Partition(0, 1)``, whose ``reduce`` returns its argument.
+    """
     rank, size = distributed.world()
     return Partition(rank, size, distributed.reduce_tensor)
 

@@ -8,9 +8,10 @@ import torch
 
 from .._errors import check_count
 from .._types import Data, LossFn, Params, Preconditioner
-from ._base import IHVP, ConvergenceError, check_damping
+from ._base import IHVP, ConvergenceError
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
-from ._damping import hutchinson_trace, resolve_damping
+from ._cg_loop import iterate
+from ._damping import check_damping, hutchinson_trace, resolve_damping
 from ._operator import data_operator, data_signature
 
 __all__ = ["ihvp_cg", "cg_solve", "CGResult", "DEFAULT_TOL"]
@@ -36,49 +37,6 @@ class CGResult(NamedTuple):
     #: ``[k]`` bool: stopped above the tolerance before ``maxiter`` because a restart no longer halved the true
     #: residual: the rounding floor of the dtype (a looser ``tol``, more damping or float64 is needed)
     stalled: torch.Tensor | None = None
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(dim=1)
-
-
-def _iterate(matvec, M, X, R, threshold, active, iterations, budget: int) -> int:
-    """Run (preconditioned) CG from ``X`` with residual ``R`` on the ``active`` rows, in place; steps run."""
-    Z = M(R)
-    P = Z.clone()
-    rz = _rowdot(R, Z)
-    for step in range(budget):
-        if not bool(active.any()):
-            return step
-        idx = active.nonzero().squeeze(1)
-        exact = rz[idx] == 0  # the recursive residual underflowed to zero: nothing left to do for that column
-        if bool(exact.any()):
-            active[idx[exact]] = False
-            idx = idx[~exact]
-            if idx.numel() == 0:
-                return step
-        p = P[idx]
-        Ap = matvec(p)
-        pAp = _rowdot(p, Ap)
-        if not torch.isfinite(pAp).all():
-            raise ValueError("cg_solve: NaN/inf in the matrix-vector product; check the loss and params")
-        if (pAp <= 0).any():
-            raise ValueError(
-                f"cg_solve: the operator is not positive definite (pᵀAp = {float(pAp.min()):.3e}); increase "
-                'damping, or use a PSD curvature ("ggn", "fisher", "empirical_fisher") if it is the Hessian'
-            )
-        alpha = rz[idx] / pAp
-        X[idx] += alpha[:, None] * p
-        r = R[idx] - alpha[:, None] * Ap
-        R[idx] = r
-        z = M(r)
-        rz_new = _rowdot(r, z)
-        beta = rz_new / rz[idx]
-        P[idx] = z + beta[:, None] * p
-        rz[idx] = rz_new
-        iterations[idx] += 1
-        active[idx] = r.norm(dim=1) > threshold[idx]
-    return budget
 
 
 def cg_solve(
@@ -136,7 +94,7 @@ def cg_solve(
     budget = maxiter
     while bool(todo.any()) and budget > 0:
         ran = todo.clone()
-        budget -= _iterate(matvec, M, X, R, stop, todo, iterations, budget)
+        budget -= iterate(matvec, M, X, R, stop, todo, iterations, budget)
         idx = ran.nonzero().squeeze(1)
         stopped = ~todo[idx]  # stopped on the recursive residual, not on the iteration cap
         R[idx] = B[idx] - matvec(X[idx])  # the true residual of the columns that ran
@@ -176,13 +134,10 @@ def ihvp_cg(
     rankings of training examples settle long before the residual does. Use :func:`cg_solve` for
     diagnostics (iterations, residuals).
 
-    **Exact-level attribution, fast.** Each iteration costs one curvature product of the whole ``[k, d]``
-    block, so time is iterations × block. A Nyström preconditioner of rank ``r`` costs one product of ``r``
-    vectors once, and removes the top of the spectrum that makes plain CG slow; stopping at ``tol=1e-2``
-    then keeps the rankings (``benchmarks/exact_fast.py``: per-query Spearman >= 0.99 with the exact solve
-    on two small classifiers, at 1/5 to 1/14 of this function's default time; plain CG at ``tol=1e-2``
-    alone reached only 0.99 in about 1/2 to 1/4 of it, and ``tol=1e-1`` lost the rankings, min Spearman
-    0.75-0.9)::
+    **Preconditioned.** Each iteration costs one curvature product of the whole ``[k, d]`` block, so time is
+    iterations × block. A Nyström preconditioner of rank ``r`` costs one product of ``r`` vectors, once, and
+    takes the top ``r`` eigenvalues out of the condition number that sets the number of iterations; with a
+    looser ``tol`` it is the fast setting for attribution (the documentation's benchmarks measure it)::
 
         op = ifunc.curvature_operator(loss, params, train)
         ihvp = ifunc.ihvp_cg(loss, params, train, tol=1e-2,
@@ -291,12 +246,12 @@ def ihvp_cg(
                 )
             return res.x
 
-        return IHVP(
+        return IHVP.make(
             solve,
             name="cg",
             damping=lam,
             unflatten=op.unflatten,
-            like=op.flat_params.new_zeros(()),
+            like=op.flat_params,
             rebuild=build,
             info={
                 "tol": tol,
@@ -305,8 +260,8 @@ def ihvp_cg(
                 "curvature": op.curvature,
                 "data": signature,
                 "blocks": blocks_info("cg", groups),
-                **(rule.info() if rule is not None else {}),
             },
+            rule=rule,
         )
 
     return build(lam, rule)

@@ -11,9 +11,9 @@ from ..curvature import CURVATURES, example_gradients, resolve_curvature
 from ..functional import flatten
 from ..grads import check_scalar, check_summed
 from ..likelihood import replayable
-from ._base import IHVP, check_damping
+from ._base import IHVP
 from ._blocks import blocks_info, resolve_blocks
-from ._damping import resolve_damping
+from ._damping import check_damping, resolve_damping
 
 __all__ = ["ihvp_datainf"]
 
@@ -97,7 +97,7 @@ def ihvp_datainf(
     source = DataSource(data, name="data", ordered=curvature == "fisher")  # labels are drawn in data order
     gen = replayable(generator, flat.device)() if curvature == "fisher" else None
     parts = []
-    for index, offset, chunk in iter_chunks(source, chunk_size):
+    for index, offset, chunk, _ in iter_chunks(source, chunk_size):
         if index == 0:
             check_scalar(loss(unflatten(flat), chunk))
             check_summed(lambda x, b: loss(unflatten(x), b), flat, source)
@@ -108,6 +108,7 @@ def ihvp_datainf(
     pieces = [(block.index, S[:, block.index], (S[:, block.index] ** 2).sum(1)) for block in groups]
     trace = lambda: (float(S.to(torch.float64).square().sum()) / n, "exact")  # noqa: E731
     lam, rule = resolve_damping(damping, trace, S.shape[1], who="ihvp_datainf", allow_zero=False)
+    like = flat.new_zeros(())  # the closure keeps the parameters' dtype and device, not their values
 
     def build(lam: float, rule=None) -> IHVP:
         lam = check_damping(lam, allow_zero=False)
@@ -120,19 +121,15 @@ def ihvp_datainf(
                 out[:, index] = (Vb - coeff @ Sb / n) / lam
             return out
 
-        return IHVP(
+        return IHVP.make(
             solve,
             name="datainf",
             damping=lam,
             unflatten=unflatten,
-            like=flat.new_zeros(()),
+            like=like,
             rebuild=build,
-            info={
-                "blocks": blocks_info("datainf", groups),
-                "n": n,
-                "curvature": curvature,
-                **(rule.info() if rule is not None else {}),
-            },
+            info={"blocks": blocks_info("datainf", groups), "n": n, "curvature": curvature},
+            rule=rule,
         )
 
     return build(lam, rule)

@@ -11,8 +11,8 @@ from ..curvature import resolve_curvature
 from ..functional import flatten
 from ._base import IHVP
 from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
-from ._damping import resolve_damping
-from ._eigen import check_conditioning, check_positive, eigen_solve
+from ._damping import check_conditioning, resolve_damping
+from ._eigen import eigen_solve
 from ._operator import data_operator
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
@@ -48,8 +48,11 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | N
     :meth:`IHVP.with_damping` reuses it. ``damping=None`` (default): ``λ = 0.1 · mean(w) = 0.1 · tr(M) / d``.
 
     Raises:
-      ValueError: ``M`` is not ``[d, d]`` for the ``d`` of ``params``, is not finite, or ``M + λI`` is
-        not positive definite.
+      ValueError: ``M`` is not ``[d, d]`` for the ``d`` of ``params``, is not finite, ``M + λI`` is
+        not positive definite, or ``M`` is numerically singular at ``damping=0``.
+
+    Warns:
+      UserWarning: the damped condition number is beyond what the parameters' dtype solves accurately.
     """
     flat, unflatten = flatten(params)
     d = flat.numel()
@@ -60,18 +63,19 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | N
     M = matrix.detach().to(torch.float64)
     w, Q = torch.linalg.eigh((M + M.T) / 2)
     lam, rule = resolve_damping(damping, lambda: (float(w.sum()), "exact"), d, who="ihvp_from_matrix")
+    like = flat.new_zeros(())  # the closure keeps the parameters' dtype and device, not their values
 
     def build(lam: float, rule=None) -> IHVP:
-        check_positive(w, lam, "ihvp_explicit")
-        check_conditioning(w, lam, "ihvp_explicit", flat.dtype)
-        return IHVP(
+        check_conditioning(w, lam, like.dtype, who="ihvp_explicit")
+        return IHVP.make(
             lambda V: eigen_solve(Q, w, lam, V),
             name="explicit",
             damping=lam,
             unflatten=unflatten,
-            like=flat.new_zeros(()),
+            like=like,
             rebuild=build,
-            info={"eigenvalues": w, **(rule.info() if rule is not None else {})},
+            info={"eigenvalues": w},
+            rule=rule,
         )
 
     return build(lam, rule)
@@ -117,8 +121,12 @@ def ihvp_explicit(
       ``info["damping_rule"]``, ``info["damping_trace"]`` and ``info["damping_estimator"]``.
 
     Raises:
-      ValueError: non-scalar or non-finite loss, negative damping, ``H + λI`` not positive definite,
-        ``blocks`` not covering the parameters, ``damping=None`` with ``tr(H) <= 0`` (an indefinite Hessian).
+      ValueError: non-scalar or non-finite loss, negative damping, ``H + λI`` not positive definite (or ``H``
+        numerically singular at ``damping=0``), ``blocks`` not covering the parameters, ``damping=None`` with
+        ``tr(H) <= 0`` (an indefinite Hessian).
+
+    Warns:
+      UserWarning: the damped condition number is beyond what the parameters' dtype solves accurately.
 
     Example:
       >>> ihvp = ifunc.ihvp_explicit(loss, params, (x, y), damping=1e-3)

@@ -3,79 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
-from .._data import DataSource, index_batch
-from .._data import batch_size as _batch_size
-from .._errors import check_count, explained
-from .._order import order_problem
-from .._types import Data, LossFn, MatVec, Params
-from ..curvature import _batch_matvec
+from .._errors import check_count
+from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
-from ._base import IHVP, ConvergenceError, check_damping
+from ._base import IHVP, ConvergenceError
 from ._blocks import block_diagonal, blocks_info, resolve_blocks
-from ._damping import hutchinson_trace, resolve_damping
+from ._damping import check_damping, hutchinson_trace, resolve_damping
+from ._lissa_schedule import MAX_DEFAULT_DEPTH, LissaDivergenceError, schedule, top_eigenvalue
+from ._lissa_steps import fresh, step_operators
 from ._operator import data_operator, data_signature
 
-__all__ = ["ihvp_lissa", "LissaDivergenceError", "LissaDivergenceWarning", "DEFAULT_TOL", "MAX_DEFAULT_DEPTH"]
+__all__ = ["ihvp_lissa", "LissaDivergenceError", "DEFAULT_TOL", "MAX_DEFAULT_DEPTH"]
 
 #: Default ``tol``: the relative residual ``‖(H + λI)x − v‖ / ‖v‖`` every call must reach (else it raises).
 DEFAULT_TOL = 1e-2
-#: The most steps ``depth=None`` may choose; a damping that needs more is refused when the closure is built.
-MAX_DEFAULT_DEPTH = 10_000
-
-
-class LissaDivergenceError(ConvergenceError):
-    """The LiSSA recursion grows instead of settling: ``scale`` is below ``(λ_max(H) + λ) / 2``."""
-
-
-class LissaDivergenceWarning(RuntimeWarning):
-    """No longer emitted: a growing recursion raises :class:`LissaDivergenceError` (kept for old imports)."""
-
-
-def _fresh(state: torch.Tensor) -> torch.Generator:
-    gen = torch.Generator()
-    gen.set_state(state)
-    return gen
-
-
-def _child(gen: torch.Generator) -> torch.Generator:
-    """A generator seeded from ``gen`` (advancing it), for the labels of one step's true Fisher."""
-    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-
-
-def _estimate_top_eigenvalue(matvec, d, like, generator, iters: int = 30) -> float:
-    v = torch.randn(1, d, generator=generator, dtype=like.dtype).to(like.device)
-    v /= v.norm()
-    value = 0.0
-    for _ in range(iters):
-        w = matvec(v)
-        value = float(w.norm())
-        if value == 0:
-            return 0.0
-        v = w / value
-    return value
-
-
-def contraction(damping: float, scale: float, top: float) -> float:
-    """``ρ = max |1 − a/s|`` over the eigenvalues ``a ∈ [λ, λ_max + λ]`` of ``H + λI`` (PSD ``H``).
-
-    A full-data step multiplies the error (and the residual) of every eigen-direction by ``1 − a/s``, so
-    after ``depth`` steps both are at most ``ρ^(depth+1)`` times their starting size.
-    """
-    return max(abs(1 - damping / scale), abs(1 - (top + damping) / scale))
-
-
-def depth_for(tol: float, rho: float) -> int:
-    """The fewest steps with ``ρ^(depth+1) <= tol`` (at least 1); ``ρ ≈ 1 − λ/s`` gives ``≈ (s/λ) ln(1/tol)``."""
-    if rho <= 0:
-        return 1
-    if rho >= 1:  # 1 − λ/s rounded to 1 (s/λ beyond 1e16): no number of steps is enough
-        return 2**62
-    return max(1, math.ceil(math.log(tol) / math.log(rho)) - 1)
 
 
 def ihvp_lissa(
@@ -195,9 +139,8 @@ def ihvp_lissa(
     if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"{who}: tol must be in (0, 1) (a relative residual), or None for no check; got {tol!r}")
     state = (generator if generator is not None else default_generator()).get_state()
-    full = data_operator(loss, params, data, curvature=curvature, generator=_fresh(state))
+    full = data_operator(loss, params, data, curvature=curvature, generator=fresh(state))
     signature = data_signature(data)  # recorded by score stores: LiSSA keeps nothing computed from its data
-    source = DataSource(data)
     like = full.flat_params
     d = like.numel()
     groups = resolve_blocks(blocks, full.unflatten, device=like.device)
@@ -209,88 +152,14 @@ def ihvp_lissa(
         return block_diagonal(matvec, groups, d)
 
     operator = block_op(full.matvec)  # the curvature the residual is measured on
-    top = _estimate_top_eigenvalue(operator, d, like, _fresh(state))
-
-    def labels(gen):  # only the true Fisher draws from gen here, so other curvatures keep their streams
-        return _child(gen) if full.curvature == "fisher" else None
-
-    # the curvature of each recursion step: all of the data, sampled mini-batches, or the loader's batches
-    full_steps = batch_size is None or batch_size >= full.n
-    per_step = full.n if batch_size is None else batch_size
-    pool = None if full_steps else source.in_memory()
-    n_chunks = -(-full.n // per_step)  # a loader's examples in order, cut into consecutive batches of per_step
-    if full_steps and repeat > 1:
-        raise ValueError(
-            f"{who}: repeat={repeat} with all of the data every step (batch_size={batch_size}, n={full.n}): the runs "
-            "would be identical (the full-data recursion is deterministic); pass repeat=1, or a batch_size below the "
-            "number of examples for averaged mini-batch runs"
-        )
-    if not full_steps and pool is None:
-        problem = order_problem(data) if isinstance(data, DataLoader) else None
-        if problem is not None:
-            raise ValueError(
-                f"{who}: mini-batch steps (batch_size={batch_size}) from a DataLoader that shuffles ({problem}) would "
-                "change on every call, but the closure must be deterministic: pass a DataLoader with shuffle=False "
-                "(its examples are re-cut into consecutive batches of batch_size), the data in memory (a batch or a "
-                "list of batches: batches are then drawn with generator), or batch_size=None"
-            )
-        if repeat > n_chunks:
-            raise ValueError(
-                f"{who}: repeat={repeat} runs over data streamed from a DataLoader/Dataset: its {full.n} examples in "
-                f"order give only {n_chunks} distinct runs of batch_size={batch_size} (run r starts at batch "
-                f"⌊r·{n_chunks}/repeat⌋), so some runs would repeat; pass repeat <= {n_chunks}, or the data in memory "
-                "(a batch or a list of batches: independent random batches drawn with generator)"
-            )
-    where = f"{full.curvature} curvature products (a LiSSA mini-batch)"
-
-    def batch_step(batch, gen) -> MatVec:
-        """The mean curvature of one batch (block-diagonal with ``blocks``)."""
-        size = _batch_size(batch)
-        with explained(where):
-            product = _batch_matvec(loss, like, full.unflatten, batch, full.curvature, labels(gen))
-
-        def mean(V: torch.Tensor) -> torch.Tensor:
-            with explained(where):
-                return product(V) / size
-
-        return block_op(mean)
-
-    def step_operator(gen: torch.Generator, run: int) -> Iterator[MatVec]:
-        if full_steps:
-            while True:
-                yield operator
-        elif pool is not None:  # in memory: batch_size examples drawn with replacement
-            while True:
-                yield batch_step(index_batch(pool, torch.randint(full.n, (per_step,), generator=gen)), gen)
-        else:  # streamed: consecutive batches of batch_size examples in order, cycled; run r starts at its own one
-            skip = run * n_chunks // repeat
-            while True:
-                for i, batch in enumerate(source.chunks(per_step)):
-                    if i >= skip:
-                        yield batch_step(batch, gen)
-                skip = 0
+    top = top_eigenvalue(operator, d, like, fresh(state))
+    full_steps, step_operator = step_operators(
+        loss, data, full, operator, block_op, batch_size=batch_size, repeat=repeat, who=who
+    )
 
     def build(lam: float, rule=None) -> IHVP:
         lam = check_damping(lam, allow_zero=False)
-        s = 1.5 * (top + lam) if scale is None else float(scale)
-        if not s > (top + lam) / 2:  # only a given scale can fail: the default has a factor 3 of margin
-            raise LissaDivergenceError(
-                f"{who} would have diverged: scale={s:g} is too small for damping {lam:g}: the largest eigenvalue of "
-                f"(H + λI)/scale is about {(top + lam) / s:.4g} >= 2 (λ_max(H) ≈ {top:.3e} from 30 power iterations), "
-                f"so the recursion grows at every depth; pass scale > (λ_max(H) + λ)/2 ≈ {(top + lam) / 2:.3e}, e.g. "
-                f"{1.5 * (top + lam):.3e}, or leave scale=None"
-            )
-        rho = contraction(lam, s, top)
-        needed = depth_for(tol, rho) if tol is not None else None
-        steps = depth if depth is not None else needed
-        assert steps is not None  # tol=None requires a depth (checked above)
-        if depth is None and steps > MAX_DEFAULT_DEPTH:
-            raise ConvergenceError(
-                f"{who}: reaching tol={tol:g} at damping {lam:g} needs about {steps} steps (the flattest direction "
-                f"shrinks by 1 − λ/s = {1 - lam / s:.6f} per step, s = {s:.3e}), more than the {MAX_DEFAULT_DEPTH} "
-                f"that depth=None allows. Use ihvp_cg (about √(s/λ) iterations instead of s/λ), a larger damping, "
-                f"or pass depth={steps} to run them"
-            )
+        s, rho, needed, steps = schedule(lam, top, scale=scale, depth=depth, tol=tol, who=who)
         # full-data updates ‖M^j v‖ are log-convex in j (1.01: rounding); mini-batch ones are noisy (a heuristic)
         growth = 1.01 if full_steps else 10.0
         scale_is = f"scale={s:g}" if scale is not None else f"the default scale 1.5 (λ_max + λ) = {s:.3e}"
@@ -333,7 +202,7 @@ def ihvp_lissa(
             if V.shape[0] == 0:
                 return V.clone()
             total = torch.zeros_like(V)
-            gen = _fresh(state)  # every call replays the same draws: the closure is deterministic
+            gen = fresh(state)  # every call replays the same draws: the closure is deterministic
             ratio = 0.0
             for index in range(repeat):
                 x, r = run(V, gen, index)
@@ -374,12 +243,12 @@ def ihvp_lissa(
                 "or use ihvp_cg"
             )
 
-        return IHVP(
+        return IHVP.make(
             solve,
             name="lissa",
             damping=lam,
             unflatten=full.unflatten,
-            like=like.new_zeros(()),
+            like=like,
             rebuild=build,
             info={
                 "scale": s,
@@ -392,8 +261,12 @@ def ihvp_lissa(
                 "curvature": full.curvature,
                 "data": signature,
                 "blocks": blocks_info("lissa", groups),
-                **(rule.info() if rule is not None else {}),
             },
+            rule=rule,
         )
 
     return build(lam0, rule0)
+
+
+class LissaDivergenceWarning(RuntimeWarning):  # TRANSITIONAL: until ifunc/__init__.py and ihvp/__init__.py drop it
+    """Never emitted: a growing recursion raises :class:`LissaDivergenceError`."""

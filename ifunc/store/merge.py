@@ -15,10 +15,10 @@ def part_path(out, rank: int, size: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank}of{size}")
 
 
-def merge_parts(out, size: int, final_args: dict, part_args) -> None:
+def merge_parts(out, size: int, final_args: dict, part_args, chunks_of) -> None:
     """Copy the finished chunks of the per-rank stores ``out.rank{r}of{W}`` into ``out``, then delete them.
 
-    Rank ``r``'s local chunk ``j`` is global chunk ``j·W + r``; its columns are checked against their
+    Rank ``r``'s local chunk ``j`` is global chunk ``chunks_of(r)[j]``; its columns are checked against their
     checksum and copied with their fingerprint. Resumable: chunks already in ``out`` are not copied again.
     ``part_args(r)`` gives the :class:`ScoreWriter` arguments of rank ``r``'s store.
 
@@ -31,9 +31,10 @@ def merge_parts(out, size: int, final_args: dict, part_args) -> None:
             if final.read_only or not path.exists():
                 continue
             with ScoreWriter(path, **part_args(r)) as part:
+                owned = chunks_of(r)
                 for j in sorted(part.done):
-                    if j * size + r not in final.done:
-                        final.write(j * size + r, part.read(j), part.fingerprint(j))
+                    if owned[j] not in final.done:
+                        final.write(owned[j], part.read(j), part.fingerprint(j))
         missing = final.n_chunks - len(final.done)
         n_chunks = final.n_chunks
     if missing:

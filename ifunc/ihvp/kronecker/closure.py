@@ -12,62 +12,29 @@ The damped inverse is ``(Q_S ⊗ Q_A)(Λ + λ)^{-1}(Q_S ⊗ Q_A)ᵀ``, applied t
 ``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``. Parameters no supported layer covers (LayerNorm, embeddings, other
 biases) get a diagonal block ``1 / (E[(∂ℓ/∂θ)²] + λ)``; excluded parameters get a zero block (no
 influence). ``ihvp.info["blocks"]`` maps each parameter name to ``(method, module)``.
-``damping=None`` uses ``λ_l = 0.1 × mean(Λ_l)`` per layer (and per diagonal block); ``with_damping(λ)``
-re-damps every block with one λ without refitting. Normalisation of ``A, S, Λ``: per example, see
+``damping=None`` uses the one damping rule per block, ``λ_l = 0.1 × mean(Λ_l)`` per layer (and per diagonal
+block, :func:`~ifunc.ihvp._damping.block_damping`), and every block passes the one conditioning check
+(:func:`~ifunc.ihvp._damping.check_conditioning`); ``with_damping(λ)`` re-damps every block with one λ without
+refitting. Normalisation of ``A, S, Λ``: per example, see
 :mod:`ifunc.ihvp.kronecker.fit`.
 """
 
 from __future__ import annotations
 
-import warnings
+from typing import Any
 
 import optree
 import torch
 
 from ..._types import Params
 from ...functional import structure
-from .._base import IHVP, check_damping
+from .._base import IHVP, summary
+from .._damping import block_damping, check_conditioning
 from ._kernels import damped_div
 from .blocks import DiagBlock, KronBlock, gather, precondition_layer, scatter
+from .scorer import KroneckerScorer
 
 __all__ = ["KroneckerIHVP", "build_closure"]
-
-
-def _check_conditioning(name: str, what: str, eigenvalues: torch.Tensor, lam: float, dtype: torch.dtype) -> None:
-    """Refuse a block whose damped inverse does not exist; warn when ``dtype`` cannot solve it accurately.
-
-    With ``c = (λ_max + λ) / (λ_min + λ)``: ``λ_min + λ <= 0`` or ``c >= 1 / (100 eps)`` with ``λ = 0`` raises
-    (the inverse is dominated by rounding: values of order ``1 / eps``); ``c >= 1 / (100 eps)`` with ``λ > 0``
-    warns (only about two digits survive).
-    """
-    if not eigenvalues.numel():
-        return
-    low, high = float(eigenvalues.min()) + lam, float(eigenvalues.max()) + lam
-    limit = 1.0 / (100 * torch.finfo(dtype).eps)
-    if not low > 0 or (lam == 0 and high / low >= limit):
-        raise ValueError(
-            f"{name}: {what} is singular at damping {lam:g} (smallest eigenvalue {low - lam:.3e}, largest "
-            f"{high - lam:.3e}); its inverse does not exist in {dtype}: use damping > 0 (damping=None picks 0.1 × "
-            "the mean eigenvalue per block)"
-        )
-    if high / low >= limit:
-        warnings.warn(
-            f"{name}: {what} has damped condition number {high / low:.3e}, beyond what {dtype} solves accurately; "
-            "use float64 or raise damping",
-            stacklevel=4,
-        )
-
-
-def _auto(values: torch.Tensor, damping, what: str) -> float:
-    if damping is not None:
-        return check_damping(damping)
-    lam = 0.1 * float(values.mean()) if values.numel() else 0.0
-    if not lam > 0:
-        raise ValueError(
-            f"damping=None: the mean eigenvalue of {what} is {lam * 10:.3e}, so the 0.1 × mean "
-            "heuristic gives no damping; pass damping= explicitly"
-        )
-    return lam
 
 
 class KroneckerIHVP(IHVP):
@@ -80,35 +47,37 @@ class KroneckerIHVP(IHVP):
     block, or a mapping block name -> λ when ``damping=None`` chose one per block.
     """
 
-    def __init__(
-        self,
-        solve,
-        *,
-        name,
-        damping,
-        unflatten,
-        like,
-        rebuild,
-        info,
-        model,
-        blocks,
-        diags,
-        block_damping,
-        diag_damping,
-        modules,
-        probe,
-    ):
-        super().__init__(solve, name=name, damping=damping, unflatten=unflatten, like=like, rebuild=rebuild, info=info)
-        self.model = model
-        self.blocks: tuple[KronBlock, ...] = blocks
-        self.diags: tuple[DiagBlock, ...] = diags
-        self.block_damping: tuple[float, ...] = block_damping
-        self.diag_damping: tuple[float, ...] = diag_damping
-        self.modules: tuple[str, ...] = modules
-        #: ``id(callable) -> UseCheck``: what :func:`~ifunc.ihvp.kronecker.capture.probe_layers` found of each loss or
-        #: measurement's use of the layers (example dims, weight uses), from the fit or from the first capture of that
-        #: callable for scoring; shared by the closures ``with_damping`` makes
-        self.probe: dict = probe
+    FIELDS = ("model", "blocks", "diags", "block_damping", "diag_damping", "modules", "probe")
+    model: Any
+    blocks: tuple[KronBlock, ...]
+    diags: tuple[DiagBlock, ...]
+    block_damping: tuple[float, ...]
+    diag_damping: tuple[float, ...]
+    modules: tuple[str, ...]
+    #: ``id(callable) -> UseCheck``: what :func:`~ifunc.ihvp.kronecker.capture.probe_layers` found of each loss or
+    #: measurement's use of the layers (example dims, weight uses), from the fit or from the first capture of that
+    #: callable for scoring; shared by the closures ``with_damping`` makes
+    probe: dict
+
+    def _curvature_summary(self) -> dict[str, list]:
+        """The base summaries, then ``"layer {name}"`` of each layer block's eigenvalues ``Λ`` and ``"diagonal
+        {name}"`` of each diagonal block."""
+        out = super()._curvature_summary()
+        out.update({f"layer {b.spec.name}": summary(b.eigenvalues) for b in self.blocks})
+        out.update({f"diagonal {d.name}": summary(d.diag) for d in self.diags})
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`IHVP.describe`, with ``"damping"`` the λ of every block, ``{block name: λ}`` (also after
+        ``with_damping`` gave them one λ) and the layer and diagonal blocks in ``"curvature"``."""
+        per_block = self.info["damping"]
+        return {**super().describe(), "damping": {k: float(v) for k, v in per_block.items()}}
+
+    def scorer(self, loss, params, options):
+        """The captured-contraction scorer (:class:`KroneckerScorer`) when built with ``model=``, else the generic one."""
+        if self.model is None:
+            return super().scorer(loss, params, options)
+        return KroneckerScorer(self, loss, params, options)
 
     def __repr__(self) -> str:
         lam = "per-layer" if isinstance(self.damping, dict) else f"{self.damping:g}"
@@ -133,12 +102,12 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
     probe = {} if check is None else {id(check.func): check}
 
     def rebuild(lam) -> KroneckerIHVP:
-        bl = tuple(_auto(b.eigenvalues, lam, f"layer {b.spec.name!r}") for b in blocks)
-        dl = tuple(_auto(d.diag, lam, f"parameter {d.name!r}") for d in diags)
-        for blk, l_ in zip(blocks, bl):
-            _check_conditioning(name, f"layer {blk.spec.name!r}", blk.eigenvalues, l_, dtype)
-        for d, l_ in zip(diags, dl):
-            _check_conditioning(name, f"parameter {d.name!r}", d.diag, l_, dtype)
+        layers = [(b.eigenvalues, f"the block of layer {b.spec.name!r}") for b in blocks]
+        others = [(d.diag, f"the block of parameter {d.name!r}") for d in diags]
+        bl = tuple(block_damping(values, lam, what, who=name) for values, what in layers)
+        dl = tuple(block_damping(values, lam, what, who=name) for values, what in others)
+        for (values, what), l_ in zip(layers + others, bl + dl):
+            check_conditioning(values, l_, dtype, who=name, what=what)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(V)
@@ -150,7 +119,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
 
         per_block = {**{b.spec.name: l_ for b, l_ in zip(blocks, bl)}, **{d.name: l_ for d, l_ in zip(diags, dl)}}
         info = dict(extra_info, modules=groups, damping=per_block)
-        return KroneckerIHVP(
+        return KroneckerIHVP.make(
             solve,
             name=name,
             damping=lam if lam is not None else per_block,

@@ -29,14 +29,14 @@ from typing import cast
 import torch
 
 from ... import distributed
-from ..._data import DataSource, batch_size, n_chunks
+from ..._data import Chunk, DataSource, batch_size, iter_chunks, n_chunks
 from ..._errors import check_count
 from ..._memory import release_free_memory
 from ..._progress import progress_bar
-from ..._types import Batch, Data, LossFn, Params
+from ..._types import Data, LossFn, Params
 from ...grads import batch_grads, check_summed
 from ...likelihood import default_generator
-from .._operator import check_same_data
+from .._operator import check_same_data, rank_partition
 from ._kernels import one_thread, rotated_sq_sum
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
@@ -67,25 +67,7 @@ def split_excluded(params, exclude) -> tuple[list[str], tuple[str, ...], dict]:
 
 
 def fit_kronecker_factors(
-    loss: LossFn,
-    params: Params,
-    data: Data,
-    *,
-    model: torch.nn.Module,
-    modules=None,
-    exclude=(),
-    curvature: str | None = None,
-    sample=None,
-    n_samples: int = 1,
-    generator: torch.Generator | None = None,
-    ekfac: bool = True,
-    fallback: bool = True,
-    chunk_size: int | None = None,
-    max_memory: int | None = None,
-    diagonal: bool = True,
-    eigen_dtype: torch.dtype = torch.float64,
-    keep_covariances: bool = True,
-    progress: bool | None = None,
+    loss: LossFn, params: Params, data: Data, *, model: torch.nn.Module, **options
 ) -> KroneckerFactors:
     """Fit K-FAC covariances, their eigenbases, the diagonal and (optionally) the EK-FAC eigenvalues.
 
@@ -115,9 +97,9 @@ def fit_kronecker_factors(
       ekfac: also fit the EK-FAC eigenvalues (second pass).
       fallback: give uncovered parameters a diagonal block; ``False`` raises naming them.
       chunk_size: examples per forward/backward; default from ``max_memory``.
-      max_memory: byte budget of one chunk (default half the available memory, and at most 1 GiB of per-example
-        tensors): the chunk is the budget over three times what one more example adds to the captured forward,
-        measured (:mod:`ifunc.ihvp.kronecker.budget`), at most 256.
+      max_memory: byte budget of one chunk (``None``: the default budget: half the available memory, and at most
+        1 GiB of per-example tensors): the chunk is the budget over three times what one more example adds to the
+        captured forward, measured, within the one chunk cap (:mod:`ifunc.ihvp.kronecker.budget`).
       diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
         it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
       eigen_dtype: dtype of the eigendecompositions, of the sums of ``D`` and ``Λ`` and of the returned eigenvalues,
@@ -153,7 +135,7 @@ def fit_kronecker_factors(
       Martens & Grosse (2015); George et al. (2018); Eschenhagen et al. (2023) for the "expand"
       normalisation of weight-shared (token / patch) layers.
     """
-    return fit_checked(**locals())[0]  # the same arguments
+    return fit_checked(loss, params, data, model=model, **options)[0]
 
 
 def fit_checked(
@@ -177,8 +159,9 @@ def fit_checked(
     keep_covariances: bool = True,
     progress: bool | None = None,
 ) -> tuple[KroneckerFactors, UseCheck]:
-    """:func:`fit_kronecker_factors` (same arguments and defaults) and what it checked of ``loss``'s use of the layers
-    (:class:`~.capture.UseCheck`, kept by the closure built from the fit)."""
+    """The fit: ``(factors, check)``, what :func:`fit_kronecker_factors` returns (its arguments, documented there) and
+    what it checked of ``loss``'s use of the layers (:class:`~.capture.UseCheck`, kept by the closure built from the
+    fit)."""
     chunk_size = check_chunk_size(chunk_size)
     n_samples = check_count(n_samples, "n_samples", "fit_kronecker_factors")
     names, excl, kept = split_excluded(params, exclude)
@@ -217,20 +200,23 @@ def fit_checked(
             loss, params, model, layers, source, max_memory=max_memory, what="Kronecker factors", fixed=held
         )
 
+    part = rank_partition()  # the whole data without a process group
+    # sampled labels are drawn per chunk: their chunks are not narrowed to keep every rank busy
+    step = part.width(source.cheap_count(), chunk_size) if curvature != "fisher" else chunk_size
+
     def one_pass(rotations):
         nonlocal n
-        step = distributed.chunk_size(source.cheap_count(), chunk_size, split=curvature != "fisher")
         # progress_bar returns an iterable when given one (only a manual bar may be silent, non-iterable)
         chunks = cast(
-            "Iterable[Batch]",
+            "Iterable[Chunk]",
             progress_bar(
-                source.chunks(step),
+                iter_chunks(source, step, partition=part),
                 total=n_chunks(source, step),
                 desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
                 progress=progress,
             ),
         )
-        for mine, batch in distributed.shard(chunks):  # identity without a process group
+        for _, _, batch, mine in chunks:  # every rank walks every chunk
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
                 if curvature == "fisher":
                     with torch.no_grad():
@@ -304,8 +290,9 @@ def fit_checked(
             stats[name] = (None, None, D)
         return eA, QA, eS, QS
 
-    factors = {}  # layer l's eigendecompositions run on rank l mod W and are shared (all of them without one)
-    for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros)):
+    factors = {}  # layer l's eigendecompositions run on the partition's owner of l and are shared
+    owners = [part.owner(i) for i in range(len(layers))]
+    for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros, owners)):
         A, S, D = stats.pop(s.name)
         if A is not None:
             A, S = A.to(dtype), S.to(dtype)

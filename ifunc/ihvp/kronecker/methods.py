@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..._types import Data, LossFn, Params
-from .._base import IHVP, check_damping
+from .._base import IHVP
+from .._damping import check_damping
 from .blocks import DiagBlock, KronBlock, layout
 from .closure import build_closure
 from .factors import KroneckerFactors

@@ -1,6 +1,7 @@
 """Pairwise, per-module and self-influence scores of Kronecker-family closures, without per-example gradients.
 
-Used by :func:`ifunc.attribute` and :func:`ifunc.self_influence` for a :class:`KroneckerIHVP` built with ``model=``.
+Used by :class:`~ifunc.ihvp.kronecker.scorer.KroneckerScorer`, the scorer of a :class:`KroneckerIHVP` built with
+``model=`` (``ihvp`` below: such a closure).
 
 Queries are preconditioned once per layer, ``Q̃_l = (G_l + λ)^{-1} ∇_{W_l} f``; a training example's
 contribution is then ``Σ_t g_tᵀ Q̃_l a_t`` from captured inputs ``a`` and output-gradients ``g`` — no
@@ -30,27 +31,19 @@ from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
 from ._kernels import damped_div, layer_scores, low_rank, per_example_quadratic
-from .budget import DEFAULT_CHUNK, capture_chunk_size, check_chunk_size
+from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
-from .closure import KroneckerIHVP
 
 __all__ = [
-    "scorable",
     "capture_chunk",
     "PreparedQueries",
     "kronecker_prepare",
     "kronecker_chunk_scores",
     "kronecker_self_terms",
-    "DEFAULT_CHUNK",
 ]
 
 
-def scorable(ihvp) -> bool:
-    """True for a Kronecker-family closure built with ``model=`` (captured scoring is possible)."""
-    return isinstance(ihvp, KroneckerIHVP) and ihvp.model is not None
-
-
-def checked(loss, params, ihvp: KroneckerIHVP, batch) -> UseCheck:
+def checked(loss, params, ihvp, batch) -> UseCheck:
     """What :func:`probe_layers` found of ``loss``'s use of the closure's layers, checked once per callable.
 
     A closure fitted from data holds the fit's check of its loss; any other callable (a measurement, another loss),
@@ -67,7 +60,7 @@ def checked(loss, params, ihvp: KroneckerIHVP, batch) -> UseCheck:
     return check
 
 
-def capture_chunk(loss, params, ihvp: KroneckerIHVP, batch, *, name: str, offset: int):
+def capture_chunk(loss, params, ihvp, batch, *, name: str, offset: int):
     """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example."""
     check = checked(loss, params, ihvp, batch)
     diag_names = [d.name for d in ihvp.diags]
@@ -125,7 +118,7 @@ def kronecker_prepare(
     step = chunk_size or capture_chunk_size(
         func, params, ihvp.model, layers, queries, max_memory=max_memory, what="Kronecker query gradients"
     )
-    for _, offset, batch in iter_chunks(queries, step):
+    for _, offset, batch, _ in iter_chunks(queries, step):
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
         with torch.no_grad():
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
@@ -170,7 +163,7 @@ def kronecker_prepare(
 def kronecker_chunk_scores(
     loss: LossFn,
     params: Params,
-    ihvp: KroneckerIHVP,
+    ihvp,
     prepared: PreparedQueries,
     batch,
     *,
@@ -196,7 +189,7 @@ def kronecker_chunk_scores(
 
 
 def kronecker_self_terms(
-    loss: LossFn, params: Params, ihvp: KroneckerIHVP, batch, *, per_module: bool = False, offset: int = 0
+    loss: LossFn, params: Params, ihvp, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
     """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``."""
     layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)

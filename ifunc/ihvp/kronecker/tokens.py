@@ -1,4 +1,4 @@
-"""Per-token scores of Kronecker-family closures, used by ``ifunc.attribute(..., per_token=True)``.
+"""Per-token scores of Kronecker-family closures (``ifunc.attribute(..., per_token=True)``, through their scorer).
 
 For a tracked layer ``l`` applied at positions ``t = 1..T`` of a training sequence, the per-example weight
 gradient is ``DW_l = Σ_t g_t a_tᵀ`` (``a_t`` the layer input with a 1 appended for a tracked bias, ``g_t`` the
@@ -37,8 +37,7 @@ from ..._data import batch_size, slice_batch
 from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
-from .closure import KroneckerIHVP
-from .score import PreparedQueries, checked, scorable
+from .score import PreparedQueries, checked
 from .uses import NotSplittable, UseKind, use_kind
 
 __all__ = ["check_per_token", "token_chunk_scores"]
@@ -46,11 +45,6 @@ __all__ = ["check_per_token", "token_chunk_scores"]
 
 def check_per_token(ihvp) -> None:
     """Raise unless every block of the Kronecker-family closure ``ihvp`` can be split per token by hooks."""
-    if not scorable(ihvp):
-        raise ValueError(
-            "per_token=True needs a Kronecker-family closure built with model= (ifunc.ihvp_ekfac, "
-            "ihvp_kfac, ihvp_diagonal or ihvp_identity): per-token scores come from layer hooks"
-        )
     state = ihvp
     if not state.blocks:
         raise ValueError("per_token=True: the closure tracks no layer (nn.Linear, nn.Conv2d, Conv1D)")
@@ -116,7 +110,7 @@ def _positions(calls: dict[str, list[int]]) -> int:
     return sizes.pop()
 
 
-def _shared_uses(loss, params, ihvp: KroneckerIHVP, batch, uses, check) -> set[str]:
+def _shared_uses(loss, params, ihvp, batch, uses, check) -> set[str]:
     """The modules using diagonal-block parameters whose calls are shared by the batch (a position table read with
     ``arange(T)``), found once per callable (:func:`_find_shared`) on the first batch of two or more examples.
 
@@ -171,7 +165,7 @@ def _find_shared(loss, params, model, batch, uses) -> set[str]:
     return shared
 
 
-def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
+def _capture(loss, params, ihvp, batch, uses, offset: int):
     """Tracked layers ``{name: (a, g, [positions per call])}`` and diagonal-block uses ``{module: [(x, y, gy)]}``."""
     check = checked(loss, params, ihvp, batch)
     shared = _shared_uses(loss, params, ihvp, batch, uses, check)
@@ -192,7 +186,7 @@ def _capture(loss, params, ihvp: KroneckerIHVP, batch, uses, offset: int):
 def token_chunk_scores(
     loss,
     params,
-    ihvp: KroneckerIHVP,
+    ihvp,
     prepared: PreparedQueries,
     batch,
     *,

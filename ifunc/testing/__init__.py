@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import call, params_of
-from .likelihood import output_loss
+from ..functional import call, params_of
+from ..likelihood import output_loss
 
 __all__ = [
     "rel_error",

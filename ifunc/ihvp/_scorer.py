@@ -1,0 +1,144 @@
+"""How a closure scores training examples: the scorer protocol and the generic scorer every closure has.
+
+:func:`ifunc.attribute` and :func:`ifunc.self_influence` are one loop of (chunks of training examples) × (a
+scorer) × (a sink). The scorer comes from the closure, ``ihvp.scorer(loss, params, options)``; the Kronecker
+family returns its own (:mod:`ifunc.ihvp.kronecker.scorer`), every other closure and any callable
+``[k, d] -> [k, d]`` gets :class:`GenericScorer` (:func:`scorer_for`).
+
+The generic scorer takes per-example gradients ``Q [q, d]`` of the queries (``vmap(grad)``), solves them once as
+one block, ``Q̃ = (H + λI)^{-1} Q``, and contracts every chunk of training gradients ``G [b, d]`` with it:
+``scores = Q̃ Gᵀ [q, b]``. Self-influence ``s_i = g_iᵀ (H + λI)^{-1} g_i`` solves each chunk as one ``[b, d]``
+block. Under ``torchrun`` a solve may itself be collective (CG and LiSSA all-reduce their curvature products),
+so every rank takes part in every chunk's solve with the same right-hand sides: the gradients of a chunk are
+split over the ranks and all-gathered (:attr:`GenericScorer.splits_examples`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Protocol
+
+import torch
+
+from .. import distributed
+from .._data import DataSource, batch_size, slice_batch
+from .._types import LossFn, Measurement, Params
+from ..functional import structure
+from ..grads import chunk_size_for, iter_per_sample_grads
+
+__all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "NEEDS_KRONECKER"]
+
+#: the error of an option only the Kronecker family's captured scoring has
+NEEDS_KRONECKER = "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+
+
+class ScoreOptions(NamedTuple):
+    """What :func:`ifunc.attribute` asks of a scorer besides the loss and the parameters (see its Args)."""
+
+    measurement: Measurement | None = None
+    max_memory: int | None = None
+    dtype: torch.dtype | None = None  #: precision of the generic scorer's contraction
+    query_rank: int | None = None
+    per_module: bool = False
+    per_token: bool = False
+    token_mask: Callable | None = None
+
+
+class Scorer(Protocol):
+    """Score columns of chunks of training examples against queries prepared once.
+
+    ``prepare(query, chunk_size)`` preconditions the queries (identical on every rank; ``chunk_size`` query
+    examples at a time, None: the memory budget's) and returns ``n_query``;
+    ``chunk_size(train, pairs=)`` is the default examples per chunk of a pairwise (``pairs=True``, after
+    ``prepare``) or self-influence pass; ``chunk(batch, offset)`` returns the columns of one chunk with the
+    examples on the last axis: ``[n_query, b]``, ``[n_modules, n_query, b]`` (``per_module``) or
+    ``[n_query, b, T]`` (``per_token``, examples on the middle axis); ``self_terms(batch, offset)`` returns
+    ``[n_modules or 1, b]``. ``splits_examples``: ``self_terms`` runs on every rank for every chunk and splits
+    the chunk's examples itself (its solve is collective); otherwise chunk ``i`` runs on one rank.
+    """
+
+    splits_examples: bool
+
+    def prepare(self, query: DataSource, chunk_size: int | None) -> int: ...
+
+    def chunk_size(self, train: DataSource, *, pairs: bool) -> int: ...
+
+    def chunk(self, batch, offset: int) -> torch.Tensor: ...
+
+    def self_terms(self, batch, offset: int) -> torch.Tensor: ...
+
+
+def scorer_for(ihvp, loss: LossFn, params: Params, options: ScoreOptions) -> Scorer:
+    """The closure's own scorer (``ihvp.scorer``), or the generic one for any other callable ``[k, d] -> [k, d]``."""
+    own = getattr(ihvp, "scorer", None)
+    if callable(own):
+        return own(loss, params, options)
+    if not callable(ihvp):
+        raise TypeError(f"ihvp must be a callable v -> (H + λI)^{{-1}} v (e.g. ifunc.ihvp_cg(...)), got {ihvp!r}")
+    return GenericScorer(ihvp, None, loss, params, options)
+
+
+class GenericScorer:
+    """Scores from per-example gradients and one block solve of the queries (see the module docstring).
+
+    ``solve``: ``V [k, d] -> (H + λI)^{-1} V``; ``dim``: the ``d`` it was built for (None: not known).
+    """
+
+    splits_examples = True
+
+    def __init__(self, solve: Callable, dim: int | None, loss: LossFn, params: Params, options: ScoreOptions):
+        if options.per_token:
+            raise ValueError(f"per_token=True needs {NEEDS_KRONECKER}: per-token scores come from layer hooks")
+        if options.per_module or options.query_rank is not None:
+            raise ValueError(f"query_rank= and per_module=True need {NEEDS_KRONECKER}")
+        d = structure(params).dim
+        if dim is not None and dim != d:
+            raise ValueError(f"ihvp was built for {dim} parameters but params have {d}")
+        self.solve, self.loss, self.params, self.options, self.dim = solve, loss, params, options, d
+        self.held = 0  # bytes of the prepared queries, held beside every train chunk
+
+    def prepare(self, query: DataSource, chunk_size: int | None) -> int:
+        o = self.options
+        Q = torch.cat(
+            list(
+                iter_per_sample_grads(
+                    o.measurement or self.loss,
+                    self.params,
+                    query,
+                    chunk_size=chunk_size,
+                    max_memory=o.max_memory,
+                    name="query",
+                )
+            )
+        )
+        Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be collective
+        with torch.no_grad():
+            Qp = self.solve(Q)
+        self.Qp = Qp.to(o.dtype or Qp.dtype)
+        self.held = Q.numel() * Q.element_size() + self.Qp.numel() * self.Qp.element_size()
+        return int(self.Qp.shape[0])
+
+    def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
+        fixed = self.held if pairs else 0
+        return chunk_size_for(
+            self.loss, self.params, train, max_memory=self.options.max_memory, name="train", fixed=fixed
+        )
+
+    def _grads(self, batch, offset: int) -> list[torch.Tensor]:
+        size = batch_size(batch)  # one chunk of the loop is one vmap chunk
+        return list(iter_per_sample_grads(self.loss, self.params, batch, chunk_size=size, name="train", offset=offset))
+
+    def chunk(self, batch, offset: int) -> torch.Tensor:
+        return torch.cat([self.Qp @ G.to(self.Qp.dtype).T for G in self._grads(batch, offset)], dim=1)
+
+    def self_terms(self, batch, offset: int) -> torch.Tensor:
+        """``[1, b]``: ``g_iᵀ (H + λI)^{-1} g_i``; rank ``r`` takes the ``r``-th slice of the chunk's gradients."""
+        b, (rank, size) = batch_size(batch), distributed.world()
+        widths = [len(range(b)[r::size]) for r in range(size)]  # contiguous slices of ⌈b / W⌉ or ⌊b / W⌋
+        start = sum(widths[:rank])
+        local = None
+        if widths[rank]:
+            part = slice_batch(batch, start, start + widths[rank])
+            local = torch.cat(self._grads(part, offset + start))
+        G = distributed.gather_rows(local, widths, self.dim)  # one process: its own slice
+        with torch.no_grad():
+            return (G * self.solve(G)).sum(dim=1)[None]

@@ -1,0 +1,91 @@
+"""The scorer of Kronecker-family closures built with ``model=``: captured contractions, no per-example gradient.
+
+``ihvp.scorer(loss, params, options)`` of a :class:`~ifunc.ihvp.kronecker.closure.KroneckerIHVP` with a model
+returns a :class:`KroneckerScorer`; :func:`ifunc.attribute` and :func:`ifunc.self_influence` drive it like any
+other scorer (:class:`ifunc.ihvp.Scorer`). The queries are preconditioned once per layer
+(:func:`~ifunc.ihvp.kronecker.score.kronecker_prepare`); a chunk of training examples is scored from its captured
+layer inputs ``a`` and output gradients ``g``: ``Σ_l Σ_t g_tᵀ Q̃_l a_t`` per pair
+(:func:`~ifunc.ihvp.kronecker.score.kronecker_chunk_scores`), per position with ``per_token``
+(:func:`~ifunc.ihvp.kronecker.tokens.token_chunk_scores`), and ``Σ_l Σ (Q_Sᵀ DW Q_A)² / (Λ + λ)`` for
+self-influence (:func:`~ifunc.ihvp.kronecker.score.kronecker_self_terms`). Contractions run in the parameters'
+dtype (``options.dtype`` only casts the result).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import distributed
+from ..._data import DataSource, tensor_leaves
+from ..._types import LossFn, Params
+from .._scorer import ScoreOptions
+from .budget import capture_chunk_size
+from .score import PreparedQueries, kronecker_chunk_scores, kronecker_prepare, kronecker_self_terms
+from .tokens import check_per_token, token_chunk_scores
+
+__all__ = ["KroneckerScorer"]
+
+
+class KroneckerScorer:
+    """Pairwise, per-module, per-token and self-influence scores of a Kronecker-family closure with a model."""
+
+    splits_examples = False  # no collective in a chunk: chunk i is scored on one rank
+
+    def __init__(self, ihvp, loss: LossFn, params: Params, options: ScoreOptions):
+        if options.per_token:
+            check_per_token(ihvp)
+        self.ihvp, self.loss, self.params, self.options = ihvp, loss, params, options
+        self.n_query = 0
+
+    def prepare(self, query: DataSource, chunk_size: int | None) -> int:
+        o = self.options
+        prepared = kronecker_prepare(
+            self.loss,
+            self.params,
+            self.ihvp,
+            query,
+            measurement=o.measurement,
+            chunk_size=chunk_size,
+            max_memory=o.max_memory,
+            query_rank=o.query_rank,
+        )
+        self.prepared: PreparedQueries = distributed.broadcast_from_rank0(prepared)  # the same on every rank
+        self.n_query = int(self.prepared.diag.shape[0])
+        return self.n_query
+
+    def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
+        """Train examples per chunk within ``max_memory``: per example its captured forward and score columns.
+
+        The columns are ``[n_query]`` per example, ``[n_query, T]`` per token (``T`` read off the first example's
+        first tensor); a self-influence pass holds none.
+        """
+        n_query = self.n_query if pairs else 0
+        positions = 1
+        if pairs and self.options.per_token:
+            positions = tensor_leaves(train.first())[0][0].numel()
+        return capture_chunk_size(
+            self.loss,
+            self.params,
+            self.ihvp.model,
+            [blk.spec for blk in self.ihvp.blocks],
+            train,
+            max_memory=self.options.max_memory,
+            what="Kronecker scores of the train data",
+            extra_per_example=2 * n_query * positions * self.ihvp.dtype.itemsize,
+        )
+
+    def chunk(self, batch, offset: int) -> torch.Tensor:
+        o = self.options
+        if o.per_token:
+            return token_chunk_scores(
+                self.loss, self.params, self.ihvp, self.prepared, batch, token_mask=o.token_mask, offset=offset
+            )
+        out = kronecker_chunk_scores(
+            self.loss, self.params, self.ihvp, self.prepared, batch, per_module=o.per_module, offset=offset
+        )
+        return out if o.per_module else out[0]
+
+    def self_terms(self, batch, offset: int) -> torch.Tensor:
+        return kronecker_self_terms(
+            self.loss, self.params, self.ihvp, batch, per_module=self.options.per_module, offset=offset
+        )
