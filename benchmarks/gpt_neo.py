@@ -1,6 +1,6 @@
 """GPT-Neo at the shape of TinyStories-1M: MLP-only EK-FAC fit, pairwise and per-token scores.
 
-A ``GPTNeoForCausalLM`` built from ``GPTNeoConfig`` with random weights (nothing is downloaded): hidden 64,
+A ``GPTNeoForCausalLM`` with random weights (``ifunc.testing.tiny_gpt_neo``, nothing is downloaded): hidden 64,
 8 layers, 16 heads, vocabulary 50,257, alternating global/local attention (window 256), float32, eager
 attention. EK-FAC over the 16 MLP layers only (``ifunc.language.transformer_modules(model, attention=False)``;
 every other parameter excluded, as in Grosse et al. 2023), true Fisher with one sampled label per position,
@@ -24,27 +24,12 @@ import torch
 
 import ifunc
 from ifunc import language
+from ifunc.testing import hf_logits, tiny_gpt_neo
 
 
 def build(layers: int = 8, seed: int = 0) -> torch.nn.Module:
     """TinyStories-1M's shape with random weights (``attention_types`` alternates global and local layers)."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    cfg = GPTNeoConfig(
-        vocab_size=50257,
-        hidden_size=64,
-        num_layers=layers,
-        num_heads=16,
-        attention_types=[[["global", "local"], layers // 2]],
-        window_size=256,
-        max_position_embeddings=2048,
-        embed_dropout=0.0,
-        attention_dropout=0.0,
-        resid_dropout=0.0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return GPTNeoForCausalLM(cfg).eval()
+    return tiny_gpt_neo(layers=layers, seed=seed, window=256, positions=2048, dtype=torch.float32)
 
 
 def sample_categorical(outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -75,9 +60,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = build(args.layers)
     params = ifunc.params_of(model)
-    loss = language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits
-    )
+    loss = language.causal_lm_loss(hf_logits(model))
     gen = torch.Generator().manual_seed(1)
     train = {"input_ids": torch.randint(0, 50257, (args.train, args.length), generator=gen)}
     query = {"input_ids": torch.randint(0, 50257, (args.query, args.length), generator=gen)}

@@ -30,6 +30,7 @@ checks it):
 """
 
 from . import language, measurements
+from ._sinks import MemorySink, ScorePlan, Sink
 from ._version import __version__
 from .attribute import attribute, self_influence
 from .curvature import CurvatureOperator, curvature_operator, ggn, ggn_vp, hessian, hvp
@@ -44,7 +45,8 @@ from .ihvp import (
     KroneckerIHVP,
     LayerFactors,
     LissaDivergenceError,
-    LissaDivergenceWarning,
+    ScoreOptions,
+    Scorer,
     capture_layer_grads,
     cg_solve,
     fit_kronecker_factors,
@@ -92,7 +94,6 @@ __all__ = [
     "cg_solve",
     "CGResult",
     "ihvp_lissa",
-    "LissaDivergenceWarning",
     "LissaDivergenceError",
     "ihvp_arnoldi",
     "lanczos",
@@ -116,6 +117,11 @@ __all__ = [
     "iter_per_sample_grads",
     "attribute",
     "self_influence",
+    "Scorer",
+    "ScoreOptions",
+    "Sink",
+    "ScorePlan",
+    "MemorySink",
     "attribute_ensemble",
     "load_scores",
     "top_k",

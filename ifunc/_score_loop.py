@@ -15,7 +15,7 @@ import torch
 from . import distributed
 from ._data import DataSource, Partition, iter_chunks, n_chunks
 from ._progress import progress_bar
-from ._sinks import Plan, Sink
+from ._sinks import ScorePlan, Sink
 
 __all__ = ["run_chunks", "agreed_chunk"]
 
@@ -52,7 +52,7 @@ def run_chunks(
 ):
     """``sink.result()`` after ``compute(batch, offset) -> [..., b]`` ran on every owned chunk the sink wants."""
     shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
-    sink.open(Plan(n_query, plan_chunk, partition, source))
+    sink.open(ScorePlan(n_query, plan_chunk, partition, source))
     try:
         for c in progress_bar(
             iter_chunks(source, plan_chunk, partition=partition),

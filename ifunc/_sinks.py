@@ -6,7 +6,7 @@ drives any object with these methods:
 
 * ``chunk_size() -> int | None``: a chunk size the sink must be given (a store being resumed records one), else
   None; asked before the scorer is built;
-* ``open(plan)``: the run's :class:`Plan` (``n_query``, the chunk size, the :class:`~ifunc._data.Partition` of
+* ``open(plan)``: the run's :class:`ScorePlan` (``n_query``, the chunk size, the :class:`~ifunc._data.Partition` of
   the chunks over the ranks, the training :class:`~ifunc._data.DataSource`);
 * ``seen(index, batch)``: every chunk, first (a store checks a chunk it has against its fingerprint);
 * ``wants(index) -> bool``: should this chunk, which this rank owns, be computed (not already on disk)?
@@ -29,10 +29,10 @@ from . import distributed
 from ._data import DataSource, Partition, batch_size
 from ._store_sinks import RankStoreSink, StoreSink
 
-__all__ = ["Sink", "Plan", "MemorySink", "GatherSink", "default_sink"]
+__all__ = ["Sink", "ScorePlan", "MemorySink", "GatherSink", "default_sink"]
 
 
-class Plan(NamedTuple):
+class ScorePlan(NamedTuple):
     """What a sink is told when the run starts."""
 
     n_query: int  #: rows of the score matrix (0 for self-influence)
@@ -46,7 +46,7 @@ class Sink(Protocol):
 
     def chunk_size(self) -> int | None: ...
 
-    def open(self, plan: Plan) -> None: ...
+    def open(self, plan: ScorePlan) -> None: ...
 
     def seen(self, index: int, batch) -> None: ...
 
@@ -69,7 +69,7 @@ class MemorySink:
     def chunk_size(self) -> int | None:
         return None
 
-    def open(self, plan: Plan) -> None:
+    def open(self, plan: ScorePlan) -> None:
         self.plan = plan
 
     def close(self) -> None:

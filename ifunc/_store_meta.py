@@ -16,7 +16,7 @@ def _closure_description(ihvp) -> dict:
     """``ihvp.describe()`` of an ifunc closure; for any other callable its name and ``identity`` attribute only."""
     describe = getattr(ihvp, "describe", None)
     if callable(describe):
-        return describe()
+        return describe()  # pyright: ignore[reportReturnType]  # IHVP.describe
     identity, damping = getattr(ihvp, "identity", None), getattr(ihvp, "damping", None)
     return {
         "method": getattr(ihvp, "__qualname__", type(ihvp).__name__),

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._errors import check_count
-from .ihvp._base import IHVP
+from .ihvp import IHVP
 from .likelihood import default_generator
 
 __all__ = ["ihvp_error", "IHVPError", "spearman"]

@@ -1,9 +1,9 @@
 """The iHVP method table: every builder of the public API, how to call it, and what it is exact against.
 
 One list, :data:`METHODS`, drives ``tests/test_contract.py``: every closure keeps the contract of
-docs/conventions.md (stacks, pytrees, symmetry, positivity, linearity, determinism, damping, purity), and the
-``"exact"`` ones also agree with a dense solve of the curvature they claim to invert. A new builder gets
-a row here and is tested like the others.
+docs/conventions.md (stacks, pytrees, symmetry, positivity, linearity, determinism, damping, purity, dtype,
+scale of the loss), and the ``"exact"`` ones also agree with a dense solve of the curvature they claim to
+invert. A new builder gets a row here and is tested like the others.
 
 Exactness classes:
 
@@ -14,136 +14,107 @@ Exactness classes:
   empirical Fisher for one data point.
 - ``"approximate"``: only the structural properties; ``reference`` is ``None``.
 
+Block-diagonal rows pass ``blocks=`` in ``options``: ``"full"``, ``"layer"`` (parameters grouped by module) or a
+function ``name -> group`` (turned into the mapping ``ifunc`` takes); their reference is the block diagonal
+``Σ_b P_b C P_b`` of the same groups (:func:`blocks_of`).
+
 Default damping (``damping=None``, checked by ``tests/test_damping_rule.py``): every row but the Kronecker
 family resolves one number ``λ = 0.1 · tr(C) / d`` for the curvature ``C = rule_curvature(problem)`` it
-inverts (the GGN, or the empirical Fisher for DataInf), exactly where ``rule_exact`` (eigenvalues, gradient
-norms, a Krylov space or sketch covering everything), else by a Hutchinson estimate; the Kronecker rows keep
-their per-block rule (``rule_curvature=None``).
+inverts (the GGN, or a Fisher), exactly where ``rule_exact`` (eigenvalues, gradient norms, a Krylov space or
+sketch covering everything), else by a Hutchinson estimate; the Kronecker rows keep their per-block rule
+(``rule_curvature=None``).
 
-Problems are ``ifunc.testing.mlp_problem`` networks evaluated at parameters moved away from the module's
-own (:func:`make_problem`), so a method that reads the module instead of ``params`` gets the wrong answer.
+The problems and the references live in ``tests/problems.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
-from torch import nn
 
 import ifunc
-from ifunc.testing import mlp_problem
 
-
-class Problem(NamedTuple):
-    """``(model, params, loss, data)``; ``params`` are the module's parameters plus a seeded offset."""
-
-    model: nn.Module
-    params: dict[str, torch.Tensor]
-    loss: ifunc.OutputLoss
-    data: tuple[torch.Tensor, torch.Tensor]
-
-
-def make_problem(*, seed: int, sizes: tuple[int, ...], n: int, activation, task: str) -> Problem:
-    """An ``mlp_problem`` with ``params = module parameters + 0.1 · N(0, 1)`` (seeded by ``seed``)."""
-    model, params, loss, data = mlp_problem(seed=seed, sizes=sizes, n=n, activation=activation, task=task)
-    gen = torch.Generator().manual_seed(seed + 1)
-    away = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
-    return Problem(model, away, loss, data)
-
-
-def dim(problem: Problem) -> int:
-    return sum(t.numel() for t in problem.params.values())
-
-
-# ---------------------------------------------------------------- dense references (undamped curvature C)
-
-
-def ggn(problem: Problem) -> torch.Tensor:
-    """The GGN of the mean loss, ``[d, d]`` (the default curvature of an ``output_loss``)."""
-    return ifunc.ggn(problem.loss, problem.params, problem.data)
-
-
-def empirical_fisher(problem: Problem) -> torch.Tensor:
-    """``(1/n) Σ_i g_i g_iᵀ`` with the per-example gradients at the data's labels."""
-    G = ifunc.per_sample_grads(problem.loss, problem.params, problem.data)
-    return G.T @ G / G.shape[0]
-
-
-def layer_masks(problem: Problem) -> torch.Tensor:
-    """``[m, d]`` boolean masks of the layers (parameters grouped by the name up to the last ``"."``)."""
-    layer = lambda name: name.rpartition(".")[0]  # noqa: E731
-    return torch.stack(
-        [
-            ifunc.flatten({k: torch.full_like(v, float(layer(k) == group)) for k, v in problem.params.items()})[0]
-            for group in sorted({layer(k) for k in problem.params})
-        ]
-    ).bool()
-
-
-def layer_blocks(matrix: Callable[[Problem], torch.Tensor]) -> Callable[[Problem], torch.Tensor]:
-    """``problem -> Σ_b P_b C P_b``: the layer-block diagonal of ``matrix(problem)`` (cross-layer terms zero)."""
-
-    def reference(problem: Problem) -> torch.Tensor:
-        m = layer_masks(problem).double()
-        return matrix(problem) * (m.T @ m)
-
-    reference.__name__ = f"layer_blocks({matrix.__name__})"
-    return reference
-
-
-def diagonal_of(matrix: Callable[[Problem], torch.Tensor]) -> Callable[[Problem], torch.Tensor]:
-    def reference(problem: Problem) -> torch.Tensor:
-        return torch.diag(matrix(problem).diagonal())
-
-    reference.__name__ = f"diagonal_of({matrix.__name__})"
-    return reference
-
-
-def zero(problem: Problem) -> torch.Tensor:
-    """No curvature: the damped matrix is ``λI``."""
-    d = dim(problem)
-    return torch.zeros(d, d)
-
+from .problems import (
+    Problem,
+    blocks_of,
+    categorical,
+    diagonal_of,
+    dim,
+    empirical_fisher,
+    ggn,
+    kind,
+    make_problem,
+    sampled_fisher,
+    zero,
+)
 
 # ---------------------------------------------------------------- builders with settings that converge
 
 
-def _lissa(blocks: str) -> Callable[[Problem, float | None], ifunc.IHVP]:
+def _named(problem: Problem, blocks):
+    """``blocks=`` as ``ifunc`` takes it: a function of the name becomes the mapping name -> group."""
+    return {name: blocks(name) for name in problem.params} if callable(blocks) else blocks
+
+
+def _explicit(p: Problem, lam: float | None, *, blocks="full", **kw) -> ifunc.IHVP:
+    return ifunc.ihvp_explicit(p.loss, p.params, p.data, damping=lam, blocks=_named(p, blocks), **kw)
+
+
+def _cg(p: Problem, lam: float | None, *, blocks="full") -> ifunc.IHVP:
+    # tol 1e-9, not tighter: a softmax near saturation (one example, tiny GGN) carries a relative rounding of
+    # ~1e-11 in its curvature products, and the true residual stalls near 1e-10 (CG then raises)
+    kw = {"tol": 1e-9, "atol": 1e-14, "maxiter": 500}
+    return ifunc.ihvp_cg(p.loss, p.params, p.data, damping=lam, blocks=_named(p, blocks), **kw)
+
+
+def _arnoldi(p: Problem, lam: float | None, *, blocks="full", rank: int | None = None) -> ifunc.IHVP:
+    rank = dim(p) if rank is None else rank
+    return ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=rank, damping=lam, blocks=_named(p, blocks))
+
+
+def _nystrom(p: Problem, lam: float | None, *, blocks="full", rank: int | None = None) -> ifunc.IHVP:
+    rank = dim(p) if rank is None else rank
+    return ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=rank, damping=lam, blocks=_named(p, blocks))
+
+
+def _lissa(p: Problem, lam: float | None, *, blocks="full") -> ifunc.IHVP:
     """LiSSA over all the data with ``s = λ_max(C) + λ`` and ``depth = (s/λ) ln(1e3)``.
 
     Every step then contracts each eigen-direction by ``r = 1 − (h + λ)/s`` in ``[0, 1 − λ/s]``, so the
     truncated Neumann sum is within a relative ``r^depth <= 1e-3`` of the solve. A call costs ``depth``
-    curvature products: keep ``λ`` a sizeable fraction of ``λ_max``.
+    curvature products: keep ``λ`` a sizeable fraction of ``λ_max``. ``damping=None`` resolves the rule's λ
+    with a one-step build (deterministic) to size ``s`` and ``depth``; the returned closure resolves the same
+    λ itself, so it records the rule.
     """
-    curvature = ggn if blocks == "full" else layer_blocks(ggn)
-
-    def build(problem: Problem, damping: float | None) -> ifunc.IHVP:
-        # damping=None: resolve the rule's λ with a one-step build (deterministic), then size s and depth on it;
-        # the returned closure resolves the same λ itself, so it records the rule
-        lam = damping
-        if lam is None:
-            lam = ifunc.ihvp_lissa(problem.loss, problem.params, problem.data, depth=1, blocks=blocks).damping
-        s = float(torch.linalg.eigvalsh(curvature(problem)).max()) + lam
-        return ifunc.ihvp_lissa(
-            problem.loss,
-            problem.params,
-            problem.data,
-            damping=damping,
-            scale=s,
-            depth=int(s / lam * 6.91) + 1,
-            blocks=blocks,
-        )
-
-    return build
+    blocks = _named(p, blocks)
+    if lam is None:
+        size = ifunc.ihvp_lissa(p.loss, p.params, p.data, depth=1, blocks=blocks).damping
+    else:
+        size = lam
+    s = float(torch.linalg.eigvalsh(blocks_of(ggn, blocks)(p)).max()) + size
+    depth = int(s / size * 6.91) + 1
+    return ifunc.ihvp_lissa(p.loss, p.params, p.data, damping=lam, scale=s, depth=depth, blocks=blocks)
 
 
-def _kronecker(method) -> Callable[[Problem, float | None], ifunc.IHVP]:
-    def build(problem: Problem, damping: float | None) -> ifunc.IHVP:
-        return method(problem.loss, problem.params, problem.data, model=problem.model, damping=damping, curvature="ggn")
+def _datainf(p: Problem, lam: float | None, **kw) -> ifunc.IHVP:
+    return ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam, **kw)
+
+
+def _datainf_fisher(p: Problem, lam: float | None) -> ifunc.IHVP:
+    return _datainf(categorical(p), lam, curvature="fisher")
+
+
+def _kronecker(method) -> Callable[..., ifunc.IHVP]:
+    def build(p: Problem, lam: float | None) -> ifunc.IHVP:
+        return method(p.loss, p.params, p.data, model=p.model, damping=lam, curvature="ggn")
 
     return build
+
+
+def _identity(p: Problem, lam: float | None) -> ifunc.IHVP:
+    return ifunc.ihvp_identity(p.params, model=p.model, damping=lam)
 
 
 @dataclass(frozen=True)
@@ -152,7 +123,7 @@ class Method:
 
     Attributes:
       name: test id.
-      build: ``(problem, damping) -> IHVP`` closure; ``damping=None`` is the method's default rule.
+      builder: ``(problem, damping, **options) -> IHVP``; ``damping=None`` is the method's default rule.
       exactness: ``"exact"`` (agrees with ``solve(reference(problem) + λI, ·)`` within ``tol``) or
         ``"approximate"`` (structural properties only).
       reference: ``problem -> C [d, d]``, the undamped curvature the closure inverts exactly (``None`` when
@@ -160,23 +131,32 @@ class Method:
       tol: relative error allowed against the dense solve (exact methods only).
       rtol: relative error allowed in the structural identities (stack = singles, linearity, symmetry,
         damping order); iterative solvers are linear maps only up to their tolerance.
+      options: keyword arguments of ``builder`` this row passes (``blocks=``, ``rank=``).
       fixed: ``make_problem`` arguments this row fixes (the special problems where a method is exact).
       free_redamping: ``with_damping`` reuses the factorisation; otherwise the damping test rebuilds.
       rule_curvature: ``problem -> C``, the curvature whose mean eigenvalue ``damping=None`` takes (one λ for
         the closure); ``None`` for the Kronecker family (a λ per block).
       rule_exact: ``damping=None`` computes ``tr(C)`` exactly (else a Hutchinson estimate).
+      degree: scaling the loss by ``c`` scales the curvature by ``c^degree`` (1 for the GGN, 2 for gradient
+        outer products at the data's labels, 0 when there is no curvature or the labels are sampled).
     """
 
     name: str
-    build: Callable[[Problem, float | None], ifunc.IHVP]
+    builder: Callable[..., ifunc.IHVP]
     exactness: str
     reference: Callable[[Problem], torch.Tensor] | None = None
     tol: float | None = None
     rtol: float = 1e-9
+    options: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     free_redamping: bool = True
     rule_curvature: Callable[[Problem], torch.Tensor] | None = ggn
     rule_exact: bool = True
+    degree: int = 1
+
+    def build(self, problem: Problem, damping: float | None, **options) -> ifunc.IHVP:
+        """The row's closure on ``problem``; ``options`` override the row's own."""
+        return self.builder(problem, damping, **{**self.options, **options})
 
     def problem(self, spec: dict) -> Problem:
         """The problem of a drawn ``spec`` (seed, sizes, n, activation, task) with this row's ``fixed`` applied."""
@@ -186,131 +166,55 @@ class Method:
         return self.name
 
 
-_EXPLICIT = lambda p, lam, **kw: ifunc.ihvp_explicit(p.loss, p.params, p.data, damping=lam, **kw)  # noqa: E731
-_CG = lambda p, lam, **kw: ifunc.ihvp_cg(
-    p.loss,
-    p.params,
-    p.data,
-    damping=lam,
-    tol=1e-12,  # noqa: E731
-    atol=1e-14,
-    maxiter=500,
-    **kw,
-)
-_ARNOLDI = lambda p, lam, **kw: ifunc.ihvp_arnoldi(
-    p.loss,
-    p.params,
-    p.data,
-    rank=dim(p),  # noqa: E731
-    damping=lam,
-    **kw,
-)
-_NYSTROM = lambda p, lam, **kw: ifunc.ihvp_nystrom(
-    p.loss,
-    p.params,
-    p.data,
-    rank=dim(p),  # noqa: E731
-    damping=lam,
-    **kw,
-)
 # Nyström only on a non-singular GGN (squared error, n·d_out >= 24 >= d): on a singular one (every
-# cross-entropy problem, where shifting all logits is a null direction) the Cholesky of Ωᵀ H Ω fails
-# when round-off exceeds the shift ν; see test_nystrom_sketch_of_a_singular_ggn (xfail) in test_contract.py
+# cross-entropy problem, where shifting all logits is a null direction) the Cholesky of Ωᵀ H Ω used to fail
+# when round-off exceeded the shift ν; test_nystrom_sketch_of_a_singular_ggn in test_contract.py pins the fix
 _FULL_RANK = {"task": "regression", "n": 12}
 _DEEP_LINEAR_MSE = {"activation": None, "task": "regression"}
 _ONE_EXAMPLE = {"n": 1, "task": "classification"}
+# labels sampled from the model: the scale of the loss does not enter the curvature
+_SAMPLED = {"fixed": {"task": "classification"}, "rule_curvature": sampled_fisher, "degree": 0}
+_ITERATIVE = {"free_redamping": False, "rule_exact": False}
+_FULL, _LAYER, _KIND = {"blocks": "full"}, {"blocks": "layer"}, {"blocks": kind}
+_LAYER_GGN, _KIND_GGN, _LAYER_EF = blocks_of(ggn, "layer"), blocks_of(ggn, kind), blocks_of(empirical_fisher, "layer")
+_EF = {**_FULL, "curvature": "empirical_fisher"}
+_OUTER = {"rule_curvature": empirical_fisher, "degree": 2}  # gradient outer products at the data's labels
+_PER_BLOCK = {"rule_curvature": None}  # the Kronecker family's damping rule: a λ per block
+_EKFAC, _KFAC, _DIAGONAL = (_kronecker(m) for m in (ifunc.ihvp_ekfac, ifunc.ihvp_kfac, ifunc.ihvp_diagonal))
 
 METHODS: list[Method] = [
     # the full curvature
-    Method("explicit", _EXPLICIT, "exact", ggn, tol=1e-10),
-    Method("cg", _CG, "exact", ggn, tol=1e-8, rtol=1e-8, free_redamping=False, rule_exact=False),
-    Method("lissa", _lissa("full"), "exact", ggn, tol=2e-3, free_redamping=False, rule_exact=False),
-    Method("arnoldi", _ARNOLDI, "exact", ggn, tol=1e-7),
-    Method("nystrom", _NYSTROM, "exact", ggn, tol=1e-7, fixed=_FULL_RANK),
-    # block-diagonal modes: exact against the layer blocks of the GGN
-    Method("explicit-layer", lambda p, lam: _EXPLICIT(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-10),
-    Method(
-        "cg-layer",
-        lambda p, lam: _CG(p, lam, blocks="layer"),
-        "exact",
-        layer_blocks(ggn),
-        tol=1e-8,
-        rtol=1e-8,
-        free_redamping=False,
-        rule_exact=False,
-    ),
-    Method(
-        "lissa-layer", _lissa("layer"), "exact", layer_blocks(ggn), tol=2e-3, free_redamping=False, rule_exact=False
-    ),
-    Method("arnoldi-layer", lambda p, lam: _ARNOLDI(p, lam, blocks="layer"), "exact", layer_blocks(ggn), tol=1e-7),
-    Method(
-        "nystrom-layer",
-        lambda p, lam: _NYSTROM(p, lam, blocks="layer"),
-        "exact",
-        layer_blocks(ggn),
-        tol=1e-7,
-        fixed=_FULL_RANK,
-    ),
-    # low-rank: the top eigenpairs plus λ on the complement
-    Method(
-        "arnoldi-rank-3",
-        lambda p, lam: ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=3, damping=lam),
-        "approximate",
-        rule_exact=False,
-    ),
-    Method(
-        "nystrom-rank-3",
-        lambda p, lam: ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=3, damping=lam),
-        "approximate",
-        fixed=_FULL_RANK,
-        rule_exact=False,
-    ),
-    # DataInf: mean of inverses; exact for one data point
-    Method(
-        "datainf",
-        lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
-        "approximate",
-        rule_curvature=empirical_fisher,
-    ),
-    Method(
-        "datainf-one-example",
-        lambda p, lam: ifunc.ihvp_datainf(p.loss, p.params, p.data, damping=lam),
-        "exact",
-        layer_blocks(empirical_fisher),
-        tol=1e-9,
-        fixed=_ONE_EXAMPLE,
-        rule_curvature=empirical_fisher,
-    ),
+    Method("explicit", _explicit, "exact", ggn, tol=1e-10, options=_FULL),
+    Method("cg", _cg, "exact", ggn, tol=1e-8, rtol=1e-8, options=_FULL, **_ITERATIVE),
+    Method("lissa", _lissa, "exact", ggn, tol=2e-3, options=_FULL, **_ITERATIVE),
+    Method("arnoldi", _arnoldi, "exact", ggn, tol=1e-7, options=_FULL),
+    Method("nystrom", _nystrom, "exact", ggn, tol=1e-7, options=_FULL, fixed=_FULL_RANK),
+    # block-diagonal modes: exact against the same blocks of the GGN
+    Method("explicit-layer", _explicit, "exact", _LAYER_GGN, tol=1e-10, options=_LAYER),
+    Method("cg-layer", _cg, "exact", _LAYER_GGN, tol=1e-8, rtol=1e-8, options=_LAYER, **_ITERATIVE),
+    Method("lissa-layer", _lissa, "exact", _LAYER_GGN, tol=2e-3, options=_LAYER, **_ITERATIVE),
+    Method("arnoldi-layer", _arnoldi, "exact", _LAYER_GGN, tol=1e-7, options=_LAYER),
+    Method("nystrom-layer", _nystrom, "exact", _LAYER_GGN, tol=1e-7, options=_LAYER, fixed=_FULL_RANK),
+    Method("explicit-weights-biases", _explicit, "exact", _KIND_GGN, tol=1e-10, options=_KIND),
+    # low-rank: the top eigenpairs (of the whole curvature, or of each block) plus λ on the complement
+    Method("arnoldi-rank-3", _arnoldi, "approximate", options={**_FULL, "rank": 3}, rule_exact=False),
+    Method("nystrom-rank-3", _nystrom, "approximate", options={**_FULL, "rank": 3}, fixed=_FULL_RANK, rule_exact=False),
+    Method("arnoldi-layer-rank-2", _arnoldi, "approximate", options={**_LAYER, "rank": 2}, rule_exact=False),
+    Method("nystrom-layer-rank-2", _nystrom, "approximate", options={**_LAYER, "rank": 2}, rule_exact=False),
+    # gradient curvatures: the empirical Fisher; DataInf's mean of inverses, exact for one data point
+    Method("explicit-empirical-fisher", _explicit, "exact", empirical_fisher, tol=1e-10, options=_EF, **_OUTER),
+    Method("datainf", _datainf, "approximate", **_OUTER),
+    Method("datainf-one-example", _datainf, "exact", _LAYER_EF, tol=1e-9, fixed=_ONE_EXAMPLE, **_OUTER),
+    Method("datainf-fisher", _datainf_fisher, "approximate", **_SAMPLED),
     # Kronecker family: approximate in general, exact for deep linear MSE and for one data point
-    Method("ekfac", _kronecker(ifunc.ihvp_ekfac), "approximate", rule_curvature=None),
-    Method("kfac", _kronecker(ifunc.ihvp_kfac), "approximate", rule_curvature=None),
-    Method(
-        "ekfac-deep-linear-mse",
-        _kronecker(ifunc.ihvp_ekfac),
-        "exact",
-        layer_blocks(ggn),
-        tol=1e-9,
-        fixed=_DEEP_LINEAR_MSE,
-        rule_curvature=None,
-    ),
-    Method(
-        "kfac-one-example",
-        _kronecker(ifunc.ihvp_kfac),
-        "exact",
-        layer_blocks(ggn),
-        tol=1e-9,
-        fixed=_ONE_EXAMPLE,
-        rule_curvature=None,
-    ),
-    Method("diagonal", _kronecker(ifunc.ihvp_diagonal), "exact", diagonal_of(ggn), tol=1e-10, rule_curvature=None),
-    Method(
-        "identity",
-        lambda p, lam: ifunc.ihvp_identity(p.params, model=p.model, damping=lam),
-        "exact",
-        zero,
-        tol=1e-12,
-        rule_curvature=None,
-    ),
+    Method("ekfac", _EKFAC, "approximate", **_PER_BLOCK),
+    Method("kfac", _KFAC, "approximate", **_PER_BLOCK),
+    Method("ekfac-deep-linear-mse", _EKFAC, "exact", _LAYER_GGN, tol=1e-9, fixed=_DEEP_LINEAR_MSE, **_PER_BLOCK),
+    Method("kfac-one-example", _KFAC, "exact", _LAYER_GGN, tol=1e-9, fixed=_ONE_EXAMPLE, **_PER_BLOCK),
+    Method("diagonal", _DIAGONAL, "exact", diagonal_of(ggn), tol=1e-10, **_PER_BLOCK),
+    Method("identity", _identity, "exact", zero, tol=1e-12, degree=0, **_PER_BLOCK),
 ]
 
 EXACT = [m for m in METHODS if m.exactness == "exact"]
+#: rows whose builder takes ``blocks=`` and that solve the full curvature: one block must equal them
+FULL_BLOCKS = [m for m in METHODS if m.options.get("blocks") == "full"]

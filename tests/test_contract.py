@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 import ifunc
 from ifunc.testing import rel_error
 
-from .methods import EXACT, METHODS, Method, Problem, dim, ggn, make_problem
+from .methods import EXACT, FULL_BLOCKS, METHODS, Method
+from .problems import Problem, dim, ggn, group_of, make_problem, scaled
 from .strategies import problem_specs, seeds
 
-# λ = ratio · λ_max(GGN) with ratio in [0.25, 1]: the iterative rows (CG, LiSSA) cost ~ λ_max / λ curvature
-# products per call, so this bounds their cost; small-λ conditioning is the subject of the per-method files
+# λ = ratio · λ_max(GGN) with ratio in [0.25, 1]: LiSSA costs ~ λ_max / λ curvature products per call, so this
+# bounds its cost; small ratios (condition numbers up to ~1e3) are drawn by one test that leaves LiSSA out
 ratios = st.floats(0.25, 1.0)
+small_ratios = st.floats(1e-3, 0.25)
 coefficients = st.tuples(st.sampled_from([-1.0, 1.0]), st.floats(0.25, 3.0)).map(lambda t: t[0] * t[1])
 
 
@@ -36,16 +38,30 @@ def _setup(method: Method, spec: dict, ratio: float, seed: int, k: int = 3):
     return problem, lam, method.build(problem, lam), _vectors(problem, k, seed)
 
 
+def _check_dense_solve(method: Method, spec: dict, ratio: float, seed: int, *, per_condition: bool = False) -> None:
+    """``f(V)`` within ``tol`` of the dense solve (``tol × cond`` with ``per_condition``: a solver that stops on
+    its residual is off by up to the condition number times it), and ``(C + λI) f(V) = V``."""
+    problem, lam, ihvp, V = _setup(method, spec, ratio, seed)
+    assert method.reference is not None and method.tol is not None
+    A = method.reference(problem) + lam * torch.eye(dim(problem))
+    cond = float(torch.linalg.cond(A))
+    X = ihvp(V)
+    assert X.shape == V.shape
+    assert rel_error(X, torch.linalg.solve(A, V.T).T) < method.tol * (cond if per_condition else 1.0)
+    assert rel_error(X @ A, V) < method.tol * cond
+
+
 @pytest.mark.parametrize("method", EXACT, ids=str)
 @given(spec=problem_specs(), ratio=ratios, seed=seeds)
 def test_agrees_with_the_dense_solve(method, spec, ratio, seed):
-    problem, lam, ihvp, V = _setup(method, spec, ratio, seed)
-    A = method.reference(problem) + lam * torch.eye(dim(problem))
-    X = ihvp(V)
-    assert X.shape == V.shape
-    assert rel_error(X, torch.linalg.solve(A, V.T).T) < method.tol
-    # and it inverts: (C + λI) f(v) = v, up to the tolerance amplified by the condition number
-    assert rel_error(X @ A, V) < method.tol * float(torch.linalg.cond(A))
+    _check_dense_solve(method, spec, ratio, seed)
+
+
+@pytest.mark.parametrize("method", [m for m in EXACT if not m.name.startswith("lissa")], ids=str)
+@given(spec=problem_specs(), ratio=small_ratios, seed=seeds)
+def test_agrees_with_the_dense_solve_at_small_damping(method, spec, ratio, seed):
+    """λ down to 1e-3 λ_max (LiSSA's steps grow like λ_max / λ: its small damping is tests/test_lissa.py's)."""
+    _check_dense_solve(method, spec, ratio, seed, per_condition=not method.free_redamping)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
@@ -123,6 +139,96 @@ def test_more_damping_never_increases_the_norm(method, spec, ratio, seed):
     assert [f.damping for f in closures] == [lam, 2 * lam, 4 * lam]
     norms = torch.stack([f(V).norm(dim=1) for f in closures])  # [3 dampings, k vectors]
     assert bool((norms[1:] <= norms[:-1] * (1 + method.rtol)).all()), norms
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.free_redamping], ids=str)
+@given(spec=problem_specs(), ratio=ratios, seed=seeds)
+def test_with_damping_reuses_the_factorisation(method, spec, ratio, seed):
+    """``with_damping`` and the calls evaluate the loss no more; each re-damped closure equals a fresh build."""
+    problem = method.problem(spec)
+    lam = _damping(problem, ratio)
+    calls = []
+    loss = problem.loss
+    counted = ifunc.output_loss(
+        lambda p, b: (calls.append(1), loss.outputs(p, b))[1], loss.loss_on_outputs, likelihood=loss.likelihood
+    )
+    ihvp = method.build(problem._replace(loss=counted), lam)
+    built = len(calls)
+    V = _vectors(problem, 2, seed)
+    swept = {c: ihvp.with_damping(c * lam)(V) for c in (0.5, 1.0, 3.0)}
+    assert len(calls) == built, f"{len(calls) - built} loss evaluations after the build"
+    assert rel_error(swept[1.0], ihvp(V)) < 1e-12
+    for c, X in swept.items():
+        assert rel_error(X, method.build(problem, c * lam)(V)) < 1e-9
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+@given(spec=problem_specs(), ratio=ratios, seed=seeds, c=st.floats(0.25, 4.0))
+def test_scaling_the_loss_divides_the_result(method, spec, ratio, seed, c):
+    """Loss × c scales the curvature by ``k = c^degree``; at λ × k the result is the original one divided by k."""
+    problem, lam, ihvp, V = _setup(method, spec, ratio, seed, k=2)
+    k = c**method.degree
+    X = method.build(scaled(problem, c), k * lam)(V)
+    assert rel_error(k * X, ihvp(V)) < 10 * method.rtol
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+@given(spec=problem_specs(), ratio=ratios, seed=seeds)
+def test_float32_vectors_under_no_grad(method, spec, ratio, seed):
+    """A float64 closure called under ``torch.no_grad()`` with float32 vectors returns float32 (no grad needed)."""
+    problem, lam, ihvp, V = _setup(method, spec, ratio, seed, k=2)
+    with torch.no_grad():
+        X32 = ihvp(V.float())
+    assert X32.dtype == torch.float32 and X32.shape == V.shape
+    assert rel_error(X32.double(), ihvp(V)) < max(1e-5, method.tol or 0.0)
+
+
+# ---------------------------------------------------------------- block-diagonal modes (rows taking blocks=)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if "blocks" in m.options], ids=str)
+@given(spec=problem_specs(), ratio=ratios, seed=seeds)
+def test_records_the_block_of_every_parameter(method, spec, ratio, seed):
+    """``info["blocks"]``: parameter -> (method, block), the block ``"full"``, the module, or the mapping's
+    group; a rank-r row keeps r eigenpairs in each block."""
+    problem, lam, ihvp, V = _setup(method, spec, ratio, seed)
+    group = group_of(method.options["blocks"])
+    assert {n: b for n, (_, b) in ihvp.info["blocks"].items()} == {n: str(group(n)) for n in problem.params}
+    if "rank" in method.options:
+        n_blocks = len({group(n) for n in problem.params})
+        assert ihvp.info["eigenvalues"].numel() == method.options["rank"] * n_blocks
+
+
+@pytest.mark.parametrize("method", FULL_BLOCKS, ids=str)
+@given(spec=problem_specs(), ratio=ratios, seed=seeds)
+def test_one_block_of_every_parameter_equals_full(method, spec, ratio, seed):
+    problem, lam, ihvp, V = _setup(method, spec, ratio, seed)
+    one = method.build(problem, lam, blocks=lambda name: "everything")
+    assert {b for _, b in one.info["blocks"].values()} == {"everything"}
+    assert rel_error(one(V), ihvp(V)) < method.rtol
+
+
+@pytest.mark.parametrize("method", FULL_BLOCKS, ids=str)
+def test_a_blocks_mapping_names_every_parameter_and_only_parameters(method):
+    problem = method.problem({"seed": 0, "sizes": (2, 3, 2), "n": 4, "activation": torch.nn.Tanh, "task": "regression"})
+    everything = {name: 0 for name in problem.params}
+    with pytest.raises(ValueError, match=r"missing \['2.bias', '2.weight'\]"):
+        method.build(problem, None, blocks={"0.bias": 0, "0.weight": 0})
+    with pytest.raises(ValueError, match=r"unknown \['fc9.weight'\]"):
+        method.build(problem, None, blocks={**everything, "fc9.weight": 1})
+    with pytest.raises(ValueError, match='"full", "layer"'):
+        method.build(problem, None, blocks="module")
+    with pytest.raises(TypeError, match="mapping"):
+        method.build(problem, None, blocks=3)
+
+
+def test_nested_parameter_names_and_their_layers():
+    """A nested pytree's parameters are named by their dotted paths; ``"layer"`` groups by the path's prefix."""
+    params = {"enc": {"w": torch.tensor([0.5, -1.0])}, "head": torch.tensor([2.0])}
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    loss = lambda p, b: ((b @ p["enc"]["w"]) * p["head"]).square().sum()  # noqa: E731
+    ihvp = ifunc.ihvp_explicit(loss, params, x, damping=1.0, blocks="layer")
+    assert ihvp.info["blocks"] == {"enc.w": ("explicit", "enc"), "head": ("explicit", "")}
 
 
 def _snapshot(model: torch.nn.Module, params: dict):

@@ -61,6 +61,7 @@ def test_ekfac_damping_is_per_block_also_after_redamping():
         lambda p, b: ifunc.call(model, p, b[0]), lambda out, b: nn.functional.cross_entropy(out, b[1], reduction="sum")
     )
     ihvp = ifunc.ihvp_ekfac(loss, params, data, model=model)
+    assert isinstance(ihvp, ifunc.KroneckerIHVP)
     out = ihvp.describe()
     _round_trips(out)
     assert out["method"] == "ekfac"

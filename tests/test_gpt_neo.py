@@ -1,5 +1,5 @@
-"""GPT-Neo at the shape of TinyStories-1M (random weights from GPTNeoConfig, nothing downloaded): MLP-only EK-FAC
-and per-token scores, as in the tokenwise-influence write-up. ``benchmarks/gpt_neo.py`` times
+"""GPT-Neo at the shape of TinyStories-1M (``ifunc.testing.tiny_gpt_neo``: random weights, nothing downloaded):
+MLP-only EK-FAC and per-token scores, as in the tokenwise-influence write-up. ``benchmarks/gpt_neo.py`` times
 the same set-up on 1,000 sequences of 128 tokens."""
 
 import pytest
@@ -7,36 +7,16 @@ import torch
 
 import ifunc
 from ifunc import language
-from ifunc.testing import rel_error
+from ifunc.testing import hf_logits, rel_error, tiny_gpt_neo
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 
 
-def tinystories_shape(layers: int = 8):
-    cfg = transformers.GPTNeoConfig(
-        vocab_size=50257,
-        hidden_size=64,
-        num_layers=layers,
-        num_heads=16,
-        attention_types=[[["global", "local"], layers // 2]],
-        window_size=4,  # shorter than the sequences, so the local layers really are local
-        max_position_embeddings=64,
-        embed_dropout=0.0,
-        attention_dropout=0.0,
-        resid_dropout=0.0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.GPTNeoForCausalLM(cfg).to(torch.float64).eval()
-
-
 def test_gpt_neo_mlp_only_ekfac_per_token():
-    model = tinystories_shape()
+    model = tiny_gpt_neo()  # window 4: shorter than the sequences, so the local layers really are local
     assert model.config.attention_layers[:2] == ["global", "local"]
     params = ifunc.params_of(model)
-    loss = language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits
-    )
+    loss = language.causal_lm_loss(hf_logits(model))
     gen = torch.Generator().manual_seed(1)
     train = {"input_ids": torch.randint(0, 50257, (3, 8), generator=gen)}
     train["attention_mask"] = torch.ones_like(train["input_ids"])

@@ -6,6 +6,7 @@ import torch
 import ifunc
 from ifunc import language
 from ifunc.ihvp.kronecker import capture_layer_grads, find_layers
+from ifunc.testing import causal_lm, hf_logits, tiny_gpt2
 
 transformers = pytest.importorskip(
     "transformers",
@@ -13,30 +14,14 @@ transformers = pytest.importorskip(
     "Hugging Face GPT-2 tests",
 )
 
-VOCAB = 23
+VOCAB = 23  # tiny_gpt2's vocabulary
 
 
 @pytest.fixture(scope="module")
 def gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=12,
-        n_embd=8,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    model = tiny_gpt2()
     params = ifunc.params_of(model)
-    loss = language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits
-    )
+    loss = language.causal_lm_loss(hf_logits(model))
     ids = torch.randint(0, VOCAB, (5, 6), generator=torch.Generator().manual_seed(1))
     return model, params, loss, {"input_ids": ids}
 
@@ -125,17 +110,14 @@ def test_gpt2_position_embedding_rows_per_token(gpt2):
 
 def _tiny_gpt2(how: str = "default"):
     """A one-layer GPT-2 with SDPA (``how="default"``) or eager attention chosen in one of the documented ways."""
-    extra = {"attn_implementation": "eager"} if how == "config-argument" else {}
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0, **extra
-    )
-    if how == "config-attribute":
-        cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    model = tiny_gpt2(layers=1, positions=8, attention="eager" if how == "config-argument" else None)
+    if how == "config-attribute":  # set on an existing config, before the model is built from it
+        config = model.config
+        config._attn_implementation = "eager"
+        model = causal_lm(config)
     if how == "set_attn_implementation":
         model.set_attn_implementation("eager")
-    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"]).logits)
+    loss = language.causal_lm_loss(hf_logits(model))
     ids = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(1))
     return model, loss, {"input_ids": ids}
 

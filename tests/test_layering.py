@@ -2,8 +2,10 @@
 
 A module may import ifunc modules of its own layer or of lower layers, never of a higher one; there are no
 import cycles among ifunc modules and no ifunc import inside a function (the usual way to dodge a cycle).
-Three extra rules: ``distributed.py`` is a leaf (it imports no ifunc module), ``store.py`` imports only the
-base modules, ``curvature.py`` never imports ``distributed.py``.
+Extra rules: ``distributed.py`` is a leaf (it imports no ifunc module), ``store/`` imports only the base
+modules, ``curvature.py`` never imports ``distributed.py``, and the scoring modules never import the Kronecker
+package (the scoring loop knows no method: a closure brings its scorer). A private name (``_x``) is never imported
+from another package, nor a private module from outside its package; no public name is defined in two modules.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "store": (1, ("store/",)),
     "grads": (2, ("grads.py",)),
     "curvature": (3, ("curvature.py", "likelihood.py")),
+    "kronecker": (4, ("ihvp/kronecker/",)),  # before "solvers": the first group that matches a file is its group
     "solvers": (4, ("ihvp/",)),
-    "scoring": (5, ("attribute.py", "_score_loop.py", "_sinks.py", "_store_sinks.py", "_store_meta.py")
-                + ("ensemble.py", "quality.py")),
-    "models": (5, ("language.py", "measurements.py", "testing.py")),
+    "scoring": (
+        5,
+        ("attribute.py", "_score_loop.py", "_sinks.py", "_store_sinks.py", "_store_meta.py")
+        + ("ensemble.py", "quality.py"),
+    ),
+    "models": (5, ("language.py", "measurements.py", "testing/")),
     "face": (6, ("__init__.py", "__main__.py")),
 }
 # group -> the only groups it may import (on top of the layer rule); absent = any group of its layer or below
@@ -38,7 +44,7 @@ ONLY: dict[str, set[str]] = {
     "ranks": set(),  # a leaf: no ifunc import at all
     "store": {"base", "store"},  # HDF5 I/O only: never distributed, ihvp or attribute
 }
-NEVER: dict[str, set[str]] = {"curvature": {"ranks"}}
+NEVER: dict[str, set[str]] = {"curvature": {"ranks"}, "scoring": {"kronecker"}}
 
 
 class Import(NamedTuple):
@@ -46,6 +52,7 @@ class Import(NamedTuple):
     target: str  # dotted name of the imported ifunc module
     line: int
     in_function: bool
+    names: tuple[str, ...] = ()  # names taken from the target module (``from target import a, b``)
 
 
 def _module_name(path: Path) -> str:
@@ -84,8 +91,8 @@ class _Collector(ast.NodeVisitor):
         self.package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         self.found: list[Import] = []
 
-    def _add(self, target: str | None, node: ast.AST):
-        imp = Import(self.name, target, node.lineno, self.depth > 0)
+    def _add(self, target: str | None, node: ast.AST, names: tuple[str, ...] = ()):
+        imp = Import(self.name, target, node.lineno, self.depth > 0, names)
         if target is not None and target != self.name and imp not in self.found:
             self.found.append(imp)
 
@@ -114,7 +121,11 @@ class _Collector(ast.NodeVisitor):
             return
         for alias in node.names:  # `from pkg import sub` imports the submodule pkg.sub when there is one
             sub = f"{origin}.{alias.name}"
-            self._add(sub if sub in self.modules else _known(origin, self.modules), node)
+            if sub in self.modules:
+                self._add(sub, node)
+            else:
+                target = _known(origin, self.modules)
+                self._add(target, node, (alias.name,) if target == origin else ())
 
 
 def _imports() -> tuple[dict[str, Path], list[Import]]:
@@ -264,3 +275,41 @@ def test_the_checker_resolves_relative_imports():
     package = _Collector("ifunc.ihvp", PACKAGE / "ihvp" / "__init__.py", modules)
     package.visit(ast.parse("from ._base import IHVP\nfrom .. import store\n"))
     assert [i.target for i in package.found] == ["ifunc.ihvp._base", "ifunc.store"]
+
+
+def _package(module: str) -> str:
+    """The package a module belongs to (a package's ``__init__`` belongs to the package itself)."""
+    return module if (PACKAGE.parent / module.replace(".", "/")).is_dir() else module.rpartition(".")[0]
+
+
+def test_no_private_name_or_module_is_imported_from_another_package():
+    bad = []
+    for imp in IMPORTS:
+        parts = imp.target.split(".")
+        private = [i for i, p in enumerate(parts) if p.startswith("_") and not p.startswith("__")]
+        if private:  # a private module is for the package that holds it (and that package's subpackages)
+            home = ".".join(parts[: private[0]])
+            if not (imp.source == home or imp.source.startswith(home + ".")):
+                bad.append(f"{_where(imp)}: {imp.source} imports the private module {imp.target} of {home}")
+        for name in imp.names:
+            if name.startswith("_") and not name.startswith("__") and _package(imp.source) != _package(imp.target):
+                bad.append(f"{_where(imp)}: {imp.source} imports the private name {name} from {imp.target}")
+    assert not bad, "import what another package offers publicly (re-export it, or drop the underscore):\n" + "\n".join(
+        bad
+    )
+
+
+def _is_overload(node: ast.AST) -> bool:
+    decorators = getattr(node, "decorator_list", [])
+    return any((d.id if isinstance(d, ast.Name) else getattr(d, "attr", "")) == "overload" for d in decorators)
+
+
+def test_no_public_name_is_defined_in_two_modules():
+    where: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if not _is_overload(node):
+                    where.setdefault(node.name, set()).add(name)
+    twice = {n: sorted(m) for n, m in where.items() if len(m) > 1}
+    assert not twice, f"one name, one meaning: public names defined in several modules: {twice}"

@@ -12,39 +12,18 @@ import ifunc
 from ifunc import language
 from ifunc.ihvp.kronecker import capture_layer_grads, find_layers
 from ifunc.ihvp.kronecker.uses import use_kind
-from ifunc.testing import rel_error
+from ifunc.testing import hf_logits, rel_error, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 
-VOCAB, L = 19, 6
-
-
-def tiny_llama(seed: int = 0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
-        max_position_embeddings=16,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
-
-
-def _lm_loss(model):
-    return language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, b["input_ids"], attention_mask=b.get("attention_mask")).logits
-    )
+VOCAB, L = 19, 6  # tiny_llama's vocabulary, the sequence length
 
 
 @pytest.fixture(scope="module")
 def llama():
     model = tiny_llama()
     ids = torch.randint(0, VOCAB, (5, L), generator=torch.Generator().manual_seed(1))
-    return model, ifunc.params_of(model), _lm_loss(model), {"input_ids": ids}
+    return model, ifunc.params_of(model), language.causal_lm_loss(hf_logits(model)), {"input_ids": ids}
 
 
 def test_layers_and_captured_grads_equal_per_sample_grads(llama):

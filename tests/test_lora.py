@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ifunc
 from ifunc import language
 from ifunc.ihvp.kronecker import capture_layer_grads, find_layers, layout
-from ifunc.testing import rel_error
+from ifunc.testing import hf_logits, rel_error, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[test]')")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
@@ -90,27 +90,14 @@ def test_lora_scores_equal_the_dense_solve():
 
 
 def test_lora_llama_per_token():
-    cfg = transformers.LlamaConfig(
-        vocab_size=17,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).double()
+    base = tiny_llama(vocab=17, heads=2, kv_heads=2)
     lora = peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1, init_lora_weights=False
     )
     model = peft.get_peft_model(base, lora).eval()  # eval: LoRA's dropout is off
     params = ifunc.params_of(model)
     assert len(params) == 2 * 3 * 2 and all(".lora_" in n for n in params)
-    loss = language.causal_lm_loss(
-        lambda p, b: ifunc.call(model, p, input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-    )
+    loss = language.causal_lm_loss(hf_logits(model))
     ids = torch.randint(0, 17, (4, 6), generator=torch.Generator().manual_seed(1))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     data["attention_mask"][3, 4:] = 0

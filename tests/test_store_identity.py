@@ -340,16 +340,12 @@ def test_the_same_script_in_a_fresh_process_matches_and_a_changed_one_is_refused
 
 HF_HASH = textwrap.dedent("""
     import json, time
-    import torch, transformers
-    import ifunc
     from ifunc import language
     from ifunc._identity import content_hash
+    from ifunc.testing import hf_logits, tiny_gpt2
 
-    cfg = transformers.GPT2Config(vocab_size=23, n_positions=12, n_embd=8, n_layer=2, n_head=2,
-                                  attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
-    loss = language.causal_lm_loss(lambda p, b: ifunc.call(model, p, b["input_ids"]).logits)
+    model = tiny_gpt2()
+    loss = language.causal_lm_loss(hf_logits(model))
     start = time.perf_counter()
     hashes = [content_hash(model, name="model"), content_hash(loss, name="loss")]
     print(json.dumps({"hashes": hashes, "seconds": time.perf_counter() - start}))

@@ -7,7 +7,7 @@ Besides the methods, the scoring layer takes from here what a closure offers it:
 
 from ._base import IHVP, ConvergenceError
 from ._operator import check_same_data, rank_partition
-from ._scorer import GenericScorer, Scorer, ScoreOptions, scorer_for
+from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for
 from .arnoldi import ihvp_arnoldi, lanczos
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
@@ -25,7 +25,7 @@ from .kronecker import (
     load_factors,
     save_factors,
 )
-from .lissa import LissaDivergenceError, LissaDivergenceWarning, ihvp_lissa
+from .lissa import LissaDivergenceError, ihvp_lissa
 from .nystrom import ihvp_nystrom, nystrom_sketch
 from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
 
@@ -44,7 +44,6 @@ __all__ = [
     "cg_solve",
     "CGResult",
     "ihvp_lissa",
-    "LissaDivergenceWarning",
     "LissaDivergenceError",
     "ihvp_arnoldi",
     "lanczos",

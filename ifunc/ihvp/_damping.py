@@ -9,7 +9,8 @@ et al. 2023) of the curvature block being inverted. Two modes, one factor, one w
   one λ for the whole closure, the same in every block mode, recorded in ``ihvp.damping`` as a number;
 - per block (:func:`block_damping`: the Kronecker family, EK-FAC, K-FAC, diagonal): each layer block and each
   diagonal block is inverted on its own, so each gets ``λ_b = 0.1 × mean(Λ_b)`` from its own eigenvalues
-  ``Λ_b`` (exact), and ``ihvp.damping`` is the mapping block name -> ``λ_b``.
+  ``Λ_b`` (exact), and ``ihvp.damping`` is the mapping block name -> ``λ_b`` (``ihvp_identity`` has no
+  curvature to scale: its ``damping=None`` is ``λ = 1``).
 
 How the whole-closure methods get ``tr(C)``:
 
@@ -27,8 +28,8 @@ touched. It is unbiased with relative standard error ``sqrt(2 Σ_{i≠j} C_ij² 
 the probes are an orthonormal basis of it instead, and the trace is exact for the same cost.
 
 **The check.** :func:`check_conditioning` is the one test of a damped inverse from its eigenvalues (explicit,
-Arnoldi and every Kronecker block): it raises when the inverse does not exist or is rounding noise, and warns
-when the dtype cannot solve it accurately.
+Arnoldi, Nyström and every Kronecker block): it raises when the inverse does not exist or is rounding noise, and
+warns when the dtype cannot solve it accurately.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ from ..grads import chunk_size_for, iter_per_sample_grads
 __all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "NEEDS_KRONECKER"]
 
 #: the error of an option only the Kronecker family's captured scoring has
-NEEDS_KRONECKER = "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+NEEDS_KRONECKER = (
+    "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+)
 
 
 class ScoreOptions(NamedTuple):
@@ -71,7 +73,7 @@ def scorer_for(ihvp, loss: LossFn, params: Params, options: ScoreOptions) -> Sco
     """The closure's own scorer (``ihvp.scorer``), or the generic one for any other callable ``[k, d] -> [k, d]``."""
     own = getattr(ihvp, "scorer", None)
     if callable(own):
-        return own(loss, params, options)
+        return own(loss, params, options)  # pyright: ignore[reportReturnType]  # a closure's own Scorer
     if not callable(ihvp):
         raise TypeError(f"ihvp must be a callable v -> (H + λI)^{{-1}} v (e.g. ifunc.ihvp_cg(...)), got {ihvp!r}")
     return GenericScorer(ihvp, None, loss, params, options)

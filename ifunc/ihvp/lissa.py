@@ -1,4 +1,7 @@
-"""LiSSA: the truncated Neumann series for ``(H + λI)^{-1} v`` (Agarwal et al. 2017), checked for convergence."""
+"""LiSSA: the truncated Neumann series for ``(H + λI)^{-1} v`` (Agarwal et al. 2017), checked for convergence.
+
+The scale and depth come from :mod:`._lissa_schedule`, the curvature of each step from :mod:`._lissa_steps`.
+"""
 
 from __future__ import annotations
 
@@ -266,7 +269,3 @@ def ihvp_lissa(
         )
 
     return build(lam0, rule0)
-
-
-class LissaDivergenceWarning(RuntimeWarning):  # TRANSITIONAL: until ifunc/__init__.py and ihvp/__init__.py drop it
-    """Never emitted: a growing recursion raises :class:`LissaDivergenceError`."""

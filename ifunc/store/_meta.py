@@ -6,12 +6,12 @@ import json
 import math
 from collections.abc import Iterator
 
-__all__ = ["RTOL", "describe_difference", "read_meta", "plain"]
+__all__ = ["RTOL", "describe_difference", "read_meta", "as_read_back"]
 
 RTOL = 1e-6  #: relative tolerance for floats of the meta (eigenvalues may differ in the last bits between processes)
 
 
-def plain(meta: dict) -> dict:
+def as_read_back(meta: dict) -> dict:
     """``meta`` as it reads back from the file (tuples become lists)."""
     return json.loads(json.dumps(meta, sort_keys=True))
 

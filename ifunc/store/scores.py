@@ -59,7 +59,7 @@ import numpy as np
 
 from ._disk import write_failed
 from ._hdf5 import _HEADROOM, _check_path, _create, _exclusive, _h5open, _h5py
-from ._meta import describe_difference, plain, read_meta
+from ._meta import as_read_back, describe_difference, read_meta
 
 __all__ = ["ScoreWriter", "check_fingerprint", "remove_store", "recorded_chunk_size"]
 
@@ -136,7 +136,9 @@ class ScoreWriter:
         self.chunk_size, self.n_train = int(chunk_size), int(n_train)
         self.n_chunks = -(-self.n_train // self.chunk_size)
         self.dtype = np.dtype(dtype)
-        wanted = plain(dict(meta, n_query=n_query, n_train=n_train, chunk_size=self.chunk_size, dtype=self.dtype.name))
+        wanted = as_read_back(
+            dict(meta, n_query=n_query, n_train=n_train, chunk_size=self.chunk_size, dtype=self.dtype.name)
+        )
         self._file: Any = None
         if overwrite or not self.path.exists():
             try:

@@ -1,6 +1,7 @@
 """Small problems with known answers, shared by the tests, the demo and the benchmarks.
 
-Public so that people who extend ifunc can test their own methods the same way.
+Public so that people who extend ifunc can test their own methods the same way. The tiny Hugging Face
+language models live in :mod:`ifunc.testing.language_models` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..functional import call, params_of
 from ..likelihood import output_loss
+from .language_models import causal_lm, hf_logits, tiny_gpt2, tiny_gpt_neo, tiny_llama
 
 __all__ = [
     "rel_error",
@@ -24,6 +26,11 @@ __all__ = [
     "TokenModel",
     "SmallCNN",
     "TinyGPT",
+    "causal_lm",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_gpt_neo",
+    "hf_logits",
 ]
 
 

@@ -57,7 +57,12 @@ def causal_lm(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64)
 
 
 def tiny_gpt2(
-    *, seed: int = 0, layers: int = 2, positions: int = 12, attention: str | None = "eager", dtype: torch.dtype = torch.float64
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    positions: int = 12,
+    attention: str | None = "eager",
+    dtype: torch.dtype = torch.float64,
 ) -> nn.Module:
     """``GPT2LMHeadModel``: vocabulary 23, width 8, 2 heads, ``layers`` blocks, no dropout, token 0 as bos/eos.
 
@@ -73,7 +78,7 @@ def tiny_gpt2(
       dtype: the parameters' dtype.
 
     Example:
-      >>> model = tiny_gpt2()                                  # 2 blocks, 1,008 + 296 + ... parameters
+      >>> model = tiny_gpt2()                                  # 2 blocks, 2,040 parameters
       >>> logits = model(torch.randint(0, 23, (2, 5))).logits  # [2, 5, 23]
     """
     import transformers

@@ -3,9 +3,10 @@
 ``layers`` (one adapter per layer kind; ``uses`` for per-token splits of diagonal blocks) → ``hooks`` (the one
 hook system) → ``capture`` (the probe: each layer's example dimension, weights used only by their module, rows
 that are their example's own; ``budget`` sizes the chunks) → ``fit`` (factors, stored by ``factors``) → ``closure``
-(:class:`KroneckerIHVP`, built by ``methods``: ekfac / kfac / diagonal / identity) → ``score`` / ``tokens``
-(pairwise, per-module, self and per-token contractions used by :func:`ifunc.attribute`); ``_kernels`` holds the
-dense linear algebra.
+(:class:`KroneckerIHVP`, built by ``methods``: ekfac / kfac / diagonal / identity) → ``scorer`` (the closure's
+scorer, driven by :func:`ifunc.attribute` like any other) → ``score`` / ``tokens`` (pairwise, per-module, self and
+per-token contractions); ``_kernels`` holds the dense linear algebra. Nothing outside the solvers imports this
+package's modules: the scoring loop reaches them only through ``ihvp.scorer``.
 """
 
 from .blocks import layout

@@ -74,7 +74,7 @@ class KroneckerIHVP(IHVP):
         return {**super().describe(), "damping": {k: float(v) for k, v in per_block.items()}}
 
     def scorer(self, loss, params, options):
-        """The captured-contraction scorer (:class:`KroneckerScorer`) when built with ``model=``, else the generic one."""
+        """The captured-contraction scorer (:class:`KroneckerScorer`) with a ``model``, else the generic one."""
         if self.model is None:
             return super().scorer(loss, params, options)
         return KroneckerScorer(self, loss, params, options)

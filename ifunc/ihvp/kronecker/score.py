@@ -34,13 +34,7 @@ from ._kernels import damped_div, layer_scores, low_rank, per_example_quadratic
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 
-__all__ = [
-    "capture_chunk",
-    "PreparedQueries",
-    "kronecker_prepare",
-    "kronecker_chunk_scores",
-    "kronecker_self_terms",
-]
+__all__ = ["capture_chunk", "PreparedQueries", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_terms"]
 
 
 def checked(loss, params, ihvp, batch) -> UseCheck:
@@ -161,14 +155,7 @@ def kronecker_prepare(
 
 
 def kronecker_chunk_scores(
-    loss: LossFn,
-    params: Params,
-    ihvp,
-    prepared: PreparedQueries,
-    batch,
-    *,
-    per_module: bool = False,
-    offset: int = 0,
+    loss: LossFn, params: Params, ihvp, prepared: PreparedQueries, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
     """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
     layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)

@@ -184,14 +184,7 @@ def _capture(loss, params, ihvp, batch, uses, offset: int):
 
 
 def token_chunk_scores(
-    loss,
-    params,
-    ihvp,
-    prepared: PreparedQueries,
-    batch,
-    *,
-    token_mask: Callable | None = None,
-    offset: int = 0,
+    loss, params, ihvp, prepared: PreparedQueries, batch, *, token_mask: Callable | None = None, offset: int = 0
 ) -> torch.Tensor:
     """Per-token scores of one train batch, ``[n_query, b, T]`` (sum over T = the pairwise scores)."""
     state = ihvp
