@@ -4,28 +4,32 @@ Module map, bottom layer first (a module imports only from its own layer or belo
 checks it):
 
 0 base        ``functional`` params_of / call / flatten (optree) · ``_types`` type aliases · ``_data`` data sources,
-              the one chunk loop ``iter_chunks`` and ``fingerprint`` · ``_errors`` readable torch.func errors ·
-              ``_progress`` progress bars · ``_memory`` the byte budget (one example measured) ·
-              ``_version``
+              the one chunk loop ``iter_chunks``, the ``Partition`` of chunks over ranks and ``fingerprint`` ·
+              ``_order`` data-order guards · ``_identity`` content hashes of a run · ``_errors`` readable torch.func
+              errors · ``_progress`` progress bars · ``_memory`` the byte budget and the one chunk cap · ``_version``
 0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather); a leaf, no-ops on one process
 1 store       ``store/`` HDF5 I/O only: ``scores`` (resumable, fingerprinted, checksummed score stores), ``merge``
               (per-rank stores), ``reading`` (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
 2 grads       ``grads`` the one per-example gradient primitive ``batch_grads`` (vmap(grad), NaN/inf guard)
 3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
               operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
-4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg``, ``lissa``, ``arnoldi``, ``nystrom``,
-              ``datainf``, ``preconditioners``; ``_base`` the IHVP closure, ``_operator`` the data operator
-              sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves;
-              ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``uses`` (per-token splits of
-              diagonal-block parameters), ``capture`` (the one hook system), ``budget`` (chunks from the byte
-              budget), ``fit`` (factors; ``cotangents`` the output
-              directions of each curvature), ``factors`` (their type and files), ``blocks``, ``closure``
-              (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``score`` (pairwise, per-module,
-              self), ``tokens`` (per-token), ``_kernels`` (contractions)
-5 scoring     ``attribute`` attribute / self_influence: one loop of scorer × sink · ``_scorers`` generic and
-              Kronecker scorers · ``_sinks`` memory, store, gathered, per-rank store · ``ensemble`` · ``quality``
-5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing``
-              test problems and helpers
+4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg`` (``_cg_loop``), ``lissa`` (``_lissa_schedule``,
+              ``_lissa_steps``), ``arnoldi``, ``nystrom``, ``datainf``, ``preconditioners``; ``_base`` the IHVP
+              closure (one constructor ``IHVP.make``, ``describe``, ``scorer``), ``_damping`` the one damping rule
+              and conditioning check, ``_scorer`` the scorer protocol and the generic scorer, ``_operator`` the
+              data operator sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves
+4 kronecker   ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``uses`` (per-token splits of
+              diagonal-block parameters), ``hooks`` (the one hook system), ``capture`` (the probe of each layer's
+              example dimension and weight use), ``budget`` (chunks from the byte budget), ``fit`` (factors;
+              ``cotangents`` the output directions of each curvature), ``factors`` (their type and files),
+              ``blocks``, ``closure`` (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``scorer`` (the
+              closure's scorer) over ``score`` (pairwise, per-module, self) and ``tokens`` (per-token),
+              ``_kernels`` (contractions)
+5 scoring     ``attribute`` attribute / self_influence · ``_score_loop`` the one loop of chunks × scorer × sink ·
+              ``_sinks`` the sink protocol, memory and gathered sinks · ``_store_sinks`` store and per-rank store
+              sinks · ``_store_meta`` what a store records · ``ensemble`` · ``quality``
+5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing`` test
+              problems, tiny language models and helpers
 6 face        ``__init__`` re-exports · ``__main__`` ``python -m ifunc demo``
 """
 

@@ -138,9 +138,6 @@ def batch_matvec(
     return matvec
 
 
-_batch_matvec = batch_matvec  # TRANSITIONAL: the old name, until ifunc/ihvp/lissa.py imports batch_matvec
-
-
 class CurvatureOperator(NamedTuple):
     """The mean curvature of the loss over the data as a linear operator on flat vectors."""
 

@@ -16,9 +16,10 @@ import sys
 import torch
 
 import ifunc
+from ifunc._memory import MAX_CHUNK
 from ifunc.testing import mlp_problem
 
-N = 1600  # at most 256 examples per default chunk: 7 chunks, so rank 1 holds three (1, 3 and 5)
+N = 6 * MAX_CHUNK + 100  # at most MAX_CHUNK examples per default chunk: 7 chunks, so rank 1 holds three (1, 3, 5)
 
 
 def problem():

@@ -99,7 +99,7 @@ def test_killed_rank_resumes_without_recomputing_finished_chunks(tmp_path):
 
     second = _torchrun(script, store, log, "resume")
     assert second.returncode == 0, second.stderr[-4000:]
-    for r, (part, local) in enumerate(zip(parts, [4, 3])):  # 7 chunks of at most 256: 4 on rank 0, 3 on rank 1
+    for r, (part, local) in enumerate(zip(parts, [4, 3])):  # 7 chunks of at most MAX_CHUNK: 4 on rank 0, 3 on rank 1
         new = Path(f"{log}.rank{r}").read_text()[len(first_logs[r]) :]
         assert _written(new, part.name) == set(range(local)) - done[r], (r, new)
         assert not part.exists()  # merged into the store, then removed

@@ -27,7 +27,7 @@ __all__ = ["causal_lm", "tiny_gpt2", "tiny_llama", "tiny_gpt_neo", "hf_logits"]
 _CAUSAL_LM = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt_neo": "GPTNeoForCausalLM"}
 
 
-def _attention(attention: str | None) -> dict[str, str]:
+def _attention(attention: str | None) -> dict[str, Any]:
     return {} if attention is None else {"attn_implementation": attention}
 
 
@@ -44,6 +44,11 @@ def causal_lm(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64)
 
     Raises:
       ValueError: a config of another model type.
+
+    Example:
+      >>> config = tiny_gpt2(attention=None).config          # SDPA: transformers' default
+      >>> config._attn_implementation = "eager"              # switched on the config, before building
+      >>> model = causal_lm(config, seed=1)
     """
     import transformers
 
@@ -190,6 +195,11 @@ def hf_logits(model: nn.Module) -> Callable[[Params, dict], torch.Tensor]:
     ``batch`` is a dict with ``"input_ids" [b, L]`` and optionally ``"attention_mask" [b, L]``; the model is
     called functionally (:func:`ifunc.call`), so its own parameters are never read where ``params`` has them.
     The argument :func:`ifunc.language.causal_lm_loss` takes.
+
+    Example:
+      >>> model = tiny_llama()
+      >>> loss = ifunc.language.causal_lm_loss(hf_logits(model))
+      >>> loss(ifunc.params_of(model), {"input_ids": torch.randint(0, 19, (2, 6))})   # summed over 2 × 5 targets
     """
 
     def logits(params: Params, batch: dict) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from ..._types import Params
 from ._kernels import damped_div
-from .layers import LayerSpec, kind_of, parameter_names
+from .layers import LayerSpec, dict_parameter_names, kind_of
 
 __all__ = ["KronBlock", "DiagBlock", "layout", "gather", "scatter", "precondition_layer"]
 
@@ -37,7 +37,7 @@ class DiagBlock(NamedTuple):
 def layout(params: Params) -> dict[str, slice]:
     """Flat slice of every parameter, in :func:`ifunc.flatten` order."""
     out, start = {}, 0
-    for name in parameter_names(params):
+    for name in dict_parameter_names(params):
         size = params[name].numel()
         out[name] = slice(start, start + size)
         start += size

@@ -16,20 +16,18 @@ per-example tensors) at most :data:`~ifunc._memory.DEFAULT_POSITIONS` positions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..._data import DataSource, batch_size, check_chunk_size, slice_batch  # the one chunk-size rule
-from ..._memory import MAX_CHUNK, added_bytes, chunk_examples, probe_bytes
+from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad
 from .layers import LayerSpec
 
 __all__ = ["capture_chunk_size", "check_chunk_size"]
-
-DEFAULT_CHUNK = MAX_CHUNK  # TRANSITIONAL: the old name, until ifunc/ihvp/kronecker/score.py stops importing it
 
 
 def capture_chunk_size(
@@ -41,14 +39,16 @@ def capture_chunk_size(
     *,
     max_memory: int | None,
     what: str,
-    extra_per_example: int = 0,
+    extra_per_example: int | Callable[[int], int] = 0,
     fixed: int = 0,
 ) -> int:
     """Examples per chunk of a captured pass over ``data`` within ``max_memory`` bytes.
 
     ``max_memory=None`` is the default budget: half the available memory, and at most 1 GiB of per-example tensors
     (:func:`ifunc._memory.chunk_examples`, capped by :func:`ifunc._memory.chunk_cap` with the positions one example
-    adds, read off the probe). ``fixed`` bytes are held besides (e.g. the factors being summed).
+    adds, read off the probe). ``fixed`` bytes are held besides (e.g. the factors being summed);
+    ``extra_per_example`` bytes per example besides the captured forward (a number, or a function of the positions
+    one example adds, e.g. for score columns per token or a contraction whose temporaries depend on them).
 
     Raises:
       MemoryError: not even one example fits, with the numbers.
@@ -71,5 +71,7 @@ def capture_chunk_size(
 
         return probe_bytes(run)
 
-    per_example = added_bytes(probe, size) + extra_per_example // 3
+    added = added_bytes(probe, size)
+    extra = extra_per_example(max(positions)) if callable(extra_per_example) else extra_per_example
+    per_example = added + extra // 3
     return chunk_examples(max_memory, per_example, what=what, fixed=fixed, positions=max(positions))

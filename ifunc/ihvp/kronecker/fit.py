@@ -42,7 +42,7 @@ from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
 from .factors import KroneckerFactors, LayerFactors
-from .layers import find_layers, parameter_names
+from .layers import dict_parameter_names, find_layers
 
 __all__ = ["fit_kronecker_factors", "fit_checked", "split_excluded", "CURVATURES"]
 
@@ -58,7 +58,7 @@ def _add(st: dict, key: str, product: torch.Tensor, weight: float, dtype: torch.
 
 def split_excluded(params, exclude) -> tuple[list[str], tuple[str, ...], dict]:
     """``(names, excluded names, kept params)``; ``exclude`` holds parameter names or module prefixes."""
-    names = parameter_names(params)
+    names = dict_parameter_names(params)
     excl = tuple(p for p in names if any(p == e or p.startswith(e + ".") for e in exclude))
     unknown = [e for e in exclude if not any(p == e or p.startswith(e + ".") for p in names)]
     if unknown:

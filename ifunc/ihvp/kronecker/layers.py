@@ -10,12 +10,8 @@ False)``): :func:`example_dim` finds it from the call shapes on one and two exam
 or shared by the batch) is refused with :class:`ExampleDimError`. Supported: ``nn.Linear``, ``nn.Conv2d``
 (``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight ``[in, out]``).
 
-A *use kind* says how a module that holds a diagonal-block parameter (``nn.Linear``, ``Conv1D``,
-``nn.Embedding``, ``nn.LayerNorm``, RMSNorm by duck typing) splits that parameter's score over positions
-(per-token scores). An ``nn.Embedding`` looked up with indices shared by the batch (a position table read with
-``arange(T)``, shape ``[T]`` or ``[1, T]``) is split too: the capture broadcasts its output to the ``b`` examples
-(:meth:`UseKind.per_example`), so each example's rows get their own gradient.
-Nothing outside this file branches on a module's type.
+How a module holding a diagonal-block parameter splits it over positions (its *use kind*) is
+:mod:`ifunc.ihvp.kronecker.uses`. Nothing outside these two files branches on a module's type.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ __all__ = [
     "layer_kind",
     "kind_of",
     "find_layers",
-    "parameter_names",
+    "dict_parameter_names",
     "example_dim",
     "settled_dim",
     "LayerCaptureError",
@@ -247,7 +243,7 @@ def example_dim(spec: LayerSpec, one: list, two: list | None) -> int | None:
     return None if two is None else dims.pop()
 
 
-def parameter_names(params: Params) -> list[str]:
+def dict_parameter_names(params: Params) -> list[str]:
     """:func:`ifunc.functional.parameter_names` of a dict of parameters (names map parameters to layers)."""
     if not isinstance(params, dict):
         raise TypeError(
@@ -276,7 +272,7 @@ def find_layers(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model= must be the nn.Module the loss calls, got {type(model).__name__}")
-    names = set(parameter_names(params))
+    names = set(dict_parameter_names(params))
     named = dict(model.named_modules())
     if modules is None:
         chosen = [n for n, m in named.items() if layer_kind(m) is not None]
@@ -315,5 +311,5 @@ def find_layers(
         out_f, in_f = kind.shape(m.weight)
         layers.append(LayerSpec(n, kind.name, w, b, out_f, in_f))
     covered = {s.weight for s in layers} | {s.bias for s in layers if s.bias}
-    uncovered = [p for p in parameter_names(params) if p not in covered]
+    uncovered = [p for p in dict_parameter_names(params) if p not in covered]
     return layers, uncovered

@@ -18,7 +18,7 @@ from .blocks import DiagBlock, KronBlock, layout
 from .closure import build_closure
 from .factors import KroneckerFactors
 from .fit import fit_checked, split_excluded
-from .layers import find_layers, parameter_names
+from .layers import dict_parameter_names, find_layers
 
 __all__ = ["ihvp_ekfac", "ihvp_kfac", "ihvp_diagonal", "ihvp_identity"]
 
@@ -33,7 +33,7 @@ def _blocks_info(params, factors: KroneckerFactors, method: str) -> dict[str, tu
         info[p] = ("diagonal", p.rsplit(".", 1)[0] if "." in p else "")
     for p in factors.excluded:
         info[p] = ("excluded", None)
-    return {p: info[p] for p in parameter_names(params) if p in info}
+    return {p: info[p] for p in dict_parameter_names(params) if p in info}
 
 
 def _from_factors(method: str, params, factors: KroneckerFactors, model, damping, check=None) -> IHVP:

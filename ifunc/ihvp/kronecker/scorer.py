@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import distributed
-from ..._data import DataSource, tensor_leaves
+from ..._data import DataSource
 from ..._types import LossFn, Params
 from .._scorer import ScoreOptions
 from .budget import capture_chunk_size
@@ -54,24 +54,39 @@ class KroneckerScorer:
         return self.n_query
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
-        """Train examples per chunk within ``max_memory``: per example its captured forward and score columns.
+        """Train examples per chunk within ``max_memory``: per example its captured forward, and for a pairwise
+        pass its score columns and the contraction's temporaries.
 
-        The columns are ``[n_query]`` per example, ``[n_query, T]`` per token (``T`` read off the first example's
-        first tensor); a self-influence pass holds none.
+        With ``T`` the positions one example adds (read off the probe), an example holds ``[n_query]`` score
+        columns (``[n_query, T]`` per token), and the contraction of one layer ``[out, in]`` holds
+        ``2 · n_query · out`` values per example at ``T = 1`` (the preconditioned queries applied to its input) or
+        its ``out · in`` gradient otherwise (``2 · n_query · T · r`` with ``query_rank=r``); the largest layer counts.
+        A self-influence pass holds none of these.
         """
-        n_query = self.n_query if pairs else 0
-        positions = 1
-        if pairs and self.options.per_token:
-            positions = tensor_leaves(train.first())[0][0].numel()
+        q, o = self.n_query if pairs else 0, self.options
+        shapes = [
+            (blk.spec.out_features, blk.spec.in_features + (blk.spec.bias is not None)) for blk in self.ihvp.blocks
+        ]
+
+        def extra(T: int) -> int:
+            if not q:
+                return 0
+            columns = 2 * q * (T if o.per_token else 1)
+            rank = 2 * q * T * o.query_rank if o.query_rank is not None else 0
+            contraction = max(
+                (2 * q * out if T == 1 else max(2 * q * out, out * inp) for out, inp in shapes), default=0
+            )
+            return (columns + max(rank, contraction)) * self.ihvp.dtype.itemsize
+
         return capture_chunk_size(
             self.loss,
             self.params,
             self.ihvp.model,
             [blk.spec for blk in self.ihvp.blocks],
             train,
-            max_memory=self.options.max_memory,
+            max_memory=o.max_memory,
             what="Kronecker scores of the train data",
-            extra_per_example=2 * n_query * positions * self.ihvp.dtype.itemsize,
+            extra_per_example=extra,
         )
 
     def chunk(self, batch, offset: int) -> torch.Tensor:
