@@ -86,6 +86,14 @@ def concat_batches(batches: list[Batch]) -> Batch:
     return optree.tree_map(lambda *xs: torch.cat(xs), *batches, namespace="ifunc")
 
 
+def as_source(data: Any, *, name: str = "data", ordered: bool = False) -> DataSource:
+    """``data`` itself when it is already a :class:`DataSource` with the guards asked for (built once per call and
+    passed down: its example count, once known, is not counted again), else a new one."""
+    if isinstance(data, DataSource) and (data.ordered or not ordered):
+        return data
+    return DataSource(data, name=name, ordered=ordered)
+
+
 class _Normalised(list):
     """The batches of data held in memory, already checked (a list of batches)."""
 
@@ -94,7 +102,7 @@ class DataSource:
     """A re-iterable view of user data as batches, with the total number of examples."""
 
     def __init__(self, data: Any, *, name: str = "data", batch_size_hint: int = 256, ordered: bool = False):
-        self.name = name
+        self.name, self.ordered = name, ordered
         if isinstance(data, DataSource):  # a view of a view: the user's data again, with this view's guards
             data = data._batches
         self._batches: Iterable[Batch]

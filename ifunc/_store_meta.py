@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._data import DataSource, fingerprint, tensor_leaves
+from ._data import as_source, fingerprint, tensor_leaves
 from ._identity import run_identity
 from ._version import __version__
 from .functional import flatten
@@ -44,7 +44,7 @@ def store_meta(
     """
     described = _closure_description(ihvp)
     model = getattr(ihvp, "model", None)
-    query_leaves = [t for b in DataSource(query, name="query") for t in tensor_leaves(b)]
+    query_leaves = [t for b in as_source(query, name="query") for t in tensor_leaves(b)]
     meta = {
         "method": described["method"],
         "damping": described["damping"],

@@ -17,7 +17,7 @@ import optree
 import torch
 from torch.func import grad, vmap
 
-from ._data import DataSource, batch_size, check_chunk_size, iter_chunks, slice_batch
+from ._data import DataSource, as_source, batch_size, check_chunk_size, iter_chunks, slice_batch
 from ._errors import explained
 from ._memory import added_bytes, chunk_examples, probe_bytes
 from ._types import Batch, Data, Measurement, Params
@@ -49,7 +49,7 @@ def chunk_size_for(
       MemoryError: not even one example fits, with the numbers.
     """
     flat, unflatten = flatten(params)
-    first = DataSource(data, name=name).first()
+    first = as_source(data, name=name).first()
     size = batch_size(first)  # a readable error for a batch without an example dimension
     x = flat.detach().requires_grad_(True)
 
@@ -217,7 +217,7 @@ def iter_per_sample_grads(
         NaN/inf (naming the example index), or ``chunk_size`` is not a positive int (TypeError for a non-int).
     """
     flat, unflatten = flatten(params)
-    source = DataSource(data, name=name, ordered=True)
+    source = as_source(data, name=name, ordered=True)
     size = check_chunk_size(chunk_size) or chunk_size_for(func, params, source, max_memory=max_memory, name=name)
     flat_func = lambda x, b: func(unflatten(x), b)  # noqa: E731
     for chunk in iter_chunks(source, size):

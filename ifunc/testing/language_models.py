@@ -13,13 +13,16 @@ Pair a model with :func:`ifunc.language.causal_lm_loss` through :func:`hf_logits
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 from torch import nn
 
 from .._types import Params
 from ..functional import call
+
+if TYPE_CHECKING:  # the return types only: transformers is imported inside the builders
+    from transformers import GPT2LMHeadModel, GPTNeoForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 __all__ = ["causal_lm", "tiny_gpt2", "tiny_llama", "tiny_gpt_neo", "hf_logits"]
 
@@ -31,7 +34,7 @@ def _attention(attention: str | None) -> dict[str, Any]:
     return {} if attention is None else {"attn_implementation": attention}
 
 
-def causal_lm(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+def causal_lm(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
     """The causal LM of a GPT-2, Llama or GPT-Neo ``config`` with weights drawn after ``manual_seed(seed)``.
 
     Args:
@@ -68,7 +71,7 @@ def tiny_gpt2(
     positions: int = 12,
     attention: str | None = "eager",
     dtype: torch.dtype = torch.float64,
-) -> nn.Module:
+) -> GPT2LMHeadModel:
     """``GPT2LMHeadModel``: vocabulary 23, width 8, 2 heads, ``layers`` blocks, no dropout, token 0 as bos/eos.
 
     Its ``Conv1D`` projections (``c_attn``, ``c_proj``, ``c_fc``) are Kronecker layers; the head is tied to the
@@ -101,7 +104,7 @@ def tiny_gpt2(
         eos_token_id=0,
         **_attention(attention),
     )
-    return causal_lm(config, seed=seed, dtype=dtype)
+    return cast("GPT2LMHeadModel", causal_lm(config, seed=seed, dtype=dtype))
 
 
 def tiny_llama(
@@ -112,7 +115,7 @@ def tiny_llama(
     kv_heads: int = 2,
     attention: str | None = "eager",
     dtype: torch.dtype = torch.float64,
-) -> nn.Module:
+) -> LlamaForCausalLM:
     """``LlamaForCausalLM``: width 16, MLP width 24, 2 layers, context 16, rotary positions, RMSNorm.
 
     ``kv_heads < heads`` is grouped-query attention. Its ``nn.Linear`` projections (q, k, v, o, gate, up, down
@@ -142,7 +145,7 @@ def tiny_llama(
         max_position_embeddings=16,
         **_attention(attention),
     )
-    return causal_lm(config, seed=seed, dtype=dtype)
+    return cast("LlamaForCausalLM", causal_lm(config, seed=seed, dtype=dtype))
 
 
 def tiny_gpt_neo(
@@ -153,7 +156,7 @@ def tiny_gpt_neo(
     positions: int = 64,
     attention: str | None = "eager",
     dtype: torch.dtype = torch.float64,
-) -> nn.Module:
+) -> GPTNeoForCausalLM:
     """``GPTNeoForCausalLM`` at the shape of TinyStories-1M: vocabulary 50,257, width 64, 16 heads, no dropout.
 
     The layers alternate global and local (sliding-window) attention, ``layers // 2`` pairs. The embedding
@@ -186,7 +189,7 @@ def tiny_gpt_neo(
         resid_dropout=0.0,
         **_attention(attention),
     )
-    return causal_lm(config, seed=seed, dtype=dtype)
+    return cast("GPTNeoForCausalLM", causal_lm(config, seed=seed, dtype=dtype))
 
 
 def hf_logits(model: nn.Module) -> Callable[[Params, dict], torch.Tensor]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..._data import DataSource, batch_size, check_chunk_size, slice_batch  # the one chunk-size rule
+from ..._data import as_source, batch_size, check_chunk_size, slice_batch  # the one chunk-size rule
 from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad
@@ -53,7 +53,7 @@ def capture_chunk_size(
     Raises:
       MemoryError: not even one example fits, with the numbers.
     """
-    first = DataSource(data, name=what).first()
+    first = as_source(data, name=what).first()
     size = batch_size(first)  # a readable error for a batch without an example dimension
     p = requiring_grad(params)
     positions = [1]  # rows one example adds to the captured products (tokens, patches), read off the probe

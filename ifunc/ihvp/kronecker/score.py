@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..._data import DataSource, batch_size, iter_chunks
+from ..._data import as_source, batch_size, iter_chunks
 from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
@@ -106,7 +106,7 @@ def kronecker_prepare(
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
-    queries = DataSource(query, name="query", ordered=True)
+    queries = as_source(query, name="query", ordered=True)
     check_summed(func, params, queries, "measurement(params, batch)")  # before the probe, whose rows assume it
     layers = checked(func, params, ihvp, queries.head(2)).layers
     step = chunk_size or capture_chunk_size(
