@@ -30,13 +30,14 @@ The problems and the references live in ``tests/problems.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 import ifunc
 
 from .problems import (
+    Blocks,
     Problem,
     blocks_of,
     categorical,
@@ -53,33 +54,36 @@ from .problems import (
 # ---------------------------------------------------------------- builders with settings that converge
 
 
-def _named(problem: Problem, blocks):
-    """``blocks=`` as ``ifunc`` takes it: a function of the name becomes the mapping name -> group."""
+def _named(problem: Problem, blocks: Blocks) -> Any:
+    """``blocks=`` as ``ifunc`` takes it: a function of the name becomes the mapping name -> group.
+
+    (``Any``: the builders leave ``blocks`` unannotated, so a type checker reads ``str`` off its default.)
+    """
     return {name: blocks(name) for name in problem.params} if callable(blocks) else blocks
 
 
-def _explicit(p: Problem, lam: float | None, *, blocks="full", **kw) -> ifunc.IHVP:
+def _explicit(p: Problem, lam: float | None, *, blocks: Blocks = "full", **kw) -> ifunc.IHVP:
     return ifunc.ihvp_explicit(p.loss, p.params, p.data, damping=lam, blocks=_named(p, blocks), **kw)
 
 
-def _cg(p: Problem, lam: float | None, *, blocks="full") -> ifunc.IHVP:
+def _cg(p: Problem, lam: float | None, *, blocks: Blocks = "full") -> ifunc.IHVP:
     # tol 1e-9, not tighter: a softmax near saturation (one example, tiny GGN) carries a relative rounding of
     # ~1e-11 in its curvature products, and the true residual stalls near 1e-10 (CG then raises)
     kw = {"tol": 1e-9, "atol": 1e-14, "maxiter": 500}
     return ifunc.ihvp_cg(p.loss, p.params, p.data, damping=lam, blocks=_named(p, blocks), **kw)
 
 
-def _arnoldi(p: Problem, lam: float | None, *, blocks="full", rank: int | None = None) -> ifunc.IHVP:
+def _arnoldi(p: Problem, lam: float | None, *, blocks: Blocks = "full", rank: int | None = None) -> ifunc.IHVP:
     rank = dim(p) if rank is None else rank
     return ifunc.ihvp_arnoldi(p.loss, p.params, p.data, rank=rank, damping=lam, blocks=_named(p, blocks))
 
 
-def _nystrom(p: Problem, lam: float | None, *, blocks="full", rank: int | None = None) -> ifunc.IHVP:
+def _nystrom(p: Problem, lam: float | None, *, blocks: Blocks = "full", rank: int | None = None) -> ifunc.IHVP:
     rank = dim(p) if rank is None else rank
     return ifunc.ihvp_nystrom(p.loss, p.params, p.data, rank=rank, damping=lam, blocks=_named(p, blocks))
 
 
-def _lissa(p: Problem, lam: float | None, *, blocks="full") -> ifunc.IHVP:
+def _lissa(p: Problem, lam: float | None, *, blocks: Blocks = "full") -> ifunc.IHVP:
     """LiSSA over all the data with ``s = λ_max(C) + λ`` and ``depth = (s/λ) ln(1e3)``.
 
     Every step then contracts each eigen-direction by ``r = 1 − (h + λ)/s`` in ``[0, 1 − λ/s]``, so the
@@ -88,14 +92,14 @@ def _lissa(p: Problem, lam: float | None, *, blocks="full") -> ifunc.IHVP:
     with a one-step build (deterministic) to size ``s`` and ``depth``; the returned closure resolves the same
     λ itself, so it records the rule.
     """
-    blocks = _named(p, blocks)
+    named = _named(p, blocks)
     if lam is None:
-        size = ifunc.ihvp_lissa(p.loss, p.params, p.data, depth=1, blocks=blocks).damping
+        size = ifunc.ihvp_lissa(p.loss, p.params, p.data, depth=1, blocks=named).damping
     else:
         size = lam
-    s = float(torch.linalg.eigvalsh(blocks_of(ggn, blocks)(p)).max()) + size
+    s = float(torch.linalg.eigvalsh(blocks_of(ggn, named)(p)).max()) + size
     depth = int(s / size * 6.91) + 1
-    return ifunc.ihvp_lissa(p.loss, p.params, p.data, damping=lam, scale=s, depth=depth, blocks=blocks)
+    return ifunc.ihvp_lissa(p.loss, p.params, p.data, damping=lam, scale=s, depth=depth, blocks=named)
 
 
 def _datainf(p: Problem, lam: float | None, **kw) -> ifunc.IHVP:
@@ -173,13 +177,19 @@ _FULL_RANK = {"task": "regression", "n": 12}
 _DEEP_LINEAR_MSE = {"activation": None, "task": "regression"}
 _ONE_EXAMPLE = {"n": 1, "task": "classification"}
 # labels sampled from the model: the scale of the loss does not enter the curvature
-_SAMPLED = {"fixed": {"task": "classification"}, "rule_curvature": sampled_fisher, "degree": 0}
-_ITERATIVE = {"free_redamping": False, "rule_exact": False}
+_SAMPLED: dict[str, Any] = {"fixed": {"task": "classification"}, "rule_curvature": sampled_fisher, "degree": 0}
+# squared error makes the last layer's GGN block (Σ h hᵀ) ⊗ I: its eigenvalues come in tied groups of d_out, which
+# a rank-2 cut splits arbitrarily (float32 and float64 keep different eigenvectors); cross-entropy unties them
+_UNTIED: dict[str, Any] = {"fixed": {"task": "classification"}, "rule_exact": False}
+_ITERATIVE: dict[str, Any] = {"free_redamping": False, "rule_exact": False}
 _FULL, _LAYER, _KIND = {"blocks": "full"}, {"blocks": "layer"}, {"blocks": kind}
 _LAYER_GGN, _KIND_GGN, _LAYER_EF = blocks_of(ggn, "layer"), blocks_of(ggn, kind), blocks_of(empirical_fisher, "layer")
 _EF = {**_FULL, "curvature": "empirical_fisher"}
-_OUTER = {"rule_curvature": empirical_fisher, "degree": 2}  # gradient outer products at the data's labels
-_PER_BLOCK = {"rule_curvature": None}  # the Kronecker family's damping rule: a λ per block
+_OUTER: dict[str, Any] = {
+    "rule_curvature": empirical_fisher,
+    "degree": 2,
+}  # gradient outer products at the data's labels
+_PER_BLOCK: dict[str, Any] = {"rule_curvature": None}  # the Kronecker family's damping rule: a λ per block
 _EKFAC, _KFAC, _DIAGONAL = (_kronecker(m) for m in (ifunc.ihvp_ekfac, ifunc.ihvp_kfac, ifunc.ihvp_diagonal))
 
 METHODS: list[Method] = [
@@ -199,7 +209,7 @@ METHODS: list[Method] = [
     # low-rank: the top eigenpairs (of the whole curvature, or of each block) plus λ on the complement
     Method("arnoldi-rank-3", _arnoldi, "approximate", options={**_FULL, "rank": 3}, rule_exact=False),
     Method("nystrom-rank-3", _nystrom, "approximate", options={**_FULL, "rank": 3}, fixed=_FULL_RANK, rule_exact=False),
-    Method("arnoldi-layer-rank-2", _arnoldi, "approximate", options={**_LAYER, "rank": 2}, rule_exact=False),
+    Method("arnoldi-layer-rank-2", _arnoldi, "approximate", options={**_LAYER, "rank": 2}, **_UNTIED),
     Method("nystrom-layer-rank-2", _nystrom, "approximate", options={**_LAYER, "rank": 2}, rule_exact=False),
     # gradient curvatures: the empirical Fisher; DataInf's mean of inverses, exact for one data point
     Method("explicit-empirical-fisher", _explicit, "exact", empirical_fisher, tol=1e-10, options=_EF, **_OUTER),

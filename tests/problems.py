@@ -9,13 +9,16 @@ reference is ``problem -> C [d, d]``, an undamped curvature in float64 built fro
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 import torch
 from torch import nn
 
 import ifunc
 from ifunc.testing import mlp_problem
+
+#: a ``blocks=`` argument: ``"full"``, ``"layer"``, a mapping name -> group, or a function name -> group
+Blocks = Union[str, Mapping[str, Hashable], Callable[[str], Hashable]]
 
 
 class Problem(NamedTuple):
@@ -87,14 +90,16 @@ def kind(name: str) -> str:
     return name.rpartition(".")[2]
 
 
-def group_of(blocks) -> Callable[[str], Hashable]:
+def group_of(blocks: Blocks) -> Callable[[str], Hashable]:
     """``name -> group`` of a ``blocks=`` argument (``"full"``, ``"layer"``, a mapping or a function)."""
     if isinstance(blocks, Mapping):
         return blocks.__getitem__
-    return {"full": lambda name: "full", "layer": layer}.get(blocks, blocks)
+    if isinstance(blocks, str):
+        return layer if blocks == "layer" else lambda name: blocks
+    return blocks
 
 
-def block_masks(problem: Problem, blocks="layer") -> torch.Tensor:
+def block_masks(problem: Problem, blocks: Blocks = "layer") -> torch.Tensor:
     """``[m, d]`` boolean masks of the blocks of ``blocks=`` (``"full"``, ``"layer"``, mapping or function)."""
     group = group_of(blocks)
     return torch.stack(
@@ -105,7 +110,7 @@ def block_masks(problem: Problem, blocks="layer") -> torch.Tensor:
     ).bool()
 
 
-def blocks_of(matrix: Callable[[Problem], torch.Tensor], blocks="layer") -> Callable[[Problem], torch.Tensor]:
+def blocks_of(matrix: Callable[[Problem], torch.Tensor], blocks: Blocks = "layer") -> Callable[[Problem], torch.Tensor]:
     """``problem -> Σ_b P_b C P_b``: the block diagonal of ``matrix(problem)`` (cross-block terms zero)."""
 
     def reference(problem: Problem) -> torch.Tensor:

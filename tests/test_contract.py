@@ -163,13 +163,17 @@ def test_with_damping_reuses_the_factorisation(method, spec, ratio, seed):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
-@given(spec=problem_specs(), ratio=ratios, seed=seeds, c=st.floats(0.25, 4.0))
+@given(spec=problem_specs(), ratio=ratios, seed=seeds, c=st.sampled_from([0.25, 0.5, 2.0, 4.0]))
 def test_scaling_the_loss_divides_the_result(method, spec, ratio, seed, c):
-    """Loss × c scales the curvature by ``k = c^degree``; at λ × k the result is the original one divided by k."""
+    """Loss × c scales the curvature by ``k = c^degree``; at λ × k the result is the original one divided by k.
+
+    ``c`` is a power of two, so every product scales without rounding: a low-rank row whose top eigenvalues
+    are tied (one example) keeps the same eigenvectors, which another ``c`` could swap by rounding.
+    """
     problem, lam, ihvp, V = _setup(method, spec, ratio, seed, k=2)
     k = c**method.degree
     X = method.build(scaled(problem, c), k * lam)(V)
-    assert rel_error(k * X, ihvp(V)) < 10 * method.rtol
+    assert rel_error(k * X, ihvp(V)) < method.rtol
 
 
 @pytest.mark.parametrize("method", METHODS, ids=str)
@@ -288,6 +292,7 @@ def test_nystrom_sketch_of_a_singular_ggn():
     """
     problem = make_problem(seed=146, sizes=(1, 1, 2), n=1, activation=None, task="classification")
     nystrom = next(m for m in METHODS if m.name == "nystrom")
+    assert nystrom.tol is not None
     V = _vectors(problem, 3, 0)
     A = ggn(problem) + torch.eye(dim(problem))
     assert rel_error(nystrom.build(problem, 1.0)(V), torch.linalg.solve(A, V.T).T) < nystrom.tol

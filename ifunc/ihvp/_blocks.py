@@ -9,7 +9,7 @@ cross-block curvature is dropped and ``(D + λI)^{-1} v`` is solved block by blo
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 import torch
 
@@ -21,6 +21,9 @@ from ._eigen import eigen_solve
 __all__ = ["Block", "blocks_info", "resolve_blocks", "restrict", "block_diagonal", "join", "eigen_blocks_ihvp"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+#: ``blocks=`` of the operator methods: ``"full"``, ``"layer"``, or a mapping parameter name -> group
+Blocks = Union[str, Mapping[str, Hashable]]
 
 
 class Block(NamedTuple):

@@ -8,7 +8,7 @@ from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP
-from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
+from ._blocks import Blocks, EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 from ._damping import hutchinson_trace, resolve_damping, trace_beyond
 from ._operator import data_operator
 
@@ -83,7 +83,7 @@ def ihvp_arnoldi(
     oversample: int | None = None,
     generator: torch.Generator | None = None,
     curvature: str | None = None,
-    blocks="full",
+    blocks: Blocks = "full",
 ) -> IHVP:
     """Low-rank ``v -> (H + λI)^{-1} v`` from the top-``rank`` eigenpairs of the mean curvature.
 

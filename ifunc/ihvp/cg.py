@@ -9,7 +9,7 @@ import torch
 from .._errors import check_count
 from .._types import Data, LossFn, Params, Preconditioner
 from ._base import IHVP, ConvergenceError
-from ._blocks import block_diagonal, blocks_info, resolve_blocks
+from ._blocks import Blocks, block_diagonal, blocks_info, resolve_blocks
 from ._cg_loop import iterate
 from ._damping import check_damping, hutchinson_trace, resolve_damping
 from ._operator import data_operator, data_signature
@@ -121,7 +121,7 @@ def ihvp_cg(
     maxiter: int | None = None,
     preconditioner: Preconditioner | None = None,
     curvature: str | None = None,
-    blocks="full",
+    blocks: Blocks = "full",
     generator: torch.Generator | None = None,
 ) -> IHVP:
     """``v -> (H + λI)^{-1} v`` by conjugate gradients on the mean curvature over ``data``.

@@ -10,7 +10,7 @@ from .._types import Data, LossFn, Params
 from ..curvature import resolve_curvature
 from ..functional import flatten
 from ._base import IHVP
-from ._blocks import EigenFactor, eigen_blocks_ihvp, resolve_blocks
+from ._blocks import Blocks, EigenFactor, eigen_blocks_ihvp, resolve_blocks
 from ._damping import check_conditioning, resolve_damping
 from ._eigen import eigen_solve
 from ._operator import data_operator
@@ -88,7 +88,7 @@ def ihvp_explicit(
     *,
     damping: float | None = None,
     curvature: str | None = None,
-    blocks="full",
+    blocks: Blocks = "full",
     generator: torch.Generator | None = None,
 ) -> IHVP:
     """Exact ``v -> (H + λI)^{-1} v`` from the dense mean curvature matrix.

@@ -13,7 +13,7 @@ from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..likelihood import default_generator
 from ._base import IHVP, ConvergenceError
-from ._blocks import block_diagonal, blocks_info, resolve_blocks
+from ._blocks import Blocks, block_diagonal, blocks_info, resolve_blocks
 from ._damping import check_damping, hutchinson_trace, resolve_damping
 from ._lissa_schedule import MAX_DEFAULT_DEPTH, LissaDivergenceError, schedule, top_eigenvalue
 from ._lissa_steps import fresh, step_operators
@@ -38,7 +38,7 @@ def ihvp_lissa(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     curvature: str | None = None,
-    blocks="full",
+    blocks: Blocks = "full",
 ) -> IHVP:
     """``v -> (H + λI)^{-1} v`` by the LiSSA recursion, with a convergence check on every call.
 
