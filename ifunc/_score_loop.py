@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from . import distributed
-from ._data import DataSource, Partition, iter_chunks, n_chunks
+from ._chunks import Partition, iter_chunks, n_chunks
+from ._data import DataSource
 from ._progress import progress_bar
 from ._sinks import ScorePlan, Sink
 

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from . import distributed
-from ._data import DataSource, Partition, batch_size
+from ._chunks import Partition
+from ._data import DataSource, batch_size
 from ._store_sinks import RankStoreSink, StoreSink
 
 __all__ = ["Sink", "ScorePlan", "MemorySink", "GatherSink", "default_sink"]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from . import distributed, store
-from ._data import Partition, fingerprint, tensor_leaves
+from ._chunks import Partition
+from ._data import fingerprint, tensor_leaves
 
 __all__ = ["StoreSink", "RankStoreSink", "resumed_chunk_size"]
 

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from . import distributed
-from ._data import DataSource, Partition, check_chunk_size
+from ._chunks import Partition, check_chunk_size
+from ._data import DataSource
 from ._score_loop import agreed_chunk, run_chunks
 from ._sinks import GatherSink, MemorySink, Sink, default_sink
 from ._store_meta import store_meta

@@ -25,7 +25,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from ._data import DataSource, Partition  # Partition: re-exported, the solvers pass one
+from ._chunks import Partition
+from ._data import DataSource  # Partition: re-exported, the solvers pass one
 from ._errors import explained
 from ._types import Batch, Data, LossFn, Params
 from .functional import Unflatten, flatten

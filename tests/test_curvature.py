@@ -60,7 +60,8 @@ def test_ggn_needs_split_loss_and_loss_must_be_scalar():
 
 
 def test_a_partition_owns_every_chunk_once_and_iter_chunks_marks_them():
-    from ifunc._data import DataSource, iter_chunks
+    from ifunc._chunks import iter_chunks
+    from ifunc._data import DataSource
 
     whole = ifunc.curvature.Partition()
     assert (whole.index, whole.count) == (0, 1) and whole.reduce(torch.ones(2)).tolist() == [1.0, 1.0]

@@ -22,7 +22,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ifunc"
 GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "base": (
         0,
-        ("_types.py", "_data.py", "_order.py", "_errors.py", "_progress.py", "_version.py", "functional.py")
+        (
+            "_types.py",
+            "_data.py",
+            "_chunks.py",
+            "_order.py",
+            "_errors.py",
+            "_progress.py",
+            "_version.py",
+            "functional.py",
+        )
         + ("_memory.py", "_identity.py"),
     ),
     "ranks": (0, ("distributed.py",)),

@@ -26,7 +26,8 @@ import torch
 
 import ifunc
 from ifunc import store
-from ifunc._data import DataSource, Partition
+from ifunc._chunks import Partition
+from ifunc._data import DataSource
 from ifunc._score_loop import run_chunks
 from ifunc._store_sinks import RankStoreSink
 from ifunc.testing import mlp_problem

@@ -16,7 +16,8 @@ import optree
 import torch
 
 from .. import distributed
-from .._data import DataSource, Partition, fingerprint, tensor_leaves
+from .._chunks import Partition
+from .._data import DataSource, fingerprint, tensor_leaves
 from .._types import Data, LossFn, Params
 from ..curvature import CurvatureOperator, curvature_operator
 

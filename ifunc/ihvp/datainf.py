@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._data import DataSource, iter_chunks
+from .._chunks import iter_chunks
+from .._data import DataSource
 from .._errors import check_count
 from .._types import Data, LossFn, Params
 from ..curvature import CURVATURES, example_gradients, resolve_curvature

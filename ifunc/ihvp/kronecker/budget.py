@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..._data import as_source, batch_size, check_chunk_size, slice_batch  # the one chunk-size rule
+from ..._chunks import check_chunk_size
+from ..._data import as_source, batch_size, slice_batch  # the one chunk-size rule
 from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad

@@ -29,7 +29,8 @@ from typing import cast
 import torch
 
 from ... import distributed
-from ..._data import Chunk, DataSource, batch_size, iter_chunks, n_chunks
+from ..._chunks import Chunk, iter_chunks, n_chunks
+from ..._data import DataSource, batch_size
 from ..._errors import check_count
 from ..._memory import release_free_memory
 from ..._progress import progress_bar

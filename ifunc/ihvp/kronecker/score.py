@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..._data import as_source, batch_size, iter_chunks
+from ..._chunks import iter_chunks
+from ..._data import as_source, batch_size
 from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
