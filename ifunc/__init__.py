@@ -5,11 +5,14 @@ checks it):
 
 0 base        ``functional`` params_of / call / flatten (optree) · ``_types`` type aliases · ``_data`` data sources,
               the one chunk loop ``iter_chunks``, the ``Partition`` of chunks over ranks and ``fingerprint`` ·
-              ``_order`` data-order guards · ``_identity`` content hashes of a run · ``_errors`` readable torch.func
-              errors · ``_progress`` progress bars · ``_memory`` the byte budget and the one chunk cap · ``_version``
-0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather); a leaf, no-ops on one process
-1 store       ``store/`` HDF5 I/O only: ``scores`` (resumable, fingerprinted, checksummed score stores), ``merge``
-              (per-rank stores), ``reading`` (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
+              ``_order`` data-order guards · ``_identity`` content hashes of a run (``_hash_walk`` the walk of code,
+              closures and globals) · ``_errors`` readable torch.func errors · ``_progress`` progress bars ·
+              ``_memory`` the byte budget and the one chunk cap · ``_version``
+0 ranks       ``distributed`` collectives (world, all-reduce, broadcast, gather; ``_ranks`` the world and the
+              shape/dtype handshakes); a leaf, no-ops on one process
+1 store       ``store/`` HDF5 I/O only: ``scores`` (resumable, fingerprinted, checksummed score stores; ``_trust``
+              their format, metadata, fingerprint and checksum checks), ``merge`` (per-rank stores), ``reading``
+              (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
 2 grads       ``grads`` the one per-example gradient primitive ``batch_grads`` (vmap(grad), NaN/inf guard)
 3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
               operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
@@ -18,10 +21,11 @@ checks it):
               closure (one constructor ``IHVP.make``, ``describe``, ``scorer``), ``_damping`` the one damping rule
               and conditioning check, ``_scorer`` the scorer protocol and the generic scorer, ``_operator`` the
               data operator sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves
-4 kronecker   ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind), ``uses`` (per-token splits of
-              diagonal-block parameters), ``hooks`` (the one hook system), ``capture`` (the probe of each layer's
-              example dimension and weight use), ``budget`` (chunks from the byte budget), ``fit`` (factors;
-              ``cotangents`` the output directions of each curvature), ``factors`` (their type and files),
+4 kronecker   ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind; ``example_dims`` each layer's example
+              dimension from its call shapes), ``uses`` (per-token splits of diagonal-block parameters), ``hooks``
+              (the one hook system), ``capture`` (the probe of each layer's example dimension and weight use),
+              ``budget`` (chunks from the byte budget), ``fit`` (factors; ``cotangents`` the output directions of
+              each curvature; ``eigenbases`` the eigendecompositions), ``factors`` (their type and files),
               ``blocks``, ``closure`` (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``scorer`` (the
               closure's scorer) over ``score`` (pairwise, per-module, self) and ``tokens`` (per-token),
               ``_kernels`` (contractions)

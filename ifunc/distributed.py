@@ -1,11 +1,13 @@
 """Collectives for ``torchrun``: world and rank, all-reduce, broadcast, gather; no-ops without a process group.
 
-A leaf: it imports no other ifunc module and is called only by the orchestrating layers (the solvers hand the
-curvature operators their rank's partition of the data; :func:`ifunc.attribute` picks a sink that gathers columns
-or merges per-rank stores). Under a default process group (``gloo`` on CPU, ``nccl`` on GPU) ifunc splits its
-work over the ``W`` ranks and every rank returns what one process would have; every rank passes the *same* data
-in the same order (not a ``DistributedSampler``). Which rank computes what is not decided here: the callers pass
-the owners, from the one rule of :class:`ifunc._data.Partition` (``r`` the rank, ``i`` a batch or chunk):
+A leaf: it imports no ifunc module outside the ranks group (:mod:`ifunc._ranks`: the world, the collectives'
+device and the shape/dtype handshakes; :func:`world`, :func:`active` and :func:`check_same` are re-exported here),
+and is called only by the orchestrating layers (the solvers hand the curvature operators their rank's partition
+of the data; :func:`ifunc.attribute` picks a sink that gathers columns or merges per-rank stores). Under a default
+process group (``gloo`` on CPU, ``nccl`` on GPU) ifunc splits its work over the ``W`` ranks and every rank returns
+what one process would have; every rank passes the *same* data in the same order (not a ``DistributedSampler``).
+Which rank computes what is not decided here: the callers pass the owners, from the one rule of
+:class:`ifunc._data.Partition` (``r`` the rank, ``i`` a batch or chunk):
 
 - Sums over the data (curvature products, so every operator-based solver; the Kronecker statistics ``A, S, D, Λ,
   n``): rank ``r`` computes ``i ≡ r (mod W)``, the partial sums are all-reduced, and all ranks hold the same bits,
@@ -31,6 +33,9 @@ from typing import Any, Callable, TypeVar
 import optree
 import torch
 
+from ._ranks import SAME_PARAMS, SAME_QUERIES, _agree, _check_owners, _device, _gather_object, _spec, active, world
+from ._ranks import check_same as check_same  # re-exported: a public collective of this module
+
 __all__ = [
     "world",
     "active",
@@ -49,56 +54,6 @@ __all__ = [
 
 
 T = TypeVar("T")
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def active() -> bool:
-    """True when a default process group with more than one rank is initialised."""
-    return world()[1] > 1
-
-
-def _device() -> torch.device:
-    """Where collectives run: the current GPU for nccl, the CPU for gloo."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _gather_object(obj) -> list:
-    out = [None] * world()[1]
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-SAME_PARAMS = "every rank must hold the same parameters in the same dtype (cast the model the same way on every rank)"
-SAME_QUERIES = "every rank must pass the same query data and hold the same parameters in the same dtype"
-
-
-def _spec(t) -> tuple | None:
-    """``(shape, dtype)`` of a tensor, None for anything else (a rank holding nothing, a number)."""
-    return (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
-
-
-def _agree(what: str, per_rank: list, fix: str) -> tuple | None:
-    """The ``(shape, dtype)`` every rank holding a tensor has (None if no rank holds one).
-
-    Raises ValueError on every rank alike (they all see the same gathered specs, so none waits in a collective)
-    naming ``what`` and each rank's shape and dtype when they differ.
-    """
-    found = [s for s in per_rank if s is not None]
-    if any(s != found[0] for s in found):
-        seen = ", ".join(
-            f"rank {r}: {'nothing' if s is None else f'{s[1]} {list(s[0])}'}" for r, s in enumerate(per_rank)
-        )
-        raise ValueError(f"ranks disagree on the shape/dtype of {what} ({seen}); {fix}")
-    return found[0] if found else None
 
 
 def _all_reduce_exact(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -210,15 +165,6 @@ def owner_map(
         out.append(tuple(flat[start : start + len(tup)]))
         start += len(tup)
     return out
-
-
-def _check_owners(owners: Sequence[int], count: int, size: int) -> None:
-    """Raise ValueError unless ``owners`` holds ``count`` ranks of ``range(size)``."""
-    if len(owners) != count or any(not 0 <= r < size for r in owners):
-        raise ValueError(
-            f"owners must give one rank in [0, {size}) per item ({count} items), got {list(owners)}; build them "
-            "with the process group's partition, owners[i] = partition.owner(i)"
-        )
 
 
 def reduce_stats(acc: dict[str, dict], keys: str, extra: dict | None = None) -> None:
@@ -347,12 +293,3 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if active():
         torch.distributed.barrier()
-
-
-def check_same(value, message: str) -> None:
-    """Raise ``ValueError(message)`` on every rank unless all ranks hold an equal (picklable) ``value``."""
-    if not active():
-        return
-    seen = _gather_object(value)
-    if any(s != seen[0] for s in seen):
-        raise ValueError(f"{message} (per rank: {seen})")

@@ -2,10 +2,11 @@
 
 A module may import ifunc modules of its own layer or of lower layers, never of a higher one; there are no
 import cycles among ifunc modules and no ifunc import inside a function (the usual way to dodge a cycle).
-Extra rules: ``distributed.py`` is a leaf (it imports no ifunc module), ``store/`` imports only the base
-modules, ``curvature.py`` never imports ``distributed.py``, and the scoring modules never import the Kronecker
-package (the scoring loop knows no method: a closure brings its scorer). A private name (``_x``) is never imported
-from another package, nor a private module from outside its package; no public name is defined in two modules.
+Extra rules: the ranks group (``distributed.py``, ``_ranks.py``) is a leaf (it imports no ifunc module outside
+the ranks group), ``store/`` imports only the base modules, ``curvature.py`` never imports ``distributed.py``, and
+the scoring modules never import the Kronecker package (the scoring loop knows no method: a closure brings its
+scorer). A private name (``_x``) is never imported from another package, nor a private module from outside its
+package; no public name is defined in two modules.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
             "_version.py",
             "functional.py",
         )
-        + ("_memory.py", "_identity.py"),
+        + ("_memory.py", "_identity.py", "_hash_walk.py"),
     ),
-    "ranks": (0, ("distributed.py",)),
+    "ranks": (0, ("distributed.py", "_ranks.py")),
     "store": (1, ("store/",)),
     "grads": (2, ("grads.py",)),
     "curvature": (3, ("curvature.py", "likelihood.py")),
@@ -50,7 +51,7 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 # group -> the only groups it may import (on top of the layer rule); absent = any group of its layer or below
 ONLY: dict[str, set[str]] = {
-    "ranks": set(),  # a leaf: no ifunc import at all
+    "ranks": {"ranks"},  # a leaf: no ifunc import outside the ranks group
     "store": {"base", "store"},  # HDF5 I/O only: never distributed, ihvp or attribute
 }
 NEVER: dict[str, set[str]] = {"curvature": {"ranks"}, "scoring": {"kronecker"}}

@@ -22,7 +22,8 @@ from torch import nn
 
 import ifunc
 from ifunc import store
-from ifunc._identity import MAX_DEPTH, UnidentifiableError, content_hash
+from ifunc._hash_walk import MAX_DEPTH, UnidentifiableError
+from ifunc._identity import content_hash
 from ifunc.measurements import output_measurement
 from ifunc.testing import mlp_problem
 

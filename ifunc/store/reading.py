@@ -11,7 +11,7 @@ import torch
 from .._errors import check_count
 from ._hdf5 import _open
 from ._meta import read_meta
-from .scores import FORMAT, _verify
+from ._trust import FORMAT, _verify
 
 __all__ = ["load_scores", "top_k"]
 

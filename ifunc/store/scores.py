@@ -24,7 +24,7 @@ close and can crash the process), so a write that the disk refuses (full, a file
 columns, fingerprint and checksum are written; a process killed (or refused) mid-chunk leaves that chunk
 unmarked, and the next run recomputes it and nothing else.
 
-Trust:
+Trust (the checks themselves are :mod:`._trust`):
 
 * *Resume.* An existing file is resumed only if its meta equals this call's (floats to a relative 1e-6:
   eigenvalues may differ in the last bits between processes) and every chunk it skips holds the same
@@ -42,7 +42,8 @@ Trust:
 
 Files of version 1 (no fingerprints or checksums) are still readable, unverified; they cannot be resumed.
 All disk I/O of ifunc lives in this package: :mod:`._hdf5` (locks, creation, tensor files), this module
-(writing and resuming score stores, merging per-rank stores) and :mod:`.reading`.
+(writing and resuming score stores), :mod:`._trust` (what a store must pass to be resumed or read), :mod:`.merge`
+(merging per-rank stores) and :mod:`.reading`.
 """
 
 from __future__ import annotations
@@ -59,40 +60,16 @@ import numpy as np
 
 from ._disk import write_failed
 from ._hdf5 import _HEADROOM, _check_path, _create, _exclusive, _h5open, _h5py
-from ._meta import as_read_back, describe_difference, read_meta
+from ._meta import as_read_back, read_meta
+from ._trust import FORMAT, VERSION, _validate, _verify, check_fingerprint
 
-__all__ = ["ScoreWriter", "check_fingerprint", "remove_store", "recorded_chunk_size"]
-
-
-FORMAT = "ifunc-scores"
-
-
-VERSION = 2
+__all__ = ["ScoreWriter", "remove_store", "recorded_chunk_size"]
 
 
 log = logging.getLogger("ifunc")
 
 
-def check_fingerprint(path, index: int, recorded: str, found: str) -> None:
-    """Raise unless chunk ``index`` of the training data hashes to what the store recorded for it."""
-    if recorded != found:
-        raise ValueError(
-            f"{path}: chunk {index} of the training data differs from the one whose scores the file holds "
-            f"(fingerprint {found}, recorded {recorded}): the training data changed since the file was written, "
-            "and resuming would mix scores of two data sets. Use overwrite=True to start over, or another path"
-        )
-
-
 # ---------------------------------------------------------------- writing
-
-
-def _verify(path, index: int, columns: np.ndarray, expected: int) -> None:
-    if zlib.crc32(np.ascontiguousarray(columns).data) != expected:
-        raise ValueError(
-            f"{path}: chunk {index} fails its checksum: its scores were changed or damaged after they were "
-            "written. Re-run the attribute(..., out=path) call with overwrite=True to recompute them, or read the "
-            "file unchecked with verify=False"
-        )
 
 
 class ScoreWriter:
@@ -274,52 +251,6 @@ class ScoreWriter:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _validate(f, path, wanted: dict, refuse_resume: str | None) -> None:
-    if f.attrs.get("format") != FORMAT or "scores" not in f or "done" not in f:
-        raise ValueError(f"{path} is not an ifunc score store; it was left untouched (overwrite=True replaces it)")
-    version = f.attrs.get("version", 1)
-    if not isinstance(version, (int, np.integer)):
-        raise ValueError(
-            f"{path} is damaged (its format version is {version!r}); it was left untouched (overwrite=True replaces it)"
-        )
-    if version < VERSION:
-        raise ValueError(
-            f"{path} was written by an older ifunc (no per-chunk fingerprints), so resuming it cannot "
-            "be checked; re-run with overwrite=True (load_scores still reads it)"
-        )
-    try:
-        found = read_meta(f)
-        if not isinstance(found, dict):
-            raise ValueError(f"a {type(found).__name__} where a JSON object belongs")
-    except (KeyError, ValueError) as err:
-        raise ValueError(
-            f"{path} has no readable metadata ({err}); it was left untouched (overwrite=True replaces it)"
-        ) from None
-    differences = describe_difference(found, wanted)
-    if differences:
-        hint = ""
-        if found.get("chunk_size") != wanted.get("chunk_size"):
-            hint = (
-                f"; the chunk size is part of the file's layout: drop chunk_size= (a resumed run adopts the file's), "
-                f"or pass chunk_size={found.get('chunk_size')}"
-            )
-        raise ValueError(
-            f"{path} holds scores from a different run ({differences}){hint}; refusing to mix them. Use "
-            "overwrite=True to start over, or another path"
-        )
-    n_chunks = -(-int(wanted["n_train"]) // int(wanted["chunk_size"]))
-    layout = {"scores": (wanted["n_query"], wanted["n_train"]), "done": (n_chunks,), "fingerprints": (n_chunks,)}
-    layout["checksums"] = (n_chunks,)
-    damaged = [k for k, shape in layout.items() if k not in f or tuple(f[k].shape) != tuple(shape)]
-    if damaged:  # never write at offsets past a dataset's end
-        raise ValueError(
-            f"{path} is damaged: its datasets {damaged} are missing or not shaped as its metadata says "
-            f"({layout}); it was left untouched (overwrite=True replaces it)"
-        )
-    if refuse_resume:
-        raise ValueError(f"{path} exists and {refuse_resume}; use overwrite=True to start over, or another path")
 
 
 def recorded_chunk_size(path) -> int | None:

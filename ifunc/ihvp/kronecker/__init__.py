@@ -1,8 +1,10 @@
 """The Kronecker family: K-FAC, EK-FAC, diagonal and identity closures built from captured layer statistics.
 
-``layers`` (one adapter per layer kind; ``uses`` for per-token splits of diagonal blocks) → ``hooks`` (the one
+``layers`` (one adapter per layer kind; ``example_dims`` which dimension holds the examples; ``uses`` for
+per-token splits of diagonal blocks) → ``hooks`` (the one
 hook system) → ``capture`` (the probe: each layer's example dimension, weights used only by their module, rows
-that are their example's own; ``budget`` sizes the chunks) → ``fit`` (factors, stored by ``factors``) → ``closure``
+that are their example's own; ``budget`` sizes the chunks) → ``fit`` (factors, stored by ``factors``;
+eigendecompositions in ``eigenbases``) → ``closure``
 (:class:`KroneckerIHVP`, built by ``methods``: ekfac / kfac / diagonal / identity) → ``scorer`` (the closure's
 scorer, driven by :func:`ifunc.attribute` like any other) → ``score`` / ``tokens`` (pairwise, per-module, self and
 per-token contractions); ``_kernels`` holds the dense linear algebra. Nothing outside the solvers imports this

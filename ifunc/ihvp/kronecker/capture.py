@@ -23,17 +23,9 @@ from torch import nn
 from ..._data import batch_size, index_batch, slice_batch
 from ..._types import Batch, LossFn, Params
 from ...grads import check_scalar
+from .example_dims import example_dim
 from .hooks import Recording, layer_capture, requiring_grad
-from .layers import (
-    ExampleDimError,
-    ExampleMixError,
-    LayerCaptureError,
-    LayerSpec,
-    WeightUseError,
-    example_dim,
-    find_layers,
-    kind_of,
-)
+from .layers import ExampleDimError, ExampleMixError, LayerCaptureError, LayerSpec, WeightUseError, find_layers, kind_of
 
 __all__ = [
     "Recording",

@@ -19,6 +19,9 @@ itself); ``"fisher"`` uses labels sampled from the model (a likelihood of :mod:`
 ``sample(outputs, generator) -> ∂ℓ/∂outputs`` at a sampled label; ``"categorical"`` and ``"gaussian"`` built in);
 ``"ggn"`` uses the exact output Hessian ``Λ_out = ∇²_out ℓ`` via its square root (``C`` backward passes
 for ``C`` outputs per position: exact, but costly for large vocabularies).
+
+This module accumulates the statistics over the data (the passes); the eigendecompositions of ``A`` and ``S``
+between the two passes are :mod:`ifunc.ihvp.kronecker.eigenbases`.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from ..._types import Data, LossFn, Params
 from ...grads import batch_grads, check_summed
 from ...likelihood import default_generator
 from .._operator import check_same_data, rank_partition
-from ._kernels import one_thread, rotated_sq_sum
+from ._kernels import rotated_sq_sum
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
-from .factors import KroneckerFactors, LayerFactors
+from .eigenbases import layer_eigenbases
+from .factors import KroneckerFactors
 from .layers import dict_parameter_names, find_layers
 
 __all__ = ["fit_kronecker_factors", "fit_checked", "split_excluded", "CURVATURES"]
@@ -258,47 +262,18 @@ def fit_checked(
     release_free_memory()  # the pass's chunks are freed: hand their heap pages back before the factors grow
     distributed.reduce_stats(acc, "ASD" if diagonal else "AS", fb)  # sums over ranks (no-op without a process group)
     n = distributed.reduce_count(n)
-    stats = {}
-    for s in layers:
-        st = acc[s.name]
-        A, S = st["A"], st["S"]
-        st["A"] = st["S"] = 0.0  # the sums become the means in place: one copy of the covariances is alive
-        for what, M in (("A", A), ("S", S)):
-            assert isinstance(M, torch.Tensor)  # the data is not empty (check_summed read a batch): every layer added
-            M.div_(n)
-            if not torch.isfinite(M).all():
-                raise ValueError(f"the {what} factor of layer {s.name!r} has NaN/inf: check the loss and the data")
-        stats[s.name] = (A, S, st["D"] / n if diagonal else None)
-
-    bar = progress_bar(total=len(layers), desc="ifunc eigendecompositions", progress=progress)
-
-    def eig(name):
-        A, S, D = stats[name]
-        with one_thread():  # one layer's covariances in eigen_dtype at a time
-            eA, QA = torch.linalg.eigh((A.to(eigen_dtype) + A.T) / 2)
-            eS, QS = torch.linalg.eigh((S.to(eigen_dtype) + S.T) / 2)
-        # kept in the params' dtype (where the closures and the Λ pass use them), or not at all: the float64 copies
-        # of a large layer's covariances and bases are freed as soon as they are decomposed
-        stats[name] = (A.to(dtype), S.to(dtype), D) if keep_covariances else (None, None, D)
-        bar.update(1)
-        return eA, QA.to(dtype), eS, QS.to(dtype)
-
-    def zeros(name):
-        A, S, D = stats[name]
-        QA, QS = torch.zeros_like(A, dtype=dtype), torch.zeros_like(S, dtype=dtype)
-        eA, eS = A.new_zeros(len(A), dtype=eigen_dtype), S.new_zeros(len(S), dtype=eigen_dtype)  # as eig's
-        if not keep_covariances:  # another rank decomposes this layer: its covariances are not needed here
-            stats[name] = (None, None, D)
-        return eA, QA, eS, QS
-
-    factors = {}  # layer l's eigendecompositions run on the partition's owner of l and are shared
-    owners = [part.owner(i) for i in range(len(layers))]
-    for s, (eA, QA, eS, QS) in zip(layers, distributed.owner_map([s.name for s in layers], eig, zeros, owners)):
-        A, S, D = stats.pop(s.name)
-        if A is not None:
-            A, S = A.to(dtype), S.to(dtype)
-        factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
-    bar.close()
+    owners = [part.owner(i) for i in range(len(layers))]  # layer l's eigendecompositions: the partition's owner of l
+    factors = layer_eigenbases(
+        acc,
+        layers,
+        n,
+        owners,
+        diagonal=diagonal,
+        dtype=dtype,
+        eigen_dtype=eigen_dtype,
+        keep_covariances=keep_covariances,
+        progress=progress,
+    )
     release_free_memory()
     if ekfac and layers:
         gen.set_state(start_state)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ...functional import check_eval_mode
-from .layers import ExampleDimError, LayerCaptureError, LayerSpec, kind_of, settled_dim
+from .example_dims import settled_dim
+from .layers import ExampleDimError, LayerCaptureError, LayerSpec, kind_of
 from .uses import use_kind
 
 __all__ = ["Recording", "layer_capture", "requiring_grad"]

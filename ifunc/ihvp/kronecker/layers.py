@@ -5,10 +5,11 @@ per-example weight gradient is ``DW = Σ_t g_t a_tᵀ`` in the weight-matrix lay
 kind* says how to read ``a [b, T, in]`` from the module's input, ``g [b, T, out]`` from the gradient of its
 output, and how the flat parameter slice maps to ``[out, in]``. The examples may lie along any dimension but the
 features' (``[batch, ..., in]``, or sequence-first ``[T, batch, in]``, e.g. ``nn.TransformerEncoderLayer(batch_first=
-False)``): :func:`example_dim` finds it from the call shapes on one and two examples, and the adapter moves it first
-(inputs and output gradients alike); an input without one (examples flattened with positions, ``x.reshape(b * T, d)``,
-or shared by the batch) is refused with :class:`ExampleDimError`. Supported: ``nn.Linear``, ``nn.Conv2d``
-(``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight ``[in, out]``).
+False)``): :mod:`ifunc.ihvp.kronecker.example_dims` finds it from the call shapes on one and two examples, and the
+adapter moves it first (inputs and output gradients alike); an input without one (examples flattened with positions,
+``x.reshape(b * T, d)``, or shared by the batch) is refused with :class:`ExampleDimError`. Supported: ``nn.Linear``,
+``nn.Conv2d`` (``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight
+``[in, out]``).
 
 How a module holding a diagonal-block parameter splits it over positions (its *use kind*) is
 :mod:`ifunc.ihvp.kronecker.uses`. Nothing outside these two files branches on a module's type.
@@ -33,8 +34,6 @@ __all__ = [
     "kind_of",
     "find_layers",
     "dict_parameter_names",
-    "example_dim",
-    "settled_dim",
     "LayerCaptureError",
     "ExampleDimError",
     "WeightUseError",
@@ -179,68 +178,6 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 def kind_of(spec: LayerSpec) -> LayerKind:
     """The adapter of a tracked layer."""
     return KINDS[spec.kind]
-
-
-def settled_dim(spec: LayerSpec, x: torch.Tensor, examples: int | None) -> int:
-    """The example dimension of a call's input (or output) ``x``: the spec's, or while it is undecided (one example
-    seen so far) the first dimension of size 1 that may index the examples, which is as good as any for one example.
-
-    Raises:
-      ExampleDimError: the dimension is undecided and the batch holds two or more examples.
-    """
-    if spec.batch_dim is not None:
-        return spec.batch_dim
-    if examples is not None and examples > 1:
-        raise ExampleDimError(
-            f"layer capture: the example dimension of {spec.name!r} is undecided (found on one example only) and the "
-            f"batch holds {examples}; probe the layers on two examples first"
-        )
-    return next((d for d in kind_of(spec).example_dims(x.dim()) if x.shape[d] == 1), 0)
-
-
-def example_dim(spec: LayerSpec, one: list, two: list | None) -> int | None:
-    """The dimension of the layer's input that indexes the examples, from its call shapes on one and two examples.
-
-    With one example only (``two=None``) it stays undecided (None) once a dimension of size 1 exists.
-    """
-    kind = kind_of(spec)
-    fix = (
-        "keep a [batch, ...] (or sequence-first [T, batch, ...]) shape up to this layer (e.g. x.reshape(b, T, d), "
-        "not x.reshape(b * T, d)), or leave the layer out of the Kronecker blocks with modules= (its parameters then "
-        "get a diagonal block) or exclude= it"
-    )
-    seen = f"input shapes per call {one} with 1 example" + ("" if two is None else f" and {two} with 2 examples")
-    if two is not None and len(one) != len(two):
-        raise ExampleDimError(
-            f"layer capture: {spec.name!r} is called {len(one)} times for 1 example and {len(two)} "
-            f"for 2 ({seen}); the calls of a tracked layer must not depend on the batch size; {fix}"
-        )
-    dims = set()
-    for c, s1 in enumerate(one):
-        allowed = kind.example_dims(len(s1))
-        if two is None:  # one example only: a dimension of size 1 (0 first)
-            found = [d for d in allowed if s1[d] == 1][:1]
-        else:
-            s2 = two[c]
-            changed = [d for d in range(len(s1)) if len(s1) != len(s2) or s1[d] != s2[d]]
-            found = (
-                changed
-                if len(changed) == 1 and changed[0] in allowed and (s1[changed[0]], s2[changed[0]]) == (1, 2)
-                else []
-            )
-        if not found:
-            raise ExampleDimError(
-                f"layer capture: the input of {spec.name!r} has no dimension of the examples ({seen}: no dimension has "
-                "size 1 for one example and 2 for two, so the examples are flattened together with positions, or the "
-                f"input is shared by the whole batch); {fix}"
-            )
-        dims.add(found[0])
-    if len(dims) != 1:
-        raise ExampleDimError(
-            f"layer capture: the calls of {spec.name!r} index the examples along different dimensions {sorted(dims)} "
-            f"({seen}); {fix}"
-        )
-    return None if two is None else dims.pop()
 
 
 def dict_parameter_names(params: Params) -> list[str]:
