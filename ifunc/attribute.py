@@ -96,7 +96,8 @@ def attribute(
         refusal names its path, e.g. ``loss -> closure 'model' -> attribute 'foo'``). Change it whenever the
         loss, the measurement or the model changes: the store cannot check them then.
       progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
-      dtype: dtype of the returned scores (default: the parameters'). With the generic scorer (every closure
+      dtype: dtype of the returned scores and of the columns a sink receives (default: the parameters'; a score
+        store keeps float32). With the generic scorer (every closure
         but the Kronecker family's with ``model=``) it is also the precision of the contraction of the
         preconditioned queries with the training gradients: ``torch.bfloat16`` halves the memory traffic of
         the dominant ``[n_query, d] × [d, chunk]`` products and keeps about 3 significant digits, so use it
@@ -171,10 +172,8 @@ def attribute(
     n_query = scorer.prepare(queries, chunk_size)
     chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=True))
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
-    scores = run_chunks(
-        source, chunk, rank_partition(), scorer.chunk, sink, n_query=n_query, desc=desc, progress=progress
-    )
-    return scores.to(dtype) if dtype is not None and isinstance(scores, torch.Tensor) else scores
+    compute = scorer.chunk if dtype is None else lambda batch, offset: scorer.chunk(batch, offset).to(dtype)
+    return run_chunks(source, chunk, rank_partition(), compute, sink, n_query=n_query, desc=desc, progress=progress)
 
 
 def self_influence(

@@ -172,3 +172,42 @@ def test_one_cap_bounds_the_chunks_of_every_pass():
     layers, _ = find_layers(model, params)
     assert chunk_size_for(loss, params, (x, y), max_memory=1 << 40) == _memory.MAX_CHUNK
     assert capture_chunk_size(loss, params, model, layers, (x, y), max_memory=1 << 40, what="t") == _memory.MAX_CHUNK
+
+
+class _Wide(torch.nn.Module):
+    """Two positions per example through two 128 × 128 layers: a per-example gradient is 16,384 values a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(128, 128), torch.nn.Linear(128, 3)
+
+    def forward(self, x):  # [b, 2, 128] -> [b, 3]
+        return self.b(torch.tanh(self.a(x))).sum(dim=1)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_kronecker_scoring_chunks_count_the_contractions_temporaries(pairs):
+    """Self-influence at T > 1 forms each example's gradient of the widest layer (three ``out · in`` arrays);
+    pairwise scores form it too. Both are counted against max_memory, not only the captured forward."""
+    from ifunc._data import DataSource
+    from ifunc.ihvp import ScoreOptions
+
+    torch.manual_seed(0)
+    model = _Wide().double()
+    params = ifunc.params_of(model)
+    x, y = torch.randn(64, 2, 128, dtype=torch.float64), torch.randint(0, 3, (64,))
+
+    def loss(p, b):
+        return torch.nn.functional.cross_entropy(ifunc.call(model, p, b[0]), b[1], reduction="sum")
+
+    ihvp = ifunc.ihvp_ekfac(loss, params, (x, y), model=model)
+    budget = 4 << 20
+    scorer = ihvp.scorer(loss, params, ScoreOptions(max_memory=budget))
+    if pairs:
+        scorer.prepare(DataSource((x[:3], y[:3]), name="query"), None)
+    chunk = scorer.chunk_size(DataSource((x, y), name="train"), pairs=pairs)
+    per_example = (3 if not pairs else 1) * 128 * 129 * 8  # the widest layer's temporaries, with its bias column
+    assert chunk * per_example <= budget, (chunk, per_example)
+    assert chunk >= 1
+    got = ifunc.self_influence(loss, params, ihvp, (x, y), max_memory=budget)
+    torch.testing.assert_close(got, ifunc.self_influence(loss, params, ihvp, (x, y), chunk_size=64))

@@ -90,8 +90,10 @@ class GenericScorer:
     def __init__(self, solve: Callable, dim: int | None, loss: LossFn, params: Params, options: ScoreOptions):
         if options.per_token:
             raise ValueError(f"per_token=True needs {NEEDS_KRONECKER}: per-token scores come from layer hooks")
-        if options.per_module or options.query_rank is not None:
-            raise ValueError(f"query_rank= and per_module=True need {NEEDS_KRONECKER}")
+        if options.per_module:
+            raise ValueError(f"per_module=True: per-module scores need {NEEDS_KRONECKER}")
+        if options.query_rank is not None:
+            raise ValueError(f"query_rank=: queries compressed per layer need {NEEDS_KRONECKER}")
         d = structure(params).dim
         if dim is not None and dim != d:
             raise ValueError(f"ihvp was built for {dim} parameters but params have {d}")

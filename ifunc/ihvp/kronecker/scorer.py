@@ -54,14 +54,14 @@ class KroneckerScorer:
         return self.n_query
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
-        """Train examples per chunk within ``max_memory``: per example its captured forward, and for a pairwise
-        pass its score columns and the contraction's temporaries.
+        """Train examples per chunk within ``max_memory``: per example its captured forward and the temporaries
+        of its contraction with the largest layer ``[out, in]``.
 
-        With ``T`` the positions one example adds (read off the probe), an example holds ``[n_query]`` score
-        columns (``[n_query, T]`` per token), and the contraction of one layer ``[out, in]`` holds
-        ``2 · n_query · out`` values per example at ``T = 1`` (the preconditioned queries applied to its input) or
-        its ``out · in`` gradient otherwise (``2 · n_query · T · r`` with ``query_rank=r``); the largest layer counts.
-        A self-influence pass holds none of these.
+        With ``T`` the positions one example adds (read off the probe): a pairwise pass holds ``[n_query]`` score
+        columns (``[n_query, T]`` per token) and ``2 · n_query · out`` values at ``T = 1`` (the preconditioned
+        queries applied to its input) or its ``out · in`` gradient otherwise (``2 · n_query · T · r`` with
+        ``query_rank=r``); a self-influence pass holds ``2 · (out + in)`` values at ``T = 1`` or three
+        ``out · in`` ones otherwise (its gradient in the eigenbasis, squared and weighted).
         """
         q, o = self.n_query if pairs else 0, self.options
         shapes = [
@@ -69,8 +69,10 @@ class KroneckerScorer:
         ]
 
         def extra(T: int) -> int:
-            if not q:
-                return 0
+            if not pairs:
+                return max((2 * (out + inp) if T == 1 else 3 * out * inp for out, inp in shapes), default=0) * (
+                    self.ihvp.dtype.itemsize
+                )
             columns = 2 * q * (T if o.per_token else 1)
             rank = 2 * q * T * o.query_rank if o.query_rank is not None else 0
             contraction = max(
