@@ -201,8 +201,8 @@ def examples_per_chunk(budget: int, per_example: int, *, what: str, fixed: int =
     if n < 1:
         raise MemoryError(
             f"{what}: one example needs about {_size(need)} ({_size(per_example)} measured × {factor:g}) on top of "
-            f"{_size(fixed)} held, but the budget is {_size(budget)} "
-            f"(max_memory=; default {DEFAULT_FRACTION:.0%} of the {available_bytes() / 2**30:.1f} GiB available): "
-            "raise max_memory, free memory, or shorten the sequences"
+            f"{_size(fixed)} held, but the budget is {_size(budget)} (max_memory=, by default "
+            f"{DEFAULT_FRACTION:.0%} of the {available_bytes() / 2**30:.1f} GiB available): raise max_memory, free "
+            "memory, or make one example smaller (shorter sequences, smaller inputs)"
         )
     return int(n)

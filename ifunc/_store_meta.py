@@ -8,24 +8,9 @@ from ._data import as_source, fingerprint, tensor_leaves
 from ._identity import run_identity
 from ._version import __version__
 from .functional import flatten
+from .ihvp import describe_closure
 
 __all__ = ["store_meta"]
-
-
-def _closure_description(ihvp) -> dict:
-    """``ihvp.describe()`` of an ifunc closure; for any other callable its name and ``identity`` attribute only."""
-    describe = getattr(ihvp, "describe", None)
-    if callable(describe):
-        return describe()  # pyright: ignore[reportReturnType]  # IHVP.describe
-    identity, damping = getattr(ihvp, "identity", None), getattr(ihvp, "damping", None)
-    return {
-        "method": getattr(ihvp, "__qualname__", type(ihvp).__name__),
-        "damping": damping if isinstance(damping, (int, float)) else None,
-        "method_info": {},
-        "curvature": {},
-        "identity": None if identity is None else str(identity),
-        "data_recorded": None,  # not an ifunc closure: nothing tells two apart
-    }
 
 
 def store_meta(
@@ -40,9 +25,9 @@ def store_meta(
     (:func:`ifunc._identity.run_identity`). Training data is fingerprinted chunk by chunk by the store sinks.
     ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume`` for a callable that is not an ifunc
     closure and carries no ``identity`` (nothing tells two apart); ``warn_resume`` for a closure whose curvature
-    data it does not record (CG, LiSSA and DataInf record a fingerprint of it; a closure built otherwise may not).
+    data it does not record (CG and LiSSA record a fingerprint of it; DataInf does not).
     """
-    described = _closure_description(ihvp)
+    described = describe_closure(ihvp)
     model = getattr(ihvp, "model", None)
     query_leaves = [t for b in as_source(query, name="query") for t in tensor_leaves(b)]
     meta = {

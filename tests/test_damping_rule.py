@@ -209,3 +209,11 @@ def test_explicit_and_kronecker_blocks_share_the_check():
         ifunc.ihvp_from_matrix(torch.diag(torch.tensor([0.0, 1.0, 1.0, 2.0, 1.0, 1.0])), params, damping=0.0)
     with pytest.raises(ValueError, match="identity: the block of layer '0' plus λI is not positive definite"):
         ifunc.ihvp_identity(params, model=model, damping=1.0).with_damping(0.0)
+
+
+def test_rounding_noise_below_zero_is_named_as_such_not_as_an_indefinite_curvature():
+    eigenvalues = torch.tensor([-3e-8, 0.0, 1.0])  # a singular PSD curvature computed in float32
+    with pytest.raises(ValueError, match="rounding noise of a singular curvature"):
+        check_conditioning(eigenvalues, 0.0, torch.float32, who="t")
+    with pytest.raises(ValueError, match=r"raise damping above 1\.000e-03"):
+        check_conditioning(torch.tensor([-1e-3, 1.0], dtype=torch.float64), 0.0, torch.float64, who="t")

@@ -98,3 +98,41 @@ def test_identity_curvature_needs_no_data(problem):
     assert out["method"] == "identity" and out["damping"] == dict.fromkeys(params, 1.0)
     assert out["curvature"] == {f"diagonal {name}": [p.numel(), 0.0, 0.0] for name, p in params.items()}
     assert out["method_info"]["curvature"] == "identity" and out["data_recorded"] is True
+
+
+def test_a_custom_callable_is_described_by_what_it_shows(problem):
+    """Not an ifunc closure: its ``name``, ``info`` and ``damping`` are recorded, and nothing vouches for its data."""
+
+    class Mine:
+        name, damping = "mine", 0.5
+        info = {"rank": 3, "ev": torch.arange(4.0)}
+
+        def __call__(self, V):
+            return V / 0.5
+
+    description = ifunc.ihvp.describe_closure(Mine())
+    _round_trips(description)
+    assert description["method"] == "mine" and description["damping"] == 0.5
+    assert description["method_info"] == {"rank": 3}
+    assert description["curvature"] == {"info ev": _summary(torch.arange(4.0))}
+    assert description["data_recorded"] is None and description["identity"] is None
+    plain = ifunc.ihvp.describe_closure(lambda V: V)
+    assert plain["method"] == "test_a_custom_callable_is_described_by_what_it_shows.<locals>.<lambda>"
+
+
+def test_a_kronecker_closure_can_be_rebuilt_from_its_fields(problem):
+    model, params, loss, data = problem
+    ekfac = ifunc.ihvp_ekfac(loss, params, data, model=model)
+    fields = {k: getattr(ekfac, k) for k in ekfac.FIELDS}
+    again = ifunc.KroneckerIHVP(
+        ekfac.solve,
+        name="ekfac",
+        damping=ekfac.damping,
+        unflatten=ekfac.unflatten,
+        like=torch.zeros(()),
+        info=ekfac.info,
+        **fields,
+    )
+    assert again.describe() == ekfac.describe()
+    with pytest.raises(TypeError, match="needs the fields"):
+        ifunc.KroneckerIHVP(ekfac.solve, name="ekfac", damping=0.1, unflatten=ekfac.unflatten, like=torch.zeros(()))

@@ -5,7 +5,7 @@ Besides the methods, the scoring layer takes from here what a closure offers it:
 (:func:`rank_partition`, :func:`check_same_data`).
 """
 
-from ._base import IHVP, ConvergenceError
+from ._base import IHVP, ConvergenceError, describe_closure
 from ._operator import check_same_data, rank_partition
 from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for
 from .arnoldi import ihvp_arnoldi, lanczos
@@ -31,6 +31,7 @@ from .preconditioners import jacobi_preconditioner, nystrom_preconditioner
 
 __all__ = [
     "IHVP",
+    "describe_closure",
     "Scorer",
     "ScoreOptions",
     "GenericScorer",

@@ -13,7 +13,7 @@ from ..functional import Unflatten
 from ._damping import RuleDamping, check_damping
 from ._scorer import GenericScorer, ScoreOptions
 
-__all__ = ["IHVP", "ConvergenceError", "check_rank", "plain", "summary"]
+__all__ = ["IHVP", "ConvergenceError", "check_rank", "plain", "summary", "describe_closure"]
 
 
 class ConvergenceError(RuntimeError):
@@ -66,7 +66,7 @@ class IHVP:
     Builders make closures with :meth:`make`; a subclass lists its extra attributes in ``FIELDS``.
     """
 
-    #: extra attributes of a subclass, set by :meth:`make` from its keyword arguments
+    #: extra attributes of a subclass: keyword arguments of the constructor (and of :meth:`make`), each exactly once
     FIELDS: tuple[str, ...] = ()
     identity: Any = None
 
@@ -80,7 +80,12 @@ class IHVP:
         like: torch.Tensor,
         rebuild: Callable[[float], IHVP] | None = None,
         info: dict[str, Any] | None = None,
+        **fields: Any,
     ):
+        if set(fields) != set(self.FIELDS):
+            raise TypeError(f"{type(self).__name__} needs the fields {sorted(self.FIELDS)}, got {sorted(fields)}")
+        for key, value in fields.items():
+            setattr(self, key, value)
         self._solve = solve
         self.name = name
         self.damping = damping
@@ -120,15 +125,17 @@ class IHVP:
         Raises:
           TypeError: ``fields`` other than ``cls.FIELDS``.
         """
-        if set(fields) != set(cls.FIELDS):
-            raise TypeError(f"{cls.__name__}.make needs the fields {sorted(cls.FIELDS)}, got {sorted(fields)}")
         info = {**info, **(rule.info() if rule is not None else {})}
-        out = cls(
-            solve, name=name, damping=damping, unflatten=unflatten, like=like.new_zeros(()), rebuild=rebuild, info=info
+        return cls(
+            solve,
+            name=name,
+            damping=damping,
+            unflatten=unflatten,
+            like=like.new_zeros(()),
+            rebuild=rebuild,
+            info=info,
+            **fields,
         )
-        for key, value in fields.items():
-            setattr(out, key, value)
-        return out
 
     def solve(self, V: torch.Tensor) -> torch.Tensor:
         """Flat stack ``[k, d] -> [k, d]``, no input conversion (internal fast path)."""
@@ -198,3 +205,26 @@ class IHVP:
 
     def __repr__(self) -> str:
         return f"IHVP({self.name}, d={self.dim}, damping={self.damping:g})"
+
+
+def describe_closure(ihvp) -> dict[str, Any]:
+    """:meth:`IHVP.describe` of an ifunc closure; for any other callable the same keys from what it shows.
+
+    A custom callable is described by its ``name`` (else its qualified name), its ``info`` dict (JSON-able values,
+    summaries of its tensors), its ``damping`` and ``identity`` attributes; ``"data_recorded"`` is None: nothing
+    tells two such callables apart unless their ``identity`` does.
+    """
+    if isinstance(ihvp, IHVP):
+        return ihvp.describe()
+    info = getattr(ihvp, "info", None)
+    info = info if isinstance(info, dict) else {}
+    damping = info.get("damping") if isinstance(info.get("damping"), dict) else getattr(ihvp, "damping", None)
+    identity = getattr(ihvp, "identity", None)
+    return {
+        "method": getattr(ihvp, "name", None) or getattr(ihvp, "__qualname__", type(ihvp).__name__),
+        "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else plain(damping),
+        "method_info": {k: plain(v) for k, v in info.items() if k != "damping" and not isinstance(v, torch.Tensor)},
+        "curvature": {f"info {k}": summary(v) for k, v in info.items() if isinstance(v, torch.Tensor)},
+        "identity": None if identity is None else str(identity),
+        "data_recorded": None,
+    }

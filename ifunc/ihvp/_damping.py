@@ -231,8 +231,11 @@ def check_conditioning(
     limit = 1.0 / (100 * torch.finfo(dtype).eps)
     rule = f"damping=None picks {DAMPING_FACTOR} × the mean eigenvalue"
     if not low > 0:
+        limit_zero = 100 * torch.finfo(dtype).eps * max(abs(highest), abs(lowest))
         fix = (
-            f'raise damping above {-lowest:.3e}, or use a PSD curvature ("ggn", "fisher", "empirical_fisher")'
+            f"use damping > 0 ({rule}): the negative eigenvalues are rounding noise of a singular curvature"
+            if lowest < 0 and -lowest <= limit_zero
+            else f'raise damping above {-lowest:.3e}, or use a PSD curvature ("ggn", "fisher", "empirical_fisher")'
             if lowest < 0
             else f"use damping > 0 ({rule})"
         )

@@ -29,7 +29,7 @@ import torch
 from ..._types import Params
 from ...functional import structure
 from .._base import IHVP, summary
-from .._damping import block_damping, check_conditioning
+from .._damping import block_damping, check_conditioning, check_damping
 from ._kernels import damped_div
 from .blocks import DiagBlock, KronBlock, gather, precondition_layer, scatter
 from .scorer import KroneckerScorer
@@ -122,7 +122,7 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
         return KroneckerIHVP.make(
             solve,
             name=name,
-            damping=lam if lam is not None else per_block,
+            damping=check_damping(lam) if lam is not None else per_block,  # a float, as for every method
             unflatten=unflatten,
             like=like,
             rebuild=rebuild,
