@@ -49,7 +49,8 @@ class Scorer(Protocol):
     """Score columns of chunks of training examples against queries prepared once.
 
     ``prepare(query, chunk_size)`` preconditions the queries (identical on every rank; ``chunk_size`` query
-    examples at a time, None: the memory budget's) and returns ``n_query``;
+    examples at a time, None: the memory budget's) and returns ``n_query``; ``preconditioned()`` then gives them
+    as flat vectors ``[n_query, d]`` (what a gradient index projects);
     ``chunk_size(train, pairs=)`` is the default examples per chunk of a pairwise (``pairs=True``, after
     ``prepare``) or self-influence pass; ``chunk(batch, offset)`` returns the columns of one chunk with the
     examples on the last axis: ``[n_query, b]``, ``[n_modules, n_query, b]`` (``per_module``) or
@@ -61,6 +62,8 @@ class Scorer(Protocol):
     splits_examples: bool
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int: ...
+
+    def preconditioned(self) -> torch.Tensor: ...
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int: ...
 
@@ -120,6 +123,10 @@ class GenericScorer:
         self.Qp = Qp.to(o.dtype or Qp.dtype)
         self.held = Q.numel() * Q.element_size() + self.Qp.numel() * self.Qp.element_size()
         return int(self.Qp.shape[0])
+
+    def preconditioned(self) -> torch.Tensor:
+        """The prepared queries ``(H + λI)^{-1} ∇f(z_q)`` as flat vectors ``[n_query, d]``."""
+        return self.Qp
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
         fixed = self.held if pairs else 0

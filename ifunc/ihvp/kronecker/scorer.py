@@ -19,6 +19,7 @@ from ... import distributed
 from ..._data import DataSource
 from ..._types import LossFn, Params
 from .._scorer import ScoreOptions
+from .blocks import scatter
 from .budget import capture_chunk_size
 from .score import PreparedQueries, kronecker_chunk_scores, kronecker_prepare, kronecker_self_terms
 from .tokens import check_per_token, token_chunk_scores
@@ -52,6 +53,21 @@ class KroneckerScorer:
         self.prepared: PreparedQueries = distributed.broadcast_from_rank0(prepared)  # the same on every rank
         self.n_query = int(self.prepared.diag.shape[0])
         return self.n_query
+
+    def preconditioned(self) -> torch.Tensor:
+        """The prepared queries as flat parameter-space vectors ``[n_query, d]``: each layer's ``Q̃_l`` written
+        back into its weight (and bias) slices, each diagonal block's columns into its own, zeros elsewhere
+        (excluded parameters)."""
+        diag = self.prepared.diag
+        out = diag.new_zeros(diag.shape[0], self.ihvp.dim)
+        for blk in self.ihvp.blocks:
+            scatter(out, blk, self.prepared.layers[blk.spec.name][0])
+        start = 0
+        for d in self.ihvp.diags:
+            width = d.sl.stop - d.sl.start
+            out[:, d.sl] = diag[:, start : start + width]
+            start += width
+        return out
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
         """Train examples per chunk within ``max_memory``: per example its captured forward and the temporaries
