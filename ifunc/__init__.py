@@ -76,6 +76,7 @@ from .ihvp import (
     nystrom_sketch,
     save_factors,
 )
+from .index import GradientIndex, build_index, open_index
 from .likelihood import OutputLoss, output_loss
 from .quality import IHVPError, ihvp_error
 from .store import load_scores, top_k
@@ -125,6 +126,9 @@ __all__ = [
     "iter_per_sample_grads",
     "attribute",
     "self_influence",
+    "build_index",
+    "open_index",
+    "GradientIndex",
     "Scorer",
     "ScoreOptions",
     "Sink",

@@ -100,7 +100,15 @@ class _Normalised(list):
 class DataSource:
     """A re-iterable view of user data as batches, with the total number of examples."""
 
-    def __init__(self, data: Any, *, name: str = "data", batch_size_hint: int = 256, ordered: bool = False):
+    def __init__(
+        self,
+        data: Any,
+        *,
+        name: str = "data",
+        batch_size_hint: int = 256,
+        ordered: bool = False,
+        known_count: int | None = None,
+    ):
         self.name, self.ordered = name, ordered
         if isinstance(data, DataSource):  # a view of a view: the user's data again, with this view's guards
             data = data._batches
@@ -153,7 +161,7 @@ class DataSource:
                 f"{name}: expected a batch (tensor / tuple / dict of tensors), a list of batches, a Dataset "
                 f"or a DataLoader; got {type(data).__name__}"
             )
-        self._n: int | None = None
+        self._n: int | None = known_count  # the example count when the caller knows it (no counting pass)
         self._passes = 0
 
     def __iter__(self) -> Iterator[Batch]:

@@ -19,6 +19,7 @@ from ._sinks import GatherSink, MemorySink, Sink, default_sink
 from ._store_meta import store_meta
 from ._types import Data, LossFn, Measurement, Params
 from .ihvp import ScoreOptions, check_same_data, rank_partition, scorer_for
+from .index import GradientIndex, IndexScorer, check_index_params, index_source
 
 __all__ = ["attribute", "self_influence"]
 
@@ -158,11 +159,17 @@ def attribute(
     if identity is not None and out is None:
         raise ValueError("identity= names what defines the scores of a score store; it needs out=")
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
-    source = DataSource(train, name="train", ordered=True)
     queries = DataSource(query, name="query", ordered=True)
-    check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
     options = ScoreOptions(measurement, max_memory, dtype, query_rank, per_module, per_token, token_mask)
     scorer = scorer_for(ihvp, loss, params, options)  # refuses options the closure cannot score
+    if isinstance(train, GradientIndex):  # the index stands where the training data stood: no gradient pass
+        if query_rank is not None or per_module or per_token:
+            raise NotImplementedError("a gradient index scores whole queries: drop query_rank=, per_module, per_token")
+        check_index_params(train, params)
+        source, scorer = index_source(train), IndexScorer(scorer, train, params)
+    else:
+        source = DataSource(train, name="train", ordered=True)
+    check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
     if sink is None:
         meta, resume = None, {}
         if out is not None:  # before any work: an unidentifiable loss is refused at once
@@ -198,6 +205,11 @@ def self_influence(
     rank and the terms are all-gathered.
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
+    if isinstance(train, GradientIndex):
+        raise NotImplementedError(
+            "self-influence from a gradient index needs the curvature in the projected space, which the index does "
+            "not hold yet; pass the training data"
+        )
     source = DataSource(train, name="train", ordered=True)
     check_same_data(source, params)
     scorer = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory, per_module=per_module))

@@ -17,6 +17,7 @@ import torch
 
 import ifunc
 from ifunc import distributed
+from ifunc.index import build_index
 from ifunc.testing import mlp_problem
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -110,6 +111,9 @@ def compute(out_dir, dtype: torch.dtype) -> dict:
                 ifunc.attribute(loss, params, ihvp, train, query, out=path, **scoring)
             res[f"rewritten/{name}"] = written[0]
             res[f"store/{name}"] = torch.from_numpy(ifunc.load_scores(path))
+    index = os.path.join(out_dir, f"index_{str(dtype)[6:]}.h5")  # a gradient index: one layer captured, one dense
+    sizes = {"layer_size": 2, "dense_size": 6, "chunk_size": 4, "overwrite": True, "progress": False}
+    res["store/index"] = build_index(loss, params, train, index, model=model, modules=["2"], **sizes).matrix()
     return res
 
 

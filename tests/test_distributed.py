@@ -187,6 +187,7 @@ SCORES = {
     "lowrank/ekfac": (4, 30),  # query_rank=2
     "store/ekfac": (4, 30),  # per-rank stores merged by rank 0
     "store/cg": (4, 30),
+    "store/index": (30, 10),  # a gradient index (build_index): rows [n, dim], per-rank parts merged by rank 0
 }
 
 

@@ -38,14 +38,12 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "ranks": (0, ("distributed.py", "_ranks.py")),
     "store": (1, ("store/",)),
     "grads": (2, ("grads.py",)),
+    "loop": (2, ("_score_loop.py", "_sinks.py", "_store_sinks.py")),  # the one chunk loop and its sinks
     "curvature": (3, ("curvature.py", "likelihood.py")),
     "kronecker": (4, ("ihvp/kronecker/",)),  # before "solvers": the first group that matches a file is its group
     "solvers": (4, ("ihvp/",)),
-    "scoring": (
-        5,
-        ("attribute.py", "_score_loop.py", "_sinks.py", "_store_sinks.py", "_store_meta.py")
-        + ("ensemble.py", "quality.py"),
-    ),
+    "index": (5, ("index/",)),
+    "scoring": (5, ("attribute.py", "_store_meta.py", "ensemble.py", "quality.py")),
     "models": (5, ("language.py", "measurements.py", "testing/")),
     "face": (6, ("__init__.py", "__main__.py")),
 }
@@ -53,8 +51,9 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
 ONLY: dict[str, set[str]] = {
     "ranks": {"ranks"},  # a leaf: no ifunc import outside the ranks group
     "store": {"base", "store"},  # HDF5 I/O only: never distributed, ihvp or attribute
+    "loop": {"base", "ranks", "store", "loop"},  # knows no method, no gradient, no index: chunks, sinks, stores
 }
-NEVER: dict[str, set[str]] = {"curvature": {"ranks"}, "scoring": {"kronecker"}}
+NEVER: dict[str, set[str]] = {"curvature": {"ranks"}, "scoring": {"kronecker"}, "index": {"scoring"}}
 
 
 class Import(NamedTuple):

@@ -1,0 +1,260 @@
+"""Seeded random projections of gradients that preserve inner products in expectation (pure tensors, no I/O).
+
+A :class:`Projection` maps a parameter-space vector (a per-example gradient, a preconditioned query) to ``dim``
+numbers, defined by a seed and sizes only:
+
+- a tracked layer (weight matrix ``[out, in]``, plus a bias column when its bias is tracked: ``in_eff = in + 1``)
+  gets two Gaussian matrices ``P_o [k_o, out]``, ``P_a [k_a, in_eff]`` with i.i.d. entries ``N(0, 1/k_o)``,
+  ``N(0, 1/k_a)``; a matrix ``X`` maps to ``P_o X P_aᵀ [k_o, k_a]``. Since ``E[P_oᵀP_o] = I`` and
+  ``E[P_aᵀP_a] = I`` (independent), ``E⟨P_o X P_aᵀ, P_o Y P_aᵀ⟩ = ⟨X, Y⟩``. A size at its cap (``k_o = out``) uses
+  the identity instead, which is exact;
+- every other parameter (all of them without a model) shares one Gaussian ``R [k_dense, d_rest]`` with entries
+  ``N(0, 1/k_dense)`` (identity when ``k_dense = d_rest``), drawn block by block of columns, never whole.
+
+Rows of the result (the index's row order): the layers in order, each ``k_o·k_a`` row-major over ``(k_o, k_a)``,
+then the ``k_dense`` dense rows. Matrices are drawn in float64 on the CPU from generators seeded by
+``sha256(f"{seed}/...")`` (never the global RNG), then cast to the input's dtype and device; every result has the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .._types import Params
+from ..functional import parameter_names, structure
+from ..ihvp.kronecker.layers import KINDS
+from ._gaussian import column_blocks, gaussian
+from ._spec import DEFAULT_BLOCK, ProjectedLayer, Projection
+
+__all__ = [
+    "ProjectedLayer",
+    "Projection",
+    "make_projection",
+    "layer_matrices",
+    "project_layer",
+    "project_matrix",
+    "project_dense",
+    "project_captured",
+    "project_flat",
+]
+
+
+def _positive(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def make_projection(
+    params: Params,
+    specs: Iterable = (),
+    *,
+    seed: int,
+    layer_size: int | tuple[int, int] = 16,
+    dense_size: int = 256,
+    exclude: Iterable[str] = (),
+    block: int = DEFAULT_BLOCK,
+) -> Projection:
+    """The projection of ``params``: one ``P_o ⊗ P_a`` per layer spec, one ``R`` for every other parameter.
+
+    Args:
+      params: the tracked parameters (any pytree; a dict when ``specs`` are given).
+      specs: layer specs (:class:`~ifunc.ihvp.kronecker.layers.LayerSpec`, e.g. ``ihvp_identity(params,
+        model=model).blocks[i].spec``); each spec's weight and bias belong to its layer, in this order.
+      seed: a non-negative int; with the sizes it defines every matrix.
+      layer_size: ``(k_o, k_a)``, or ``k`` for ``(k, k)``; capped at ``(out, in_eff)`` per layer.
+      dense_size: ``k_dense``, capped at ``d_rest`` (the dense numel); 0 when nothing is dense.
+      exclude: parameter names left out of the projection (recorded in ``excluded``).
+      block: most entries of ``R`` drawn at once (the column blocks, hence the matrix, depend on it).
+
+    Returns:
+      A :class:`Projection` of ``dim = Σ k_o·k_a + k_dense`` rows.
+
+    Raises:
+      ValueError: a bad size or seed, a spec or excluded name not in ``params`` (or with the wrong size), a
+        parameter claimed twice, or nothing left to project.
+
+    Example:
+      >>> ihvp = ifunc.ihvp_identity(params, model=model)          # only for its layer specs
+      >>> P = make_projection(params, [b.spec for b in ihvp.blocks], seed=0, layer_size=16, dense_size=256)
+      >>> rows = project_flat(P, grads, params)                     # [q, d] -> [q, P.dim]
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"make_projection: seed must be a non-negative int, got {seed!r}")
+    sizes = tuple(layer_size) if isinstance(layer_size, (tuple, list)) else (layer_size, layer_size)
+    if len(sizes) != 2:
+        raise ValueError(f"make_projection: layer_size must be an int k or a pair (k_o, k_a), got {layer_size!r}")
+    ko, ka = _positive(sizes[0], "layer_size"), _positive(sizes[1], "layer_size")
+    dense_size, block = _positive(dense_size, "dense_size"), _positive(block, "block")
+    numel = dict(zip(parameter_names(params), structure(params).sizes))
+    claimed: dict[str, str] = {}
+
+    def claim(name: str | None, owner: str, size: int) -> None:
+        if name is None:
+            return
+        if name not in numel:
+            raise ValueError(f"make_projection: {owner} names {name!r}, which is not in params")
+        if name in claimed:
+            raise ValueError(f"make_projection: {name!r} is claimed by {claimed[name]} and by {owner}")
+        if numel[name] != size:
+            raise ValueError(f"make_projection: {owner} expects {name!r} of {size} entries, params has {numel[name]}")
+        claimed[name] = owner
+
+    layers = []
+    for s in specs:
+        if s.kind not in KINDS:
+            raise ValueError(f"make_projection: layer {s.name!r} has unknown kind {s.kind!r} (known: {sorted(KINDS)})")
+        claim(s.weight, f"layer {s.name!r}", s.out_features * s.in_features)
+        claim(s.bias, f"layer {s.name!r}", s.out_features)
+        L = ProjectedLayer(s.name, s.kind, s.weight, s.bias, s.out_features, s.in_features, 0, 0)
+        layers.append(L._replace(k_o=min(ko, L.out_features), k_a=min(ka, L.in_eff)))
+    excluded = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for name in excluded:
+        claim(name, "exclude", numel.get(name, -1))
+    dense = tuple((n, k) for n, k in numel.items() if n not in claimed)
+    if not layers and not dense:
+        raise ValueError("make_projection: every parameter is excluded; nothing to project")
+    k_dense = min(dense_size, sum(k for _, k in dense))
+    return Projection(seed, tuple(layers), dense, k_dense, block, excluded)
+
+
+def _floating(x, what: str, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != ndim:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} must be a floating-point tensor with {ndim} dimensions, got {got}")
+    return x
+
+
+def layer_matrices(
+    P: Projection, name: str, *, dtype: torch.dtype = torch.float64, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P_o [k_o, out], P_a [k_a, in_eff])`` of layer ``name``: entries ``N(0, 1/k)``, or the identity at the cap.
+
+    Drawn in float64 (seeds ``sha256(f"{seed}/layer/{name}/out")`` and ``.../in``), then cast to ``dtype``.
+    """
+    L = P.layer(name)
+    P_o = torch.eye(L.out_features, dtype=torch.float64)
+    if L.k_o < L.out_features:
+        P_o = gaussian(L.k_o, L.out_features, P.seed, "layer", name, "out")
+    P_a = torch.eye(L.in_eff, dtype=torch.float64)
+    if L.k_a < L.in_eff:
+        P_a = gaussian(L.k_a, L.in_eff, P.seed, "layer", name, "in")
+    return P_o.to(dtype=dtype, device=device), P_a.to(dtype=dtype, device=device)
+
+
+def project_layer(P: Projection, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``Σ_t (P_o g_t)(P_a a_t)ᵀ`` per example, flattened: ``[b, k_o·k_a]``, without forming ``G = Σ_t g_t a_tᵀ``.
+
+    Args:
+      a: ``[b, T, in_eff]`` the layer's captured inputs (a column of ones last when the bias is tracked).
+      g: ``[b, T, out]`` the gradients of its outputs (same dtype as ``a``).
+
+    Equals ``project_matrix(P, name, einsum("bto,bti->boi", g, a))``; costs ``b·T·(out·k_o + in_eff·k_a + k_o·k_a)``.
+    """
+    L = P.layer(name)
+    a, g = _floating(a, "project_layer: a", 3), _floating(g, "project_layer: g", 3)
+    if a.shape[:2] != g.shape[:2] or a.shape[2] != L.in_eff or g.shape[2] != L.out_features or a.dtype != g.dtype:
+        raise ValueError(
+            f"project_layer {name!r}: expected a [b, T, {L.in_eff}] and g [b, T, {L.out_features}] of one dtype, "
+            f"got a {a.dtype} {tuple(a.shape)} and g {g.dtype} {tuple(g.shape)}"
+        )
+    P_o, P_a = layer_matrices(P, name, dtype=a.dtype, device=a.device)
+    return ((g @ P_o.T).transpose(1, 2) @ (a @ P_a.T)).reshape(a.shape[0], L.k_o * L.k_a)
+
+
+def project_matrix(P: Projection, name: str, M: torch.Tensor) -> torch.Tensor:
+    """``P_o M P_aᵀ`` flattened: ``M [q, out, in_eff]`` (bias last column) -> ``[q, k_o·k_a]``, in ``M``'s dtype."""
+    L = P.layer(name)
+    M = _floating(M, "project_matrix: M", 3)
+    if tuple(M.shape[1:]) != (L.out_features, L.in_eff):
+        raise ValueError(f"project_matrix {name!r}: expected M [q, {L.out_features}, {L.in_eff}], got {tuple(M.shape)}")
+    P_o, P_a = layer_matrices(P, name, dtype=M.dtype, device=M.device)
+    return (P_o @ M @ P_a.T).reshape(M.shape[0], L.k_o * L.k_a)
+
+
+def project_dense(P: Projection, columns: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``X Rᵀ``: the dense parameters' columns ``X = [x_1 | x_2 | …]`` -> ``[b, k_dense]``.
+
+    Args:
+      columns: one ``[b, numel_p]`` (or ``[b, *shape_p]``) tensor per ``P.dense`` entry, in that order, one dtype.
+
+    ``R [k_dense, d_rest]`` (entries ``N(0, 1/k_dense)``, so ``E⟨R x, R y⟩ = ⟨x, y⟩``) is drawn per parameter ``p``
+    and column block ``j`` (:func:`~ifunc.index._gaussian.column_blocks`, seed ``sha256(f"{seed}/dense/{p}/{j}")``),
+    so at most ``P.block`` of its entries exist at once; the products are summed block by block. When
+    ``k_dense = d_rest``, ``R = I`` and the result is the columns side by side.
+    """
+    if not P.dense:
+        raise ValueError("project_dense: this projection has no dense parameters")
+    if len(columns) != len(P.dense):
+        raise ValueError(f"project_dense: expected {len(P.dense)} column blocks ({P.dense}), got {len(columns)}")
+    cols = []
+    for (name, numel), x in zip(P.dense, columns):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[1:].numel() != numel:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"project_dense: {name!r} needs [b, {numel}] floating-point columns, got {got}")
+        cols.append(x.reshape(x.shape[0], numel))
+    if len({(x.shape[0], x.dtype, x.device) for x in cols}) > 1:
+        raise ValueError("project_dense: the columns differ in rows, dtype or device")
+    if P.k_dense == sum(k for _, k in P.dense):
+        return torch.cat(cols, dim=1)
+    out = cols[0].new_zeros(cols[0].shape[0], P.k_dense)
+    for (name, numel), x in zip(P.dense, cols):
+        for j, (start, stop) in enumerate(column_blocks(numel, P.k_dense, P.block)):
+            R = gaussian(P.k_dense, stop - start, P.seed, "dense", name, str(j)).to(dtype=x.dtype, device=x.device)
+            out += x[:, start:stop] @ R.T
+    return out
+
+
+def project_captured(
+    P: Projection, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dense: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """``[b, dim]``: every layer's :func:`project_layer` then :func:`project_dense`, in the index's row order.
+
+    Args:
+      layers: module -> ``(a [b, T, in_eff], g [b, T, out])`` (what ``ifunc.ihvp.kronecker.score.capture_chunk``
+        returns first).
+      dense: parameter name -> per-example gradients ``[b, ...]`` (its second result, or per-example gradients).
+    """
+    missing = [L.name for L in P.layers if L.name not in layers] + [n for n, _ in P.dense if n not in dense]
+    if missing:
+        raise ValueError(f"project_captured: nothing given for {missing}")
+    parts = [project_layer(P, L.name, *layers[L.name]) for L in P.layers]
+    if P.dense:
+        parts.append(project_dense(P, [dense[n] for n, _ in P.dense]))
+    return torch.cat(parts, dim=1)
+
+
+def project_flat(P: Projection, V: torch.Tensor, params: Params) -> torch.Tensor:
+    """``[q, d] -> [q, dim]``: flat parameter-space vectors (e.g. preconditioned query gradients) projected.
+
+    Each layer's weight (and bias) slices of ``V`` become ``[q, out, in_eff]`` as the Kronecker blocks read them
+    (the kind's ``to_matrix``, bias as the last column), then :func:`project_matrix`; the dense parameters' slices
+    go to :func:`project_dense`. Slices follow :func:`ifunc.flatten` order of ``params`` (parameters the
+    projection does not know, such as excluded ones, are ignored). For a per-example gradient this equals
+    :func:`project_captured` of the same example's captured ``a, g``.
+    """
+    V = _floating(V, "project_flat: V", 2)
+    sizes = structure(params).sizes
+    if V.shape[1] != sum(sizes):
+        raise ValueError(f"project_flat: V has {V.shape[1]} columns, params have {sum(sizes)} entries")
+    slices, start = {}, 0
+    for name, size in zip(parameter_names(params), sizes):
+        slices[name], start = slice(start, start + size), start + size
+
+    def part(name: str, numel: int) -> torch.Tensor:
+        if name not in slices or slices[name].stop - slices[name].start != numel:
+            raise ValueError(f"project_flat: params do not hold {name!r} with {numel} entries, as the projection")
+        return V[:, slices[name]]
+
+    q, parts = V.shape[0], []
+    for L in P.layers:
+        M = KINDS[L.kind].to_matrix(part(L.weight, L.out_features * L.in_features), L.out_features, L.in_features)
+        if L.bias is not None:
+            M = torch.cat([M, part(L.bias, L.out_features).reshape(q, L.out_features, 1)], dim=2)
+        parts.append(project_matrix(P, L.name, M))
+    if P.dense:
+        parts.append(project_dense(P, [part(n, k) for n, k in P.dense]))
+    return torch.cat(parts, dim=1)
