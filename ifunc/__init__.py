@@ -14,6 +14,8 @@ checks it):
               their format, metadata, fingerprint and checksum checks), ``merge`` (per-rank stores), ``reading``
               (load_scores, top_k), ``_hdf5`` (locks, atomic creation, tensor files)
 2 grads       ``grads`` the one per-example gradient primitive ``batch_grads`` (vmap(grad), NaN/inf guard)
+2 loop        ``_score_loop`` the one loop of chunks × scorer × sink · ``_sinks`` the sink protocol, memory and
+              gathered sinks · ``_store_sinks`` store and per-rank store sinks
 3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
               operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
 4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg`` (``_cg_loop``), ``lissa`` (``_lissa_schedule``,
@@ -29,9 +31,11 @@ checks it):
               ``blocks``, ``closure`` (KroneckerIHVP), ``methods`` (ekfac/kfac/diagonal/identity), ``scorer`` (the
               closure's scorer) over ``score`` (pairwise, per-module, self) and ``tokens`` (per-token),
               ``_kernels`` (contractions)
-5 scoring     ``attribute`` attribute / self_influence · ``_score_loop`` the one loop of chunks × scorer × sink ·
-              ``_sinks`` the sink protocol, memory and gathered sinks · ``_store_sinks`` store and per-rank store
-              sinks · ``_store_meta`` what a store records · ``ensemble`` · ``quality``
+5 index       ``index/`` the gradient index: ``projection`` (seeded factored and dense projections), ``build``
+              (build_index through the one loop into a score store), ``handle`` (open_index), ``query`` (an index
+              where the training data stood)
+5 scoring     ``attribute`` attribute / self_influence · ``_store_meta`` what a store records · ``ensemble`` ·
+              ``quality``
 5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing`` test
               problems, tiny language models and helpers
 6 face        ``__init__`` re-exports · ``__main__`` ``python -m ifunc demo``
