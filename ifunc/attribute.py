@@ -68,7 +68,13 @@ def attribute(
       loss: training loss ``loss(params, batch) -> scalar`` summed over the batch.
       params: pytree or flat vector ``[d]``.
       ihvp: a closure from any ``ifunc.ihvp_*`` (or any callable ``[k, d] -> [k, d]``).
-      train, query: batch, list of batches, Dataset or DataLoader.
+      train, query: batch, list of batches, Dataset or DataLoader. ``train`` may also be a gradient index
+        (:func:`ifunc.build_index` / :func:`ifunc.open_index`): no training example is read; the closure's
+        preconditioned queries are projected like the stored gradients and multiplied with them (equal to the
+        scores from the data where the projection is the identity, equal in expectation otherwise). The index
+        holds the gradients of the loss it was built with, at the parameters it was built at (other ``params``
+        are refused; ``loss`` is then used for the closure only), through the parameters it holds: those it was
+        built with ``exclude=`` contribute nothing.
       measurement: ``f(params, batch) -> scalar`` for the queries; default ``loss``.
       chunk_size, max_memory: examples per chunk, or a byte budget for the tensors a chunk holds (default: half
         the available memory, and at most 1 GiB of per-example tensors; see :mod:`ifunc._memory`).

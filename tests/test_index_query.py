@@ -102,3 +102,27 @@ def test_a_reopened_index_answers_like_the_one_just_built(problem, tmp_path):
     assert torch.equal(
         ifunc.attribute(loss, params, explicit, reopened, query), ifunc.attribute(loss, params, explicit, built, query)
     )
+
+
+def test_an_edited_projection_or_missing_checksums_are_refused_when_opened(tmp_path):
+    import json
+
+    import h5py
+
+    model, params, loss, (x, y) = mlp_problem(seed=5, sizes=(4, 6, 3), n=12)
+    path = tmp_path / "i.h5"
+    ifunc.build_index(loss, params, (x, y), path, model=model, layer_size=2)
+    for edit in ({"seed": 7}, {"seed": -1}, {"excluded": "2.bias"}):
+        damaged = tmp_path / f"edited-{len(edit)}-{next(iter(edit.values()))}.h5"
+        damaged.write_bytes(path.read_bytes())
+        with h5py.File(damaged, "r+") as f:
+            meta = json.loads(f["meta"][()])
+            meta["projection"].update(edit)
+            del f["meta"]
+            f["meta"] = json.dumps(meta)
+        with pytest.raises(ValueError, match="metadata is damaged"):
+            ifunc.open_index(damaged)
+    with h5py.File(path, "r+") as f:
+        del f["checksums"]
+    with pytest.raises(ValueError, match="no checksums"):
+        ifunc.open_index(path)

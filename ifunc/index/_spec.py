@@ -75,9 +75,16 @@ class Projection(NamedTuple):
         try:
             layers = tuple(ProjectedLayer(**L) for L in d["layers"])
             out = cls(int(d["seed"]), layers, tuple((str(n), int(k)) for n, k in d["dense"]), int(d["k_dense"]))
-            out = out._replace(block=int(d["block"]), excluded=tuple(d["excluded"]))
+            excluded = d["excluded"]
+            if not isinstance(excluded, list) or not all(isinstance(e, str) for e in excluded):
+                raise TypeError(f"excluded must be a list of parameter names, got {excluded!r}")
+            out = out._replace(block=int(d["block"]), excluded=tuple(excluded))
         except (KeyError, TypeError) as e:
             raise ValueError(f"projection description is incomplete or malformed: {e}") from None
         if out.dim != d.get("dim"):
             raise ValueError(f"projection description: dim {d.get('dim')} does not match its sizes ({out.dim})")
+        if out.seed < 0 or out.block < 1 or any(min(L.k_o, L.k_a) < 1 for L in layers):
+            raise ValueError(f"projection description has a negative seed, block or size: {dict(d)}")
+        if out.describe() != dict(d):
+            raise ValueError("projection description does not read back as written (a field was edited)")
         return out

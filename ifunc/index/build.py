@@ -32,7 +32,7 @@ from ..ihvp import check_same_data, ihvp_identity, rank_partition
 from ..ihvp.kronecker.budget import capture_chunk_size
 from ..ihvp.kronecker.fit import split_excluded
 from ..ihvp.kronecker.score import capture_chunk
-from .handle import INDEX_KIND, GradientIndex, open_index
+from .handle import INDEX_KIND, GradientIndex, open_index, projection_digest
 from .projection import Projection, make_projection, project_captured, project_flat
 
 __all__ = ["build_index"]
@@ -83,10 +83,13 @@ def _projector(loss: LossFn, params: Params, plan: _Plan) -> Callable[[Any, int]
 def _default_chunk(loss, params, plan: _Plan, source: DataSource, max_memory: int | None) -> Callable[[], int]:
     """The default examples per chunk: the Kronecker capture's budget, or that of ``vmap(grad)``."""
     P, closure = plan.projection, plan.closure
+    dense = sum(numel for _, numel in P.dense)
+    # a Gaussian dense part is drawn block by block in float64: the block, its scaled copy and its cast are held
+    fixed = 3 * 8 * min(P.block, P.k_dense * dense) if 0 < P.k_dense < dense else 0
     if closure is None or not P.layers:
-        return lambda: chunk_size_for(loss, params, source, max_memory=max_memory, name="train")
+        return lambda: chunk_size_for(loss, params, source, max_memory=max_memory, name="train", fixed=fixed)
     itemsize = optree.tree_leaves(params, namespace="ifunc")[0].element_size()
-    diag = sum(numel for _, numel in P.dense)
+    diag = dense
     widest = max(L.k_o + L.k_a for L in P.layers)
 
     def extra(T: int) -> int:  # the projected rows, the diagonal gradients, one layer's projected a and g
@@ -101,6 +104,7 @@ def _default_chunk(loss, params, plan: _Plan, source: DataSource, max_memory: in
         max_memory=max_memory,
         what="gradient index",
         extra_per_example=extra,
+        fixed=fixed,
     )
 
 
@@ -177,6 +181,7 @@ def build_index(
     meta = {
         "kind": INDEX_KIND,
         "projection": plan.projection.describe(),
+        "projection_sha256": projection_digest(plan.projection),
         "params": fingerprint([flatten(params)[0]]),
         "defined_by": run_identity(loss, None, model, identity, tracked=params if isinstance(params, dict) else None),
         "versions": {"ifunc": __version__, "torch": torch.__version__},

@@ -10,6 +10,7 @@ checked against its checksum as it is read, one chunk in memory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zlib
@@ -23,9 +24,16 @@ import torch
 from .. import store
 from .projection import Projection
 
-__all__ = ["GradientIndex", "open_index", "INDEX_KIND"]
+__all__ = ["GradientIndex", "open_index", "projection_digest", "INDEX_KIND"]
 
 INDEX_KIND = "gradient index"  #: the ``kind`` recorded in the metadata of every index
+
+
+def projection_digest(projection: Projection) -> str:
+    """SHA-256 of the projection's description (sorted JSON): recorded in an index, checked when it is opened, so
+    an edited seed, size or layer name is refused instead of silently projecting queries another way."""
+    text = json.dumps(projection.describe(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _open_columns(path: Path) -> Any:
@@ -124,8 +132,14 @@ def open_index(path) -> GradientIndex:
         raw = ds.file["meta"][()]
         meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         dim, n = (int(s) for s in ds.shape)
+        has_checksums = "checksums" in ds.file
     finally:
         ds.file.close()
+    if not has_checksums:
+        raise ValueError(
+            f"{path}: the gradient index has no checksums, so its rows cannot be verified (damaged, or written by "
+            "something else); rebuild it with build_index(..., overwrite=True)"
+        )
     if not isinstance(meta, dict) or meta.get("kind") != INDEX_KIND:
         kind = meta.get("method", "?") if isinstance(meta, dict) else "?"
         raise ValueError(
@@ -134,6 +148,8 @@ def open_index(path) -> GradientIndex:
         )
     try:
         projection = Projection.from_description(meta["projection"])
+        if meta.get("projection_sha256") != projection_digest(projection):
+            raise ValueError("the projection's description does not match its recorded digest (an edited field)")
         chunk = int(meta["chunk_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(
