@@ -276,7 +276,10 @@ class _Walk:
 
     def module(self, model: torch.nn.Module, path: tuple) -> None:
         """An ``nn.Module``: hashed by its structure in the subclass :func:`content_hash` runs."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot hash the module at {' -> '.join(path)}: a walk that meets modules must "
+            "define module() (ifunc._identity's walk does)"
+        )
 
 
 def _qualname(kind: type) -> str:
