@@ -80,7 +80,7 @@ from .ihvp import (
     nystrom_sketch,
     save_factors,
 )
-from .index import GradientIndex, build_index, open_index
+from .index import GradientIndex, ProjectedIHVP, build_index, ihvp_projected, open_index
 from .likelihood import OutputLoss, output_loss
 from .quality import IHVPError, ihvp_error
 from .store import load_scores, top_k
@@ -133,6 +133,8 @@ __all__ = [
     "build_index",
     "open_index",
     "GradientIndex",
+    "ihvp_projected",
+    "ProjectedIHVP",
     "Scorer",
     "ScoreOptions",
     "Sink",

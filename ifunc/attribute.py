@@ -74,7 +74,9 @@ def attribute(
         scores from the data where the projection is the identity, equal in expectation otherwise). The index
         holds the gradients of the loss it was built with, at the parameters it was built at (other ``params``
         are refused; ``loss`` is then used for the closure only), through the parameters it holds: those it was
-        built with ``exclude=`` contribute nothing.
+        built with ``exclude=`` contribute nothing. With ``ihvp = ifunc.ihvp_projected(index)`` (the curvature of the
+        index's own coordinates) the raw query gradients are projected and that closure applied to them instead;
+        such a closure with ordinary training data is refused (``TypeError``).
       measurement: ``f(params, batch) -> scalar`` for the queries; default ``loss``.
       chunk_size, max_memory: examples per chunk, or a byte budget for the tensors a chunk holds (default: half
         the available memory, and at most 1 GiB of per-example tensors; see :mod:`ifunc._memory`).
@@ -209,16 +211,25 @@ def self_influence(
     summing to the total. Under ``torchrun`` a scorer whose solve is collective (the generic one) runs every
     chunk on every rank with its examples split over the ranks; the Kronecker scorer runs chunk ``i`` on one
     rank and the terms are all-gathered.
+
+    ``train`` may be a gradient index (:func:`ifunc.open_index`) with the closure of its projected space,
+    ``ifunc.ihvp_projected(index)``: then ``s[i] = r_iᵀ (F̃ + λI)^{-1} r_i`` from the stored rows ``r_i`` alone, read
+    chunk by chunk (no training example is read). A parameter-space closure cannot score an index's self-influence
+    (it would need the full training gradients): ``NotImplementedError``.
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
-    if isinstance(train, GradientIndex):
-        raise NotImplementedError(
-            "self-influence from a gradient index needs the curvature in the projected space, which the index does "
-            "not hold yet; pass the training data"
-        )
-    source = DataSource(train, name="train", ordered=True)
-    check_same_data(source, params)
-    scorer = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory, per_module=per_module))
+    if isinstance(train, GradientIndex):  # the stored rows stand where the training gradients stood
+        if per_module:
+            raise NotImplementedError("self-influence from a gradient index is per example only: drop per_module")
+        check_index_params(train, params)
+        source = index_source(train)
+        check_same_data(source, params)
+        inner = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory))
+        scorer = IndexScorer(inner, train, params, self_influence=True)  # refuses a parameter-space closure
+    else:
+        source = DataSource(train, name="train", ordered=True)
+        check_same_data(source, params)
+        scorer = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory, per_module=per_module))
     chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=False))
     partition = Partition() if scorer.splits_examples else rank_partition()
     sink = GatherSink() if distributed.active() else MemorySink()

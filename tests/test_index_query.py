@@ -88,7 +88,7 @@ def test_an_index_query_writes_a_resumable_store_and_refuses_other_parameters(pr
     moved = {k: v + 0.01 for k, v in params.items()}
     with pytest.raises(ValueError, match="gradients at other parameters"):
         ifunc.attribute(loss, moved, ekfac, index, query)
-    with pytest.raises(NotImplementedError, match="projected space"):
+    with pytest.raises(NotImplementedError, match="ihvp_projected"):  # the curvature of the projected space
         ifunc.self_influence(loss, params, ekfac, index)
     with pytest.raises(NotImplementedError, match="whole queries"):
         ifunc.attribute(loss, params, ekfac, index, query, per_module=True)

@@ -2,10 +2,12 @@
 
 Besides the methods, the scoring layer takes from here what a closure offers it: the scorer protocol
 (:class:`Scorer`, :class:`ScoreOptions`, :func:`scorer_for`) and the process group's share of the data
-(:func:`rank_partition`, :func:`check_same_data`).
+(:func:`rank_partition`, :func:`check_same_data`), and the damping rule of a block of curvature
+(:func:`block_damping`, :func:`check_conditioning`).
 """
 
 from ._base import IHVP, ConvergenceError, describe_closure
+from ._damping import block_damping, check_conditioning
 from ._operator import check_same_data, rank_partition
 from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for
 from .arnoldi import ihvp_arnoldi, lanczos
@@ -38,6 +40,8 @@ __all__ = [
     "scorer_for",
     "rank_partition",
     "check_same_data",
+    "block_damping",
+    "check_conditioning",
     "ConvergenceError",
     "ihvp_explicit",
     "ihvp_from_matrix",

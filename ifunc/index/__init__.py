@@ -5,10 +5,13 @@ captured layer inputs/output-gradients, on matrices and on flat vectors; it hold
 ``build`` projects every training gradient once into a resumable score store (:func:`build_index`); ``handle``
 reopens it read-only and reads its rows chunk by chunk (:func:`open_index`, :class:`GradientIndex`); ``query``
 lets an index stand where the training data stood in :func:`ifunc.attribute` (the closure's preconditioned queries,
-projected, against the stored rows).
+projected, against the stored rows); ``curvature`` fits the curvature of the index's own coordinates
+(:func:`ihvp_projected`, block-diagonal over its layers), which needs no parameter-space solve and gives self-influence
+from the index alone.
 """
 
 from .build import build_index
+from .curvature import ProjectedIHVP, ProjectedScorer, ihvp_projected, projected_blocks
 from .handle import GradientIndex, open_index
 from .projection import (
     ProjectedLayer,
@@ -39,4 +42,8 @@ __all__ = [
     "IndexScorer",
     "index_source",
     "check_index_params",
+    "ihvp_projected",
+    "ProjectedIHVP",
+    "ProjectedScorer",
+    "projected_blocks",
 ]

@@ -9,6 +9,11 @@ with the index's projection ``P`` (:func:`~ifunc.index.projection.project_flat`)
 
 (equal in expectation over the projection's seed; exact where the projection is the identity). The index does not
 depend on the curvature: another damping or method needs no rebuild.
+
+With a closure fitted in the index's own coordinates (:func:`~ifunc.index.curvature.ihvp_projected`, curvature
+``F̃`` of the projected rows) the raw query gradients are projected first and the closure applied after:
+``scores[q, i] = ((F̃ + λI)^{-1} P ∇f(z_q))ᵀ r_i``; only then is self-influence ``r_iᵀ (F̃ + λI)^{-1} r_i`` computable
+from the rows alone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from .._data import DataSource, fingerprint
 from ..functional import flatten
+from .curvature import ProjectedScorer
 from .handle import GradientIndex
 from .projection import project_flat
 
@@ -50,16 +56,32 @@ def check_index_params(index: GradientIndex, params) -> None:
 
 
 class IndexScorer:
-    """A closure's scorer with the index's projection: queries ``P Q̃ [q, dim]`` against stored rows ``[b, dim]``."""
+    """A closure's scorer with the index's projection: queries ``[q, dim]`` against stored rows ``[b, dim]``.
+
+    With a parameter-space closure (any ``ihvp_*``) the queries are ``P Q̃``, the closure's preconditioned queries
+    projected; with :func:`~ifunc.index.curvature.ihvp_projected`'s closure (its :class:`ProjectedScorer`, checked
+    against the index's projection) they are ``(F̃ + λI)^{-1} P ∇f(z_q)``, and :meth:`self_terms` is
+    ``r_iᵀ (F̃ + λI)^{-1} r_i``. ``self_influence=True``: built for self-influence, so a parameter-space closure is
+    refused at once (``NotImplementedError``).
+    """
 
     splits_examples = False
 
-    def __init__(self, inner, index: GradientIndex, params):
-        self.inner, self.index, self.params = inner, index, params
+    def __init__(self, inner, index: GradientIndex, params, *, self_influence: bool = False):
+        self.index, self.params = index, params
+        self.curvature: ProjectedScorer | None = None
+        if isinstance(inner, ProjectedScorer):
+            inner.check_index(index)
+            inner, self.curvature = inner.raw, inner  # raw query gradients; the curvature acts after the projection
+        elif self_influence:
+            raise _self_needs_projected()
+        self.inner = inner
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
         n_query = self.inner.prepare(query, chunk_size)
         self.projected = project_flat(self.index.projection, self.inner.preconditioned(), self.params)
+        if self.curvature is not None:
+            self.projected = self.curvature.precondition(self.projected)
         return n_query
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
@@ -69,7 +91,15 @@ class IndexScorer:
         return self.projected @ batch.to(self.projected.dtype).T
 
     def self_terms(self, batch, offset: int) -> torch.Tensor:
-        raise NotImplementedError(
-            "self-influence from a gradient index needs the curvature in the projected space, which the index does "
-            "not hold yet; use ifunc.self_influence with the training data"
-        )
+        """``[1, b]``: ``r_iᵀ (F̃ + λI)^{-1} r_i`` of the stored rows (``ihvp_projected``'s closure only)."""
+        if self.curvature is None:
+            raise _self_needs_projected()
+        return self.curvature.self_quadratic(batch)
+
+
+def _self_needs_projected() -> NotImplementedError:
+    return NotImplementedError(
+        "self-influence from a gradient index with a parameter-space closure would need (H + λI)^{-1} of every "
+        "training gradient, which the index does not hold (only its projection); use the curvature of the projected "
+        "space, ifunc.ihvp_projected(index), or pass the training data instead of the index"
+    )
