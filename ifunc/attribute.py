@@ -167,6 +167,11 @@ def attribute(
     if identity is not None and out is None:
         raise ValueError("identity= names what defines the scores of a score store; it needs out=")
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
+    if isinstance(query, GradientIndex):
+        raise TypeError(
+            f"query is the gradient index {query.path}: an index holds training gradients, so it goes where the "
+            "training data goes: attribute(loss, params, ihvp, index, query)"
+        )
     queries = DataSource(query, name="query", ordered=True)
     options = ScoreOptions(measurement, max_memory, dtype, query_rank, per_module, per_token, token_mask)
     scorer = scorer_for(ihvp, loss, params, options)  # refuses options the closure cannot score

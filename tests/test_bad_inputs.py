@@ -3,12 +3,17 @@
 A row is ``(id, call, exception, words)``: ``call(p)`` runs on a fresh small problem ``p`` and must raise
 ``exception`` whose message matches ``words`` (a regex). Rows that apply to several methods are expanded
 over them. The store rows (resume, locks, checksums, read-only) live in ``tests/test_store_trust.py``.
+
+Gradient-index rows (:data:`INDEX_ROWS`) are ``(id, call, exception, words)`` with ``call(p, folder)``: they write
+index files into an empty ``folder``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,3 +393,178 @@ def test_bad_input_gets_a_named_error(row):
 
 def test_the_table_is_large_enough():
     assert len(ROWS) >= 40
+
+
+# ---------------------------------------------------------------- the gradient index
+
+#: a small index: chunks of 3 examples (8 examples: chunks 0..2), layer "2" projected, layer "0" dense
+_INDEX = {"modules": ["2"], "layer_size": 2, "dense_size": 3, "chunk_size": 3, "progress": False}
+
+
+def _index(p, out, **kw):
+    """``build_index`` of the problem into ``out`` (a folder: ``out / "i.h5"``; anything else as given)."""
+    out = out / "i.h5" if isinstance(out, Path) and out.is_dir() else out
+    return ifunc.build_index(p.loss, p.params, p.data, out, model=p.model, **{**_INDEX, **kw})
+
+
+def _index_query(p, index, query=None, params=None):
+    """Scores of two queries against ``index`` with an explicit closure."""
+    query = (p.x[:2], p.y[:2]) if query is None else query
+    params = p.params if params is None else params
+    return ifunc.attribute(p.loss, params, BUILDERS["explicit"](p), index, query, progress=False)
+
+
+def _flipped(p, folder: Path):
+    """An index whose chunk 1 (examples 3..5) has one stored float's bytes flipped on disk, reopened."""
+    index = _index(p, folder)
+    with h5py.File(index.path, "r") as f:  # scores [dim, n] float32, contiguous: row 1, column 4 lies in chunk 1
+        at = f["scores"].id.get_offset() + 4 * (index.n * 1 + 4)
+    with open(index.path, "r+b") as f:
+        f.seek(at)
+        word = f.read(4)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in word))
+    return ifunc.open_index(index.path)
+
+
+def _unfinished(p, folder: Path) -> Path:
+    """An index whose build stopped in its second chunk (chunk 0 on disk): the path."""
+
+    def stopping(q, b):
+        if b[0].shape[0] == 3 and torch.equal(b[0], p.x[3:6]):
+            raise RuntimeError("stop")
+        return p.loss(q, b)
+
+    path = folder / "i.h5"
+    with pytest.raises(RuntimeError, match="stop"):
+        ifunc.build_index(stopping, p.params, p.data, path, model=p.model, identity="stops in chunk 1", **_INDEX)
+    return path
+
+
+def _text_file(path: Path) -> Path:
+    path.write_text("not an HDF5 file")
+    return path
+
+
+INDEX_ROWS = [
+    (
+        "index-open-a-score-store",
+        lambda p, folder: ifunc.open_index(
+            ifunc.attribute(p.loss, p.params, BUILDERS["explicit"](p), p.data, p.data, out=folder / "s.h5")
+        ),
+        ValueError,
+        r"s\.h5 is a score store \(explicit scores\) but not a gradient index.*ifunc.load_scores",
+    ),
+    (
+        "index-open-a-foreign-file",
+        lambda p, folder: ifunc.open_index(_text_file(folder / "x.h5")),
+        ValueError,
+        r"x\.h5 cannot be read as an ifunc score store",
+    ),
+    (
+        "index-other-params",
+        lambda p, folder: _index_query(p, _index(p, folder), params={k: v + 0.01 for k, v in p.params.items()}),
+        ValueError,
+        "the index holds gradients at other parameters.*build a new index for these",
+    ),
+    (
+        "index-other-dtype-params",
+        lambda p, folder: _index_query(p, _index(p, folder), params={k: v.float() for k, v in p.params.items()}),
+        ValueError,
+        "the index holds gradients at other parameters",
+    ),
+    (
+        "index-damaged-chunk-query",
+        lambda p, folder: _index_query(p, _flipped(p, folder)),
+        ValueError,
+        r"i\.h5: chunk 1 \(examples 3\.\.5\) fails its checksum.*overwrite=True",
+    ),
+    (
+        "index-damaged-chunk-matrix",
+        lambda p, folder: _flipped(p, folder).matrix(),
+        ValueError,
+        r"i\.h5: chunk 1 \(examples 3\.\.5\) fails its checksum",
+    ),
+    (
+        "index-unfinished-opened",
+        lambda p, folder: ifunc.open_index(_unfinished(p, folder)),
+        ValueError,
+        r"unfinished gradient index \(2 of 3 chunks missing\).*re-run the same build_index",
+    ),
+    ("index-out-none", lambda p, folder: _index(p, None), ValueError, "out= must be the path of the index file"),
+    (
+        "index-out-a-folder",
+        lambda p, folder: ifunc.build_index(p.loss, p.params, p.data, folder, model=p.model, **_INDEX),
+        ValueError,
+        "is a directory; give a file path",
+    ),
+    *[
+        (f"index-{name}", lambda p, folder, kw=kw: _index(p, folder, **kw), ValueError, words)
+        for name, kw, words in (
+            ("layer-size-zero", {"layer_size": 0}, "layer_size must be a positive int, got 0"),
+            ("layer-size-float", {"layer_size": 2.5}, "layer_size must be a positive int, got 2.5"),
+            ("layer-size-bool", {"layer_size": True}, "layer_size must be a positive int, got True"),
+            ("layer-size-triple", {"layer_size": (1, 2, 3)}, r"layer_size must be an int k or a pair \(k_o, k_a\)"),
+            ("dense-size-zero", {"dense_size": 0}, "dense_size must be a positive int, got 0"),
+            ("dense-size-negative", {"dense_size": -4}, "dense_size must be a positive int, got -4"),
+            ("seed-negative", {"seed": -1}, "seed must be a non-negative int, got -1"),
+            ("seed-float", {"seed": 1.5}, "seed must be a non-negative int, got 1.5"),
+            ("seed-string", {"seed": "0"}, "seed must be a non-negative int, got '0'"),
+        )
+    ],
+    (
+        "index-exclude-non-dict-params",
+        lambda p, folder: ifunc.build_index(
+            p.loss, list(p.params.values()), p.data, folder / "i.h5", exclude=["0.bias"]
+        ),
+        TypeError,
+        "exclude= names entries of a dict of parameters; params is not a dict",
+    ),
+    (
+        "index-modules-without-model",
+        lambda p, folder: ifunc.build_index(p.loss, p.params, p.data, folder / "i.h5", modules=["2"]),
+        ValueError,
+        "modules= chooses layers of model=; pass model= too, or drop modules=",
+    ),
+    (
+        "index-query-unbatched",
+        lambda p, folder: _index_query(p, _index(p, folder), query=(p.x[0], p.y[0])),
+        ValueError,
+        "add a batch dimension",
+    ),
+    (
+        "index-query-empty",
+        lambda p, folder: _index_query(p, _index(p, folder), query=(p.x[:0], p.y[:0])),
+        ValueError,
+        "query holds no examples",
+    ),
+    (
+        "index-query-wrong-width",  # the model's own error: the query never reaches the index
+        lambda p, folder: _index_query(p, _index(p, folder), query=(p.x[:2, :2], p.y[:2])),
+        RuntimeError,
+        "shapes cannot be multiplied",
+    ),
+    (
+        "index-query-non-finite",
+        lambda p, folder: _index_query(p, _index(p, folder), query=(p.x[:2] * float("inf"), p.y[:2])),
+        ValueError,
+        "non-finite gradient for example 0 of query",
+    ),
+    (
+        "index-passed-as-query",  # an index is a NamedTuple: it must not be read as a batch of queries
+        lambda p, folder: ifunc.attribute(p.loss, p.params, BUILDERS["explicit"](p), p.data, _index(p, folder)),
+        TypeError,
+        "gradient index.*train",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r[0]) for r in INDEX_ROWS])
+def test_bad_index_input_gets_a_named_error(row, tmp_path):
+    _, call, exception, words = row
+    p = _problem()
+    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    with pytest.raises(exception, match=words):
+        call(p, tmp_path)
+    after = p.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -569,3 +569,141 @@ def test_parts_of_a_run_on_another_number_of_ranks_are_named_not_silently_left(t
     assert part.exists() and not out.exists()
     ifunc.attribute(loss, params, ihvp, data, query, out=out, chunk_size=3, progress=False, overwrite=True)
     assert not part.exists() and out.exists()
+
+
+# ---------------------------------------------------------------- 6. the gradient index
+
+
+def index_problem():
+    """The store problem with its model: 15 examples, chunks of 3; layer "2" projected (2 × 2), layer "0" dense (6)."""
+    model, params, loss, (x, y) = mlp_problem(seed=1, sizes=(3, 5, 3), n=15)
+    same = {"model": model, "modules": ["2"], "layer_size": 2, "dense_size": 6, "chunk_size": 3, "progress": False}
+    return params, loss, (x, y), same
+
+
+def partial_index(path, loss, params, train, *, after: int, **kw):
+    """An index with its first ``after`` chunks done, as a crash leaves it (the next chunk's write fails)."""
+    real = store.ScoreWriter.write
+
+    def write(self, index, columns, fp):
+        if len(self.done) >= after:
+            raise Stop
+        real(self, index, columns, fp)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):
+        patch.setattr(store.ScoreWriter, "write", write)
+        ifunc.build_index(loss, params, train, path, **kw)
+    with h5py.File(path, "r") as f:
+        done = f["done"]
+        assert isinstance(done, h5py.Dataset) and int(done[...].sum()) == after
+
+
+def test_an_unfinished_index_resumed_with_another_seed_size_params_or_data_is_refused_and_left_untouched(tmp_path):
+    params, loss, (x, y), same = index_problem()
+    path = tmp_path / "i.h5"
+    partial_index(path, loss, params, (x, y), after=2, **same)  # chunks 0, 1 on disk
+    before = _untouched(path)
+    refused = {
+        r"projection\.seed: file has 0, this call has 1": dict(seed=1),
+        r"projection\.layers\[0\]\.k_a: file has 2, this call has 3": dict(layer_size=3),
+        r"projection\.k_dense: file has 6, this call has 5": dict(dense_size=5),
+        r"projection\.excluded: file has \[\], this call has \['0\.bias'\]": dict(exclude=["0.bias"]),
+        r"different run \(params: file has": dict(params={k: v + 0.01 for k, v in params.items()}),
+        r"chunk 1 of the training data differs": dict(train=(changed(x, 4), y)),
+    }
+    for words, change in refused.items():
+        call = {"loss": loss, "params": params, "train": (x, y), "out": path, **same, **change}
+        with pytest.raises(ValueError, match=words):
+            ifunc.build_index(**call)
+        assert _untouched(path) == before, words  # same bytes, same inode
+    assert list(tmp_path.iterdir()) == [path]
+    # a change in a chunk that is not on disk yet mixes nothing: the build resumes where it stopped
+    x_new = changed(x, 13)
+    with writes() as written:
+        resumed = ifunc.build_index(loss, params, (x_new, y), path, **same)
+    assert written == [3, 4, 5]
+    fresh = ifunc.build_index(loss, params, (x_new, y), tmp_path / "fresh.h5", **same)
+    assert torch.equal(resumed.matrix(), fresh.matrix())
+    before = _untouched(path)  # finished: its chunk 1 is still checked
+    with pytest.raises(ValueError, match="chunk 1 of the training data differs"):
+        ifunc.build_index(loss, params, (changed(x, 4), y), path, **same)
+    assert _untouched(path) == before
+
+
+def test_overwrite_replaces_an_index_with_the_new_run(tmp_path):
+    params, loss, data, same = index_problem()
+    path = tmp_path / "i.h5"
+    ifunc.build_index(loss, params, data, path, **same)
+    before = sha(path)
+    with pytest.raises(ValueError, match=r"different run \(.*projection\.seed"):
+        ifunc.build_index(loss, params, data, path, seed=7, **same)
+    assert sha(path) == before
+    replaced = ifunc.build_index(loss, params, data, path, seed=7, overwrite=True, **same)
+    fresh = ifunc.build_index(loss, params, data, tmp_path / "fresh.h5", seed=7, **same)
+    assert ifunc.open_index(path).projection == fresh.projection and fresh.projection.seed == 7
+    assert torch.equal(replaced.matrix(), fresh.matrix()) and sha(path) != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.h5", "i.h5"]  # no *.tmp left
+
+
+HOLD_INDEX = """
+import logging, sys, time
+from pathlib import Path
+import torch
+import ifunc
+from ifunc.testing import mlp_problem
+torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)
+out, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+model, params, loss, train = mlp_problem(seed=1, sizes=(3, 5, 3), n=15)
+written = [0]
+
+class Count(logging.Handler):
+    def emit(self, record):
+        written[0] += "written" in record.getMessage()
+
+logging.getLogger("ifunc").addHandler(Count())
+logging.getLogger("ifunc").setLevel(logging.INFO)
+
+def train_loss(p, b):  # pauses in the third chunk, holding the file open for writing
+    if written[0] == 2 and not ready.exists():
+        ready.touch()
+        end = time.monotonic() + 240
+        while not go.exists() and time.monotonic() < end:
+            time.sleep(0.02)
+    return loss(p, b)
+
+ifunc.build_index(train_loss, params, train, out, model=model, modules=["2"], layer_size=2, dense_size=6,
+                  chunk_size=3, identity="held index", progress=False)
+"""
+
+
+@pytest.mark.skipif(NO_LOCKS, reason="HDF5 file locking is disabled (HDF5_USE_FILE_LOCKING=FALSE)")
+def test_an_index_another_process_is_building_is_neither_joined_replaced_nor_read(tmp_path):
+    params, loss, data, same = index_problem()
+    path, script = tmp_path / "i.h5", tmp_path / "hold.py"
+    script.write_text(HOLD_INDEX)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(ready), str(go)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 240
+        while not ready.exists():
+            if child.poll() is not None or time.monotonic() > end:
+                child.kill()
+                pytest.fail(f"the index writer did not get ready: {child.communicate()[1][-3000:]}")
+            time.sleep(0.05)
+        before = _untouched(path)
+        for overwrite in (False, True):
+            with pytest.raises(BlockingIOError, match=r"another process is writing .*i\.h5"):
+                ifunc.build_index(loss, params, data, path, identity="held index", overwrite=overwrite, **same)
+        with pytest.raises(BlockingIOError, match="another process is writing"):
+            ifunc.open_index(path)
+        assert _untouched(path) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["hold.py", "i.h5", "ready"]  # no *.tmp left
+    finally:
+        go.touch()
+        _, err = child.communicate(timeout=240)
+    assert child.returncode == 0, err[-3000:]
+    fresh = ifunc.build_index(loss, params, data, tmp_path / "fresh.h5", **same)
+    assert torch.equal(ifunc.open_index(path).matrix(), fresh.matrix())  # the writer's build, whole
