@@ -4,8 +4,9 @@ A *batch* is a tensor, or a tuple / list / dict of tensors whose leading dimensi
 A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts or tensors).
 
 :meth:`DataSource.chunks` cuts the data into chunks of exactly ``size`` examples (the loop over them, and which
-worker computes which, is :mod:`ifunc._chunks`). :func:`fingerprint` is the one content hash (data sets,
-parameters, query sets).
+worker computes which, is :mod:`ifunc._chunks`); given the chunks a worker wants, it reads only those when the data
+is indexed by example (an :class:`UnreadChunk`, the example count alone, stands for each of the others).
+:func:`fingerprint` is the one content hash (data sets, parameters, query sets).
 
 Two guards of :mod:`ifunc._order` hold where user data enters: an *ordered* source (score columns, sampled
 labels) refuses a DataLoader whose order is not fixed, and iterating user data never moves the global RNG.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import optree
@@ -27,8 +28,22 @@ from ._order import order_problem, own_rng_stream
 Batch = Any
 
 
+class UnreadChunk:
+    """Stands for a chunk of ``size`` examples that this worker did not read (another worker's): no data."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"UnreadChunk(size={self.size})"
+
+
 def tensor_leaves(batch: Batch) -> list[torch.Tensor]:
     """The tensors of a batch (a pytree), in optree order."""
+    if isinstance(batch, UnreadChunk):  # never a silent empty fingerprint of data that was not read
+        raise TypeError(f"{batch!r}: another worker's chunk was not read here; only its example count is known")
     return [x for x in optree.tree_leaves(batch, namespace="ifunc") if isinstance(x, torch.Tensor)]
 
 
@@ -52,7 +67,9 @@ def _is_batch(obj: Any) -> bool:
 
 
 def batch_size(batch: Batch) -> int:
-    """Number of examples in a batch: the shared leading dimension of its tensors."""
+    """Number of examples in a batch: the shared leading dimension of its tensors (an unread chunk's ``size``)."""
+    if isinstance(batch, UnreadChunk):
+        return batch.size
     leaves = tensor_leaves(batch)
     if not leaves:
         raise TypeError(f"a batch must contain tensors, got {type(batch).__name__}")
@@ -202,32 +219,42 @@ class DataSource:
                 return None
         return None
 
-    def chunks(self, size: int) -> Iterator[Batch]:
+    def chunks(self, size: int, wanted: Callable[[int], bool] | None = None) -> Iterator[Batch]:
         """Yield batches of exactly ``size`` examples (the last may be smaller), in order.
 
         Batches are split and joined across the data's own batch boundaries, so chunk ``i`` always holds
-        examples ``[i·size, (i+1)·size)`` whatever the DataLoader's batch size.
+        examples ``[i·size, (i+1)·size)`` whatever the DataLoader's batch size. With ``wanted``, chunk ``i`` is
+        cut and joined only when ``wanted(i)``; the others are :class:`UnreadChunk` of their example count (the
+        data is still read whole: :func:`ifunc._chunks.read_chunks` loads only the wanted examples when it can).
 
         Raises:
           ValueError / TypeError: ``size`` is not a positive int (:func:`chunk_width`).
         """
         size = chunk_width(size)
         pending: list[Batch] = []
-        held = 0
+        held = index = 0
+        keep = wanted is None or wanted(0)
         for b in self:
             b = tuple(b) if isinstance(b, list) else b  # a DataLoader collates (x, y) into [x, y]
             n = batch_size(b)
             start = 0
             while start < n:
                 take = min(size - held, n - start)
-                pending.append(b if (start == 0 and take == n) else slice_batch(b, start, start + take))
+                if keep:
+                    pending.append(b if (start == 0 and take == n) else slice_batch(b, start, start + take))
                 held += take
                 start += take
                 if held == size:
-                    yield pending[0] if len(pending) == 1 else concat_batches(pending)
-                    pending, held = [], 0
-        if pending:
-            yield pending[0] if len(pending) == 1 else concat_batches(pending)
+                    yield _joined(pending) if keep else UnreadChunk(held)
+                    pending, held, index = [], 0, index + 1
+                    keep = wanted is None or wanted(index)
+        if held:
+            yield _joined(pending) if keep else UnreadChunk(held)
+
+    @property
+    def loader(self) -> DataLoader | None:
+        """The DataLoader the data is read through (the user's, or ifunc's own over a Dataset), else None."""
+        return self._batches if isinstance(self._batches, DataLoader) else None
 
     def pieces(self, count: int) -> Iterable[Batch]:
         """The data as at least ``count`` batches when it is in memory in fewer (views, re-iterable), else itself.
@@ -256,6 +283,10 @@ class DataSource:
         if isinstance(self._batches, list):
             return self._batches[0] if len(self._batches) == 1 else concat_batches(self._batches)
         return None
+
+
+def _joined(pieces: list[Batch]) -> Batch:
+    return pieces[0] if len(pieces) == 1 else concat_batches(pieces)
 
 
 def _map_style(data) -> bool:

@@ -1,9 +1,12 @@
 """The one scoring loop: chunks of training examples × a scorer × a sink.
 
-:func:`run_chunks` walks every chunk of the training data in order (:func:`ifunc._data.iter_chunks`, the one
+:func:`run_chunks` walks every chunk of the training data in order (:func:`ifunc._chunks.iter_chunks`, the one
 chunk loop), shows each to the sink, and computes the chunks this rank owns (the run's
-:class:`~ifunc._data.Partition`) that the sink still wants. It knows no method (the scorer comes from the closure)
-and no destination (the sink says what it wants and what is returned).
+:class:`~ifunc._chunks.Partition`) that the sink still wants. A rank loads only the chunks it owns when the data is
+indexed by example (a map-style Dataset, a sequential DataLoader over one, data in memory); the sink sees another
+rank's chunk as an :class:`~ifunc._data.UnreadChunk` (its example count). An owned chunk already in a store is still
+loaded: the store checks it against its fingerprint before the run goes on. It knows no method (the scorer comes
+from the closure) and no destination (the sink says what it wants and what is returned).
 """
 
 from __future__ import annotations
@@ -51,17 +54,21 @@ def run_chunks(
     desc: str,
     progress: bool | None,
 ):
-    """``sink.result()`` after ``compute(batch, offset) -> [..., b]`` ran on every owned chunk the sink wants."""
+    """``sink.result()`` after ``compute(batch, offset) -> [..., b]`` ran on every owned chunk the sink wants.
+
+    Under ``torchrun`` (``partition.count = W > 1``) this rank reads only its chunks ``i ≡ rank (mod W)`` of data
+    indexed by example (about ``n / W`` examples instead of ``n``); the others reach ``sink.seen`` unread.
+    """
     shown = progress if distributed.world()[0] == 0 else False  # one bar, on rank 0
     sink.open(ScorePlan(n_query, plan_chunk, partition, source))
     try:
         for c in progress_bar(
-            iter_chunks(source, plan_chunk, partition=partition),
+            iter_chunks(source, plan_chunk, partition=partition, skip_others=True),
             total=n_chunks(source, plan_chunk),
             desc=desc,
             progress=shown,
         ):
-            sink.seen(c.index, c.batch)  # first: a store checks a chunk it has against its fingerprint
+            sink.seen(c.index, c.batch)  # first: a store checks an owned chunk it has against its fingerprint
             if c.mine and sink.wants(c.index):
                 sink.put(c.index, _finite(compute(c.batch, c.offset), c.offset))
         return sink.result()

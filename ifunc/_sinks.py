@@ -8,7 +8,9 @@ drives any object with these methods:
   None; asked before the scorer is built;
 * ``open(plan)``: the run's :class:`ScorePlan` (``n_query``, the chunk size, the :class:`~ifunc._data.Partition` of
   the chunks over the ranks, the training :class:`~ifunc._data.DataSource`);
-* ``seen(index, batch)``: every chunk, first (a store checks a chunk it has against its fingerprint);
+* ``seen(index, batch)``: every chunk, first (a store checks a chunk it has against its fingerprint); under
+  ``torchrun`` another rank's chunk arrives unread, as an ``UnreadChunk`` (its example count only:
+  ``batch_size()`` works, its tensors cannot be read);
 * ``wants(index) -> bool``: should this chunk, which this rank owns, be computed (not already on disk)?
 * ``put(index, block)``: its columns; ``result()``: what :func:`ifunc.attribute` returns; ``close()``: always
   called at the end, also after an error.

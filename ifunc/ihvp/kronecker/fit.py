@@ -215,13 +215,13 @@ def fit_checked(
         chunks = cast(
             "Iterable[Chunk]",
             progress_bar(
-                iter_chunks(source, step, partition=part),
+                iter_chunks(source, step, partition=part, skip_others=curvature != "fisher"),
                 total=n_chunks(source, step),
                 desc="ifunc factors" if rotations is None else "ifunc EK-FAC eigenvalues",
                 progress=progress,
             ),
         )
-        for _, _, batch, mine in chunks:  # every rank walks every chunk
+        for _, _, batch, mine in chunks:  # with sampled labels every rank reads every chunk, else only its own
             if not mine:  # another rank's chunk; its labels are still drawn, to keep the generator in step
                 if curvature == "fisher":
                     with torch.no_grad():
