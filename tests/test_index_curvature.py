@@ -122,6 +122,10 @@ def test_fitting_reads_one_chunk_at_a_time_and_does_not_depend_on_the_chunking(p
         rtol=1e-5,
         atol=1e-6,
     )
+    # the raw query gradients are projected a few queries at a time: one query at a time gives the same scores
+    one_by_one, together = (ifunc.attribute(loss, params, a, small, query, chunk_size=c) for c in (1, None))
+    tol = 1e-12 if query[0].dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(one_by_one, together, rtol=tol, atol=tol * float(together.abs().max()))
 
 
 def test_damping_follows_the_kronecker_rule_and_rebuilds_without_refitting(problem, tmp_path):
@@ -152,6 +156,12 @@ def test_bad_inputs_are_refused_by_name(problem, tmp_path):
         ifunc.attribute(loss, params, ihvp, other, query)
     with pytest.raises(ValueError, match="another gradient index"):
         ifunc.self_influence(loss, params, ihvp, other)
+    moved = {k: v + 0.01 for k, v in params.items()}  # the same projection, an index at other parameters
+    at_moved = ifunc.build_index(loss, moved, train, tmp_path / "moved.h5", layer_size=64, dense_size=10**6)
+    with pytest.raises(ValueError, match="other parameters"):
+        ifunc.attribute(loss, moved, ihvp, at_moved, query)
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        ihvp_projected(index, dtype=torch.int64)
     with pytest.raises(NotImplementedError, match="whole queries"):
         ifunc.attribute(loss, params, ihvp, index, query, per_module=True)
     with pytest.raises(NotImplementedError, match="ihvp_projected"):  # a parameter-space closure: no self-influence

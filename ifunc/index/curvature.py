@@ -23,8 +23,7 @@ import torch
 
 from .. import distributed
 from ..functional import structure
-from ..ihvp import IHVP, GenericScorer, ScoreOptions
-from ..ihvp import block_damping, check_conditioning
+from ..ihvp import IHVP, GenericScorer, ScoreOptions, block_damping, check_conditioning
 from .handle import GradientIndex, projection_digest
 from .projection import Projection
 
@@ -65,14 +64,17 @@ class ProjectedIHVP(IHVP):
     """The closure of :func:`ihvp_projected`: ``v [dim] -> (F̃ + λI)^{-1} v`` in an index's projected coordinates.
 
     Besides being an :class:`~ifunc.ihvp.IHVP` (with ``dim`` the index's ``dim``), it holds ``projection`` (the
-    index's), ``digest`` (its SHA-256, :func:`~ifunc.index.handle.projection_digest`: an index with another one is
-    refused) and ``blocks`` (``(name, slice)`` per block). ``damping`` is one λ, or the mapping block name -> λ
+    index's), ``digest`` (its SHA-256, :func:`~ifunc.index.handle.projection_digest`), ``params`` (the
+    fingerprint of the parameters the index was built at) and ``blocks`` (``(name, slice)`` per block): an index
+    with another projection or other parameters is refused; one of other data in the same projection and at the
+    same parameters is scored with this curvature. ``damping`` is one λ, or the mapping block name -> λ
     when ``damping=None`` chose one per block.
     """
 
-    FIELDS = ("projection", "digest", "blocks")
+    FIELDS = ("projection", "digest", "params", "blocks")
     projection: Projection
     digest: str
+    params: str
     blocks: tuple[tuple[str, slice], ...]
 
     def describe(self) -> dict:
@@ -117,13 +119,19 @@ class ProjectedScorer:
         self.raw = GenericScorer(lambda V: V, None, loss, params, options._replace(dtype=None))
 
     def check_index(self, index: GradientIndex) -> None:
-        """ValueError unless ``index`` has the projection the closure was fitted in (by digest)."""
+        """ValueError unless ``index`` has the projection the closure was fitted in (by digest) and its parameters."""
         found = projection_digest(index.projection)
         if found != self.closure.digest:
             raise ValueError(
                 f"ihvp_projected: the closure was fitted in the projected space of another gradient index "
                 f"(projection sha256 {self.closure.digest[:12]}…, {index.path} has {found[:12]}…): fit it from this "
                 "index, ifunc.ihvp_projected(index)"
+            )
+        if index.meta.get("params") != self.closure.params:
+            raise ValueError(
+                f"ihvp_projected: the closure was fitted from an index built at other parameters (fingerprint "
+                f"{self.closure.params}, {index.path} has {index.meta.get('params')}): fit it from this index, "
+                "ifunc.ihvp_projected(index)"
             )
 
     def precondition(self, V: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,8 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
       blocks, the λ of each (``"damping"``) and each block's eigenvalues (``"eigenvalues {block}"``).
 
     Raises:
-      TypeError: ``index`` is not a :class:`~ifunc.index.GradientIndex`; damping not a number.
+      TypeError: ``index`` is not a :class:`~ifunc.index.GradientIndex`; damping not a number; ``dtype`` not a
+        floating-point dtype.
       ValueError: an empty index; a negative damping; ``damping=None`` on a block with no curvature; a block whose
         damped curvature is not positive definite (e.g. ``damping=0`` with fewer examples than coordinates).
 
@@ -192,23 +201,25 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
             f"ihvp_projected fits the curvature from a gradient index (ifunc.build_index / ifunc.open_index), got "
             f"{type(index).__name__}; for training data use a parameter-space method such as ifunc.ihvp_ekfac"
         )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"ihvp_projected: dtype must be a floating-point torch.dtype (torch.float64), got {dtype!r}")
     if index.n == 0:
         raise ValueError(f"ihvp_projected: {index.path} holds no examples, so there is no curvature to fit")
     blocks = projected_blocks(index.projection)
-    eig = []
+    eig, eigen = [], []  # float64 eigenvalues (the damping rule), and the pairs in the solve's dtype
     for (name, _), total in zip(blocks, _second_moments(index, blocks)):
         w, U = torch.linalg.eigh(total / index.n)
-        eig.append((name, w, U))
+        eig.append((name, w))
+        eigen.append((w.to(dtype), U.to(dtype)))
     like = torch.zeros((), dtype=dtype)
     unflatten = structure(torch.zeros(index.dim, dtype=dtype))
     held = tuple(blocks)
-    eigen = [(w.to(dtype), U.to(dtype)) for _, w, U in eig]
     digest = projection_digest(index.projection)
 
     def rebuild(lam) -> ProjectedIHVP:
         what = [f"the projected block of {'the ' + n if n == DENSE_BLOCK else f'layer {n!r}'}" for n, _ in held]
-        lams = [block_damping(w, lam, wh, who="ihvp_projected") for (_, w, _), wh in zip(eig, what)]
-        for (_, w, _), lam_b, wh in zip(eig, lams, what):
+        lams = [block_damping(w, lam, wh, who="ihvp_projected") for (_, w), wh in zip(eig, what)]
+        for (_, w), lam_b, wh in zip(eig, lams, what):
             check_conditioning(w, lam_b, dtype, who="ihvp_projected", what=wh)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
@@ -223,7 +234,7 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
             "projection_sha256": digest,
             "blocks": {n: [s.start, s.stop] for n, s in held},
             "damping": per_block,
-            **{f"eigenvalues {n}": w for n, w, _ in eig},
+            **{f"eigenvalues {n}": w for n, w in eig},
         }
         return ProjectedIHVP.make(
             solve,
@@ -235,6 +246,7 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
             info=info,
             projection=index.projection,
             digest=digest,
+            params=index.meta.get("params"),
             blocks=held,
         )
 

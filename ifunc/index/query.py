@@ -26,7 +26,10 @@ from .curvature import ProjectedScorer
 from .handle import GradientIndex
 from .projection import project_flat
 
-__all__ = ["IndexScorer", "index_source", "check_index_params"]
+__all__ = ["IndexScorer", "index_source", "check_index_params", "QUERY_CHUNK"]
+
+#: queries whose raw gradients ``[QUERY_CHUNK, d]`` are held at once on the projected-curvature path
+QUERY_CHUNK = 64
 
 
 class _Rows:
@@ -78,11 +81,18 @@ class IndexScorer:
         self.inner = inner
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
-        n_query = self.inner.prepare(query, chunk_size)
-        self.projected = project_flat(self.index.projection, self.inner.preconditioned(), self.params)
-        if self.curvature is not None:
-            self.projected = self.curvature.precondition(self.projected)
-        return n_query
+        P = self.index.projection
+        if self.curvature is None:  # the closure's own preparation: its preconditioned queries [q, d], projected
+            n_query = self.inner.prepare(query, chunk_size)
+            self.projected = project_flat(P, self.inner.preconditioned(), self.params)
+            return n_query
+        # raw gradients are projected QUERY_CHUNK queries at a time: [QUERY_CHUNK, d] is held, never [q, d]
+        pieces = []
+        for batch in query.chunks(chunk_size or QUERY_CHUNK):
+            self.inner.prepare(DataSource(batch, name=query.name, ordered=True), None)
+            pieces.append(project_flat(P, self.inner.preconditioned(), self.params))
+        self.projected = self.curvature.precondition(torch.cat(pieces))
+        return self.projected.shape[0]
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
         return self.index.chunk  # the stored chunks: each is read once, whole
