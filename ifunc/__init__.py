@@ -43,6 +43,7 @@ checks it):
 
 from . import language, measurements
 from ._sinks import MemorySink, ScorePlan, Sink
+from ._topk_sink import Extremes, HelpfulHarmful, Ranked, TopK
 from ._version import __version__
 from .attribute import attribute, self_influence
 from .curvature import CurvatureOperator, curvature_operator, ggn, ggn_vp, hessian, hvp
@@ -140,6 +141,10 @@ __all__ = [
     "Sink",
     "ScorePlan",
     "MemorySink",
+    "TopK",
+    "HelpfulHarmful",
+    "Ranked",
+    "Extremes",
     "attribute_ensemble",
     "load_scores",
     "top_k",

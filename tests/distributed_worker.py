@@ -17,6 +17,7 @@ import torch
 
 import ifunc
 from ifunc import distributed
+from ifunc._topk_sink import HelpfulHarmful
 from ifunc.index import build_index
 from ifunc.testing import mlp_problem
 
@@ -78,6 +79,18 @@ def chunks_written():
         logger.setLevel(level)
 
 
+def beside_sorted(ends, full: torch.Tensor) -> dict:
+    """A top-k sink's answer (``helpful_values``, ...) beside the first ``k`` columns of a stable sort of the full
+    matrix (``sorted_helpful_values``, ...): what it must equal, ties broken by the lower index."""
+    out = {}
+    for end, descending in (("helpful", True), ("harmful", False)):
+        got, order = getattr(ends, end), torch.sort(full, dim=1, descending=descending, stable=True)
+        k = got.values.shape[1]
+        out |= {f"{end}_values": got.values, f"{end}_indices": got.indices}
+        out |= {f"sorted_{end}_values": order.values[:, :k], f"sorted_{end}_indices": order.indices[:, :k]}
+    return out
+
+
 def compute(out_dir, dtype: torch.dtype) -> dict:
     """Factors (GGN and sampled Fisher), pairwise scores of every method, self-influence, per-module and
     low-rank-query scores, and score stores, for the problem in ``dtype``."""
@@ -111,9 +124,15 @@ def compute(out_dir, dtype: torch.dtype) -> dict:
                 ifunc.attribute(loss, params, ihvp, train, query, out=path, **scoring)
             res[f"rewritten/{name}"] = written[0]
             res[f"store/{name}"] = torch.from_numpy(ifunc.load_scores(path))
+            ends = ifunc.attribute(loss, params, ihvp, train, query, sink=HelpfulHarmful(5), **scoring)  # per-rank best
+            res[f"topk/{name}"] = beside_sorted(ends, res[f"scores/{name}"])
     index = os.path.join(out_dir, f"index_{str(dtype)[6:]}.h5")  # a gradient index: one layer captured, one dense
     sizes = {"layer_size": 2, "dense_size": 6, "chunk_size": 4, "overwrite": True, "progress": False}
-    res["store/index"] = build_index(loss, params, train, index, model=model, modules=["2"], **sizes).matrix()
+    built = build_index(loss, params, train, index, model=model, modules=["2"], **sizes)
+    res["store/index"] = built.matrix()
+    ihvp = ifunc.ihvp_identity(params, damping=1.0)  # every rank reads the index, scores its own chunks
+    ends = ifunc.attribute(loss, params, ihvp, built, query, sink=HelpfulHarmful(5), progress=False)
+    res["topk/index"] = beside_sorted(ends, ifunc.attribute(loss, params, ihvp, built, query, progress=False))
     return res
 
 

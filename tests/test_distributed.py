@@ -211,7 +211,8 @@ def test_scores_equal_single_process(launched, dtype, what):
 def test_worker_covers_every_case(launched):
     ranks, one = launched
     scored = {k.split("/", 1)[1] for k in one if k.split("/")[1] not in ("ggn", "fisher", "n_ggn", "n_fisher")}
-    assert scored == set(SCORES) | {f"{kind}/{m}" for kind in ("bf16", "written", "rewritten") for m in ("ekfac", "cg")}
+    kinds = {f"{kind}/{m}" for kind in ("bf16", "written", "rewritten", "topk") for m in ("ekfac", "cg")}
+    assert scored == set(SCORES) | kinds | {"topk/index"}
     assert set(ranks[0]) == set(one) | {"refused", "params_refused", "collectives"}
 
 
@@ -234,6 +235,16 @@ def test_bfloat16_contraction_equals_single_process(launched, method):
     for res in ranks:
         got = res[f"float32/bf16/{method}"]
         assert got.dtype == torch.bfloat16 and rel_error(got.double(), expected.double()) < 1e-2
+
+
+@pytest.mark.slow
+def test_top_k_sink_gives_every_rank_a_stable_sort_of_the_full_matrix(launched):
+    """Each rank keeps the best 5 of its own chunks (of the data or of an index); the ranks' candidates all-gathered."""
+    for key in (f"{dtype}/topk/{method}" for dtype in DTYPES for method in ("ekfac", "cg", "index")):
+        got = [res[key] for res in [*launched[0], launched[1]]]
+        assert all(torch.equal(g[k], g[f"sorted_{k}"]) for g in got for k in g if not k.startswith("sorted")), key
+        assert all(torch.equal(got[0][k], got[1][k]) for k in got[0]), key  # the ranks bit for bit
+        assert all(torch.equal(got[0][k], got[2][k]) for k in got[0] if "indices" in k), key  # = one process
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "ranks": (0, ("distributed.py", "_ranks.py")),
     "store": (1, ("store/",)),
     "grads": (2, ("grads.py",)),
-    "loop": (2, ("_score_loop.py", "_sinks.py", "_store_sinks.py")),  # the one chunk loop and its sinks
+    "loop": (2, ("_score_loop.py", "_sinks.py", "_store_sinks.py", "_topk_sink.py")),  # the one chunk loop, its sinks
     "curvature": (3, ("curvature.py", "likelihood.py")),
     "kronecker": (4, ("ihvp/kronecker/",)),  # before "solvers": the first group that matches a file is its group
     "solvers": (4, ("ihvp/",)),

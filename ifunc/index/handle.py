@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from .. import store
+from ..store import ChecksumError, read_blocks
 from .projection import Projection
 
 __all__ = ["GradientIndex", "open_index", "projection_digest", "INDEX_KIND"]
@@ -36,18 +35,28 @@ def projection_digest(projection: Projection) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _as_index_error(path: Path, err: ValueError) -> ValueError:
+    """A score store's refusal said for an index: an unfinished build, or a chunk that fails its checksum."""
+    if isinstance(err, ChecksumError):
+        return ValueError(
+            f"{path}: chunk {err.chunk} (examples {err.start}..{err.stop - 1}) fails its checksum: the index was "
+            "changed or damaged after it was written. Rebuild it with build_index(..., overwrite=True)"
+        )
+    missing = re.search(r"\(\d+ of \d+ chunks missing\)", str(err))
+    if missing:
+        return ValueError(
+            f"{path} is an unfinished gradient index {missing.group(0)}: re-run the same "
+            "build_index(..., out=path) call to finish it (it resumes at the first missing chunk)"
+        )
+    return err
+
+
 def _open_columns(path: Path) -> Any:
     """The finished store's ``scores`` dataset, open read-only (shared lock); refusals named for an index."""
     try:
         return store.load_scores(path, lazy=True, verify=False)
     except ValueError as err:
-        missing = re.search(r"\(\d+ of \d+ chunks missing\)", str(err))
-        if missing:
-            raise ValueError(
-                f"{path} is an unfinished gradient index {missing.group(0)}: re-run the same "
-                "build_index(..., out=path) call to finish it (it resumes at the first missing chunk)"
-            ) from None
-        raise
+        raise _as_index_error(path, err) from None
 
 
 class GradientIndex(NamedTuple):
@@ -80,27 +89,20 @@ class GradientIndex(NamedTuple):
     def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, rows [b, dim])`` for every stored chunk, in order; rows ``offset .. offset + b - 1``.
 
-        Each chunk's columns are read from disk and checked against their CRC-32 before they are yielded; only one
-        chunk is in memory at a time (``dim · chunk`` float32 values), and the file is open (read-only, shared
-        lock) only while the iteration runs.
+        The columns are read in blocks of whole chunks (:func:`ifunc.store.reading.read_blocks`, about 64 MiB, at
+        least one chunk) and each chunk is checked against its CRC-32 before any row of its block is yielded; one
+        block is in memory at a time, and the file is open (read-only, shared lock) only while the iteration runs.
+        The rows ``[b, dim]`` are views of their block (column-major).
 
         Raises:
           ValueError: a chunk fails its checksum (named), or the file is no longer a finished index.
         """
-        ds = _open_columns(self.path)
-        try:
-            sums = ds.file["checksums"][...]
-            for index, offset in enumerate(range(0, self.n, self.chunk)):
-                columns = np.ascontiguousarray(ds[:, offset : offset + self.chunk])
-                if zlib.crc32(columns.data) != int(sums[index]):
-                    raise ValueError(
-                        f"{self.path}: chunk {index} (examples {offset}..{offset + columns.shape[1] - 1}) fails its "
-                        "checksum: the index was changed or damaged after it was written. Rebuild it with "
-                        "build_index(..., overwrite=True)"
-                    )
-                yield offset, torch.from_numpy(columns).T
-        finally:
-            ds.file.close()
+        try:  # blocks of whole stored chunks (about 64 MiB), each chunk checked before its block is yielded
+            for start, columns in read_blocks(self.path):
+                for offset in range(0, columns.shape[1], self.chunk):
+                    yield start + offset, torch.from_numpy(columns[:, offset : offset + self.chunk]).T
+        except ValueError as err:
+            raise _as_index_error(self.path, err) from None
 
     def matrix(self) -> torch.Tensor:
         """Every row, ``[n, dim]`` float32, each chunk checked (for small indexes and tests: it holds them all)."""

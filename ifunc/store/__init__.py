@@ -11,10 +11,12 @@ from .._data import fingerprint
 from ._hdf5 import read_tensor_groups, write_tensor_groups
 from ._trust import check_fingerprint
 from .merge import merge_parts, part_path
-from .reading import load_scores, top_k
+from .reading import ChecksumError, load_scores, read_blocks, top_k
 from .scores import ScoreWriter, recorded_chunk_size, remove_store
 
 __all__ = [
+    "read_blocks",
+    "ChecksumError",
     "ScoreWriter",
     "load_scores",
     "top_k",

@@ -1,8 +1,17 @@
-"""Reading finished score stores: the whole matrix, or the top ``k`` per query, each chunk's CRC-32 checked."""
+"""Reading finished score stores: the whole matrix, the top ``k`` per query, or blocks of columns, each chunk's
+CRC-32 checked.
+
+:func:`read_blocks` is the one verified reader: :func:`top_k` and the gradient index
+(:meth:`ifunc.index.GradientIndex.chunks`) read through it, :func:`load_scores` checks with its per-chunk check, and
+a chunk whose bytes do not match the CRC-32 recorded when it was written raises :class:`ChecksumError` (a
+``ValueError``) naming the chunk and its examples.
+"""
 
 from __future__ import annotations
 
 import warnings
+import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -13,7 +22,21 @@ from ._hdf5 import _open
 from ._meta import read_meta
 from ._trust import FORMAT, _verify
 
-__all__ = ["load_scores", "top_k"]
+__all__ = ["load_scores", "top_k", "read_blocks", "ChecksumError"]
+
+_BLOCK_BYTES = 1 << 26  #: the default block of :func:`read_blocks`: about 64 MiB of float32 columns
+
+
+class ChecksumError(ValueError):
+    """A stored chunk whose columns no longer match the CRC-32 recorded when they were written.
+
+    Attributes:
+      path: the file. chunk: the chunk's position. start, stop: its columns (training examples) ``start .. stop - 1``.
+    """
+
+    def __init__(self, message: str, *, path, chunk: int, start: int, stop: int):
+        super().__init__(message)
+        self.path, self.chunk, self.start, self.stop = path, chunk, start, stop
 
 
 def _open_complete(path) -> Any:
@@ -54,15 +77,70 @@ def _chunk_checks(f, path, verify: bool) -> tuple[int, np.ndarray | None]:
     return chunk, f["checksums"][...]
 
 
-def _verified_blocks(ds, path, chunk: int, sums: np.ndarray | None, block: int):
+def _crc32(columns: np.ndarray) -> int:
+    """CRC-32 of ``columns [r, w]`` as C-order bytes, row by row (a column slice of a block is never copied)."""
+    if columns.flags.c_contiguous:
+        return zlib.crc32(columns.data)
+    crc = 0
+    for row in columns:  # each row of a column slice is contiguous
+        crc = zlib.crc32(row, crc)
+    return crc
+
+
+def _check(path, index: int, start: int, columns: np.ndarray, expected: int) -> None:
+    """ChecksumError unless chunk ``index`` (columns ``start ..``) matches its recorded CRC-32."""
+    if _crc32(columns) == expected:
+        return
+    stop = start + columns.shape[1]
+    try:
+        _verify(path, index, columns, expected)  # the store's verdict and message
+    except ValueError as err:
+        raise ChecksumError(str(err), path=path, chunk=index, start=start, stop=stop) from None
+    raise ChecksumError(  # unreachable unless zlib disagrees with itself: refuse rather than pass the chunk
+        f"{path}: chunk {index} fails its checksum", path=path, chunk=index, start=start, stop=stop
+    )
+
+
+def _verified_blocks(ds, path, chunk: int, sums: np.ndarray | None, block: int) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, columns)`` over ``ds`` in blocks of whole chunks (at least one), each chunk checked."""
     step = max(1, block // chunk) * chunk
     for start in range(0, ds.shape[1], step):
         cols = ds[:, start : start + step]
         if sums is not None:
             for c in range(0, cols.shape[1], chunk):
-                _verify(path, (start + c) // chunk, cols[:, c : c + chunk], int(sums[(start + c) // chunk]))
+                index = (start + c) // chunk
+                _check(path, index, start + c, cols[:, c : c + chunk], int(sums[index]))
         yield start, cols
+
+
+def read_blocks(path, *, block: int | None = None, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, columns [n_query, w])`` for consecutive blocks of a finished score store, each chunk checked.
+
+    The blocks cover columns ``0 .. n_train - 1`` in order; block ``(start, columns)`` holds columns ``start ..
+    start + w - 1``, whole stored chunks: ``block`` columns rounded down to a multiple of the chunk size (at least
+    one chunk; default about 64 MiB), the last block shorter. With ``verify`` every chunk of a block is checked
+    against the CRC-32 recorded when it was written before the block is yielded; ``verify=False`` reads blocks of
+    exactly ``block`` columns unchecked. The reader holds one block at a time (a fresh array each: a block kept by
+    the caller stays valid); the file is open (read-only, shared lock) while the iteration runs and closed when it
+    ends or the iterator is closed.
+
+    Raises:
+      ChecksumError: a chunk fails its checksum (a ``ValueError`` naming the file, the chunk and its columns).
+      ValueError: not a score store, unreadable, incomplete, or its metadata damaged.
+      BlockingIOError: another process is writing the file.
+      TypeError, ValueError: ``block`` not an int >= 1.
+
+    Example:
+      >>> for start, columns in ifunc.store.read_blocks("scores.h5"):
+      ...     best = np.maximum(best, columns.max(axis=1))
+    """
+    if block is not None:
+        block = check_count(block, "block", "read_blocks")
+    with _open_complete(path) as f:
+        chunk, sums = _chunk_checks(f, path, verify)
+        ds = f["scores"]
+        width = block if block is not None else max(1, _BLOCK_BYTES // (ds.dtype.itemsize * max(1, ds.shape[0])))
+        yield from _verified_blocks(ds, path, chunk, sums, width)
 
 
 def load_scores(path, *, lazy: bool = False, verify: bool = True):
@@ -78,8 +156,8 @@ def load_scores(path, *, lazy: bool = False, verify: bool = True):
       ``np.ndarray [n_query, n_train]``, or the ``h5py.Dataset`` with ``lazy=True``.
 
     Raises:
-      ValueError: not a score store, unreadable, incomplete, its metadata damaged, or a chunk fails its checksum
-        (named).
+      ChecksumError: a chunk fails its checksum (a ``ValueError`` naming it).
+      ValueError: not a score store, unreadable, incomplete, or its metadata damaged.
       BlockingIOError: another process is writing the file.
     """
     f = _open_complete(path)
@@ -94,7 +172,7 @@ def load_scores(path, *, lazy: bool = False, verify: bool = True):
         scores = ds[...]
         if sums is not None:
             for i, start in enumerate(range(0, scores.shape[1], chunk)):
-                _verify(path, i, scores[:, start : start + chunk], int(sums[i]))
+                _check(path, i, start, scores[:, start : start + chunk], int(sums[i]))
         f.close()
         return scores
     except BaseException:
@@ -114,27 +192,25 @@ def top_k(
       ``(values [n_query, k], indices [n_query, k])`` without ever loading the whole matrix.
 
     Raises:
-      ValueError: as :func:`load_scores`, or ``k`` out of range.
+      ChecksumError, ValueError: as :func:`load_scores`, or ``k`` out of range.
       TypeError, ValueError: ``k`` or ``block`` not an int >= 1 (a bool or a float included).
     """
     k = check_count(k, "k", "top_k")
     block = check_count(block, "block", "top_k")
     with _open_complete(path) as f:
-        ds = f["scores"]
-        n_query, n_train = ds.shape
-        if k > n_train:
-            raise ValueError(f"k must be in [1, n_train={n_train}], got {k}")
-        chunk, sums = _chunk_checks(f, path, verify)
-        best_v = torch.empty(n_query, 0)
-        best_i = torch.empty(n_query, 0, dtype=torch.long)
-        for start, cols in _verified_blocks(ds, path, chunk, sums, block):
-            vals = torch.from_numpy(cols).to(torch.float64)
-            idx = torch.arange(start, start + vals.shape[1]).expand(n_query, -1)
-            cat_v = torch.cat([best_v, vals], dim=1)
-            cat_i = torch.cat([best_i, idx], dim=1)
-            keep = cat_v.topk(min(k, cat_v.shape[1]), dim=1, largest=largest)
-            best_v, best_i = keep.values, cat_i.gather(1, keep.indices)
-        return best_v, best_i
+        n_query, n_train = f["scores"].shape
+    if k > n_train:
+        raise ValueError(f"k must be in [1, n_train={n_train}], got {k}")
+    best_v = torch.empty(n_query, 0)
+    best_i = torch.empty(n_query, 0, dtype=torch.long)
+    for start, cols in read_blocks(path, block=block, verify=verify):
+        vals = torch.from_numpy(cols).to(torch.float64)
+        idx = torch.arange(start, start + vals.shape[1]).expand(n_query, -1)
+        cat_v = torch.cat([best_v, vals], dim=1)
+        cat_i = torch.cat([best_i, idx], dim=1)
+        keep = cat_v.topk(min(k, cat_v.shape[1]), dim=1, largest=largest)
+        best_v, best_i = keep.values, cat_i.gather(1, keep.indices)
+    return best_v, best_i
 
 
 # ---------------------------------------------------------------- per-rank parts
