@@ -42,6 +42,7 @@ checks it):
 """
 
 from . import language, measurements
+from ._batches import UnreadChunk
 from ._sinks import MemorySink, ScorePlan, Sink
 from ._topk_sink import Extremes, HelpfulHarmful, Ranked, TopK
 from ._version import __version__
@@ -141,6 +142,7 @@ __all__ = [
     "Sink",
     "ScorePlan",
     "MemorySink",
+    "UnreadChunk",
     "TopK",
     "HelpfulHarmful",
     "Ranked",

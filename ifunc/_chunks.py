@@ -14,7 +14,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, default_collate
 
-from ._data import Batch, DataSource, UnreadChunk, batch_size, chunk_width, concat_batches, slice_batch
+from ._batches import Batch, UnreadChunk, batch_size, concat_batches, slice_batch
+from ._data import DataSource, chunk_width
 from ._order import own_rng_stream
 
 __all__ = ["Partition", "Chunk", "iter_chunks", "read_chunks", "n_chunks", "check_chunk_size"]
@@ -155,8 +156,10 @@ def _spans(loader: DataLoader, n: int, size: int, wanted: Callable[[int], bool])
     """The example ranges to load, in order, for the wanted chunks of ``size`` of ``loader``'s ``n`` examples.
 
     torch's ``default_collate`` stacks examples, so a wanted chunk ``[a, b)`` is loaded exactly, in reads of at
-    most the loader's ``B`` (its workers share a chunk as they share a pass). Any other ``collate_fn`` may look at
-    its whole batch: the reads are then the loader's own batches ``[k·B, (k+1)·B)`` that overlap a wanted chunk,
+    most the loader's ``B`` (its workers share a chunk as they share a pass); it types a column of Python numbers
+    from the first example of a read, so examples that mix ``int`` and ``float`` in one field must be made tensors
+    (or one type) by the data set for a rank's chunk to be bit for bit a full pass's. Any other ``collate_fn`` may
+    look at its whole batch: the reads are then the loader's own batches ``[k·B, (k+1)·B)`` that overlap a wanted chunk,
     each once (two chunks may share one), cut and joined as a full pass does.
     """
     width = loader.batch_size

@@ -23,28 +23,8 @@ import optree
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._batches import Batch, UnreadChunk, batch_size, concat_batches, slice_batch
 from ._order import order_problem, own_rng_stream
-
-Batch = Any
-
-
-class UnreadChunk:
-    """Stands for a chunk of ``size`` examples that this worker did not read (another worker's): no data."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __repr__(self) -> str:
-        return f"UnreadChunk(size={self.size})"
-
-
-def tensor_leaves(batch: Batch) -> list[torch.Tensor]:
-    """The tensors of a batch (a pytree), in optree order."""
-    if isinstance(batch, UnreadChunk):  # never a silent empty fingerprint of data that was not read
-        raise TypeError(f"{batch!r}: another worker's chunk was not read here; only its example count is known")
-    return [x for x in optree.tree_leaves(batch, namespace="ifunc") if isinstance(x, torch.Tensor)]
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
@@ -64,42 +44,6 @@ def _is_batch(obj: Any) -> bool:
         leaves = optree.tree_leaves(obj, namespace="ifunc")  # pyright: ignore[reportArgumentType]  # any container
         return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
     return False
-
-
-def batch_size(batch: Batch) -> int:
-    """Number of examples in a batch: the shared leading dimension of its tensors (an unread chunk's ``size``)."""
-    if isinstance(batch, UnreadChunk):
-        return batch.size
-    leaves = tensor_leaves(batch)
-    if not leaves:
-        raise TypeError(f"a batch must contain tensors, got {type(batch).__name__}")
-    sizes = {int(x.shape[0]) if x.dim() else None for x in leaves}
-    if len(sizes) != 1 or None in sizes:
-        hint = (
-            "; a 0-d tensor has no example dimension: add a batch dimension, e.g. (x[None], y[None]) or (x[i:i+1], "
-            "y[i:i+1]) for one example"
-            if None in sizes
-            else ""
-        )
-        raise ValueError(
-            f"every tensor of a batch needs the same leading (example) dimension; got shapes "
-            f"{[tuple(x.shape) for x in leaves]}{hint}"
-        )
-    size = sizes.pop()
-    assert size is not None  # excluded above
-    return size
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    return optree.tree_map(lambda x: x[start:stop] if isinstance(x, torch.Tensor) else x, batch, namespace="ifunc")
-
-
-def index_batch(batch: Batch, index: torch.Tensor) -> Batch:
-    return optree.tree_map(lambda x: x[index] if isinstance(x, torch.Tensor) else x, batch, namespace="ifunc")
-
-
-def concat_batches(batches: list[Batch]) -> Batch:
-    return optree.tree_map(lambda *xs: torch.cat(xs), *batches, namespace="ifunc")
 
 
 def as_source(data: Any, *, name: str = "data", ordered: bool = False) -> DataSource:

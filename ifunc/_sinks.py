@@ -28,8 +28,9 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from . import distributed
+from ._batches import batch_size
 from ._chunks import Partition
-from ._data import DataSource, batch_size
+from ._data import DataSource
 from ._store_sinks import RankStoreSink, StoreSink
 
 __all__ = ["Sink", "ScorePlan", "MemorySink", "GatherSink", "default_sink"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._data import as_source, fingerprint, tensor_leaves
+from ._batches import tensor_leaves
+from ._data import as_source, fingerprint
 from ._identity import run_identity
 from ._version import __version__
 from .functional import flatten

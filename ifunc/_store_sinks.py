@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from . import distributed, store
+from ._batches import tensor_leaves
 from ._chunks import Partition
-from ._data import fingerprint, tensor_leaves
+from ._data import fingerprint
 
 __all__ = ["StoreSink", "RankStoreSink", "resumed_chunk_size"]
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import distributed
-from ._data import batch_size
+from ._batches import batch_size
 from ._errors import check_count
 from ._sinks import ScorePlan
 

@@ -17,8 +17,9 @@ import optree
 import torch
 from torch.func import grad, vmap
 
+from ._batches import batch_size, slice_batch
 from ._chunks import check_chunk_size, iter_chunks
-from ._data import DataSource, as_source, batch_size, slice_batch
+from ._data import DataSource, as_source
 from ._errors import explained
 from ._memory import added_bytes, chunk_examples, probe_bytes
 from ._types import Batch, Data, Measurement, Params

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ._data import batch_size
+from ._batches import batch_size
 from ._types import Batch, Params
 
 __all__ = [

@@ -33,7 +33,7 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
             "_version.py",
             "functional.py",
         )
-        + ("_memory.py", "_identity.py", "_hash_walk.py"),
+        + ("_memory.py", "_identity.py", "_hash_walk.py", "_batches.py"),
     ),
     "ranks": (0, ("distributed.py", "_ranks.py")),
     "store": (1, ("store/",)),

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 import ifunc
+from ifunc._batches import UnreadChunk, batch_size, concat_batches, tensor_leaves
 from ifunc._chunks import Partition, iter_chunks, read_chunks
-from ifunc._data import DataSource, UnreadChunk, batch_size, tensor_leaves
+from ifunc._data import DataSource
 from ifunc.index import build_index
 from ifunc.testing import mlp_problem
 
@@ -271,3 +272,39 @@ if __name__ == "__main__":  # torchrun -m tests.test_rank_reading OUT: each rank
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+
+
+class Texts(Dataset):
+    """``(x[j], f"text {j}")``: torch's ``default_collate`` makes the text field a list of strings."""
+
+    def __init__(self, n: int):
+        self.x = _data(n)[0]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, j: int):
+        return self.x[j], f"text {j}"
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+def test_a_field_of_strings_is_cut_and_joined_with_its_examples(size):
+    n = 11
+    make = lambda: DataSource(DataLoader(Texts(n), batch_size=5))  # noqa: E731
+    full = list(make().chunks(size))
+    for i, (x, texts) in enumerate(full):
+        assert list(texts) == [f"text {j}" for j in range(i * size, min((i + 1) * size, n))]
+        assert len(x) == len(texts)
+    for rank in range(2):  # a rank reading its chunks by index gets the same chunks
+        got = list(iter_chunks(make(), size, partition=Partition(rank, 2), skip_others=True))
+        for c, (x, texts) in zip(got, full):
+            if c.mine:
+                assert torch.equal(c.batch[0], x) and c.batch[1] == texts
+
+
+def test_batches_whose_plain_field_differs_cannot_be_joined():
+    a, b = (torch.zeros(2, 1), {"split": "train"}), (torch.ones(2, 1), {"split": "test"})
+    with pytest.raises(TypeError, match="neither a tensor nor a list of one value per example"):
+        concat_batches([a, b])
+    joined = concat_batches([a, (torch.ones(1, 1), {"split": "train"})])
+    assert joined[1] == {"split": "train"} and joined[0].shape == (3, 1)

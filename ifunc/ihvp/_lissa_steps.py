@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from .._data import DataSource, index_batch
-from .._data import batch_size as _batch_size
+from .._batches import batch_size as _batch_size
+from .._batches import index_batch
+from .._data import DataSource
 from .._errors import explained
 from .._order import order_problem
 from .._types import Data, LossFn, MatVec

@@ -16,8 +16,9 @@ import optree
 import torch
 
 from .. import distributed
+from .._batches import tensor_leaves
 from .._chunks import Partition
-from .._data import DataSource, fingerprint, tensor_leaves
+from .._data import DataSource, fingerprint
 from .._types import Data, LossFn, Params
 from ..curvature import CurvatureOperator, curvature_operator
 

@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 
 from .. import distributed
-from .._data import DataSource, batch_size, slice_batch
+from .._batches import batch_size, slice_batch
+from .._data import DataSource
 from .._types import LossFn, Measurement, Params
 from ..functional import structure
 from ..grads import chunk_size_for, iter_per_sample_grads

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..._batches import batch_size, slice_batch
 from ..._chunks import check_chunk_size
-from ..._data import as_source, batch_size, slice_batch  # the one chunk-size rule
+from ..._data import as_source  # the one chunk-size rule
 from ..._memory import added_bytes, chunk_examples, probe_bytes
 from ..._types import Data, LossFn, Params
 from .capture import layer_capture, requiring_grad

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..._data import batch_size, index_batch, slice_batch
+from ..._batches import batch_size, index_batch, slice_batch
 from ..._types import Batch, LossFn, Params
 from ...grads import check_scalar
 from .example_dims import example_dim

@@ -32,8 +32,9 @@ from typing import cast
 import torch
 
 from ... import distributed
+from ..._batches import batch_size
 from ..._chunks import Chunk, iter_chunks, n_chunks
-from ..._data import DataSource, batch_size
+from ..._data import DataSource
 from ..._errors import check_count
 from ..._memory import release_free_memory
 from ..._progress import progress_bar

@@ -26,8 +26,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..._batches import batch_size
 from ..._chunks import iter_chunks
-from ..._data import as_source, batch_size
+from ..._data import as_source
 from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed

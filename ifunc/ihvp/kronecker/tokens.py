@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..._data import batch_size, slice_batch
+from ..._batches import batch_size, slice_batch
 from ...grads import batch_grads, check_finite
 from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
