@@ -143,7 +143,7 @@ def test_damping_follows_the_kronecker_rule_and_rebuilds_without_refitting(probl
     torch.testing.assert_close(single(V), rule(V), rtol=1e-4, atol=1e-4 * float(rule(V).abs().max()))
 
 
-def test_bad_inputs_are_refused_by_name(problem, tmp_path):
+def test_bad_inputs_are_refused_by_name(problem, tmp_path, monkeypatch):
     model, params, loss, train, query = problem
     index = _exact_index(problem, tmp_path, False)  # one dense block of 51 coordinates from 30 examples
     ihvp = ihvp_projected(index)
@@ -160,6 +160,10 @@ def test_bad_inputs_are_refused_by_name(problem, tmp_path):
     at_moved = ifunc.build_index(loss, moved, train, tmp_path / "moved.h5", layer_size=64, dense_size=10**6)
     with pytest.raises(ValueError, match="other parameters"):
         ifunc.attribute(loss, moved, ihvp, at_moved, query)
+    monkeypatch.setattr("ifunc.index.curvature.MAX_BLOCK", 40)  # the dense block has 51 coordinates
+    with pytest.raises(ValueError, match="51 projected coordinates.*smaller layer_size"):
+        ihvp_projected(index)
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="floating-point torch.dtype"):
         ihvp_projected(index, dtype=torch.int64)
     with pytest.raises(NotImplementedError, match="whole queries"):

@@ -23,6 +23,7 @@ from ifunc.index import (
     project_layer,
     project_matrix,
 )
+from ifunc.index.projection import hold_draws
 from ifunc.testing import SmallCNN, TokenModel, mlp_problem
 
 SEEDS = 200
@@ -115,30 +116,53 @@ def test_same_seed_same_bits_another_seed_differs():
     assert all(torch.equal(x, y) for x, y in zip(before, layer_matrices(P, "c")))
 
 
-def test_dense_blocks_follow_the_seed_rule_and_never_draw_the_whole_matrix(monkeypatch):
-    params, k, block = {"a": torch.zeros(7), "b": torch.zeros(2, 5)}, 4, 8
+def test_dense_sign_hash_follows_the_seed_rule_in_blocks_and_held_draws_change_nothing(monkeypatch):
+    params, k, block = {"a": torch.zeros(7), "b": torch.zeros(2, 5)}, 4, 3
     P = make_projection(params, seed=5, dense_size=k, block=block)
-    # the documented rule, written out: blocks of block // k = 2 columns, seeded by sha256(f"{seed}/dense/{p}/{j}")
-    blocks = []
+    # the documented rule, written out: blocks of 3 coordinates, codes c uniform on [0, 2k) from the generator
+    # seeded sha256(f"{seed}/dense/{p}/{j}"); coordinate i goes to row c mod k with sign + if c < k else -
+    columns = []
     for name, numel in P.dense:
-        for j, start in enumerate(range(0, numel, 2)):
+        for j, start in enumerate(range(0, numel, block)):
             digest = hashlib.sha256(f"5/dense/{name}/{j}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-            blocks.append(torch.randn(k, min(2, numel - start), generator=gen, dtype=torch.float64) / k**0.5)
-    R = torch.cat(blocks, dim=1)
-    assert R.shape == (4, 17)
+            for c in torch.randint(0, 2 * k, (min(block, numel - start),), generator=gen).tolist():
+                column = torch.zeros(k, dtype=torch.float64)
+                column[c % k] = 1.0 if c < k else -1.0
+                columns.append(column)
+    S = torch.stack(columns, dim=1)
+    assert S.shape == (4, 17) and torch.equal((S * S).sum(dim=0), torch.ones(17))  # one ±1 per column
     drawn = []
 
-    def spy(rows, cols, *args):
-        drawn.append(rows * cols)
-        return projection_gaussian(rows, cols, *args)
+    def spy(numel, *args):
+        drawn.append(numel)
+        return projection_codes(numel, *args)
 
-    projection_gaussian = projection.gaussian
-    monkeypatch.setattr(projection, "gaussian", spy)
-    X = _rand(3, 17, seed=11)
-    got = project_dense(P, [X[:, :7], X[:, 7:].reshape(3, 2, 5)])
-    torch.testing.assert_close(got, X @ R.T, rtol=0, atol=1e-12)
-    assert len(drawn) == 9 and max(drawn) <= block < 17 * k
+    projection_codes = projection.sign_hash_codes
+    monkeypatch.setattr(projection, "sign_hash_codes", spy)
+    X = _rand(3, 17, seed=11).double()
+    columns_of_X = [X[:, :7], X[:, 7:].reshape(3, 2, 5)]
+    got = project_dense(P, columns_of_X)
+    torch.testing.assert_close(got, X @ S.T, rtol=0, atol=1e-12)
+    assert drawn == [3, 3, 1, 3, 3, 3, 1]  # block by block, never the whole parameter
+    held = hold_draws(P, dtype=torch.float64)
+    drawn.clear()
+    assert torch.equal(project_dense(P, columns_of_X, held=held), got) and drawn == []  # nothing drawn again
+    some = hold_draws(P, dtype=torch.float64, max_bytes=8 * 7)  # the budget holds the first parameter's blocks
+    assert sorted(k for k in some if isinstance(k, tuple)) == [("a", 0), ("a", 1), ("a", 2)]
+    drawn.clear()
+    assert torch.equal(project_dense(P, columns_of_X, held=some), got) and drawn == [3, 3, 3, 1]
+
+
+def test_held_layer_matrices_are_the_drawn_ones():
+    P = make_projection(_params(), SPECS, seed=6, layer_size=(2, 3), dense_size=4)
+    held = hold_draws(P, dtype=torch.float32)
+    for L in P.layers:
+        assert all(torch.equal(h, m) for h, m in zip(held[L.name], layer_matrices(P, L.name, dtype=torch.float32)))
+    V = _rand(3, 45, seed=13)
+    assert torch.equal(
+        project_flat(P, V, _params(torch.float32), held=held), project_flat(P, V, _params(torch.float32))
+    )
 
 
 def test_float32_and_float64_agree_to_float32_rounding():

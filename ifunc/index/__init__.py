@@ -1,7 +1,8 @@
 """The gradient index: every training gradient compressed once by a seeded random projection, queried many times.
 
-``projection`` defines the map (seeded Gaussian ``P_o ⊗ P_a`` per layer, one ``R`` for the other parameters) on
-captured layer inputs/output-gradients, on matrices and on flat vectors; it holds no state and does no I/O.
+``projection`` defines the map (seeded Gaussian ``P_o ⊗ P_a`` per layer, one seeded sign hash ``S`` for the other
+parameters) on captured layer inputs/output-gradients, on matrices and on flat vectors; it holds no state and does
+no I/O.
 ``build`` projects every training gradient once into a resumable score store (:func:`build_index`); ``handle``
 reopens it read-only and reads its rows chunk by chunk (:func:`open_index`, :class:`GradientIndex`); ``query``
 lets an index stand where the training data stood in :func:`ifunc.attribute` (the closure's preconditioned queries,

@@ -10,7 +10,9 @@ from typing import Any, NamedTuple
 
 __all__ = ["DEFAULT_BLOCK", "ProjectedLayer", "Projection"]
 
-DEFAULT_BLOCK = 2**22  #: at most this many random numbers of ``R`` exist at once
+KIND, VERSION = "gaussian layers, sign-hash dense", 2  #: what :meth:`Projection.describe` records
+
+DEFAULT_BLOCK = 2**22  #: the dense sign hash draws its codes in blocks of this many coordinates
 
 
 class ProjectedLayer(NamedTuple):
@@ -37,8 +39,8 @@ class Projection(NamedTuple):
     seed: int
     layers: tuple[ProjectedLayer, ...]
     dense: tuple[tuple[str, int], ...]  #: ``(parameter name, numel)`` in ``ifunc.functional.parameter_names`` order
-    k_dense: int  #: rows of ``R`` (0 when no parameter is dense)
-    block: int = DEFAULT_BLOCK  #: ``R`` is drawn in column blocks of at most this many entries (part of the map)
+    k_dense: int  #: rows of the dense sign hash ``S`` (0 when no parameter is dense)
+    block: int = DEFAULT_BLOCK  #: ``S`` is drawn in blocks of this many coordinates per parameter (part of the map)
     excluded: tuple[str, ...] = ()  #: tracked parameters left out (they contribute nothing)
 
     @property
@@ -56,8 +58,8 @@ class Projection(NamedTuple):
     def describe(self) -> dict[str, Any]:
         """A JSON-able dict that :meth:`from_description` turns back into this projection (what an index records)."""
         return {
-            "kind": "gaussian",
-            "version": 1,
+            "kind": KIND,
+            "version": VERSION,
             "seed": self.seed,
             "block": self.block,
             "layers": [L._asdict() for L in self.layers],
@@ -70,8 +72,12 @@ class Projection(NamedTuple):
     @classmethod
     def from_description(cls, d: Mapping[str, Any]) -> Projection:
         """The projection :meth:`describe` wrote. Raises ValueError for anything else."""
-        if not isinstance(d, Mapping) or d.get("kind") != "gaussian" or d.get("version") != 1:
-            raise ValueError("not a projection description (expected kind 'gaussian', version 1)")
+        if not isinstance(d, Mapping) or d.get("kind") != KIND or d.get("version") != VERSION:
+            found = (d.get("kind"), d.get("version")) if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(
+                f"not a projection description of this ifunc (expected kind {KIND!r}, version {VERSION}, got "
+                f"{found}); an index made by another version must be rebuilt"
+            )
         try:
             layers = tuple(ProjectedLayer(**L) for L in d["layers"])
             out = cls(int(d["seed"]), layers, tuple((str(n), int(k)) for n, k in d["dense"]), int(d["k_dense"]))

@@ -7,8 +7,9 @@ fingerprints of the training data and checksums of the columns, resumed after a 
 finished chunk, written per rank and merged by rank 0 under ``torchrun``. With ``model=`` a chunk is one captured
 forward/backward: each Kronecker layer's inputs ``a`` and output gradients ``g`` are projected as
 ``Σ_t (P_o g_t)(P_a a_t)ᵀ`` (no per-example gradient of the layer is formed) and the other parameters'
-per-example gradients by the dense projection; without a model, the per-example gradients of every parameter
-(``vmap(grad)``) by the dense projection.
+per-example gradients by the dense sign hash; without a model, the per-example gradients of every parameter
+(``vmap(grad)``) by the sign hash. The projection's matrices and codes are drawn once per build
+(:func:`~ifunc.index.projection.hold_draws`), not once per chunk.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, Callable, NamedTuple
 import optree
 import torch
 
+from .._batches import batch_size
 from .._chunks import check_chunk_size
-from .._data import DataSource, batch_size, fingerprint
+from .._data import DataSource, fingerprint
 from .._identity import run_identity
 from .._score_loop import agreed_chunk, run_chunks
 from .._sinks import default_sink
@@ -33,7 +35,9 @@ from ..ihvp.kronecker.budget import capture_chunk_size
 from ..ihvp.kronecker.fit import split_excluded
 from ..ihvp.kronecker.score import capture_chunk
 from .handle import INDEX_KIND, GradientIndex, open_index, projection_digest
-from .projection import Projection, make_projection, project_captured, project_flat
+from .projection import Projection, hold_draws, make_projection, project_captured, project_flat
+
+HELD_BYTES = 2**28  #: most bytes of dense sign-hash codes a build holds (8 per coordinate); the rest drawn per chunk
 
 __all__ = ["build_index"]
 
@@ -65,17 +69,19 @@ def _plan(params: Params, model, modules, exclude: Sequence[str], **sizes) -> _P
 def _projector(loss: LossFn, params: Params, plan: _Plan) -> Callable[[Any, int], torch.Tensor]:
     """``compute(batch, offset) -> [dim, b]``: the projected gradients of a chunk's examples, one per column."""
     P = plan.projection
+    first = optree.tree_leaves(params, namespace="ifunc")[0]
+    held = hold_draws(P, dtype=first.dtype, device=first.device, max_bytes=HELD_BYTES)
 
     def captured(batch, offset: int) -> torch.Tensor:
         layers, dense = capture_chunk(loss, params, plan.closure, batch, name="train", offset=offset)
         with torch.no_grad():
-            return project_captured(P, layers, dense).T
+            return project_captured(P, layers, dense, held=held).T
 
     def per_example(batch, offset: int) -> torch.Tensor:
         b = batch_size(batch)
         (G,) = iter_per_sample_grads(loss, params, batch, chunk_size=b, name="train", offset=offset)  # [b, d]
         with torch.no_grad():
-            return project_flat(P, G, params).T
+            return project_flat(P, G, params, held=held).T
 
     return per_example if plan.closure is None else captured
 
@@ -84,16 +90,17 @@ def _default_chunk(loss, params, plan: _Plan, source: DataSource, max_memory: in
     """The default examples per chunk: the Kronecker capture's budget, or that of ``vmap(grad)``."""
     P, closure = plan.projection, plan.closure
     dense = sum(numel for _, numel in P.dense)
-    # a Gaussian dense part is drawn block by block in float64: the block, its scaled copy and its cast are held
-    fixed = 3 * 8 * min(P.block, P.k_dense * dense) if 0 < P.k_dense < dense else 0
+    # the dense sign hash: codes held for the build (int64), plus one block drawn per chunk beyond those
+    fixed = 8 * (min(dense, HELD_BYTES // 8) + (min(P.block, dense) if 8 * dense > HELD_BYTES else 0))
+    fixed = fixed if 0 < P.k_dense < dense else 0
     if closure is None or not P.layers:
         return lambda: chunk_size_for(loss, params, source, max_memory=max_memory, name="train", fixed=fixed)
     itemsize = optree.tree_leaves(params, namespace="ifunc")[0].element_size()
     diag = dense
     widest = max(L.k_o + L.k_a for L in P.layers)
 
-    def extra(T: int) -> int:  # the projected rows, the diagonal gradients, one layer's projected a and g
-        return itemsize * (P.dim + diag + T * widest)
+    def extra(T: int) -> int:  # the projected rows, the diagonal gradients and their 2k sums, one layer's a, g
+        return itemsize * (P.dim + 2 * P.k_dense + diag + T * widest)
 
     return lambda: capture_chunk_size(
         loss,
@@ -130,8 +137,8 @@ def build_index(
 
     Row ``i`` of the index is ``P(∇ℓ(z_i))``, the random projection (:mod:`ifunc.index.projection`, fixed by
     ``seed`` and the sizes) of example ``i``'s gradient: per Kronecker layer ``vec(P_o G_i P_aᵀ)`` (``k_o·k_a``
-    values, row-major, ``G_i = Σ_t g_t a_tᵀ`` never formed), layers in order, then ``R [k_dense, d_rest]`` applied
-    to the other parameters' gradients. Inner products are preserved in expectation,
+    values, row-major, ``G_i = Σ_t g_t a_tᵀ`` never formed), layers in order, then the sign hash ``S [k_dense,
+    d_rest]`` applied to the other parameters' gradients. Inner products are preserved in expectation,
     ``E⟨P(x), P(y)⟩ = ⟨x, y⟩``, so a later query needs one product ``[q, dim] × [dim, n]`` instead of a pass over
     the training data.
 
@@ -154,7 +161,8 @@ def build_index(
         ``a, g``; the other parameters densely.
       exclude: parameter or module names left out of the index (no coordinates; recorded).
       seed, layer_size, dense_size: the projection: ``layer_size`` is ``k`` (``(k, k)`` capped at each layer's
-        ``(out, in)``) or ``(k_o, k_a)``; ``dense_size`` is ``k_dense``.
+        ``(out, in)``) or ``(k_o, k_a)``; ``dense_size`` is ``k_dense``. Each stored example costs ``4·dim`` bytes;
+        the build's time hardly depends on the sizes (one capture or ``vmap(grad)`` pass dominates).
       chunk_size, max_memory: examples per chunk, or a byte budget for what a chunk holds (default: the budget of
         :func:`ifunc.attribute`).
       overwrite, identity, progress: as in :func:`ifunc.attribute` with ``out=``.

@@ -27,7 +27,10 @@ from ..ihvp import IHVP, GenericScorer, ScoreOptions, block_damping, check_condi
 from .handle import GradientIndex, projection_digest
 from .projection import Projection
 
-__all__ = ["ProjectedIHVP", "ProjectedScorer", "ihvp_projected", "projected_blocks", "DENSE_BLOCK"]
+__all__ = ["ProjectedIHVP", "ProjectedScorer", "ihvp_projected", "projected_blocks", "DENSE_BLOCK", "MAX_BLOCK"]
+
+#: most coordinates of one block: its float64 ``[m, m]`` moment, eigenvectors and workspace (~1.5 GiB at 8,192)
+MAX_BLOCK = 8192
 
 #: the name of the dense parameters' block (never a module's qualified name: it has a space)
 DENSE_BLOCK = "dense parameters"
@@ -187,8 +190,9 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
     Raises:
       TypeError: ``index`` is not a :class:`~ifunc.index.GradientIndex`; damping not a number; ``dtype`` not a
         floating-point dtype.
-      ValueError: an empty index; a negative damping; ``damping=None`` on a block with no curvature; a block whose
-        damped curvature is not positive definite (e.g. ``damping=0`` with fewer examples than coordinates).
+      ValueError: an empty index; a block of more than ``MAX_BLOCK`` (8,192) coordinates; a negative damping;
+        ``damping=None`` on a block with no curvature; a block whose damped curvature is not positive definite
+        (e.g. ``damping=0`` with fewer examples than coordinates).
 
     Example:
       >>> index = ifunc.open_index("train.idx.h5")
@@ -206,6 +210,15 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
     if index.n == 0:
         raise ValueError(f"ihvp_projected: {index.path} holds no examples, so there is no curvature to fit")
     blocks = projected_blocks(index.projection)
+    for name, s in blocks:
+        m = s.stop - s.start
+        if m > MAX_BLOCK:
+            raise ValueError(
+                f"ihvp_projected: the block {name!r} has {m} projected coordinates; its [{m}, {m}] second moment and "
+                f"eigendecomposition would need about {3 * 8 * m * m / 2**30:.1f} GiB (at most {MAX_BLOCK} "
+                "coordinates per block). Build the index with a smaller layer_size / dense_size, or query it with a "
+                "parameter-space closure (ifunc.ihvp_ekfac, ...)"
+            )
     eig, eigen = [], []  # float64 eigenvalues (the damping rule), and the pairs in the solve's dtype
     for (name, _), total in zip(blocks, _second_moments(index, blocks)):
         w, U = torch.linalg.eigh(total / index.n)

@@ -8,13 +8,16 @@ numbers, defined by a seed and sizes only:
   ``N(0, 1/k_a)``; a matrix ``X`` maps to ``P_o X P_aᵀ [k_o, k_a]``. Since ``E[P_oᵀP_o] = I`` and
   ``E[P_aᵀP_a] = I`` (independent), ``E⟨P_o X P_aᵀ, P_o Y P_aᵀ⟩ = ⟨X, Y⟩``. A size at its cap (``k_o = out``) uses
   the identity instead, which is exact;
-- every other parameter (all of them without a model) shares one Gaussian ``R [k_dense, d_rest]`` with entries
-  ``N(0, 1/k_dense)`` (identity when ``k_dense = d_rest``), drawn block by block of columns, never whole.
+- every other parameter (all of them without a model) shares one sign hash ``S [k_dense, d_rest]`` (a
+  CountSketch): coordinate ``i`` is added, with a fair random sign ``σ_i``, to one uniformly random row ``h_i``.
+  ``E⟨Sx, Sy⟩ = ⟨x, y⟩`` and ``Var⟨Sx, Sy⟩ = (‖x‖²‖y‖² + ⟨x, y⟩² − 2Σ_i x_i²y_i²) / k_dense``, never more than a
+  dense Gaussian ``N(0, 1/k_dense)`` matrix's ``(‖x‖²‖y‖² + ⟨x, y⟩²) / k_dense``, at ``O(d_rest)`` per vector
+  instead of ``O(k_dense·d_rest)`` (identity when ``k_dense = d_rest``).
 
 Rows of the result (the index's row order): the layers in order, each ``k_o·k_a`` row-major over ``(k_o, k_a)``,
-then the ``k_dense`` dense rows. Matrices are drawn in float64 on the CPU from generators seeded by
-``sha256(f"{seed}/...")`` (never the global RNG), then cast to the input's dtype and device; every result has the
-input's dtype.
+then the ``k_dense`` dense rows. Draws come from CPU generators seeded by ``sha256(f"{seed}/...")`` (never the
+global RNG): Gaussian matrices in float64, cast to the input's dtype and device; every result has the input's
+dtype. A caller applying one projection many times (a build) draws everything once with :func:`hold_draws`.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import torch
 from .._types import Params
 from ..functional import parameter_names, structure
 from ..ihvp.kronecker.layers import KINDS
-from ._gaussian import column_blocks, gaussian
+from ._gaussian import column_blocks, gaussian, sign_hash, sign_hash_codes
 from ._spec import DEFAULT_BLOCK, ProjectedLayer, Projection
 
 __all__ = [
     "ProjectedLayer",
     "Projection",
     "make_projection",
+    "hold_draws",
     "layer_matrices",
     "project_layer",
     "project_matrix",
@@ -68,7 +72,7 @@ def make_projection(
       layer_size: ``(k_o, k_a)``, or ``k`` for ``(k, k)``; capped at ``(out, in_eff)`` per layer.
       dense_size: ``k_dense``, capped at ``d_rest`` (the dense numel); 0 when nothing is dense.
       exclude: parameter names left out of the projection (recorded in ``excluded``).
-      block: most entries of ``R`` drawn at once (the column blocks, hence the matrix, depend on it).
+      block: most codes of the sign hash drawn at once (its blocks, hence the map, depend on it).
 
     Returns:
       A :class:`Projection` of ``dim = Σ k_o·k_a + k_dense`` rows.
@@ -128,13 +132,37 @@ def _floating(x, what: str, ndim: int) -> torch.Tensor:
     return x
 
 
+Draws = dict  #: what :func:`hold_draws` returns: layer name -> (P_o, P_a), (dense name, block) -> codes
+
+
+def hold_draws(P: Projection, *, dtype: torch.dtype, device=None, max_bytes: int = 2**28) -> Draws:
+    """Every matrix of ``P`` drawn once, for a caller that applies ``P`` many times (pass it as ``held=``).
+
+    Layer ``name`` -> ``(P_o, P_a)`` in ``dtype`` on ``device``; ``(parameter, j)`` -> the sign-hash codes of dense
+    block ``j`` (int64, 8 bytes per coordinate), held while their total stays within ``max_bytes`` (the rest are
+    drawn per call). The same maps as drawing per call, bit for bit; a local value, dropped with its caller.
+    """
+    held: Draws = {L.name: layer_matrices(P, L.name, dtype=dtype, device=device) for L in P.layers}
+    budget = max_bytes if 0 < P.k_dense < sum(k for _, k in P.dense) else 0
+    for name, numel in P.dense:
+        for j, (start, stop) in enumerate(column_blocks(numel, P.block)):
+            if 8 * (stop - start) > budget:
+                return held
+            budget -= 8 * (stop - start)
+            held[name, j] = sign_hash_codes(stop - start, P.k_dense, P.seed, "dense", name, str(j)).to(device)
+    return held
+
+
 def layer_matrices(
-    P: Projection, name: str, *, dtype: torch.dtype = torch.float64, device=None
+    P: Projection, name: str, *, dtype: torch.dtype = torch.float64, device=None, held: Draws | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P_o [k_o, out], P_a [k_a, in_eff])`` of layer ``name``: entries ``N(0, 1/k)``, or the identity at the cap.
 
-    Drawn in float64 (seeds ``sha256(f"{seed}/layer/{name}/out")`` and ``.../in``), then cast to ``dtype``.
+    Drawn in float64 (seeds ``sha256(f"{seed}/layer/{name}/out")`` and ``.../in``), then cast to ``dtype``; taken
+    from ``held`` (:func:`hold_draws`) when it has them in that dtype.
     """
+    if held is not None and name in held and held[name][0].dtype == dtype:
+        return held[name]
     L = P.layer(name)
     P_o = torch.eye(L.out_features, dtype=torch.float64)
     if L.k_o < L.out_features:
@@ -145,7 +173,9 @@ def layer_matrices(
     return P_o.to(dtype=dtype, device=device), P_a.to(dtype=dtype, device=device)
 
 
-def project_layer(P: Projection, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def project_layer(
+    P: Projection, name: str, a: torch.Tensor, g: torch.Tensor, *, held: Draws | None = None
+) -> torch.Tensor:
     """``Σ_t (P_o g_t)(P_a a_t)ᵀ`` per example, flattened: ``[b, k_o·k_a]``, without forming ``G = Σ_t g_t a_tᵀ``.
 
     Args:
@@ -161,30 +191,31 @@ def project_layer(P: Projection, name: str, a: torch.Tensor, g: torch.Tensor) ->
             f"project_layer {name!r}: expected a [b, T, {L.in_eff}] and g [b, T, {L.out_features}] of one dtype, "
             f"got a {a.dtype} {tuple(a.shape)} and g {g.dtype} {tuple(g.shape)}"
         )
-    P_o, P_a = layer_matrices(P, name, dtype=a.dtype, device=a.device)
+    P_o, P_a = layer_matrices(P, name, dtype=a.dtype, device=a.device, held=held)
     return ((g @ P_o.T).transpose(1, 2) @ (a @ P_a.T)).reshape(a.shape[0], L.k_o * L.k_a)
 
 
-def project_matrix(P: Projection, name: str, M: torch.Tensor) -> torch.Tensor:
+def project_matrix(P: Projection, name: str, M: torch.Tensor, *, held: Draws | None = None) -> torch.Tensor:
     """``P_o M P_aᵀ`` flattened: ``M [q, out, in_eff]`` (bias last column) -> ``[q, k_o·k_a]``, in ``M``'s dtype."""
     L = P.layer(name)
     M = _floating(M, "project_matrix: M", 3)
     if tuple(M.shape[1:]) != (L.out_features, L.in_eff):
         raise ValueError(f"project_matrix {name!r}: expected M [q, {L.out_features}, {L.in_eff}], got {tuple(M.shape)}")
-    P_o, P_a = layer_matrices(P, name, dtype=M.dtype, device=M.device)
+    P_o, P_a = layer_matrices(P, name, dtype=M.dtype, device=M.device, held=held)
     return (P_o @ M @ P_a.T).reshape(M.shape[0], L.k_o * L.k_a)
 
 
-def project_dense(P: Projection, columns: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``X Rᵀ``: the dense parameters' columns ``X = [x_1 | x_2 | …]`` -> ``[b, k_dense]``.
+def project_dense(P: Projection, columns: Sequence[torch.Tensor], *, held: Draws | None = None) -> torch.Tensor:
+    """``X Sᵀ``: the dense parameters' columns ``X = [x_1 | x_2 | …]`` -> ``[b, k_dense]``, ``S`` the sign hash.
 
     Args:
       columns: one ``[b, numel_p]`` (or ``[b, *shape_p]``) tensor per ``P.dense`` entry, in that order, one dtype.
+      held: draws from :func:`hold_draws` (else each block's codes are drawn here).
 
-    ``R [k_dense, d_rest]`` (entries ``N(0, 1/k_dense)``, so ``E⟨R x, R y⟩ = ⟨x, y⟩``) is drawn per parameter ``p``
-    and column block ``j`` (:func:`~ifunc.index._gaussian.column_blocks`, seed ``sha256(f"{seed}/dense/{p}/{j}")``),
-    so at most ``P.block`` of its entries exist at once; the products are summed block by block. When
-    ``k_dense = d_rest``, ``R = I`` and the result is the columns side by side.
+    Coordinate ``i`` of parameter ``p``'s block ``j`` (blocks of ``P.block`` coordinates) has code ``c_i`` uniform
+    on ``[0, 2k)`` from the generator seeded ``sha256(f"{seed}/dense/{p}/{j}")``; it adds ``x_i`` to row
+    ``c_i mod k`` with sign ``+`` if ``c_i < k`` else ``−``. ``E⟨S x, S y⟩ = ⟨x, y⟩``; cost one pass over ``X``.
+    When ``k_dense = d_rest``, ``S = I`` and the result is the columns side by side.
     """
     if not P.dense:
         raise ValueError("project_dense: this projection has no dense parameters")
@@ -200,16 +231,24 @@ def project_dense(P: Projection, columns: Sequence[torch.Tensor]) -> torch.Tenso
         raise ValueError("project_dense: the columns differ in rows, dtype or device")
     if P.k_dense == sum(k for _, k in P.dense):
         return torch.cat(cols, dim=1)
-    out = cols[0].new_zeros(cols[0].shape[0], P.k_dense)
-    for (name, numel), x in zip(P.dense, cols):
-        for j, (start, stop) in enumerate(column_blocks(numel, P.k_dense, P.block)):
-            R = gaussian(P.k_dense, stop - start, P.seed, "dense", name, str(j)).to(dtype=x.dtype, device=x.device)
-            out += x[:, start:stop] @ R.T
-    return out
+
+    def blocks():  # each block's codes drawn when it is reached, unless held
+        for (name, numel), x in zip(P.dense, cols):
+            for j, (start, stop) in enumerate(column_blocks(numel, P.block)):
+                codes = held.get((name, j)) if held is not None else None
+                if codes is None:
+                    codes = sign_hash_codes(stop - start, P.k_dense, P.seed, "dense", name, str(j)).to(x.device)
+                yield x[:, start:stop], codes
+
+    return sign_hash(blocks(), P.k_dense)
 
 
 def project_captured(
-    P: Projection, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dense: Mapping[str, torch.Tensor]
+    P: Projection,
+    layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    dense: Mapping[str, torch.Tensor],
+    *,
+    held: Draws | None = None,
 ) -> torch.Tensor:
     """``[b, dim]``: every layer's :func:`project_layer` then :func:`project_dense`, in the index's row order.
 
@@ -217,24 +256,25 @@ def project_captured(
       layers: module -> ``(a [b, T, in_eff], g [b, T, out])`` (what ``ifunc.ihvp.kronecker.score.capture_chunk``
         returns first).
       dense: parameter name -> per-example gradients ``[b, ...]`` (its second result, or per-example gradients).
+      held: draws from :func:`hold_draws`, to draw nothing here.
     """
     missing = [L.name for L in P.layers if L.name not in layers] + [n for n, _ in P.dense if n not in dense]
     if missing:
         raise ValueError(f"project_captured: nothing given for {missing}")
-    parts = [project_layer(P, L.name, *layers[L.name]) for L in P.layers]
+    parts = [project_layer(P, L.name, *layers[L.name], held=held) for L in P.layers]
     if P.dense:
-        parts.append(project_dense(P, [dense[n] for n, _ in P.dense]))
+        parts.append(project_dense(P, [dense[n] for n, _ in P.dense], held=held))
     return torch.cat(parts, dim=1)
 
 
-def project_flat(P: Projection, V: torch.Tensor, params: Params) -> torch.Tensor:
+def project_flat(P: Projection, V: torch.Tensor, params: Params, *, held: Draws | None = None) -> torch.Tensor:
     """``[q, d] -> [q, dim]``: flat parameter-space vectors (e.g. preconditioned query gradients) projected.
 
     Each layer's weight (and bias) slices of ``V`` become ``[q, out, in_eff]`` as the Kronecker blocks read them
     (the kind's ``to_matrix``, bias as the last column), then :func:`project_matrix`; the dense parameters' slices
     go to :func:`project_dense`. Slices follow :func:`ifunc.flatten` order of ``params`` (parameters the
     projection does not know, such as excluded ones, are ignored). For a per-example gradient this equals
-    :func:`project_captured` of the same example's captured ``a, g``.
+    :func:`project_captured` of the same example's captured ``a, g``. ``held``: draws from :func:`hold_draws`.
     """
     V = _floating(V, "project_flat: V", 2)
     sizes = structure(params).sizes
@@ -254,7 +294,7 @@ def project_flat(P: Projection, V: torch.Tensor, params: Params) -> torch.Tensor
         M = KINDS[L.kind].to_matrix(part(L.weight, L.out_features * L.in_features), L.out_features, L.in_features)
         if L.bias is not None:
             M = torch.cat([M, part(L.bias, L.out_features).reshape(q, L.out_features, 1)], dim=2)
-        parts.append(project_matrix(P, L.name, M))
+        parts.append(project_matrix(P, L.name, M, held=held))
     if P.dense:
-        parts.append(project_dense(P, [part(n, k) for n, k in P.dense]))
+        parts.append(project_dense(P, [part(n, k) for n, k in P.dense], held=held))
     return torch.cat(parts, dim=1)
