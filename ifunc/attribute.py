@@ -7,6 +7,7 @@ Both are the one loop of :mod:`ifunc._score_loop`: chunks of training examples Ã
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -167,6 +168,7 @@ def attribute(
     if identity is not None and out is None:
         raise ValueError("identity= names what defines the scores of a score store; it needs out=")
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
+    _refuse_index_path(train)
     if isinstance(query, GradientIndex):
         raise TypeError(
             f"query is the gradient index {query.path}: an index holds training gradients, so it goes where the "
@@ -223,6 +225,7 @@ def self_influence(
     (it would need the full training gradients): ``NotImplementedError``.
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
+    _refuse_index_path(train)
     if isinstance(train, GradientIndex):  # the stored rows stand where the training gradients stood
         if per_module:
             raise NotImplementedError("self-influence from a gradient index is per example only: drop per_module")
@@ -242,3 +245,12 @@ def self_influence(
         source, chunk, partition, scorer.self_terms, sink, n_query=0, desc="ifunc self-influence", progress=progress
     )
     return s if per_module else s[0]
+
+
+def _refuse_index_path(train) -> None:
+    """TypeError when ``train`` is a file path (an index's, most likely): the data or the opened index goes there."""
+    if isinstance(train, (str, os.PathLike)):
+        raise TypeError(
+            f"train is the path {str(train)!r}; a gradient index goes in as its handle, ifunc.open_index(path) (or "
+            "what ifunc.build_index returned), and training data as batches, a Dataset or a DataLoader"
+        )

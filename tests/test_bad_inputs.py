@@ -414,6 +414,12 @@ def _index_query(p, index, query=None, params=None):
     return ifunc.attribute(p.loss, params, BUILDERS["explicit"](p), index, query, progress=False)
 
 
+def _scores_at(p, path: Path) -> Path:
+    """``path`` holding a finished score store of ``attribute(..., out=path)`` (not an index)."""
+    ifunc.attribute(p.loss, p.params, BUILDERS["explicit"](p), p.data, (p.x[:2], p.y[:2]), out=path, progress=False)
+    return path
+
+
 def _flipped(p, folder: Path):
     """An index whose chunk 1 (examples 3..5) has one stored float's bytes flipped on disk, reopened."""
     index = _index(p, folder)
@@ -471,7 +477,7 @@ INDEX_ROWS = [
         "index-other-dtype-params",
         lambda p, folder: _index_query(p, _index(p, folder), params={k: v.float() for k, v in p.params.items()}),
         ValueError,
-        "the index holds gradients at other parameters",
+        "built at torch.float64 parameters, these are torch.float32",
     ),
     (
         "index-damaged-chunk-query",
@@ -549,6 +555,32 @@ INDEX_ROWS = [
         lambda p, folder: _index_query(p, _index(p, folder), query=(p.x[:2] * float("inf"), p.y[:2])),
         ValueError,
         "non-finite gradient for example 0 of query",
+    ),
+    (
+        "index-path-as-train",  # the file's path where the opened index (or training data) goes
+        lambda p, folder: _index_query(p, str(_index(p, folder).path)),
+        TypeError,
+        r"train is the path .*ifunc\.open_index\(path\)",
+    ),
+    (
+        "index-built-over-a-score-store",  # attribute(out=)'s store is not an index to resume: named, left untouched
+        lambda p, folder: _index(p, _scores_at(p, folder / "s.h5")),
+        ValueError,
+        "is a score store, not a gradient index",
+    ),
+    (
+        "scores-written-over-an-index",
+        lambda p, folder: ifunc.attribute(
+            p.loss, p.params, BUILDERS["explicit"](p), p.data, (p.x[:2], p.y[:2]), out=_index(p, folder).path
+        ),
+        ValueError,
+        "is a gradient index, not a score store",
+    ),
+    (
+        "index-damping-as-a-string",  # float("1e-3") would read it: a typo is refused, not guessed
+        lambda p, folder: ifunc.ihvp_projected(_index(p, folder), damping="1e-3"),
+        TypeError,
+        "damping must be a number, got str",
     ),
     (
         "index-passed-as-query",  # an index is a NamedTuple: it must not be read as a batch of queries

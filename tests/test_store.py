@@ -183,11 +183,16 @@ def _worker(*args):
 
 
 def _free_memory_for(monkeypatch, chunks) -> dict[int, int]:
-    """Bytes of free memory that make the default chunk size of the worker's problem each of ``chunks``."""
+    """Bytes of free memory that make the default chunk size of the worker's problem each of ``chunks``.
+
+    Each is the geometric middle of the range of free memory that gives that chunk size here, not its edge: the
+    worker measures its own probe, and a few bytes more there must not move it to the next size down.
+    """
     params, loss, ihvp, train, query = store_worker.problem()
-    found: dict[int, int] = {}
+    found: dict[int, int] = {}  # chunk size -> the least free memory giving it
+    wanted = set(chunks) | {c + 1 for c in chunks}
     free = 1000
-    while set(chunks) - set(found) and free < 1 << 24:
+    while wanted - set(found) and free < 1 << 24:
         monkeypatch.setattr(_memory, "available_bytes", lambda free=free: free)
         try:
             scorer = scorer_for(ihvp, loss, params, ScoreOptions())
@@ -197,7 +202,7 @@ def _free_memory_for(monkeypatch, chunks) -> dict[int, int]:
             pass
         free = int(free * 1.05)
     monkeypatch.undo()
-    return {c: found[c] for c in chunks}
+    return {c: int((found[c] * found[c + 1]) ** 0.5) for c in chunks}
 
 
 @pytest.mark.slow

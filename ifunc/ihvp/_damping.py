@@ -72,6 +72,8 @@ def check_damping(damping, *, allow_zero: bool = True) -> float:
       TypeError: not a number.
       ValueError: negative, NaN or infinite; zero where ``allow_zero`` is False.
     """
+    if isinstance(damping, (str, bytes, bool)):  # float() would read "1e-3" and True: a typo, not a choice
+        raise TypeError(f"damping must be a number, got {type(damping).__name__} {damping!r}")
     try:
         value = float(damping)
     except (TypeError, ValueError):

@@ -158,7 +158,9 @@ def build_index(
       train: batch, list of batches, Dataset or DataLoader (read in order; a shuffling loader is refused).
       out: path of the index file (HDF5).
       model: the module ``loss`` calls: its supported layers (``modules=`` chooses them) are projected from captured
-        ``a, g``; the other parameters densely.
+        ``a, g``; the other parameters densely. Without it every parameter's per-example gradient is formed by
+        ``vmap(grad)`` (``d`` numbers per example in memory, many times slower): pass it when the model has
+        ``nn.Linear`` / ``nn.Conv2d`` / ``Conv1D`` layers.
       exclude: parameter or module names left out of the index (no coordinates; recorded).
       seed, layer_size, dense_size: the projection: ``layer_size`` is ``k`` (``(k, k)`` capped at each layer's
         ``(out, in)``) or ``(k_o, k_a)``; ``dense_size`` is ``k_dense``. Each stored example costs ``4·dim`` bytes;
@@ -191,6 +193,7 @@ def build_index(
         "projection": plan.projection.describe(),
         "projection_sha256": projection_digest(plan.projection),
         "params": fingerprint([flatten(params)[0]]),
+        "params_dtype": str(flatten(params)[0].dtype),
         "defined_by": run_identity(loss, None, model, identity, tracked=params if isinstance(params, dict) else None),
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }

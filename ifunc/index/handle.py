@@ -70,8 +70,8 @@ class GradientIndex(NamedTuple):
     Attributes:
       path: the HDF5 file. projection: the projection the rows were made with. n: training examples.
       dim: coordinates per example (``projection.dim``). chunk: examples per stored chunk (the last may be smaller).
-      meta: the file's metadata (JSON): ``kind``, ``projection``, ``params``, ``defined_by``, ``excluded``,
-        ``versions``, ``n_query`` (= ``dim``), ``n_train`` (= ``n``), ``chunk_size``, ``dtype``.
+      meta: the file's metadata (JSON): ``kind``, ``projection``, ``params``, ``params_dtype``, ``defined_by``,
+        ``excluded``, ``versions``, ``n_query`` (= ``dim``), ``n_train`` (= ``n``), ``chunk_size``, ``dtype``.
 
     Example:
       >>> index = ifunc.open_index("train.idx.h5")

@@ -50,7 +50,14 @@ def index_source(index: GradientIndex) -> DataSource:
 
 def check_index_params(index: GradientIndex, params) -> None:
     """ValueError unless ``params`` are the parameters the index's gradients were taken at (by fingerprint)."""
-    found = fingerprint([flatten(params)[0]])
+    flat = flatten(params)[0]
+    built_in = index.meta.get("params_dtype")
+    if built_in is not None and built_in != str(flat.dtype):
+        raise ValueError(
+            f"{index.path}: the index was built at {built_in} parameters, these are {flat.dtype}; query it with the "
+            f"parameters it was built with (cast them back to {built_in}), or build a new index for these"
+        )
+    found = fingerprint([flat])
     if index.meta.get("params") != found:
         raise ValueError(
             f"{index.path}: the index holds gradients at other parameters (fingerprint {index.meta.get('params')}, "
