@@ -268,7 +268,7 @@ def gpt2(args, tmp: str) -> None:
     ifunc.attribute(loss, params, ih, index, query, progress=False)
     path_a = time.perf_counter() - t0
     t0 = time.perf_counter()
-    own = ifunc.ihvp_projected(index)
+    own = ifunc.ihvp_projected(index, model=model)  # queries projected through the captured layers, as the rows
     ifunc.attribute(loss, params, own, index, query, progress=False)
     path_b = time.perf_counter() - t0
     print(f"  4 new queries from the index: (a) EK-FAC query {path_a:.2f} s = 1/{pairwise / path_a:.0f} of a pairwise "

@@ -195,3 +195,22 @@ def test_a_compressed_index_query_writes_a_resumable_store_that_records_the_curv
     assert ifunc.attribute(loss, params, ihvp, index, query, out=tmp_path / "s.h5") == path  # finished: a no-op
     with pytest.raises(ValueError, match="different run"):  # another damping is another curvature
         ifunc.attribute(loss, params, ihvp.with_damping(1.0), index, query, out=tmp_path / "s.h5")
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["layers", "dense"])
+def test_queries_projected_through_the_model_give_the_same_scores(problem, tmp_path, with_model):
+    model, params, loss, train, query = problem
+    index = ifunc.build_index(
+        loss, params, train, tmp_path / "i.h5", model=model if with_model else None, layer_size=3, dense_size=5
+    )
+    flat, captured = ihvp_projected(index), ihvp_projected(index, model=model)
+    expected = ifunc.attribute(loss, params, flat, index, query)
+    got = ifunc.attribute(loss, params, captured, index, query)
+    tol = 1e-10 if query[0].dtype == torch.float64 else 1e-4  # the same projection, summed in another order
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    one_by_one = ifunc.attribute(loss, params, captured, index, query, chunk_size=1)
+    torch.testing.assert_close(one_by_one, got, rtol=tol, atol=tol * float(got.abs().max()))
+    if with_model:  # a model without the index's layers is refused by name
+        other_model = mlp_problem(seed=5, sizes=(4, 7, 3), n=30, dtype=query[0].dtype)[0]  # 7 hidden units, not 6
+        with pytest.raises(ValueError, match="does not hold the index's layers"):
+            ifunc.attribute(loss, params, ihvp_projected(index, model=other_model), index, query)

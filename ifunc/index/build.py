@@ -39,7 +39,7 @@ from .projection import Projection, hold_draws, make_projection, project_capture
 
 HELD_BYTES = 2**28  #: most bytes of dense sign-hash codes a build holds (8 per coordinate); the rest drawn per chunk
 
-__all__ = ["build_index"]
+__all__ = ["build_index", "query_projector"]
 
 
 class _Plan(NamedTuple):
@@ -66,20 +66,49 @@ def _plan(params: Params, model, modules, exclude: Sequence[str], **sizes) -> _P
     return _Plan(make_projection(params, specs, exclude=excluded, **sizes), closure)
 
 
-def _projector(loss: LossFn, params: Params, plan: _Plan) -> Callable[[Any, int], torch.Tensor]:
+def query_projector(loss: LossFn, params: Params, projection: Projection, model) -> Callable[[Any, int], torch.Tensor]:
+    """``compute(batch, offset) -> [dim, b]``: ``P ∇ loss`` per example of a query batch, as the index's rows were made.
+
+    The layers of ``projection`` are captured in ``model`` (``Σ_t (P_o g_t)(P_a a_t)ᵀ``, no per-example gradient of a
+    layer is formed) and the other parameters go through the dense sign hash, exactly as :func:`build_index`
+    projects a training example; ``loss`` may be a measurement (a sum over the batch's examples).
+
+    Raises:
+      ValueError: ``model`` does not hold the projection's layers (names, shapes, tracked bias) or parameters.
+    """
+    if not isinstance(params, dict):
+        raise TypeError("with model= params must be the dict of ifunc.params_of(model)")
+    if not projection.layers:
+        return _projector(loss, params, _Plan(projection, None), name="query")
+    closure: Any = ihvp_identity(
+        params, model=model, modules=[L.name for L in projection.layers], exclude=list(projection.excluded)
+    )
+    found = [(s.name, s.weight, s.bias, s.out_features, s.in_features) for s in (b.spec for b in closure.blocks)]
+    want = [(L.name, L.weight, L.bias, L.out_features, L.in_features) for L in projection.layers]
+    dense = {d.name for d in closure.diags}
+    if found != want or dense != {name for name, _ in projection.dense}:
+        raise ValueError(
+            f"model= does not hold the index's layers and parameters (index: layers {want}, dense "
+            f"{sorted(name for name, _ in projection.dense)}; this model: layers {found}, dense {sorted(dense)}): pass "
+            "the model the index was built with"
+        )
+    return _projector(loss, params, _Plan(projection, closure), name="query")
+
+
+def _projector(loss: LossFn, params: Params, plan: _Plan, *, name: str = "train") -> Callable[[Any, int], torch.Tensor]:
     """``compute(batch, offset) -> [dim, b]``: the projected gradients of a chunk's examples, one per column."""
     P = plan.projection
     first = optree.tree_leaves(params, namespace="ifunc")[0]
     held = hold_draws(P, dtype=first.dtype, device=first.device, max_bytes=HELD_BYTES)
 
     def captured(batch, offset: int) -> torch.Tensor:
-        layers, dense = capture_chunk(loss, params, plan.closure, batch, name="train", offset=offset)
+        layers, dense = capture_chunk(loss, params, plan.closure, batch, name=name, offset=offset)
         with torch.no_grad():
             return project_captured(P, layers, dense, held=held).T
 
     def per_example(batch, offset: int) -> torch.Tensor:
         b = batch_size(batch)
-        (G,) = iter_per_sample_grads(loss, params, batch, chunk_size=b, name="train", offset=offset)  # [b, d]
+        (G,) = iter_per_sample_grads(loss, params, batch, chunk_size=b, name=name, offset=offset)  # [b, d]
         with torch.no_grad():
             return project_flat(P, G, params, held=held).T
 

@@ -24,6 +24,7 @@ import torch
 from .. import distributed
 from ..functional import structure
 from ..ihvp import IHVP, GenericScorer, ScoreOptions, block_damping, check_conditioning
+from .build import query_projector
 from .handle import GradientIndex, projection_digest
 from .projection import Projection
 
@@ -74,10 +75,11 @@ class ProjectedIHVP(IHVP):
     when ``damping=None`` chose one per block.
     """
 
-    FIELDS = ("projection", "digest", "params", "blocks")
+    FIELDS = ("projection", "digest", "params", "blocks", "model")
     projection: Projection
     digest: str
     params: str
+    model: torch.nn.Module | None
     blocks: tuple[tuple[str, slice], ...]
 
     def describe(self) -> dict:
@@ -120,6 +122,11 @@ class ProjectedScorer:
         self.closure, self.dtype = closure, options.dtype
         self.params_dtype = structure(params).dtypes[0]
         self.raw = GenericScorer(lambda V: V, None, loss, params, options._replace(dtype=None))
+        #: with the closure's model: ``(batch, offset) -> [dim, b]``, the queries projected as the rows were built
+        self.project_queries = None
+        if closure.model is not None:
+            func = options.measurement or loss
+            self.project_queries = query_projector(func, params, closure.projection, closure.model)
 
     def check_index(self, index: GradientIndex) -> None:
         """ValueError unless ``index`` has the projection the closure was fitted in (by digest) and its parameters."""
@@ -164,7 +171,9 @@ class ProjectedScorer:
         raise _refuse_data()
 
 
-def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = torch.float64) -> ProjectedIHVP:
+def ihvp_projected(
+    index: GradientIndex, *, model: torch.nn.Module | None = None, damping=None, dtype: torch.dtype = torch.float64
+) -> ProjectedIHVP:
     """The damped inverse of the index's block-diagonal projected empirical Fisher, ``v -> (F̃ + λI)^{-1} v``.
 
     ``F̃ = blockdiag_b F̃_b``, ``F̃_b = (1/n) Σ_i r_{i,b} r_{i,b}ᵀ`` over the ``n`` rows ``r_i [dim]`` of ``index``,
@@ -179,6 +188,10 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
 
     Args:
       index: a finished gradient index (:func:`ifunc.build_index` / :func:`ifunc.open_index`).
+      model: the model the index was built with (``build_index(..., model=model)``): queries are then projected
+        as the rows were, from each layer's captured inputs and output gradients, instead of from the full
+        per-example gradient of every parameter (``vmap(grad)``, ``d`` numbers per query): the same scores up to
+        rounding, many times faster on a large model. A model without the index's layers is refused.
       damping: λ added to every block; ``None``: per block ``λ_b = 0.1 × mean eigenvalue of F̃_b`` (the rule of the
         Kronecker family). ``with_damping(λ)`` re-damps every block with one λ without refitting.
       dtype: the dtype the closure solves in (its eigenvectors are kept in it; inputs are cast to it and back).
@@ -261,6 +274,7 @@ def ihvp_projected(index: GradientIndex, *, damping=None, dtype: torch.dtype = t
             digest=digest,
             params=index.meta.get("params"),
             blocks=held,
+            model=model,
         )
 
     return rebuild(damping)

@@ -94,10 +94,14 @@ class IndexScorer:
             self.projected = project_flat(P, self.inner.preconditioned(), self.params)
             return n_query
         # raw gradients are projected QUERY_CHUNK queries at a time: [QUERY_CHUNK, d] is held, never [q, d]
-        pieces = []
+        pieces, offset, captured = [], 0, self.curvature.project_queries
         for batch in query.chunks(chunk_size or QUERY_CHUNK):
-            self.inner.prepare(DataSource(batch, name=query.name, ordered=True), None)
-            pieces.append(project_flat(P, self.inner.preconditioned(), self.params))
+            if captured is not None:  # the model's layers captured, as the rows were built
+                pieces.append(captured(batch, offset).T)
+            else:
+                self.inner.prepare(DataSource(batch, name=query.name, ordered=True), None)
+                pieces.append(project_flat(P, self.inner.preconditioned(), self.params))
+            offset += len(pieces[-1])
         self.projected = self.curvature.precondition(torch.cat(pieces))
         return self.projected.shape[0]
 
