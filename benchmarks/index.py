@@ -36,7 +36,6 @@ import time
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -85,31 +84,8 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> torch.Tensor:
     return (ta[:, :, None] == tb[:, None, :]).any(2).double().mean(1)
 
 
-def trained_mlp():
-    """million.py's MLP 784-512-512-10 after its 100 Adam steps on Synthetic data, and its summed loss."""
-    from ekfac import mlp
-    from million import SIZES, Synthetic
-
-    torch.manual_seed(0)
-    model = mlp(SIZES)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = Synthetic(8 * 1024, seed=1).__getitems__(list(range(8 * 1024)))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        idx = torch.randint(0, len(y), (128,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    model.eval()
-
-    def loss(p, b):
-        return F.cross_entropy(ifunc.call(model, p, b[0]), b[1], reduction="sum")
-
-    return model, loss
-
-
 def mlp_workload(n: int, q: int) -> Workload:
-    from million import Synthetic
+    from million import Synthetic, trained_mlp
 
     model, loss = trained_mlp()
     train, query = (Synthetic(m, seed=s).__getitems__(list(range(m))) for m, s in ((n, 0), (q, 2)))
@@ -215,7 +191,7 @@ def choose(results: dict[str, list[dict]], key: str) -> None:
 
 def million(n: int, tmp: str) -> None:
     """``build_index(model=...)`` of ``n`` examples of million.py's workload from its loader: time, rate, RSS."""
-    from million import loader
+    from million import loader, trained_mlp
 
     model, loss = trained_mlp()
     params = ifunc.params_of(model)
