@@ -72,8 +72,9 @@ def writes():
         logger.setLevel(level)
 
 
-def partial(path, loss, params, ihvp, train, query, *, after: int, **kw):
-    """A store with its first ``after`` chunks done, as a crash would leave it (the next chunk's write fails).
+def crashed_after(path, after: int, run) -> None:
+    """Run ``run()``, a call writing the store at ``path``, and let its write of chunk ``after + 1`` fail: the store
+    is left with its first ``after`` chunks done, as a crash would leave it.
 
     The crash comes from the store, not from a wrapper of the loss: the loss is part of what the store records.
     """
@@ -86,9 +87,16 @@ def partial(path, loss, params, ihvp, train, query, *, after: int, **kw):
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):
         patch.setattr(store.ScoreWriter, "write", write)
-        ifunc.attribute(loss, params, ihvp, train, query, out=path, progress=False, **kw)
+        run()
     with h5py.File(path, "r") as f:
-        assert f["done"][...].sum() == after
+        done = f["done"]
+        assert isinstance(done, h5py.Dataset) and int(done[...].sum()) == after
+
+
+def partial(path, loss, params, ihvp, train, query, *, after: int, **kw):
+    """A score store with its first ``after`` chunks done (:func:`crashed_after`)."""
+    run = lambda: ifunc.attribute(loss, params, ihvp, train, query, out=path, progress=False, **kw)  # noqa: E731
+    crashed_after(path, after, run)
 
 
 def changed(x: torch.Tensor, example: int) -> torch.Tensor:
@@ -582,20 +590,8 @@ def index_problem():
 
 
 def partial_index(path, loss, params, train, *, after: int, **kw):
-    """An index with its first ``after`` chunks done, as a crash leaves it (the next chunk's write fails)."""
-    real = store.ScoreWriter.write
-
-    def write(self, index, columns, fp):
-        if len(self.done) >= after:
-            raise Stop
-        real(self, index, columns, fp)
-
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(Stop):
-        patch.setattr(store.ScoreWriter, "write", write)
-        ifunc.build_index(loss, params, train, path, **kw)
-    with h5py.File(path, "r") as f:
-        done = f["done"]
-        assert isinstance(done, h5py.Dataset) and int(done[...].sum()) == after
+    """An index with its first ``after`` chunks done (:func:`crashed_after`)."""
+    crashed_after(path, after, lambda: ifunc.build_index(loss, params, train, path, **kw))
 
 
 def test_an_unfinished_index_resumed_with_another_seed_size_params_or_data_is_refused_and_left_untouched(tmp_path):
