@@ -6,7 +6,8 @@ A *list of batches* is a Python ``list`` whose items are batches (tuples, dicts 
 :meth:`DataSource.chunks` cuts the data into chunks of exactly ``size`` examples (the loop over them, and which
 worker computes which, is :mod:`ifunc._chunks`); given the chunks a worker wants, it reads only those when the data
 is indexed by example (an :class:`UnreadChunk`, the example count alone, stands for each of the others).
-:func:`fingerprint` is the one content hash (data sets, parameters, query sets).
+:func:`fingerprint` is the one content hash (data sets, parameters, query sets); :func:`params_fingerprint` hashes a
+pytree of parameters as their flat vector without copying them.
 
 Two guards of :mod:`ifunc._order` hold where user data enters: an *ordered* source (score columns, sampled
 labels) refuses a DataLoader whose order is not fixed, and iterating user data never moves the global RNG.
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._batches import Batch, UnreadChunk, batch_size, concat_batches, slice_batch
 from ._order import order_problem, own_rng_stream
+from .functional import structure
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
@@ -34,6 +36,23 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")  # bytes in place (0-d too)
+    return h.hexdigest()[:32]
+
+
+def params_fingerprint(params) -> str:
+    """``fingerprint([flatten(params)[0]])`` without forming the flat vector: the leaves' bytes hashed in place.
+
+    The digest is that of the one concatenated ``[d]`` tensor (its shape and dtype, then every leaf's bytes in the
+    order of :func:`~ifunc.functional.flatten`), so it equals the fingerprints stores and indexes already hold; on a
+    124M-parameter model it saves the 0.5 GB copy (0.7 s of a 1 s check).
+    """
+    unflatten = structure(params)
+    h = hashlib.sha256()
+    h.update(f"{(unflatten.dim,)}{unflatten.dtypes[0]}".encode())
+    for leaf in optree.tree_leaves(params, namespace="ifunc"):
+        t = leaf.detach().cpu().contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:32]
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from ._batches import tensor_leaves
-from ._data import as_source, fingerprint
+from ._data import as_source, fingerprint, params_fingerprint
 from ._identity import run_identity
 from ._version import __version__
-from .functional import flatten
 from .ihvp import describe_closure
 
 __all__ = ["store_meta"]
@@ -47,7 +46,7 @@ def store_meta(
         ),
         "query_rank": query_rank,
         "score_dtype": None if dtype is None else str(dtype),
-        "params": fingerprint([flatten(params)[0]]),
+        "params": params_fingerprint(params),
         "query": fingerprint(query_leaves),
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }

@@ -194,11 +194,15 @@ def batch_grads(
 
 def _eager_check(func, params, chunk, source: DataSource) -> None:
     """Evaluate ``func`` on one example outside vmap (a readable error for non-scalar outputs and limits), and
-    check that it is summed over examples on the first two (from ``chunk``, else read from ``source``)."""
+    check that it is summed over examples on the first two (from ``chunk``, else read from ``source``).
+
+    Errors name ``loss(params, batch)`` on training data and ``loss/measurement(params, batch)`` on queries (where
+    either may be the callable)."""
+    what = "loss(params, batch)" if source.name == "train" else "loss/measurement(params, batch)"
     with explained("per-sample gradients (one example at a time)", (RuntimeError, ValueError)):
         value = func(params, slice_batch(chunk, 0, 1))
-    check_scalar(value, "loss/measurement(params, batch)")
-    check_summed(func, params, chunk if batch_size(chunk) >= 2 else source, "loss/measurement(params, batch)")
+    check_scalar(value, what)
+    check_summed(func, params, chunk if batch_size(chunk) >= 2 else source, what)
 
 
 def iter_per_sample_grads(

@@ -227,6 +227,10 @@ def test_a_mean_over_padded_tokens_is_refused_and_the_token_sum_passes(dtype):
     with pytest.raises(ValueError, match=r"measurement\(params, batch\) looks mean-reduced"):
         ek = ifunc.ihvp_ekfac(summed, params, batch, model=model, damping=0.1)
         ifunc.attribute(summed, params, ek, batch, batch, measurement=hf_loss)
+    with pytest.raises(ValueError, match=r"^loss\(params, batch\) looks mean-reduced") as error:  # no measurement:
+        ident = ifunc.ihvp_identity(params, model=model)  # the loss is named as the callable the user passed
+        ifunc.attribute(hf_loss, params, ident, batch, batch)
+    assert "measurement" not in str(error.value).split(";")[0]
     G = ifunc.per_sample_grads(summed, params, batch)
     assert G.shape[0] == 4 and G.dtype == dtype
 

@@ -214,3 +214,30 @@ def test_queries_projected_through_the_model_give_the_same_scores(problem, tmp_p
         other_model = mlp_problem(seed=5, sizes=(4, 7, 3), n=30, dtype=query[0].dtype)[0]  # 7 hidden units, not 6
         with pytest.raises(ValueError, match="does not hold the index's layers"):
             ifunc.attribute(loss, params, ihvp_projected(index, model=other_model), index, query)
+
+
+def test_a_closure_with_a_model_checks_each_callable_once_and_keeps_the_same_scores(problem, tmp_path, monkeypatch):
+    """The capture of ``model=`` and its probe of a callable are kept by the closure (and by ``with_damping``'s):
+    a later query with that callable probes nothing and scores as the first; another callable is probed once."""
+    from ifunc.ihvp.kronecker import capture, score
+
+    model, params, loss, train, query = problem
+    index = ifunc.build_index(loss, params, train, tmp_path / "i.h5", model=model, layer_size=3, dense_size=5)
+    probes = []
+    real = capture.probe_layers
+    monkeypatch.setattr(score, "probe_layers", lambda *a, **k: probes.append(a[0]) or real(*a, **k))
+    own = ihvp_projected(index, model=model)
+    first = ifunc.attribute(loss, params, own, index, query)
+    again = ifunc.attribute(loss, params, own, index, query)
+    assert probes == [loss] and torch.equal(first, again)
+    redamped = own.with_damping(0.5)
+    ifunc.attribute(loss, params, redamped, index, query)
+    assert probes == [loss]  # the re-damped closure shares what was checked
+
+    def measurement(p, batch):
+        return loss(p, batch)
+
+    m1 = ifunc.attribute(loss, params, own, index, query, measurement=measurement)
+    m2 = ifunc.attribute(loss, params, own, index, query, measurement=measurement)
+    assert probes == [loss, measurement] and torch.equal(m1, m2)
+    torch.testing.assert_close(m1, first, rtol=0, atol=0)  # the same function: the same projected queries

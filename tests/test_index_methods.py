@@ -211,3 +211,29 @@ def test_the_mean_over_seeds_approaches_the_uncompressed_scores(method, indexes)
     spread = torch.stack(got).std(dim=0)
     assert bool((spread <= C * sigma).all())  # the seeds differ, within the variance bound
     assert float(spread.max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["ekfac", "kfac"])
+def test_kronecker_queries_projected_through_their_factors_equal_the_flat_projection(name, dtype, tmp_path):
+    """A Kronecker closure's queries reach a random all-layers index as ``(P_o Q_S) R (P_a Q_A)ᵀ``, never rotated
+    back to parameter space: the scores equal ``(P Q̃) R_iᵀ`` with ``P Q̃`` projected from the flat ``Q̃`` (what any
+    other closure does), to the rounding of the two association orders (``tol ‖P Q̃_q‖‖r_i‖``)."""
+    method = next(m for m in METHODS if m.name == name)
+    problem, query = _problem(method, dtype), _query(method, dtype)
+    closure = _closure(method, problem)
+    index = ifunc.build_index(
+        problem.loss, problem.params, problem.data, tmp_path / "k.h5", model=problem.model, layer_size=2,
+        dense_size=6, progress=False,
+    )  # fmt: skip
+    assert index.projection.layers and all(L.k_o < L.out_features for L in index.projection.layers)
+    got = ifunc.attribute(problem.loss, problem.params, closure, index, query, progress=False)
+    Q = closure(ifunc.per_sample_grads(problem.loss, problem.params, query))
+    PQ = project_flat(index.projection, Q, problem.params)  # [q, dim] in the closure's dtype
+    rows = index.matrix().to(PQ.dtype)
+    want = PQ @ rows.T
+    scale = PQ.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]
+    tol = 1e-12 if dtype == torch.float64 else 64 * U32
+    assert got.dtype == dtype and got.shape == want.shape
+    assert bool(((got.double() - want.double()).abs() <= tol * scale.double()).all())
+    assert float(want.abs().max()) > 100 * tol * float(scale.max())

@@ -22,13 +22,13 @@ import torch
 
 from .._batches import batch_size
 from .._chunks import check_chunk_size
-from .._data import DataSource, fingerprint
+from .._data import DataSource, params_fingerprint
 from .._identity import run_identity
 from .._score_loop import agreed_chunk, run_chunks
 from .._sinks import default_sink
 from .._types import Data, LossFn, Params
 from .._version import __version__
-from ..functional import flatten
+from ..functional import structure
 from ..grads import chunk_size_for, iter_per_sample_grads
 from ..ihvp import check_same_data, ihvp_identity, rank_partition
 from ..ihvp.kronecker.budget import capture_chunk_size
@@ -38,6 +38,7 @@ from .handle import INDEX_KIND, GradientIndex, open_index, projection_digest
 from .projection import Projection, hold_draws, make_projection, project_captured, project_flat
 
 HELD_BYTES = 2**28  #: most bytes of dense sign-hash codes a build holds (8 per coordinate); the rest drawn per chunk
+CACHED_BYTES = 2**26  #: most bytes of draws a query cache keeps between calls (larger ones are drawn per call)
 
 __all__ = ["build_index", "query_projector"]
 
@@ -66,40 +67,67 @@ def _plan(params: Params, model, modules, exclude: Sequence[str], **sizes) -> _P
     return _Plan(make_projection(params, specs, exclude=excluded, **sizes), closure)
 
 
-def query_projector(loss: LossFn, params: Params, projection: Projection, model) -> Callable[[Any, int], torch.Tensor]:
+def query_projector(
+    loss: LossFn, params: Params, projection: Projection, model, *, cache: dict | None = None
+) -> Callable[[Any, int], torch.Tensor]:
     """``compute(batch, offset) -> [dim, b]``: ``P ∇ loss`` per example of a query batch, as the index's rows were made.
 
     The layers of ``projection`` are captured in ``model`` (``Σ_t (P_o g_t)(P_a a_t)ᵀ``, no per-example gradient of a
     layer is formed) and the other parameters go through the dense sign hash, exactly as :func:`build_index`
     projects a training example; ``loss`` may be a measurement (a sum over the batch's examples).
 
+    ``cache``: a dict kept by the caller across calls (:func:`~ifunc.index.curvature.ihvp_projected`'s closure keeps
+    one): the capture of ``model``'s layers, checked against the projection once, with its probe of each callable
+    (example dims, weight uses; see :mod:`ifunc.ihvp.kronecker.capture`), and the drawn matrices per dtype and device.
+    A later query with the same callable then costs one captured forward/backward of its batch. Nothing in it
+    depends on the parameters' values.
+
     Raises:
       ValueError: ``model`` does not hold the projection's layers (names, shapes, tracked bias) or parameters.
     """
     if not isinstance(params, dict):
         raise TypeError("with model= params must be the dict of ifunc.params_of(model)")
+    cache = {} if cache is None else cache
     if not projection.layers:
-        return _projector(loss, params, _Plan(projection, None), name="query")
-    closure: Any = ihvp_identity(
-        params, model=model, modules=[L.name for L in projection.layers], exclude=list(projection.excluded)
-    )
-    found = [(s.name, s.weight, s.bias, s.out_features, s.in_features) for s in (b.spec for b in closure.blocks)]
-    want = [(L.name, L.weight, L.bias, L.out_features, L.in_features) for L in projection.layers]
-    dense = {d.name for d in closure.diags}
-    if found != want or dense != {name for name, _ in projection.dense}:
-        raise ValueError(
-            f"model= does not hold the index's layers and parameters (index: layers {want}, dense "
-            f"{sorted(name for name, _ in projection.dense)}; this model: layers {found}, dense {sorted(dense)}): pass "
-            "the model the index was built with"
+        return _projector(loss, params, _Plan(projection, None), name="query", cache=cache)
+    if "capture" not in cache:
+        closure: Any = ihvp_identity(
+            params, model=model, modules=[L.name for L in projection.layers], exclude=list(projection.excluded)
         )
-    return _projector(loss, params, _Plan(projection, closure), name="query")
+        found = [(s.name, s.weight, s.bias, s.out_features, s.in_features) for s in (b.spec for b in closure.blocks)]
+        want = [(L.name, L.weight, L.bias, L.out_features, L.in_features) for L in projection.layers]
+        dense = {d.name for d in closure.diags}
+        if found != want or dense != {name for name, _ in projection.dense}:
+            raise ValueError(
+                f"model= does not hold the index's layers and parameters (index: layers {want}, dense "
+                f"{sorted(name for name, _ in projection.dense)}; this model: layers {found}, dense {sorted(dense)}): "
+                "pass the model the index was built with"
+            )
+        cache["capture"] = closure
+    return _projector(loss, params, _Plan(projection, cache["capture"]), name="query", cache=cache)
 
 
-def _projector(loss: LossFn, params: Params, plan: _Plan, *, name: str = "train") -> Callable[[Any, int], torch.Tensor]:
-    """``compute(batch, offset) -> [dim, b]``: the projected gradients of a chunk's examples, one per column."""
+def _bytes(draw) -> int:
+    parts = draw if isinstance(draw, tuple) else (draw,)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _projector(
+    loss: LossFn, params: Params, plan: _Plan, *, name: str = "train", cache: dict | None = None
+) -> Callable[[Any, int], torch.Tensor]:
+    """``compute(batch, offset) -> [dim, b]``: the projected gradients of a chunk's examples, one per column.
+
+    The projection's draws are held for the projector's life, or in ``cache`` (per dtype and device) across calls
+    when they take at most ``CACHED_BYTES``.
+    """
     P = plan.projection
     first = optree.tree_leaves(params, namespace="ifunc")[0]
-    held = hold_draws(P, dtype=first.dtype, device=first.device, max_bytes=HELD_BYTES)
+    key = ("draws", first.dtype, str(first.device))
+    held = None if cache is None else cache.get(key)
+    if held is None:
+        held = hold_draws(P, dtype=first.dtype, device=first.device, max_bytes=HELD_BYTES)
+        if cache is not None and sum(_bytes(v) for v in held.values()) <= CACHED_BYTES:
+            cache[key] = held
 
     def captured(batch, offset: int) -> torch.Tensor:
         layers, dense = capture_chunk(loss, params, plan.closure, batch, name=name, offset=offset)
@@ -221,8 +249,8 @@ def build_index(
         "kind": INDEX_KIND,
         "projection": plan.projection.describe(),
         "projection_sha256": projection_digest(plan.projection),
-        "params": fingerprint([flatten(params)[0]]),
-        "params_dtype": str(flatten(params)[0].dtype),
+        "params": params_fingerprint(params),
+        "params_dtype": str(structure(params).dtypes[0]),
         "defined_by": run_identity(loss, None, model, identity, tracked=params if isinstance(params, dict) else None),
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }

@@ -75,12 +75,15 @@ class ProjectedIHVP(IHVP):
     when ``damping=None`` chose one per block.
     """
 
-    FIELDS = ("projection", "digest", "params", "blocks", "model")
+    FIELDS = ("projection", "digest", "params", "blocks", "model", "queries")
     projection: Projection
     digest: str
     params: str
     model: torch.nn.Module | None
     blocks: tuple[tuple[str, slice], ...]
+    #: with ``model``: what projecting queries through its layers keeps between calls (the checked capture, its probe
+    #: of each callable, the drawn matrices; :func:`~ifunc.index.build.query_projector`), shared by ``with_damping``
+    queries: dict
 
     def describe(self) -> dict:
         """:meth:`IHVP.describe` with ``"damping"`` the λ of every block, ``{block name: λ}``."""
@@ -126,7 +129,9 @@ class ProjectedScorer:
         self.project_queries = None
         if closure.model is not None:
             func = options.measurement or loss
-            self.project_queries = query_projector(func, params, closure.projection, closure.model)
+            self.project_queries = query_projector(
+                func, params, closure.projection, closure.model, cache=closure.queries
+            )
 
     def check_index(self, index: GradientIndex) -> None:
         """ValueError unless ``index`` has the projection the closure was fitted in (by digest) and its parameters."""
@@ -191,7 +196,9 @@ def ihvp_projected(
       model: the model the index was built with (``build_index(..., model=model)``): queries are then projected
         as the rows were, from each layer's captured inputs and output gradients, instead of from the full
         per-example gradient of every parameter (``vmap(grad)``, ``d`` numbers per query): the same scores up to
-        rounding, many times faster on a large model. A model without the index's layers is refused.
+        rounding, many times faster on a large model. A model without the index's layers is refused. The first
+        query with a loss or measurement also checks how it uses the layers (passes of one and two examples, as
+        every Kronecker closure does); the closure keeps that, so later queries with it skip the check.
       damping: λ added to every block; ``None``: per block ``λ_b = 0.1 × mean eigenvalue of F̃_b`` (the rule of the
         Kronecker family). ``with_damping(λ)`` re-damps every block with one λ without refitting.
       dtype: the dtype the closure solves in (its eigenvectors are kept in it; inputs are cast to it and back).
@@ -241,6 +248,7 @@ def ihvp_projected(
     unflatten = structure(torch.zeros(index.dim, dtype=dtype))
     held = tuple(blocks)
     digest = projection_digest(index.projection)
+    queries: dict = {}
 
     def rebuild(lam) -> ProjectedIHVP:
         what = [f"the projected block of {'the ' + n if n == DENSE_BLOCK else f'layer {n!r}'}" for n, _ in held]
@@ -275,6 +283,7 @@ def ihvp_projected(
             params=index.meta.get("params"),
             blocks=held,
             model=model,
+            queries=queries,
         )
 
     return rebuild(damping)

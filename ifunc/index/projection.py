@@ -43,6 +43,8 @@ __all__ = [
     "project_dense",
     "project_captured",
     "project_flat",
+    "project_factored",
+    "factors_match",
 ]
 
 
@@ -297,4 +299,50 @@ def project_flat(P: Projection, V: torch.Tensor, params: Params, *, held: Draws 
         parts.append(project_matrix(P, L.name, M, held=held))
     if P.dense:
         parts.append(project_dense(P, [part(n, k) for n, k in P.dense], held=held))
+    return torch.cat(parts, dim=1)
+
+
+def factors_match(P: Projection, specs: Sequence) -> bool:
+    """Whether vectors given per layer of ``specs`` (layer specs) can be projected by :func:`project_factored`.
+
+    True when ``P``'s layers are exactly these (names, weights, biases, kinds) and none of ``P``'s dense parameters is
+    a weight or bias of one of them; else the caller projects flat vectors (:func:`project_flat`).
+    """
+    mine = [(L.name, L.weight, L.bias, L.kind) for L in P.layers]
+    theirs = [(s.name, s.weight, s.bias, s.kind) for s in specs]
+    owned = {n for s in specs for n in (s.weight, s.bias) if n}
+    return sorted(mine, key=str) == sorted(theirs, key=str) and not any(name in owned for name, _ in P.dense)
+
+
+def project_factored(
+    P: Projection, layers: Mapping[str, tuple], dense: Mapping[str, torch.Tensor], *, held: Draws | None = None
+) -> torch.Tensor:
+    """``[q, dim]``: vectors given per layer as ``left R rightᵀ`` projected through the factors.
+
+    Args:
+      layers: module -> ``(spec, left [out, out] or None, R [q, out, in_eff], right [in_eff, in_eff] or None)``
+        (a Kronecker closure's preconditioned queries ``Q_S R Q_Aᵀ``, from its scorer's ``factored()``); None is
+        the identity. The specs must match ``P``'s layers (:func:`factors_match`).
+      dense: parameter name -> ``[q, numel]`` columns of the projection's dense parameters; a name missing is zero.
+
+    Each layer becomes ``(P_o left) R (P_a right)ᵀ`` (``q·k_o·out·in_eff`` instead of ``q·out·in_eff·(out +
+    in_eff)`` for forming ``left R rightᵀ`` first), the same map as :func:`project_matrix` of the product up to
+    rounding.
+
+    Raises:
+      ValueError: the layers do not match ``P``'s.
+    """
+    if not factors_match(P, [spec for spec, *_ in layers.values()]):
+        raise ValueError("project_factored: the layers given are not the projection's; use project_flat")
+    parts = []
+    for L in P.layers:
+        _, left, R, right = layers[L.name]
+        P_o, P_a = layer_matrices(P, L.name, dtype=R.dtype, device=R.device, held=held)
+        P_o = P_o if left is None else P_o @ left.to(R.dtype)
+        P_a = P_a if right is None else P_a @ right.to(R.dtype)
+        parts.append((P_o @ R @ P_a.T).reshape(R.shape[0], L.k_o * L.k_a))
+    if P.dense:
+        like = parts[0] if parts else next(iter(dense.values()))
+        cols = [dense[name] if name in dense else like.new_zeros(like.shape[0], numel) for name, numel in P.dense]
+        parts.append(project_dense(P, [c.to(like.dtype) for c in cols], held=held))
     return torch.cat(parts, dim=1)

@@ -18,13 +18,15 @@ from the rows alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .._data import DataSource, fingerprint
-from ..functional import flatten
+from .._data import DataSource, params_fingerprint
+from ..functional import structure
 from .curvature import ProjectedScorer
 from .handle import GradientIndex
-from .projection import project_flat
+from .projection import factors_match, project_factored, project_flat
 
 __all__ = ["IndexScorer", "index_source", "check_index_params", "QUERY_CHUNK"]
 
@@ -50,14 +52,14 @@ def index_source(index: GradientIndex) -> DataSource:
 
 def check_index_params(index: GradientIndex, params) -> None:
     """ValueError unless ``params`` are the parameters the index's gradients were taken at (by fingerprint)."""
-    flat = flatten(params)[0]
+    dtype = structure(params).dtypes[0]
     built_in = index.meta.get("params_dtype")
-    if built_in is not None and built_in != str(flat.dtype):
+    if built_in is not None and built_in != str(dtype):
         raise ValueError(
-            f"{index.path}: the index was built at {built_in} parameters, these are {flat.dtype}; query it with the "
+            f"{index.path}: the index was built at {built_in} parameters, these are {dtype}; query it with the "
             f"parameters it was built with (cast them back to {built_in}), or build a new index for these"
         )
-    found = fingerprint([flat])
+    found = params_fingerprint(params)
     if index.meta.get("params") != found:
         raise ValueError(
             f"{index.path}: the index holds gradients at other parameters (fingerprint {index.meta.get('params')}, "
@@ -90,6 +92,12 @@ class IndexScorer:
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
         P = self.index.projection
         if self.curvature is None:  # the closure's own preparation: its preconditioned queries [q, d], projected
+            specs = getattr(self.inner, "layer_specs", None)
+            if specs is not None and factors_match(P, specs()):  # Kronecker: Q̃ = Q_S R Q_Aᵀ projected by factors
+                inner: Any = self.inner  # a KroneckerScorer (the only scorer with layer_specs)
+                n_query = inner.prepare_factored(query, chunk_size)
+                self.projected = project_factored(P, *inner.factored())
+                return n_query
             n_query = self.inner.prepare(query, chunk_size)
             self.projected = project_flat(P, self.inner.preconditioned(), self.params)
             return n_query

@@ -13,8 +13,7 @@ import optree
 import torch
 
 from ... import store
-from ..._data import fingerprint
-from ...functional import flatten
+from ..._data import params_fingerprint
 from .layers import LayerSpec
 
 __all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
@@ -72,10 +71,9 @@ class KroneckerFactors(NamedTuple):
 
 
 def _param_signature(params) -> tuple[str, dict]:
-    flat, _ = flatten(params)
     paths, leaves, _ = optree.tree_flatten_with_path(params, namespace="ifunc")
     shapes = {".".join(map(str, p)): list(leaf.shape) for p, leaf in zip(paths, leaves)}
-    return fingerprint([flat]), shapes
+    return params_fingerprint(params), shapes
 
 
 def save_factors(path, factors: KroneckerFactors, params, *, overwrite: bool = False) -> None:

@@ -92,16 +92,21 @@ def kronecker_prepare(
     chunk_size: int | None = None,
     max_memory: int | None = None,
     query_rank: int | None = None,
+    eigenbasis: bool = False,
 ) -> PreparedQueries:
-    """Query gradients preconditioned once per layer, returned in parameter space.
+    """Query gradients preconditioned once per layer, returned in parameter space (or left in the eigenbasis).
 
     ``Q̃_q = Q_S [(Q_Sᵀ ∇_W f(z_q) Q_A) / (Λ + λ)] Q_Aᵀ``, so that a training position contributes ``g_tᵀ Q̃_q a_t``
     with its captured ``g_t, a_t`` (rotating the queries back costs ``q·out·in·(out + in)`` once; rotating the
     training inputs instead would cost ``n·T·(out² + in²)``). ``query_rank=r`` truncates each ``Q̃_q`` to its
     best rank-``r`` approximation (computed in the eigenbasis, where it is the same). Query gradients are captured
     layer by layer like the training ones (``∇_W f = Σ_t g_t a_tᵀ``), so the flat ``[q, d]`` gradient is never formed;
-    ``measurement`` must, like the loss, be a sum over examples that do not interact.
+    ``measurement`` must, like the loss, be a sum over examples that do not interact. ``eigenbasis=True`` (without
+    ``query_rank``) skips the rotation back: each layer's first entry is ``R = (Q_Sᵀ ∇_W f Q_A) / (Λ + λ)``, with
+    ``Q̃ = Q_S R Q_Aᵀ`` (for a caller that maps ``Q̃`` on, e.g. projects it, more cheaply through its factors).
     """
+    if eigenbasis and query_rank is not None:
+        raise ValueError("kronecker_prepare: eigenbasis=True keeps whole queries; drop query_rank")
     if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
         raise ValueError(f"query_rank must be a positive int or None, got {query_rank!r}")
     check_chunk_size(chunk_size)
@@ -109,7 +114,8 @@ def kronecker_prepare(
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
     queries = as_source(query, name="query", ordered=True)
-    check_summed(func, params, queries, "measurement(params, batch)")  # before the probe, whose rows assume it
+    what = "loss(params, batch)" if measurement is None else "measurement(params, batch)"  # the callable passed
+    check_summed(func, params, queries, what)  # before the probe, whose rows assume it
     layers = checked(func, params, ihvp, queries.head(2)).layers
     step = chunk_size or capture_chunk_size(
         func, params, ihvp.model, layers, queries, max_memory=max_memory, what="Kronecker query gradients"
@@ -123,7 +129,7 @@ def kronecker_prepare(
                     assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
                     g, a = g @ blk.Q_S, a @ blk.Q_A
                 R = damped_div(torch.einsum("bto,bti->boi", g, a), blk.eigenvalues, lam)
-                if query_rank is None and blk.Q_S is not None:  # back to parameter space: Q_S R Q_Aᵀ
+                if query_rank is None and blk.Q_S is not None and not eigenbasis:  # to parameter space: Q_S R Q_Aᵀ
                     R = blk.Q_S @ R @ blk.Q_A.T
                 parts[blk.spec.name].append(R)  # (the rank-r truncation is taken in the eigenbasis, below)
                 del a, g, R

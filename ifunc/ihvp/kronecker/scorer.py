@@ -37,8 +37,9 @@ class KroneckerScorer:
             check_per_token(ihvp)
         self.ihvp, self.loss, self.params, self.options = ihvp, loss, params, options
         self.n_query = 0
+        self.factored_queries: PreparedQueries | None = None  #: what prepare_factored made
 
-    def prepare(self, query: DataSource, chunk_size: int | None) -> int:
+    def _prepared(self, query: DataSource, chunk_size: int | None, *, eigenbasis: bool) -> PreparedQueries:
         o = self.options
         prepared = kronecker_prepare(
             self.loss,
@@ -49,10 +50,52 @@ class KroneckerScorer:
             chunk_size=chunk_size,
             max_memory=o.max_memory,
             query_rank=o.query_rank,
+            eigenbasis=eigenbasis,
         )
-        self.prepared: PreparedQueries = distributed.broadcast_from_rank0(prepared)  # the same on every rank
+        return distributed.broadcast_from_rank0(prepared)  # the same on every rank
+
+    def prepare(self, query: DataSource, chunk_size: int | None) -> int:
+        self.prepared: PreparedQueries = self._prepared(query, chunk_size, eigenbasis=False)
         self.n_query = int(self.prepared.diag.shape[0])
         return self.n_query
+
+    def layer_specs(self) -> list:
+        """The specs of the closure's Kronecker layers (:class:`~ifunc.ihvp.kronecker.layers.LayerSpec`), in order."""
+        return [blk.spec for blk in self.ihvp.blocks]
+
+    def prepare_factored(self, query: DataSource, chunk_size: int | None) -> int:
+        """:meth:`prepare` without rotating each layer's preconditioned queries back: read them by :meth:`factored`.
+
+        Saves ``2·q·out·in·(out + in)`` per layer when the caller maps ``Q̃`` on through its factors (a gradient
+        index projects ``P_o Q̃ P_aᵀ = (P_o Q_S) R (P_a Q_A)ᵀ`` at ``q·k_o·out·in``). :meth:`chunk` and
+        :meth:`preconditioned` need :meth:`prepare`.
+        """
+        if self.options.query_rank is not None:
+            raise ValueError("prepare_factored keeps whole queries; drop query_rank")
+        self.factored_queries = self._prepared(query, chunk_size, eigenbasis=True)
+        self.n_query = int(self.factored_queries.diag.shape[0])
+        return self.n_query
+
+    def factored(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The preconditioned queries of :meth:`prepare_factored` as ``Q̃_l = left R rightᵀ`` per layer.
+
+        Returns ``({module: (spec, left [out, out] or None, R [q, out, in(+1)], right [in(+1), in(+1)] or None)},
+        {parameter name: [q, numel]})``: ``left``/``right`` are the block's eigenbases ``Q_S``/``Q_A`` (None: the
+        identity), ``R`` in the weight-matrix layout (bias last); the second dict holds the diagonal blocks'
+        preconditioned columns. Parameters in neither (excluded) are zero.
+        """
+        prepared = self.factored_queries
+        if prepared is None:
+            raise RuntimeError("factored() needs prepare_factored() first")
+        layers = {
+            blk.spec.name: (blk.spec, blk.Q_S, prepared.layers[blk.spec.name][0], blk.Q_A) for blk in self.ihvp.blocks
+        }
+        dense, start = {}, 0
+        for d in self.ihvp.diags:
+            width = d.sl.stop - d.sl.start
+            dense[d.name] = prepared.diag[:, start : start + width]
+            start += width
+        return layers, dense
 
     def preconditioned(self) -> torch.Tensor:
         """The prepared queries as flat parameter-space vectors ``[n_query, d]``: each layer's ``Q̃_l`` written
