@@ -151,7 +151,7 @@ def index_worker(workdir: Path, p: int, attention: str, coverage: str, dampings:
 
     timed("identity", ifunc.ihvp_identity(params, model=model, damping=1.0))  # plain inner products
     t0 = time.perf_counter()
-    projected = ifunc.ihvp_projected(index)
+    projected = ifunc.ihvp_projected(index, model=model)  # queries projected through the layers, as the rows
     times["precond_projected"] = time.perf_counter() - t0
     timed("projected", projected)
     for lam in dampings:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -204,10 +205,15 @@ class ScoreWriter:
             if self._raw is None:
                 self._raw = open(self.path, "r+b", buffering=0)  # noqa: SIM115  (closed in close())
             n_query, n_train = self._scores.shape
-            cells = columns.astype(self._scores.dtype, copy=False)
+            cells = np.ascontiguousarray(columns.astype(self._scores.dtype, copy=False))
             step = self._scores.dtype.itemsize
+            rows, at = memoryview(cells).cast("B"), self._scores.id.get_offset() + start * step
+            fd, size, stride = self._raw.fileno(), width * step, n_train * step
             for q in range(n_query):  # row q of the C-order matrix holds columns [start, start + width) here
-                self._put(self._scores, (q * n_train + start) * step, cells[q].tobytes())
+                row = rows[q * size : (q + 1) * size]
+                written = os.pwrite(fd, row, at + q * stride)  # inline: an index writes `dim` rows per chunk
+                if written < size:
+                    self._pwrite(at + q * stride + written, row[written:])
             self._put(self._fingerprints, index * 32, fp.encode().ljust(32, b"\0"))
             checksum = np.array([zlib.crc32(columns.data)], dtype=self._checksums.dtype)
             self._put(self._checksums, index * checksum.itemsize, checksum.tobytes())
@@ -218,14 +224,17 @@ class ScoreWriter:
         log.info("ifunc: chunk %d/%d written to %s", index + 1, self.n_chunks, self.path)
 
     def _put(self, dataset, at: int, data: bytes) -> None:
-        """Write ``data`` at byte ``at`` of a contiguous, allocated dataset (a short write is continued or fails)."""
-        self._raw.seek(dataset.id.get_offset() + at)
-        view = memoryview(data)
+        """Write ``data`` at byte ``at`` of a contiguous, allocated dataset."""
+        self._pwrite(dataset.id.get_offset() + at, memoryview(data))
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
+        """Write the bytes of ``view`` at byte ``offset`` of the file (a short write is continued or fails)."""
+        fd = self._raw.fileno()
         while view.nbytes:
-            written = self._raw.write(view)
+            written = os.pwrite(fd, view, offset)
             if not written:
                 raise OSError(errno.EIO, "the file accepted no more bytes")
-            view = view[written:]
+            view, offset = view[written:], offset + written
 
     def _kept(self) -> str:
         return (
