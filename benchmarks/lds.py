@@ -11,7 +11,9 @@ of the regularised objective's Gauss-Newton matrix.
 LDS (Park et al. 2023, TRAK): draw M random subsets S_1..S_M holding half of the training set, retrain on
 each (from the same initialisation), and record the query losses f_q(S_m). A method's additive prediction
 is g_q(S) = −Σ_{i∈S} scores[q, i] (a positive score means the example lowers the query loss). LDS is the
-Spearman correlation between f_q(S_m) and g_q(S_m) over the M subsets, averaged over the queries.
+Spearman correlation between f_q(S_m) and g_q(S_m) over the M subsets, averaged over the queries. The
+subsets, the retraining and the score come from ``ifunc.evaluate`` (random_subsets, retrain, lds); with
+``--out outcomes.h5`` the retrained outcomes are stored as they finish and a killed run resumes.
 
 Ensembles average the scores of models trained from 5 different initialisations on the full training set
 (``ifunc.attribute_ensemble``); the subset models are retrained from the first of them, or each from its own
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import ifunc
-from ifunc.quality import spearman
+from ifunc.evaluate import lds, random_subsets, retrain
 
 L2 = 1e-2
 
@@ -35,9 +37,9 @@ L2 = 1e-2
 def load(n_train: int, n_query: int):
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float64) / 16.0
-    y = torch.tensor(digits.target)
+    data, target = load_digits(return_X_y=True)
+    x = torch.tensor(data, dtype=torch.float64) / 16.0
+    y = torch.tensor(target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return (x[:n_train], y[:n_train]), (x[n_train : n_train + n_query], y[n_train : n_train + n_query])
@@ -117,6 +119,9 @@ def main(argv=None):
         action="store_true",
         help="retrain each subset from its own random initialisation (TRAK's setting) instead of the first seed's",
     )
+    parser.add_argument(
+        "--out", default=None, help="HDF5 file for the retrained outcomes: a killed run resumes where it stopped"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n_subsets = args.subsets or (20 if args.quick else 100)
@@ -132,17 +137,19 @@ def main(argv=None):
         f"{L2}; test accuracy {acc:.3f}; {args.seeds} seeds trained in {time.perf_counter() - start:.1f} s"
     )
 
-    # ground truth: retrain on random half subsets
-    gen = torch.Generator().manual_seed(1)
-    masks = torch.zeros(n_subsets, n, dtype=torch.bool)
-    actual = torch.empty(len(yq), n_subsets, dtype=torch.float64)
-    start = time.perf_counter()
-    for m in range(n_subsets):
-        idx = torch.randperm(n, generator=gen)[: n // 2]
-        masks[m, idx] = True
-        sub = fit(init_model(1000 + m if args.random_init else 0), x[idx], y[idx])
+    # ground truth: retrain on random half subsets (ifunc.evaluate.retrain; resumable with --out)
+    masks = random_subsets(n, n_subsets, fraction=0.5, generator=torch.Generator().manual_seed(1))
+    own_seed = {tuple(row.nonzero().flatten().tolist()): 1000 + m for m, row in enumerate(masks)}
+
+    def train_fn(idx):
+        return fit(init_model(own_seed[tuple(idx.tolist())] if args.random_init else 0), x[idx], y[idx])
+
+    def measure(sub):
         with torch.no_grad():
-            actual[:, m] = F.cross_entropy(sub(xq), yq, reduction="none")
+            return F.cross_entropy(sub(xq), yq, reduction="none")
+
+    start = time.perf_counter()
+    outcomes = retrain(train_fn, measure, masks, out=args.out)  # [n_subsets, n_query]
     init = "its own random initialisation" if args.random_init else "the first seed's initialisation"
     print(f"retrained on {n_subsets} half subsets, each from {init}, in {time.perf_counter() - start:.1f} s\n")
 
@@ -157,10 +164,6 @@ def main(argv=None):
         "ekfac": table["ekfac"],
         "identity (gradient dot products)": table["identity (gradient dot products)"],
     }
-
-    def lds(scores):
-        predicted = -scores @ masks.double().T  # [n_query, n_subsets]
-        return spearman(predicted, actual)
 
     print(f"| method | LDS (mean ± s.e. over {len(yq)} queries) | seconds |")
     print("|---|---|---|")
@@ -183,7 +186,7 @@ def main(argv=None):
         start = time.perf_counter()
         scores = run()
         seconds = time.perf_counter() - start
-        r = lds(scores)
+        r = lds(scores, masks, outcomes)
         print(f"| {name} | {r.mean():.3f} ± {r.std() / len(r) ** 0.5:.3f} | {seconds:.2f} |", flush=True)
 
 

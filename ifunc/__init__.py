@@ -19,10 +19,11 @@ checks it):
 3 curvature   ``likelihood`` output/loss split and the one label-sampler registry · ``curvature`` curvature
               operators (Hessian, GGN, Fisher, empirical Fisher) and dense matrices
 4 solvers     ``ihvp/`` one file per method: ``explicit``, ``cg`` (``_cg_loop``), ``lissa`` (``_lissa_schedule``,
-              ``_lissa_steps``), ``arnoldi``, ``nystrom``, ``datainf``, ``preconditioners``; ``_base`` the IHVP
-              closure (one constructor ``IHVP.make``, ``describe``, ``scorer``), ``_damping`` the one damping rule
-              and conditioning check, ``_scorer`` the scorer protocol and the generic scorer, ``_operator`` the
-              data operator sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen solves
+              ``_lissa_steps``), ``arnoldi``, ``nystrom``, ``datainf``, ``adam``, ``preconditioners``; ``_base``
+              the IHVP closure (one constructor ``IHVP.make``, ``describe``, ``scorer``), ``_damping`` the one
+              damping rule and conditioning check, ``_scorer`` the scorer protocol and the generic scorer,
+              ``_operator`` the data operator sharded over ranks, ``_blocks``/``_eigen`` block-diagonal and eigen
+              solves
 4 kronecker   ``ihvp/kronecker/``: ``layers`` (one adapter per layer kind; ``example_dims`` each layer's example
               dimension from its call shapes), ``uses`` (per-token splits of diagonal-block parameters), ``hooks``
               (the one hook system), ``capture`` (the probe of each layer's example dimension and weight use),
@@ -35,14 +36,16 @@ checks it):
               (build_index through the one loop into a score store), ``handle`` (open_index), ``query`` (an index
               where the training data stood)
 5 scoring     ``attribute`` attribute / self_influence · ``_store_meta`` what a store records · ``ensemble`` ·
-              ``quality``
+              ``quality`` · ``evaluate/`` measuring attribution against retraining (``metrics``: random subsets,
+              LDS, leave-one-out, mislabel AUC; ``retraining``: the resumable retraining driver)
 5 models      ``language`` LM losses and module choice · ``measurements`` query measurements · ``testing`` test
               problems, tiny language models and helpers
 6 face        ``__init__`` re-exports · ``__main__`` ``python -m ifunc demo``
 """
 
-from . import language, measurements
+from . import evaluate, language, measurements
 from ._batches import UnreadChunk
+from ._errors import CostWarning
 from ._sinks import MemorySink, ScorePlan, Sink
 from ._topk_sink import Extremes, HelpfulHarmful, Ranked, TopK
 from ._version import __version__
@@ -64,6 +67,7 @@ from .ihvp import (
     capture_layer_grads,
     cg_solve,
     fit_kronecker_factors,
+    ihvp_adam,
     ihvp_arnoldi,
     ihvp_cg,
     ihvp_datainf,
@@ -123,6 +127,7 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_diagonal",
     "ihvp_identity",
+    "ihvp_adam",
     "fit_kronecker_factors",
     "KroneckerFactors",
     "LayerFactors",
@@ -153,5 +158,7 @@ __all__ = [
     "save_factors",
     "load_factors",
     "language",
+    "evaluate",
+    "CostWarning",
     "measurements",
 ]

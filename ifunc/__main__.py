@@ -1,4 +1,6 @@
-"""``python -m ifunc demo`` (or ``ifunc demo``): which training images made the model say this?
+"""The ifunc demo: which training images made the model say this?
+
+    python -m ifunc demo        (or: ifunc demo)
 
 Trains a small MLP on scikit-learn's bundled 8×8 digits (offline), scores every training image against a
 few test images with two iHVP methods (EK-FAC and CG by default), prints the most helpful (up-weighting them
@@ -8,8 +10,8 @@ checks correctness where it can be checked exactly: an L2-regularised logistic r
 scores are compared with actual leave-one-out retraining.
 
 Exits non-zero when influence is off (the leave-one-out correlation, or the agreement between the methods,
-falls below its threshold). scikit-learn and matplotlib come with ``pip install -e ".[examples]"``; without
-them only the leave-one-out check runs.
+falls below its threshold). scikit-learn and matplotlib come with the examples extra,
+pip install -e ".[examples]"; without them only the leave-one-out check runs.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ifunc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["demo"])
+    parser.add_argument("command", choices=["demo"], help="demo: the digits demo, then the leave-one-out check")
     parser.add_argument("--method", choices=METHODS, default="ekfac", help="method shown (default ekfac)")
     parser.add_argument("--reference", choices=METHODS, default="cg", help="method compared with (default cg)")
     parser.add_argument("--damping", type=float, default=1e-2, help="λ added to the curvature (default 1e-2)")

@@ -1,4 +1,4 @@
-"""Readable errors: what torch.func transforms reject inside a user's loss or model, and bad counts."""
+"""Readable errors: what torch.func transforms reject inside a user's loss or model, bad counts, and cost notes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ import contextlib
 import operator
 import re
 from collections.abc import Iterator
+
+__all__ = ["CostWarning", "explain", "explained", "check_count"]
+
+
+class CostWarning(UserWarning):
+    """A call is about to run work that another route avoids, e.g. one iterative solve per training example.
+
+    Emitted once per call (on rank 0 under ``torchrun``) before the work starts; the message names how much work
+    and the fast ways. It is a note, not an error: silence it with
+    ``warnings.filterwarnings("ignore", category=ifunc.CostWarning)``.
+    """
+
 
 #: torch's message for an op without a forward-mode derivative; group 1 is the op's name.
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+)")

@@ -14,13 +14,16 @@ __all__ = ["store_meta"]
 
 
 def store_meta(
-    loss, params, ihvp, query, measurement, query_rank, dtype, identity: str | None = None
+    loss, params, ihvp, query, measurement, query_rank, dtype, identity: str | None = None, normalize: str | None = None
 ) -> tuple[dict, dict]:
     """``(meta, resume)`` of a score store.
 
     ``meta`` holds the closure's own description (``ihvp.describe()``: method, damping per block, settings,
     a summary ``[numel, Σ|x|, Σx²]`` of each curvature tensor, its ``identity``), the measurement, query rank,
-    score dtype and fingerprints of the parameters and queries; ``defined_by`` holds content hashes of the loss,
+    score dtype, the normalisation (``"normalize"``: ``"cosine"`` or ``"relatif"``; absent for raw scores, as in
+    every store written before normalised scores existed, so those still resume) and fingerprints of the parameters
+    and queries; a store is resumed only under equal meta, so another normalisation is refused. ``defined_by``
+    holds content hashes of the loss,
     the measurement and the model (a Kronecker closure's), or the user's ``identity``
     (:func:`ifunc._identity.run_identity`). Training data is fingerprinted chunk by chunk by the store sinks.
     ``resume`` (for :class:`ifunc.store.ScoreWriter`): ``refuse_resume`` for a callable that is not an ifunc
@@ -50,6 +53,8 @@ def store_meta(
         "query": fingerprint(query_leaves),
         "versions": {"ifunc": __version__, "torch": torch.__version__},
     }
+    if normalize is not None:
+        meta["normalize"] = normalize
     resume = {}
     if described["data_recorded"] is None and described["identity"] is None:
         resume["refuse_resume"] = (

@@ -134,7 +134,8 @@ class TopK:
     indices [q, k])``, best first, ties broken by the lower index: the first ``k`` columns of ``torch.sort(scores,
     dim=1, descending=largest, stable=True)`` of the full matrix, computed in ``O(q·k)`` memory beside one chunk
     (see the module docstring for the merge and ``torchrun``). ``train`` may be training data (any closure) or a
-    gradient index.
+    gradient index. With ``attribute(..., normalize="cosine" | "relatif")`` it ranks the normalised scores (both
+    give each query the same order: they differ by a positive factor per query).
 
     Args:
       k: examples per query (``1 <= k <= n_train``).

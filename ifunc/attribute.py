@@ -8,19 +8,21 @@ Both are the one loop of :mod:`ifunc._score_loop`: chunks of training examples �
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
 
 from . import distributed
-from ._chunks import Partition, check_chunk_size
+from ._chunks import Partition, check_chunk_size, iter_chunks
 from ._data import DataSource
-from ._score_loop import agreed_chunk, run_chunks
+from ._errors import CostWarning
+from ._score_loop import Normalized, agreed_chunk, check_normalize, run_chunks
 from ._sinks import GatherSink, MemorySink, Sink, default_sink
 from ._store_meta import store_meta
 from ._types import Data, LossFn, Measurement, Params
 from .ihvp import ScoreOptions, check_same_data, rank_partition, scorer_for
-from .index import GradientIndex, IndexScorer, check_index_params, index_source
+from .index import GradientIndex, IndexScorer, ProjectedScorer, check_index_params, index_source
 
 __all__ = ["attribute", "self_influence"]
 
@@ -54,6 +56,7 @@ def attribute(
     per_token: bool = False,
     token_mask: Callable | None = None,
     sink: Sink | None = None,
+    normalize: str | None = None,
 ):
     """Pairwise influence scores of training examples on query measurements.
 
@@ -128,6 +131,24 @@ def attribute(
       sink: where the columns go instead of memory or ``out=``: any object with the sink protocol of
         :mod:`ifunc._sinks` (``chunk_size``, ``open``, ``seen``, ``wants``, ``put``, ``result``, ``close``);
         the call returns its ``result()``.
+      normalize: None (raw scores), ``"cosine"`` or ``"relatif"``: keep high-norm (high-loss, unusual) training
+        examples from topping every list. With the self terms ``t_i = ∇ℓ(z_i)ᵀ (H + λI)^{-1} ∇ℓ(z_i)`` (exactly
+        :func:`self_influence`'s values) and ``t_q = ∇f(z_q)ᵀ (H + λI)^{-1} ∇f(z_q)``, ``"cosine"`` returns
+        ``s[q, i] / (√t_q √t_i)``, the cosine of the two gradients in the metric ``(H + λI)^{-1}`` (in
+        ``[-1, 1]`` for an exact closure), and ``"relatif"`` (RelatIF's loss-relative form, Barshan et al. 2020)
+        returns ``s[q, i] / √t_i``, which keeps the query's scale and ranks each query's list like the cosine. An
+        example (or query) with zero gradient has ``t = 0`` and scores 0, never NaN; a negative ``t`` (a curvature
+        that is not positive definite) raises ``ValueError``. ``per_token`` and ``per_module`` columns are divided
+        by the whole example's terms, so they still sum to the normalised scores. The train terms are taken from
+        the same capture as each chunk's scores where the scorer can (the generic scorer: one gradient pass and
+        one ``[b, d]`` block solve per chunk; a Kronecker closure with ``model=``: its per-layer self terms, from the
+        same capture), computed per chunk by the rank that scores it; under ``torchrun`` a
+        closure whose solve is collective (CG, LiSSA, a custom callable) first computes every chunk's terms in a
+        pass of its own, every rank taking part. CG and LiSSA run one iterative solve per training example for
+        them (a :class:`ifunc.CostWarning` says so), as :func:`self_influence` does. From a gradient index,
+        ``"relatif"`` needs ``ihvp = ifunc.ihvp_projected(index)`` (the rows' own ``r_iᵀ (F̃ + λI)^{-1} r_i``); a
+        parameter-space closure with an index cannot normalise (``NotImplementedError``). A score store records
+        the normalisation and refuses to resume under another; top-k sinks rank the normalised scores.
 
     How a chunk is scored is the closure's: ``ihvp.scorer(loss, params, options)``. A Kronecker-family closure
     built with ``model=`` (``ihvp_ekfac``, ``ihvp_kfac``, ``ihvp_diagonal``, ``ihvp_identity``) preconditions the
@@ -135,7 +156,8 @@ def attribute(
     examples (``Σ_t g_tᵀ Q̃ a_t``), with no per-example gradient of the whole model; the result is the same as
     the generic scorer's.
 
-    Memory: the query gradients ``[n_query, d]``, one chunk of training gradients and the output; the
+    Memory: the query gradients ``[n_query, d]``, one chunk of training gradients and the output (with
+    ``normalize``, the chunk's solved gradients too: chunks are cut to fit both); the
     training data streams (any DataLoader), so with ``out=`` peak memory does not grow with ``n_train``.
 
     Under ``torchrun`` (a default process group), train chunk ``i`` is scored on rank ``i mod W`` and every
@@ -149,11 +171,19 @@ def attribute(
       ``[n_query, n_train]`` tensor in the parameters' dtype (``[n_query, n_train, T]`` with ``per_token``);
       with ``out=`` the path of the finished store.
 
+    Raises:
+      ValueError: an unknown ``normalize``, a negative self term under ``normalize``, and the bad inputs named
+        above (shapes, a shuffling loader, a store of another run).
+      NotImplementedError: combinations not supported yet (``per_token`` with ``out=`` or ``torchrun``;
+        ``normalize`` from a gradient index without ``ihvp_projected``'s closure).
+
     Example:
       >>> scores = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te))
       >>> scores.topk(5, dim=1).indices     # most helpful training examples per query
+      >>> cos = ifunc.attribute(loss, params, ihvp, (x_tr, y_tr), (x_te, y_te), normalize="cosine")
     """
     check_score_dtype(dtype)
+    how = check_normalize(normalize)
     if token_mask is not None and not per_token:
         raise ValueError("token_mask= applies to per-token scores; pass per_token=True")
     if per_token and (per_module or out is not None or distributed.active()):
@@ -177,22 +207,37 @@ def attribute(
     queries = DataSource(query, name="query", ordered=True)
     options = ScoreOptions(measurement, max_memory, dtype, query_rank, per_module, per_token, token_mask)
     scorer = scorer_for(ihvp, loss, params, options)  # refuses options the closure cannot score
+    query_terms = None  # for normalize="cosine" when the scorer gives no query terms of its own
     if isinstance(train, GradientIndex):  # the index stands where the training data stood: no gradient pass
         if query_rank is not None or per_module or per_token:
             raise NotImplementedError("a gradient index scores whole queries: drop query_rank=, per_module, per_token")
+        if how is not None:
+            _check_index_normalize(how, scorer)
         check_index_params(train, params)
         source, scorer = index_source(train), IndexScorer(scorer, train, params)
+        if how == "cosine" and not callable(getattr(scorer, "query_terms", None)):
+            raise NotImplementedError(
+                "normalize='cosine' from a gradient index needs the queries' own p_qᵀ (F̃ + λI)^{-1} p_q in the "
+                "index's projected space, which the index scorer does not give yet; use normalize='relatif' (the "
+                "rows' self terms only), or pass the training data instead of the index (any closure)"
+            )
     else:
         source = DataSource(train, name="train", ordered=True)
+        query_terms = _query_terms(ihvp, measurement or loss, params, max_memory)
+    if how is not None:
+        scorer = Normalized(scorer, how, tokens=per_token, query_terms=query_terms)
+        _note_cost(scorer.inner, ihvp, source, f"attribute(normalize={how!r})", " (the self terms it divides by)")
     check_same_data(source, params)  # every rank: all the data, the same params (no-op without a process group)
     if sink is None:
         meta, resume = None, {}
         if out is not None:  # before any work: an unidentifiable loss is refused at once
-            meta, resume = store_meta(loss, params, ihvp, queries, measurement, query_rank, dtype, identity)
+            meta, resume = store_meta(loss, params, ihvp, queries, measurement, query_rank, dtype, identity, how)
         sink = default_sink(out, tokens=per_token, meta=meta, overwrite=overwrite, resume=resume)
     chunk_size = chunk_size or sink.chunk_size()  # a resumed store's own: the default follows free memory
     n_query = scorer.prepare(queries, chunk_size)
     chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=True))
+    if isinstance(scorer, Normalized) and scorer.needs_terms_pass():
+        scorer.terms_pass(source, chunk, progress=progress)
     desc = "ifunc per-token scores" if per_token else "ifunc scores"
     compute = scorer.chunk if dtype is None else lambda batch, offset: scorer.chunk(batch, offset).to(dtype)
     return run_chunks(source, chunk, rank_partition(), compute, sink, n_query=n_query, desc=desc, progress=progress)
@@ -215,14 +260,41 @@ def self_influence(
     chunks through the closure's scorer: the generic one solves each chunk of gradients as one ``[c, d]``
     block, the Kronecker family contracts per layer. ``progress`` as in :func:`attribute`. ``per_module=True``
     (Kronecker family only) returns ``[n_modules, n_train]``, one row per block of ``ihvp.info["modules"]``,
-    summing to the total. Under ``torchrun`` a scorer whose solve is collective (the generic one) runs every
-    chunk on every rank with its examples split over the ranks; the Kronecker scorer runs chunk ``i`` on one
-    rank and the terms are all-gathered.
+    summing to the total. Under ``torchrun`` a scorer whose solve is collective (the generic one with CG, LiSSA
+    or a custom callable) runs every chunk on every rank with its examples split over the ranks; other scorers
+    (the Kronecker family, the generic one with a factorised closure) run chunk ``i`` on one rank and the terms
+    are all-gathered.
+
+    Cost: a closure with a cheap per-example quadratic form answers in about one gradient pass: a Kronecker
+    closure built with ``model=`` (per layer, no solve), a factorised one (``ihvp_explicit``, ``ihvp_arnoldi``,
+    ``ihvp_nystrom``, ``ihvp_datainf``: one ``[c, d]`` product with what it holds per chunk) or a gradient index
+    with ``ihvp_projected``. CG and LiSSA have none: they run one iterative solve per training example (a block
+    of ``c`` right-hand sides per chunk, each step a pass of curvature products over their data; e.g. minutes for
+    a few thousand parameters and examples), and the call first emits one :class:`ifunc.CostWarning` naming the
+    number of solves and these fast ways.
 
     ``train`` may be a gradient index (:func:`ifunc.open_index`) with the closure of its projected space,
     ``ifunc.ihvp_projected(index)``: then ``s[i] = r_iᵀ (F̃ + λI)^{-1} r_i`` from the stored rows ``r_i`` alone, read
     chunk by chunk (no training example is read). A parameter-space closure cannot score an index's self-influence
     (it would need the full training gradients): ``NotImplementedError``.
+
+    Args:
+      loss, params, ihvp, train: as in :func:`attribute`.
+      chunk_size, max_memory, progress: as in :func:`attribute`.
+      per_module: Kronecker family only: one row per block of the closure.
+
+    Returns:
+      ``[n_train]`` (``[n_modules, n_train]`` with ``per_module``) in the parameters' dtype.
+
+    Raises:
+      NotImplementedError: a gradient index with a parameter-space closure, or with ``per_module``.
+
+    Warns:
+      ifunc.CostWarning: the closure runs one iterative solve per training example (CG, LiSSA).
+
+    Example:
+      >>> surprise = ifunc.self_influence(loss, params, ihvp, (x_tr, y_tr))
+      >>> surprise.topk(10).indices        # the most self-influential (often mislabelled) examples
     """
     chunk_size = check_chunk_size(chunk_size)  # None, or a positive int
     _refuse_index_path(train)
@@ -238,6 +310,7 @@ def self_influence(
         source = DataSource(train, name="train", ordered=True)
         check_same_data(source, params)
         scorer = scorer_for(ihvp, loss, params, ScoreOptions(max_memory=max_memory, per_module=per_module))
+        _note_cost(scorer, ihvp, source, "self_influence", "")
     chunk = agreed_chunk(chunk_size, lambda: scorer.chunk_size(source, pairs=False))
     partition = Partition() if scorer.splits_examples else rank_partition()
     sink = GatherSink() if distributed.active() else MemorySink()
@@ -254,3 +327,43 @@ def _refuse_index_path(train) -> None:
             f"train is the path {str(train)!r}; a gradient index goes in as its handle, ifunc.open_index(path) (or "
             "what ifunc.build_index returned), and training data as batches, a Dataset or a DataLoader"
         )
+
+
+def _check_index_normalize(how: str, scorer) -> None:
+    """NotImplementedError unless the index's training self terms exist: the closure of its projected space."""
+    if not isinstance(scorer, ProjectedScorer):
+        raise NotImplementedError(
+            f"normalize={how!r} from a gradient index divides by the rows' self terms, which a parameter-space "
+            "closure cannot give from the index (it would need (H + λI)^{-1} of every full training gradient); use "
+            "the index's own curvature, ihvp = ifunc.ihvp_projected(index), or pass the training data instead of "
+            "the index (any closure)"
+        )
+
+
+def _query_terms(ihvp, func, params, max_memory) -> Callable[[DataSource, int | None], torch.Tensor]:
+    """``(query, chunk_size) -> [n_query]``: the queries' ``∇f(z_q)ᵀ (H + λI)^{-1} ∇f(z_q)`` as the closure's own
+    self terms of ``func`` on the query data (for a scorer without ``query_terms()``: a capture of the queries)."""
+
+    def terms(query: DataSource, chunk_size: int | None) -> torch.Tensor:
+        scorer = scorer_for(ihvp, func, params, ScoreOptions(max_memory=max_memory))
+        step = agreed_chunk(chunk_size, lambda: scorer.chunk_size(query, pairs=False))
+        return torch.cat([scorer.self_terms(c.batch, c.offset).sum(dim=0) for c in iter_chunks(query, step)])
+
+    return terms
+
+
+def _note_cost(scorer, ihvp, source: DataSource, who: str, why: str) -> None:
+    """One :class:`CostWarning` (rank 0) when ``scorer`` runs an iterative solve per training example."""
+    if getattr(scorer, "iterative", False) is not True or distributed.world()[0] != 0:
+        return
+    n = source.cheap_count()
+    count = "one iterative solve per training example" if n is None else f"{n} iterative solves, one per example"
+    warnings.warn(
+        f"{who} solves (H + λI)^{{-1}} g_i for every training example{why}, and this {getattr(ihvp, 'name', '')} "
+        f"closure has no cheap per-example quadratic form: the call runs {count}, each many curvature products "
+        "over the closure's data. Fast ways: a Kronecker closure built with model= (ifunc.ihvp_ekfac(loss, params, "
+        "data, model=model)), a factorised one (ifunc.ihvp_arnoldi, ifunc.ihvp_nystrom), or a gradient index with "
+        "its own curvature (index = ifunc.build_index(...), ifunc.ihvp_projected(index), the index as train)",
+        CostWarning,
+        stacklevel=3,
+    )

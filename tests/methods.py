@@ -121,6 +121,40 @@ def _identity(p: Problem, lam: float | None) -> ifunc.IHVP:
     return ifunc.ihvp_identity(p.params, model=p.model, damping=lam)
 
 
+# the "adam" row's optimizer state: as after _ADAM_STEP steps with β₂ = 0.99 and ε = 1e-3 (so the bias correction
+# and ε both matter), drawn from seed 0 module parameter by module parameter; loaded, never trained (module untouched)
+_ADAM_STEP, _ADAM_BETA2, _ADAM_EPS = 5, 0.99, 1e-3
+
+
+def _adam_squares(p: Problem) -> dict[str, torch.Tensor]:
+    """``exp_avg_sq`` of every module parameter by name (float64; independent of the loss, so ``degree=0``)."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        name: 0.05 * (0.2 + torch.rand(q.shape, generator=gen, dtype=torch.float64)) ** 2
+        for name, q in p.model.named_parameters()
+    }
+
+
+def _adam(p: Problem, lam: float | None) -> ifunc.IHVP:
+    """``ihvp_adam`` over an Adam that holds the module's parameters; ``p.params`` are copies moved away from them,
+    so ``model=`` matches them by name (and gives the closure its layers)."""
+    opt = torch.optim.Adam(p.model.parameters(), betas=(0.9, _ADAM_BETA2), eps=_ADAM_EPS)
+    squares = _adam_squares(p)
+    state = {
+        i: {"step": torch.tensor(float(_ADAM_STEP)), "exp_avg": torch.zeros_like(v), "exp_avg_sq": v}
+        for i, v in enumerate(squares[name] for name, _ in p.model.named_parameters())
+    }
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return ifunc.ihvp_adam(p.params, opt, damping=lam, model=p.model)
+
+
+def _adam_diagonal(p: Problem) -> torch.Tensor:
+    """``diag(D)`` with ``D = (√(v / (1 − β₂^t)) + ε)²`` (``ihvp_adam``'s default power 1), by hand, in
+    ``ifunc.flatten`` order."""
+    D = {n: ((v / (1 - _ADAM_BETA2**_ADAM_STEP)).sqrt() + _ADAM_EPS) ** 2 for n, v in _adam_squares(p).items()}
+    return torch.diag(ifunc.flatten(D)[0])
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of the table.
@@ -223,6 +257,8 @@ METHODS: list[Method] = [
     Method("kfac-one-example", _KFAC, "exact", _LAYER_GGN, tol=1e-9, fixed=_ONE_EXAMPLE, **_PER_BLOCK),
     Method("diagonal", _DIAGONAL, "exact", diagonal_of(ggn), tol=1e-10, **_PER_BLOCK),
     Method("identity", _identity, "exact", zero, tol=1e-12, degree=0, **_PER_BLOCK),
+    # the optimizer's own state: (√v̂ + ε)², exact against the diagonal computed by hand (no data: degree 0)
+    Method("adam", _adam, "exact", _adam_diagonal, tol=1e-10, degree=0, **_PER_BLOCK),
 ]
 
 EXACT = [m for m in METHODS if m.exactness == "exact"]

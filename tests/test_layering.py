@@ -43,7 +43,7 @@ GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
     "kronecker": (4, ("ihvp/kronecker/",)),  # before "solvers": the first group that matches a file is its group
     "solvers": (4, ("ihvp/",)),
     "index": (5, ("index/",)),
-    "scoring": (5, ("attribute.py", "_store_meta.py", "ensemble.py", "quality.py")),
+    "scoring": (5, ("attribute.py", "_store_meta.py", "ensemble.py", "quality.py", "evaluate/")),
     "models": (5, ("language.py", "measurements.py", "testing/")),
     "face": (6, ("__init__.py", "__main__.py")),
 }

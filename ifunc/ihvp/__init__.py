@@ -10,6 +10,7 @@ from ._base import IHVP, ConvergenceError, describe_closure
 from ._damping import block_damping, check_conditioning
 from ._operator import check_same_data, rank_partition
 from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for
+from .adam import ihvp_adam
 from .arnoldi import ihvp_arnoldi, lanczos
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
@@ -61,6 +62,7 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_diagonal",
     "ihvp_identity",
+    "ihvp_adam",
     "fit_kronecker_factors",
     "KroneckerFactors",
     "LayerFactors",

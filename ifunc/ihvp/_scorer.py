@@ -10,7 +10,13 @@ one block, ``Q̃ = (H + λI)^{-1} Q``, and contracts every chunk of training gra
 ``scores = Q̃ Gᵀ [q, b]``. Self-influence ``s_i = g_iᵀ (H + λI)^{-1} g_i`` solves each chunk as one ``[b, d]``
 block. Under ``torchrun`` a solve may itself be collective (CG and LiSSA all-reduce their curvature products),
 so every rank takes part in every chunk's solve with the same right-hand sides: the gradients of a chunk are
-split over the ranks and all-gathered (:attr:`GenericScorer.splits_examples`).
+split over the ranks and all-gathered (:attr:`GenericScorer.splits_examples`). A closure that solves from what it
+holds (explicit, Arnoldi, Nyström, DataInf, a Kronecker closure without ``model=``) solves locally: its chunk ``i``
+runs on one rank like a pairwise chunk.
+
+The queries' own quadratic form ``∇f(z_q)ᵀ (H + λI)^{-1} ∇f(z_q)`` (:meth:`GenericScorer.query_terms`) comes free
+with the prepared queries, and :meth:`GenericScorer.chunk_and_self_terms` scores a chunk and takes its self terms
+from one gradient pass: what normalised scores (``attribute(..., normalize=)``) divide by.
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ from .._types import LossFn, Measurement, Params
 from ..functional import structure
 from ..grads import chunk_size_for, iter_per_sample_grads
 
-__all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "NEEDS_KRONECKER"]
+__all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "NEEDS_KRONECKER", "ITERATIVE"]
 
 #: the error of an option only the Kronecker family's captured scoring has
 NEEDS_KRONECKER = (
     "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
 )
+
+
+#: the ifunc methods whose every solve iterates curvature products over the training data (``closure.name``): a
+#: right-hand side costs iterations × passes over the data, and under ``torchrun`` the products are all-reduced
+ITERATIVE = frozenset({"cg", "lissa"})
 
 
 class ScoreOptions(NamedTuple):
@@ -58,9 +69,16 @@ class Scorer(Protocol):
     ``[n_query, b, T]`` (``per_token``, examples on the middle axis); ``self_terms(batch, offset)`` returns
     ``[n_modules or 1, b]``. ``splits_examples``: ``self_terms`` runs on every rank for every chunk and splits
     the chunk's examples itself (its solve is collective); otherwise chunk ``i`` runs on one rank.
+
+    Optional, for normalised scores: ``query_terms()`` (after ``prepare``) gives ``[n_query]``, the queries' own
+    ``∇f(z_q)ᵀ (H + λI)^{-1} ∇f(z_q)`` in the metric of the scores; ``chunk_and_self_terms(batch, offset)`` gives
+    ``(chunk(batch, offset), self_terms(batch, offset))`` from one capture of the chunk (run on the rank that owns
+    it: not for a collective solve). ``iterative``: True when every self term costs an iterative solve over the
+    training data (CG, LiSSA); a scorer without the attribute is taken as cheap.
     """
 
-    splits_examples: bool
+    @property
+    def splits_examples(self) -> bool: ...
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int: ...
 
@@ -77,7 +95,10 @@ def scorer_for(ihvp, loss: LossFn, params: Params, options: ScoreOptions) -> Sco
     """The closure's own scorer (``ihvp.scorer``), or the generic one for any other callable ``[k, d] -> [k, d]``."""
     own = getattr(ihvp, "scorer", None)
     if callable(own):
-        return own(loss, params, options)  # pyright: ignore[reportReturnType]  # a closure's own Scorer
+        scorer = own(loss, params, options)
+        if isinstance(scorer, GenericScorer) and scorer.iterative is None:  # an ifunc closure: its method says
+            scorer.iterative = getattr(ihvp, "name", None) in ITERATIVE
+        return scorer  # pyright: ignore[reportReturnType]  # a closure's own Scorer
     if not callable(ihvp):
         raise TypeError(f"ihvp must be a callable v -> (H + λI)^{{-1}} v (e.g. ifunc.ihvp_cg(...)), got {ihvp!r}")
     return GenericScorer(ihvp, None, loss, params, options)
@@ -87,11 +108,21 @@ class GenericScorer:
     """Scores from per-example gradients and one block solve of the queries (see the module docstring).
 
     ``solve``: ``V [k, d] -> (H + λI)^{-1} V``; ``dim``: the ``d`` it was built for (None: not known).
+    ``iterative``: every solve iterates curvature products over the training data (CG, LiSSA: collective under
+    ``torchrun``); False: the solve uses only what the closure holds; None: not known (a custom callable), taken
+    as possibly collective. :func:`scorer_for` sets it for ifunc closures.
     """
 
-    splits_examples = True
-
-    def __init__(self, solve: Callable, dim: int | None, loss: LossFn, params: Params, options: ScoreOptions):
+    def __init__(
+        self,
+        solve: Callable,
+        dim: int | None,
+        loss: LossFn,
+        params: Params,
+        options: ScoreOptions,
+        *,
+        iterative: bool | None = None,
+    ):
         if options.per_token:
             raise ValueError(f"per_token=True needs {NEEDS_KRONECKER}: per-token scores come from layer hooks")
         if options.per_module:
@@ -102,7 +133,13 @@ class GenericScorer:
         if dim is not None and dim != d:
             raise ValueError(f"ihvp was built for {dim} parameters but params have {d}")
         self.solve, self.loss, self.params, self.options, self.dim = solve, loss, params, options, d
+        self.iterative = iterative
         self.held = 0  # bytes of the prepared queries, held beside every train chunk
+
+    @property
+    def splits_examples(self) -> bool:
+        """A solve that may be collective (iterative or not known) runs on every rank for every chunk."""
+        return self.iterative is not False
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
         o = self.options
@@ -121,9 +158,14 @@ class GenericScorer:
         Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be collective
         with torch.no_grad():
             Qp = self.solve(Q)
+            self.q_terms = torch.einsum("qd,qd->q", Q, Qp)  # before the cast to dtype=: in the solve's precision
         self.Qp = Qp.to(o.dtype or Qp.dtype)
         self.held = Q.numel() * Q.element_size() + self.Qp.numel() * self.Qp.element_size()
         return int(self.Qp.shape[0])
+
+    def query_terms(self) -> torch.Tensor:
+        """``[n_query]``: ``∇f(z_q)ᵀ (H + λI)^{-1} ∇f(z_q)``, from the prepared queries (no further solve)."""
+        return self.q_terms
 
     def preconditioned(self) -> torch.Tensor:
         """The prepared queries ``(H + λI)^{-1} ∇f(z_q)`` as flat vectors ``[n_query, d]``."""
@@ -142,8 +184,19 @@ class GenericScorer:
     def chunk(self, batch, offset: int) -> torch.Tensor:
         return torch.cat([self.Qp @ G.to(self.Qp.dtype).T for G in self._grads(batch, offset)], dim=1)
 
+    def chunk_and_self_terms(self, batch, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chunk(batch, offset), [1, b] self terms)`` from one gradient pass; the chunk's solve runs on this rank
+        alone (one process, or a closure that is not :attr:`iterative`)."""
+        G = torch.cat(self._grads(batch, offset))
+        with torch.no_grad():
+            return self.Qp @ G.to(self.Qp.dtype).T, _quadratic(G, self.solve)
+
     def self_terms(self, batch, offset: int) -> torch.Tensor:
-        """``[1, b]``: ``g_iᵀ (H + λI)^{-1} g_i``; rank ``r`` takes the ``r``-th slice of the chunk's gradients."""
+        """``[1, b]``: ``g_iᵀ (H + λI)^{-1} g_i``; with :attr:`splits_examples` rank ``r`` takes the ``r``-th slice
+        of the chunk's gradients (every rank solves the whole chunk's), else the chunk is solved here."""
+        if not self.splits_examples:
+            with torch.no_grad():
+                return _quadratic(torch.cat(self._grads(batch, offset)), self.solve)
         b, (rank, size) = batch_size(batch), distributed.world()
         widths = [len(range(b)[r::size]) for r in range(size)]  # contiguous slices of ⌈b / W⌉ or ⌊b / W⌋
         start = sum(widths[:rank])
@@ -153,4 +206,9 @@ class GenericScorer:
             local = torch.cat(self._grads(part, offset + start))
         G = distributed.gather_rows(local, widths, self.dim)  # one process: its own slice
         with torch.no_grad():
-            return (G * self.solve(G)).sum(dim=1)[None]
+            return _quadratic(G, self.solve)
+
+
+def _quadratic(G: torch.Tensor, solve: Callable) -> torch.Tensor:
+    """``[1, b]``: ``g_iᵀ (H + λI)^{-1} g_i`` of the rows of ``G [b, d]``, as one block solve."""
+    return (G * solve(G)).sum(dim=1)[None]

@@ -113,6 +113,12 @@ def make_projection(
     for s in specs:
         if s.kind not in KINDS:
             raise ValueError(f"make_projection: layer {s.name!r} has unknown kind {s.kind!r} (known: {sorted(KINDS)})")
+        if s.kind == "embedding":
+            raise NotImplementedError(
+                f"make_projection: {s.name!r} is an nn.Embedding, whose captured inputs are token ids, not "
+                "features; a gradient index does not project embedding layers yet. Leave it out of modules= (its "
+                "weight then goes to the dense sketch) or exclude= it"
+            )
         claim(s.weight, f"layer {s.name!r}", s.out_features * s.in_features)
         claim(s.bias, f"layer {s.name!r}", s.out_features)
         L = ProjectedLayer(s.name, s.kind, s.weight, s.bias, s.out_features, s.in_features, 0, 0)

@@ -110,8 +110,16 @@ class IndexScorer:
                 self.inner.prepare(DataSource(batch, name=query.name, ordered=True), None)
                 pieces.append(project_flat(P, self.inner.preconditioned(), self.params))
             offset += len(pieces[-1])
-        self.projected = self.curvature.precondition(torch.cat(pieces))
+        raw = torch.cat(pieces)
+        self.projected = self.curvature.precondition(raw)
+        self.q_terms = self.curvature.self_quadratic(raw)[0]  # p_qᵀ (F̃ + λI)^{-1} p_q, for normalize="cosine"
         return self.projected.shape[0]
+
+    def query_terms(self) -> torch.Tensor:
+        """``[n_query]``: ``p_qᵀ (F̃ + λI)^{-1} p_q`` of the projected raw queries (ihvp_projected only)."""
+        if self.curvature is None:
+            raise _self_needs_projected()
+        return self.q_terms
 
     def chunk_size(self, train: DataSource, *, pairs: bool) -> int:
         return self.index.chunk  # the stored chunks: each is read once, whole

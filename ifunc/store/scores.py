@@ -207,7 +207,7 @@ class ScoreWriter:
             n_query, n_train = self._scores.shape
             cells = np.ascontiguousarray(columns.astype(self._scores.dtype, copy=False))
             step = self._scores.dtype.itemsize
-            rows, at = memoryview(cells).cast("B"), self._scores.id.get_offset() + start * step
+            rows, at = cells.data.cast("B"), self._scores.id.get_offset() + start * step
             fd, size, stride = self._raw.fileno(), width * step, n_train * step
             for q in range(n_query):  # row q of the C-order matrix holds columns [start, start + width) here
                 row = rows[q * size : (q + 1) * size]

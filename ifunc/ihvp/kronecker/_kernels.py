@@ -54,10 +54,14 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def _rotated(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g Q_S, a Q_A)``: the output gradients and inputs in the eigenbasis (a basis None: the identity)."""
+    return (g if Q_S is None else g @ Q_S), (a if Q_A is None else a @ Q_A)
+
+
 def rotated_sq_sum(g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, *, budget: int = 1 << 24) -> torch.Tensor:
     """``Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ``; ``Q=None`` means the identity."""
-    if Q_S is not None:
-        g, a = g @ Q_S, a @ Q_A
+    g, a = _rotated(g, a, Q_S, Q_A)
     b, T, o = g.shape
     i = a.shape[-1]
     if T == 1:
@@ -144,8 +148,7 @@ def layer_token_scores(R: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) ->
 
 def per_example_quadratic(eigenvalues: torch.Tensor, Q_S, Q_A, a, g, lam: float) -> torch.Tensor:
     """``Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` for every example of the chunk, ``[b]``."""
-    if Q_S is not None:
-        g, a = g @ Q_S, a @ Q_A
+    g, a = _rotated(g, a, Q_S, Q_A)
     inv = damped_div(torch.ones_like(eigenvalues), eigenvalues, lam)
     if a.shape[1] == 1:  # (g̃ ⊗ ã)² weighted: (g̃²) inv (ã²)ᵀ, one matmul
         return ((g[:, 0] ** 2) @ inv * (a[:, 0] ** 2)).sum(dim=1)

@@ -1,7 +1,8 @@
 """The blocks of a Kronecker-family closure and their products on flat vectors.
 
-A layer block holds eigenbases ``Q_S, Q_A`` (None: identity) and eigenvalues ``Λ [out, in(+1)]``; its damped
-inverse on the layer's slice ``V`` (as a matrix, bias last column) is ``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``.
+A layer block holds eigenbases ``Q_S, Q_A`` (each None: the identity; an embedding's ``Q_A`` always is) and
+eigenvalues ``Λ [out, in(+1)]``; its damped inverse on the layer's slice ``V`` (as a matrix, bias last column) is
+``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``.
 A diagonal block holds one parameter's curvature diagonal.
 """
 
@@ -15,7 +16,16 @@ from ..._types import Params
 from ._kernels import damped_div
 from .layers import LayerSpec, dict_parameter_names, kind_of
 
-__all__ = ["KronBlock", "DiagBlock", "layout", "gather", "scatter", "precondition_layer"]
+__all__ = [
+    "KronBlock",
+    "DiagBlock",
+    "layout",
+    "gather",
+    "scatter",
+    "to_eigenbasis",
+    "from_eigenbasis",
+    "precondition_layer",
+]
 
 
 class KronBlock(NamedTuple):
@@ -61,10 +71,29 @@ def scatter(out: torch.Tensor, blk: KronBlock, M: torch.Tensor) -> None:
         out[:, blk.b] = M[..., s.in_features]
 
 
+def to_eigenbasis(blk: KronBlock, M: torch.Tensor) -> torch.Tensor:
+    """``Q_Sᵀ M Q_A`` for ``M [k, out, in(+1)]`` (a basis None: the identity)."""
+    M = M if blk.Q_S is None else blk.Q_S.T @ M
+    return M if blk.Q_A is None else M @ blk.Q_A
+
+
+def from_eigenbasis(blk: KronBlock, R: torch.Tensor) -> torch.Tensor:
+    """``Q_S R Q_Aᵀ``, the inverse of :func:`to_eigenbasis`.
+
+    With the identity ``Q_A`` (an embedding) a zero column of ``R`` stays zero, so ``Q_S`` multiplies only the
+    columns some query uses: a query's embedding gradient is non-zero only at its own tokens (GPT-2 small: 64 of
+    50,257 columns), which turns ``k·out²·vocab`` into ``k·out²·(its tokens)``.
+    """
+    if blk.Q_S is None:
+        return R if blk.Q_A is None else R @ blk.Q_A.T
+    if blk.Q_A is not None:
+        return blk.Q_S @ R @ blk.Q_A.T
+    used = R.ne(0).any(dim=1).any(dim=0).nonzero().squeeze(1)
+    out = torch.zeros_like(R)
+    out[:, :, used] = blk.Q_S @ R[:, :, used]
+    return out
+
+
 def precondition_layer(blk: KronBlock, M: torch.Tensor, lam: float) -> torch.Tensor:
     """``Q_S [(Q_Sᵀ M Q_A) / (Λ + λ)] Q_Aᵀ`` for ``M [k, out, in(+1)]``."""
-    if blk.Q_S is None:
-        return damped_div(M, blk.eigenvalues, lam)
-    assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
-    R = blk.Q_S.T @ M @ blk.Q_A
-    return blk.Q_S @ damped_div(R, blk.eigenvalues, lam) @ blk.Q_A.T
+    return from_eigenbasis(blk, damped_div(to_eigenbasis(blk, M), blk.eigenvalues, lam))

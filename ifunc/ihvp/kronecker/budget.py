@@ -67,7 +67,7 @@ def capture_chunk_size(
             with layer_capture(model, list(layers)) as rec, torch.enable_grad():
                 value = loss(p, part)
             # rows per example whichever dimension indexes the examples (the specs may not be probed yet)
-            rows = (sum(x.numel() // max(1, x.shape[-1]) for x in rec.inputs[s.name]) // k for s in layers)
+            rows = (sum(x.shape[0] * x.shape[1] for x in rec.inputs[s.name]) // k for s in layers)  # [b, T, ...]
             positions.append(max(rows, default=1))
             return [value] + [o for outputs in rec.outputs.values() for o in outputs]
 

@@ -66,6 +66,8 @@ def _owners(model: nn.Module, spec: LayerSpec) -> list[str]:
 def _as_matrix(spec: LayerSpec, grads: dict, like: torch.Tensor) -> torch.Tensor:
     """The autograd gradients of a layer's weight (and bias) as ``[out, in(+1)]`` (zeros where unused)."""
     w = grads.get(spec.weight)
+    if w is not None and w.is_sparse:  # nn.Embedding(sparse=True)
+        w = w.to_dense()
     ref = (
         like.new_zeros(spec.out_features, spec.in_features)
         if w is None
@@ -79,11 +81,12 @@ def _as_matrix(spec: LayerSpec, grads: dict, like: torch.Tensor) -> torch.Tensor
 
 def _sum_check(model: nn.Module, spec: LayerSpec, g: torch.Tensor, a: torch.Tensor, grads: dict) -> bool:
     """Raise :class:`WeightUseError` unless ``Σ_{i,t} g a_tᵀ`` is the weight's gradient; True when it is not all 0."""
-    got = torch.einsum("bto,bti->oi", g, a)
+    kind = kind_of(spec)  # all positions of all examples as the positions of one example: the summed gradient
+    got = kind.contract(g.flatten(0, 1).unsqueeze(0), a.flatten(0, 1).unsqueeze(0), spec.columns)[0]
     ref = _as_matrix(spec, grads, got)
     if not (torch.isfinite(ref).all() and torch.isfinite(got).all()):
         return False  # the passes raise on non-finite gradients, naming the example
-    scale = float((g.norm(dim=-1) * a.norm(dim=-1)).sum())
+    scale = float((g.norm(dim=-1) * kind.input_norms(a)).sum())
     err, tiny = float((got - ref).norm()), torch.finfo(g.dtype).tiny
     if err > sum_tolerance(g.dtype, g.shape[0] * g.shape[1]) * scale + tiny:
         raise WeightUseError(
@@ -100,11 +103,12 @@ def _sum_check(model: nn.Module, spec: LayerSpec, g: torch.Tensor, a: torch.Tens
 
 def _mix_check(spec: LayerSpec, g0: torch.Tensor, a0: torch.Tensor, own: dict) -> None:
     """Raise :class:`ExampleMixError` unless row 0 of a batch of two gives example 0's own gradient ``own``."""
-    got = torch.einsum("bto,bti->oi", g0, a0)
+    kind = kind_of(spec)
+    got = kind.contract(g0, a0, spec.columns)[0]
     ref = _as_matrix(spec, own, got)
     if not (torch.isfinite(ref).all() and torch.isfinite(got).all()):
         return
-    scale = max(float(ref.norm()), float((g0.norm(dim=-1) * a0.norm(dim=-1)).sum()))
+    scale = max(float(ref.norm()), float((g0.norm(dim=-1) * kind.input_norms(a0)).sum()))
     err, tiny = float((got - ref).norm()), torch.finfo(g0.dtype).tiny
     if err > mix_tolerance(g0.dtype) * scale + tiny:
         raise ExampleMixError(
@@ -187,9 +191,9 @@ class UseCheck:
         for s in self.layers:
             if s.name in self.pending:
                 a, g = parts[s.name]
-                a = a.to(g.dtype)
+                a = kind_of(s).cast(a, g.dtype)
                 _sum_check(model, s, g, a, rec.param_grads)
-                w = (g.norm(dim=-1) * a.norm(dim=-1)).sum(1)
+                w = (g.norm(dim=-1) * kind_of(s).input_norms(a)).sum(1)
                 signal = w if signal is None else signal + w
         if signal is None or not bool((signal > 0).any()):
             return
@@ -242,7 +246,7 @@ def capture_layer_grads(
 
     Returns:
       ``{module_name: [b, out, in(+1)]}`` in the weight matrix layout (Conv2d: ``in·kh·kw`` columns;
-      Conv1D: ``[out, in]``, the transpose of its stored weight).
+      Conv1D: ``[out, in]``, the transpose of its stored weight; nn.Embedding: ``[dim, vocab]``, likewise).
     """
     layers, _ = find_layers(model, params, modules=modules)
     if not layers:
@@ -255,4 +259,5 @@ def capture_layer_grads(
     gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
     parts = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in check.layers}
     check.observe(loss, params, model, batch, rec, parts)
-    return {name: torch.einsum("bto,bti->boi", g, a) for name, (a, g) in parts.items()}
+    specs = {s.name: s for s in check.layers}
+    return {name: kind_of(specs[name]).contract(g, a, specs[name].columns) for name, (a, g) in parts.items()}

@@ -9,7 +9,8 @@ bias as an extra column) in an eigenbasis ``Q_S ⊗ Q_A`` with eigenvalues ``Λ 
 * identity: ``Λ = 0``, so the closure is ``v / λ``.
 
 The damped inverse is ``(Q_S ⊗ Q_A)(Λ + λ)^{-1}(Q_S ⊗ Q_A)ᵀ``, applied to a layer's slice ``V`` as
-``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``. Parameters no supported layer covers (LayerNorm, embeddings, other
+``Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` (an ``nn.Embedding`` named in ``modules=``: ``Q_A`` the identity, ``A`` its
+token frequencies). Parameters no supported layer covers (LayerNorm, embeddings not named, other
 biases) get a diagonal block ``1 / (E[(∂ℓ/∂θ)²] + λ)``; excluded parameters get a zero block (no
 influence). ``ihvp.info["blocks"]`` maps each parameter name to ``(method, module)``.
 ``damping=None`` uses the one damping rule per block, ``λ_l = 0.1 × mean(Λ_l)`` per layer (and per diagonal

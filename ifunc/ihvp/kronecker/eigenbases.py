@@ -2,7 +2,8 @@
 
 After the first pass over the data (:mod:`ifunc.ihvp.kronecker.fit`), the sums of ``A``, ``S`` (and ``D``) become
 means in place, and every layer's covariances are decomposed, ``A = Q_A diag(λ_A) Q_Aᵀ`` and
-``S = Q_S diag(λ_S) Q_Sᵀ``, in ``eigen_dtype`` one layer at a time (on one thread: the float64 copies of a large
+``S = Q_S diag(λ_S) Q_Sᵀ`` (an embedding's ``A`` is diagonal, a vector ``[vocab]``: ``λ_A = A``, ``Q_A`` the identity,
+kept as None), in ``eigen_dtype`` one layer at a time (on one thread: the float64 copies of a large
 layer are freed as soon as it is decomposed). Under ``torchrun`` layer ``l`` is decomposed on rank ``owners[l]``
 and shared (:func:`ifunc.distributed.owner_map`: the others add zeros, so every rank holds the owner's bits).
 Eigenvalues below 0 (round-off of a positive semi-definite matrix) are clamped to 0.
@@ -18,7 +19,7 @@ from ... import distributed
 from ..._progress import progress_bar
 from ._kernels import one_thread
 from .factors import LayerFactors
-from .layers import LayerSpec
+from .layers import LayerSpec, kind_of
 
 __all__ = ["layer_eigenbases"]
 
@@ -70,20 +71,24 @@ def layer_eigenbases(
 
     bar = progress_bar(total=len(layers), desc="ifunc eigendecompositions", progress=progress)
 
+    kinds = {s.name: kind_of(s) for s in layers}
+
     def eig(name):
         A, S, D = stats[name]
         with one_thread():  # one layer's covariances in eigen_dtype at a time
-            eA, QA = torch.linalg.eigh((A.to(eigen_dtype) + A.T) / 2)
+            eA, QA = kinds[name].input_eig(A, eigen_dtype)
             eS, QS = torch.linalg.eigh((S.to(eigen_dtype) + S.T) / 2)
         # kept in the params' dtype (where the closures and the Λ pass use them), or not at all: the float64 copies
         # of a large layer's covariances and bases are freed as soon as they are decomposed
         stats[name] = (A.to(dtype), S.to(dtype), D) if keep_covariances else (None, None, D)
         bar.update(1)
-        return eA, QA.to(dtype), eS, QS.to(dtype)
+        # an identity basis travels as an empty tensor (owner_map shares tensors only)
+        return eA, A.new_zeros(0, dtype=dtype) if QA is None else QA.to(dtype), eS, QS.to(dtype)
 
     def zeros(name):
         A, S, D = stats[name]
-        QA, QS = torch.zeros_like(A, dtype=dtype), torch.zeros_like(S, dtype=dtype)
+        QA = torch.zeros_like(A, dtype=dtype) if kinds[name].input_basis else A.new_zeros(0, dtype=dtype)
+        QS = torch.zeros_like(S, dtype=dtype)
         eA, eS = A.new_zeros(len(A), dtype=eigen_dtype), S.new_zeros(len(S), dtype=eigen_dtype)  # as eig's
         if not keep_covariances:  # another rank decomposes this layer: its covariances are not needed here
             stats[name] = (None, None, D)
@@ -94,6 +99,7 @@ def layer_eigenbases(
         A, S, D = stats.pop(s.name)
         if A is not None:
             A, S = A.to(dtype), S.to(dtype)
+        QA = QA if kinds[s.name].input_basis else None
         factors[s.name] = LayerFactors(A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, D, None)
     bar.close()
     return factors

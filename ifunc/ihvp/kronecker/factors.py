@@ -14,23 +14,28 @@ import torch
 
 from ... import store
 from ..._data import params_fingerprint
-from .layers import LayerSpec
+from .layers import LayerSpec, kind_of
 
 __all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
 
 FORMAT = "ifunc-factors"
 _LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
-#: always saved; ``A``, ``S`` (``keep_covariances=False``), ``diag`` and ``ekfac`` (not fitted) may be absent
+#: always saved (``Q_A`` only for kinds whose input factor has an eigenbasis); ``A``, ``S`` (``keep_covariances=
+#: False``), ``diag`` and ``ekfac`` (not fitted) may be absent
 _REQUIRED_FIELDS = ("eig_A", "Q_A", "eig_S", "Q_S")
 
 
 class LayerFactors(NamedTuple):
-    """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column)."""
+    """Factors of one layer, weight matrix layout ``[out, in(+1)]`` (bias as the last column).
+
+    An ``nn.Embedding`` (one-hot inputs, ``in = vocab``) has a diagonal input factor: ``A`` and ``eig_A`` are the
+    token frequencies ``[vocab]`` and ``Q_A`` is None (the identity), never a ``vocab × vocab`` matrix.
+    """
 
     A: torch.Tensor | None  #: ``[in(+1), in(+1)]`` input covariance (None: fitted with ``keep_covariances=False``)
     S: torch.Tensor | None  #: ``[out, out]`` output-gradient covariance (None: as ``A``)
     eig_A: torch.Tensor  #: ``[in(+1)]`` eigenvalues of A (clamped at 0)
-    Q_A: torch.Tensor  #: ``[in(+1), in(+1)]`` eigenvectors of A
+    Q_A: torch.Tensor | None  #: ``[in(+1), in(+1)]`` eigenvectors of A (None: the identity, a diagonal ``A``)
     eig_S: torch.Tensor  #: ``[out]``
     Q_S: torch.Tensor  #: ``[out, out]``
     diag: torch.Tensor | None  #: ``[out, in(+1)]`` ``E[DW²]``, the diagonal of the layer block (None: not fitted)
@@ -140,14 +145,15 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
     factors = {}
     for spec in layers:
         g = groups.get(f"layers/{spec.name}", {})
-        lacking = [k for k in _REQUIRED_FIELDS if k not in g]
+        basis = kind_of(spec).input_basis
+        lacking = [k for k in _REQUIRED_FIELDS if k not in g and (basis or k != "Q_A")]
         if lacking:
             raise ValueError(f"{path} is damaged: the factors of layer {spec.name!r} lack {lacking}; refit them")
         factors[spec.name] = LayerFactors(
             A=to(g["A"]) if "A" in g else None,
             S=to(g["S"]) if "S" in g else None,
             eig_A=to(g["eig_A"]),
-            Q_A=to(g["Q_A"]),
+            Q_A=to(g["Q_A"]) if basis else None,
             eig_S=to(g["eig_S"]),
             Q_S=to(g["Q_S"]),
             diag=to(g["diag"]) if "diag" in g else None,

@@ -4,7 +4,8 @@ Normalisation (per example, consistent with ifunc's mean-loss ``H``): for a laye
 positions per example (tokens, conv patches, repeated calls), with inputs ``a_{i,t}`` (a 1 appended for
 a tracked bias) and output-gradients ``g_{i,t}`` over ``n`` examples,
 
-* ``A = (1/(nT)) Σ_{i,t} a_{i,t} a_{i,t}ᵀ``     (mean over examples and positions)
+* ``A = (1/(nT)) Σ_{i,t} a_{i,t} a_{i,t}ᵀ``     (mean over examples and positions; for an ``nn.Embedding``, whose
+  inputs are one-hot, the diagonal: token frequencies ``[vocab]``)
 * ``S = (1/n) Σ_{i,t} g_{i,t} g_{i,t}ᵀ``        (sum over positions, mean over examples)
 * ``Λ = (1/n) Σ_i (Q_Sᵀ DW_i Q_A)²`` with ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (EK-FAC, per example)
 * ``D = (1/n) Σ_i DW_i²``                        (the diagonal, per example; fitted when ``diagonal=True``)
@@ -42,13 +43,12 @@ from ..._types import Data, LossFn, Params
 from ...grads import batch_grads, check_summed
 from ...likelihood import default_generator
 from .._operator import check_same_data, rank_partition
-from ._kernels import rotated_sq_sum
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
 from .eigenbases import layer_eigenbases
 from .factors import KroneckerFactors
-from .layers import dict_parameter_names, find_layers
+from .layers import dict_parameter_names, find_layers, kind_of
 
 __all__ = ["fit_kronecker_factors", "fit_checked", "split_excluded", "CURVATURES"]
 
@@ -176,7 +176,8 @@ def fit_checked(
     layers, uncovered = find_layers(model, kept, modules=modules)
     if uncovered and not fallback:
         raise ValueError(
-            f"parameters {uncovered} belong to no supported layer (nn.Linear, nn.Conv2d, Conv1D); pass "
+            f"parameters {uncovered} belong to no supported layer (nn.Linear, nn.Conv2d, Conv1D, nn.Embedding named "
+            "in modules=); pass "
             "fallback=True for diagonal blocks, or exclude=[...] them"
         )
     dtype = next(iter(params.values())).dtype
@@ -201,7 +202,10 @@ def fit_checked(
     n = 0
     if chunk_size is None:
         width = max(cov_dtype.itemsize, eigen_dtype.itemsize)
-        held = sum(width * (s.in_features**2 + s.out_features**2 + 2 * s.in_features * s.out_features) for s in layers)
+        held = sum(
+            width * (kind_of(s).input_factor_numel(s.columns) + s.out_features**2 + 2 * s.columns * s.out_features)
+            for s in layers
+        )
         chunk_size = capture_chunk_size(
             loss, params, model, layers, source, max_memory=max_memory, what="Kronecker factors", fixed=held
         )
@@ -239,15 +243,15 @@ def fit_checked(
                 if wrt:
                     check.observe(loss, params, model, batch, rec, {s.name: (acts[s.name], gs[s.name]) for s in layers})
                 for s in layers:
-                    a, g, st = acts[s.name], gs[s.name], acc[s.name]
+                    a, g, st, kind = acts[s.name], gs[s.name], acc[s.name], kind_of(s)
                     if rotations is None:  # chunk products in the params' dtype, D sums in eigen_dtype
                         gf = g.reshape(-1, g.shape[-1])
                         _add(st, "S", gf.T @ gf, w, cov_dtype)
                         if diagonal:
-                            _add(st, "D", rotated_sq_sum(g, a, None, None), w, eigen_dtype)
+                            _add(st, "D", kind.sq_sum(g, a, None, None, s.columns), w, eigen_dtype)
                     else:
                         Q_S, Q_A = rotations[s.name]
-                        _add(st, "L", rotated_sq_sum(g, a, Q_S, Q_A), w, eigen_dtype)
+                        _add(st, "L", kind.sq_sum(g, a, Q_S, Q_A, s.columns), w, eigen_dtype)
                 if rotations is None and uncovered:
                     func = loss if u is None else loss.outputs
                     for k, v in batch_grads(func, params, batch, cotangent=u, wrt=uncovered).items():
@@ -256,8 +260,7 @@ def fit_checked(
                 n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
                 for s in layers:
                     a = acts[s.name]
-                    af = a.reshape(-1, a.shape[-1])
-                    _add(acc[s.name], "A", af.T @ af, 1.0 / a.shape[1], cov_dtype)
+                    _add(acc[s.name], "A", kind_of(s).input_moment(a, s.columns), 1.0 / a.shape[1], cov_dtype)
 
     one_pass(None)
     release_free_memory()  # the pass's chunks are freed: hand their heap pages back before the factors grow

@@ -87,12 +87,13 @@ class Recording:
         return [x.shape[1] for x in self.inputs[spec.name]]
 
     def activations(self, spec: LayerSpec, dtype=None) -> torch.Tensor:
-        """``a`` as ``[b, T, in(+1)]`` (all calls concatenated along T; bias column of ones last)."""
+        """``a`` as ``[b, T, in(+1)]`` (all calls concatenated along T; bias column of ones last), in ``dtype``;
+        an embedding's token ids ``[b, T]`` (never cast)."""
         parts = self.inputs[spec.name]
         a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if spec.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        return a if dtype is None else a.to(dtype)
+        return kind_of(spec).cast(a, dtype)
 
     def output_grads(
         self,
@@ -171,7 +172,7 @@ def layer_capture(
         kind = kind_of(spec)
 
         def hook(module, inputs, output):
-            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < kind.min_dims:
                 shape = tuple(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else None
                 raise ExampleDimError(
                     f"layer capture: {spec.name!r} got an input of shape {shape}, without an example dimension; the "

@@ -8,8 +8,13 @@ features' (``[batch, ..., in]``, or sequence-first ``[T, batch, in]``, e.g. ``nn
 False)``): :mod:`ifunc.ihvp.kronecker.example_dims` finds it from the call shapes on one and two examples, and the
 adapter moves it first (inputs and output gradients alike); an input without one (examples flattened with positions,
 ``x.reshape(b * T, d)``, or shared by the batch) is refused with :class:`ExampleDimError`. Supported: ``nn.Linear``,
-``nn.Conv2d`` (``groups=1``, zero padding; inputs unfolded to patches) and GPT-2-style ``Conv1D`` (weight
-``[in, out]``).
+``nn.Conv2d`` (``groups=1``, zero padding; inputs unfolded to patches), GPT-2-style ``Conv1D`` (weight
+``[in, out]``) and, when named in ``modules=``, ``nn.Embedding`` (one-hot inputs carried as token ids, never as
+``[b, T, vocab]``; its weight ``[vocab, dim]`` is ``[in, out]``; :mod:`ifunc.ihvp.kronecker._onehot`).
+
+Besides reading ``a`` and ``g``, a kind says how ``a`` enters every statistic: the input moment ``Σ a aᵀ``, its
+eigenbasis, the per-example gradient ``DW``, the EK-FAC sums ``Σ (Q_Sᵀ DW Q_A)²`` and the score contractions
+``Σ_t g_tᵀ Q̃ a_t`` (dense products for the dense kinds, scatters and gathers of token ids for the embedding).
 
 How a module holding a diagonal-block parameter splits it over positions (its *use kind*) is
 :mod:`ifunc.ihvp.kronecker.uses`. Nothing outside these two files branches on a module's type.
@@ -26,6 +31,8 @@ from torch import nn
 
 from ..._types import Params
 from ...functional import parameter_names as leaf_names
+from ._kernels import layer_scores, layer_token_scores, per_example_quadratic, rotated_sq_sum
+from ._onehot import onehot_grads, onehot_quadratic, onehot_scores, onehot_sq_sum, onehot_token_scores, token_counts
 
 __all__ = [
     "LayerSpec",
@@ -61,7 +68,7 @@ class LayerSpec(NamedTuple):
     """A tracked layer: its module name, kind and the flat-vector layout of its parameters."""
 
     name: str  #: qualified module name
-    kind: str  #: ``"linear"``, ``"conv2d"`` or ``"conv1d"``
+    kind: str  #: ``"linear"``, ``"conv2d"``, ``"conv1d"`` or ``"embedding"``
     weight: str  #: qualified name of the weight parameter
     bias: str | None  #: qualified name of the tracked bias, or None
     out_features: int
@@ -74,6 +81,11 @@ class LayerSpec(NamedTuple):
     #: it a copy, so the recorded output keeps the gradient of the layer's own result
     copy_output: bool = False
 
+    @property
+    def columns(self) -> int:
+        """Columns of the layer's matrix block: ``in``, plus one for a tracked bias."""
+        return self.in_features + (self.bias is not None)
+
 
 def _positions_last(x: torch.Tensor) -> torch.Tensor:
     """``[b, ..., C] -> [b, T, C]`` (also for ``b = 0``, where ``reshape(0, -1, C)`` is ambiguous)."""
@@ -81,9 +93,16 @@ def _positions_last(x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerKind:
-    """``nn.Linear``: ``a`` is the input, ``g`` the output gradient, the weight is already ``[out, in]``."""
+    """``nn.Linear``: ``a`` is the input, ``g`` the output gradient, the weight is already ``[out, in]``.
+
+    The statistics below take ``a [b, T, in(+1)]`` as :meth:`inputs` returned it (a tracked bias's column of ones
+    appended), ``g [b, T, out]``, and eigenbases ``Q_S [out, out]``, ``Q_A [in(+1), in(+1)]`` (None: the identity).
+    """
 
     name = "linear"
+    default = True  #: tracked when ``modules=None`` (else only when named, or chosen by a predicate)
+    input_basis = True  #: the input factor has an eigenbasis ``Q_A`` (else it is diagonal: ``Q_A`` is the identity)
+    min_dims = 2  #: fewest dimensions of an input that holds the examples (and the features)
 
     def matches(self, module: nn.Module) -> bool:
         # nn.MultiheadAttention's out_proj: its weight is used functionally, the module is never called
@@ -112,6 +131,57 @@ class LayerKind:
     def from_matrix(self, M: torch.Tensor) -> torch.Tensor:
         """``[k, out, in]`` -> flat weight slices ``[k, numel]``."""
         return M.reshape(M.shape[0], -1)
+
+    def refusal(self, model: nn.Module, name: str, module: nn.Module) -> ValueError | None:
+        """The error to raise when ``module`` (named ``name`` in ``model``) is chosen as a Kronecker layer of this kind
+        but its captured ``a``, ``g`` would not give its weight gradients; None when they do (or the probe checks)."""
+        return None
+
+    def cast(self, a: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """The inputs in ``dtype`` (None: as they are), for products with ``g``."""
+        return a if dtype is None else a.to(dtype)
+
+    def input_norms(self, a: torch.Tensor) -> torch.Tensor:
+        """``‖a_{i,t}‖`` ``[b, T]``."""
+        return a.norm(dim=-1)
+
+    def input_moment(self, a: torch.Tensor, columns: int) -> torch.Tensor:
+        """``Σ_{i,t} a_{i,t} a_{i,t}ᵀ`` ``[in(+1), in(+1)]``."""
+        af = a.reshape(-1, a.shape[-1])
+        return af.T @ af
+
+    def input_factor_numel(self, columns: int) -> int:
+        """Entries of the input factor ``A`` (and of its eigenbasis ``Q_A``)."""
+        return columns * columns
+
+    def input_eig(self, A: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(λ_A, Q_A)`` of the mean input moment ``A = Q_A diag(λ_A) Q_Aᵀ`` in ``dtype`` (Q_A None: identity)."""
+        A = A.to(dtype)
+        return torch.linalg.eigh((A + A.T) / 2)
+
+    def contract(self, g: torch.Tensor, a: torch.Tensor, columns: int) -> torch.Tensor:
+        """Per-example gradients ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` ``[b, out, in(+1)]``."""
+        return torch.einsum("bto,bti->boi", g, a)
+
+    def sq_sum(self, g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, columns: int) -> torch.Tensor:
+        """``Σ_i (Q_Sᵀ DW_i Q_A)²`` ``[out, in(+1)]`` (bases None: the diagonal ``Σ_i DW_i²``)."""
+        return rotated_sq_sum(g, a, Q_S, Q_A)
+
+    def quadratic(self, eigenvalues: torch.Tensor, Q_S, Q_A, a: torch.Tensor, g: torch.Tensor, lam: float):
+        """``Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` per example ``[b]``."""
+        return per_example_quadratic(eigenvalues, Q_S, Q_A, a, g, lam)
+
+    def scores(self, Qt: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``scores[q, i] = Σ_t g_{i,t}ᵀ Q̃_q a_{i,t}`` ``[q, b]`` (``lr``: rank-r factors of ``Q̃`` or None)."""
+        return layer_scores(Qt, lr, a, g)
+
+    def token_scores(self, R: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``s[q, i, t] = g_{i,t}ᵀ Q̃_q a_{i,t}`` ``[q, b, T]``."""
+        return layer_token_scores(R, lr, a, g)
+
+    def work_columns(self, columns: int) -> int:
+        """Columns of the per-example temporaries a score contraction holds (for the chunk-size estimate)."""
+        return columns
 
 
 class Conv1DKind(LayerKind):
@@ -166,7 +236,107 @@ class Conv2dKind(LayerKind):
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
 
 
-_KINDS = (LayerKind(), Conv1DKind(), Conv2dKind())
+class EmbeddingKind(Conv1DKind):
+    """``nn.Embedding``: ``y_t = E[x_t]``, the layer ``W = Eᵀ [dim, vocab]`` on one-hot inputs ``a_t = e_{x_t}``.
+
+    The per-example gradient is ``DW_i = Σ_t g_t e_{x_t}ᵀ`` in the ``[out, in] = [dim, vocab]`` layout (the stored
+    weight ``[vocab, dim]`` transposed, like :class:`Conv1DKind`). The inputs are carried as token ids ``[b, T]``,
+    ``-1`` at a ``padding_idx`` position (the padding row receives no gradient: its ``a_t`` is 0). The input moment
+    ``Σ a aᵀ = diag(token counts)`` is stored as a vector ``[vocab]``, its eigenbasis is the identity, so EK-FAC's
+    basis is ``Q_S ⊗ I`` and ``Λ[j, v] = E[(Σ_t (Q_Sᵀ g_t)_j [x_t = v])²]``, a ``[dim, vocab]`` table. Not tracked
+    unless named in ``modules=`` (or chosen by a predicate). ``max_norm`` (renormalises the weight in place in the
+    forward) and ``scale_grad_by_freq`` (divides each row's gradient by its count in the batch, not ``g aᵀ``)
+    are refused.
+    """
+
+    name = "embedding"
+    default = False
+    input_basis = False
+    min_dims = 1
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def refusal(self, model: nn.Module, name: str, module: nn.Module) -> ValueError | None:
+        assert isinstance(module, nn.Embedding)  # this kind matches only nn.Embedding
+        why = None
+        if module.max_norm is not None:
+            why = (
+                f"max_norm={module.max_norm} renormalises rows of the weight in place during the forward (the "
+                "parameters would change while they are read)"
+            )
+        elif module.scale_grad_by_freq:
+            why = (
+                "scale_grad_by_freq=True divides each row's gradient by the token's count in the batch, so the "
+                "gradient is not Σ_t g_t a_tᵀ and depends on which examples share a batch"
+            )
+        if why is not None:
+            return ValueError(
+                f"modules: the embedding {name!r} cannot be a Kronecker layer: {why}; leave it out of modules= (its "
+                "weight then gets a diagonal block) or exclude= it"
+            )
+        others = [
+            f"{mn or '<root>'} ({type(m).__name__})"
+            for mn, m in model.named_modules()
+            if mn != name and any(p is module.weight for p in m._parameters.values())
+        ]
+        if others:
+            return WeightUseError(
+                f"modules: the weight of the embedding {name!r} is tied to {others}, so its gradient is the sum of "
+                "the lookup's Σ_t g_t e_(x_t)ᵀ and the other use's (an output layer's Σ_t h_t g_tᵀ, inputs and outputs "
+                "swapped), which no single Kronecker product A ⊗ S factors. Leave the embedding out of modules= (the "
+                f"tied weight then gets a diagonal block, exact for both uses), exclude=[{name!r}], or untie the "
+                "weights"
+            )
+        return None
+
+    def example_dims(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(ndim))  # token ids have no feature dimension
+
+    def inputs(self, module: nn.Module, x: torch.Tensor, name: str, dim: int = 0) -> torch.Tensor:
+        """Token ids ``[b, T]`` (``-1`` at the padding index) from the module's input ids."""
+        if x.is_floating_point() or x.is_complex():
+            raise ValueError(f"layer capture: the embedding {name!r} got a {x.dtype} input, not token ids")
+        ids = x.movedim(dim, 0)
+        ids = ids.unsqueeze(1) if ids.dim() == 1 else ids.flatten(1)
+        pad = getattr(module, "padding_idx", None)
+        return ids if pad is None else ids.masked_fill(ids == pad, -1)
+
+    def cast(self, a: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return a  # token ids stay integers
+
+    def input_norms(self, a: torch.Tensor) -> torch.Tensor:
+        return (a >= 0).float()
+
+    def input_moment(self, a: torch.Tensor, columns: int) -> torch.Tensor:
+        return token_counts(a, columns, torch.float64)
+
+    def input_factor_numel(self, columns: int) -> int:
+        return columns
+
+    def input_eig(self, A: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return A.to(dtype), None
+
+    def contract(self, g: torch.Tensor, a: torch.Tensor, columns: int) -> torch.Tensor:
+        return onehot_grads(g, a, columns)
+
+    def sq_sum(self, g: torch.Tensor, a: torch.Tensor, Q_S, Q_A, columns: int) -> torch.Tensor:
+        return onehot_sq_sum(g, a, columns, Q_S)
+
+    def quadratic(self, eigenvalues: torch.Tensor, Q_S, Q_A, a: torch.Tensor, g: torch.Tensor, lam: float):
+        return onehot_quadratic(eigenvalues, Q_S, a, g, lam)
+
+    def scores(self, Qt: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return onehot_scores(Qt, lr, a, g)
+
+    def token_scores(self, R: torch.Tensor, lr, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return onehot_token_scores(R, lr, a, g)
+
+    def work_columns(self, columns: int) -> int:
+        return 1  # one gathered column of the queries per position
+
+
+_KINDS = (LayerKind(), Conv1DKind(), Conv2dKind(), EmbeddingKind())
 KINDS = {k.name: k for k in _KINDS}
 
 
@@ -199,20 +369,22 @@ def find_layers(
       model: the module the loss calls through :func:`ifunc.call`.
       params: dict name -> tensor (from :func:`ifunc.params_of`).
       modules: module names, or a predicate ``(name, module) -> bool``; default every supported module
-        whose weight is in ``params``.
+        whose weight is in ``params``, except ``nn.Embedding`` (tracked only when named or chosen).
 
     Returns:
       ``(layers, uncovered)``: the layer specs, and the names of tracked parameters no layer covers.
 
     Raises:
-      ValueError: a named module does not exist, is not supported, or holds no tracked weight.
+      ValueError: a named module does not exist, is not supported, or holds no tracked weight; a chosen
+        ``nn.Embedding`` with ``max_norm`` or ``scale_grad_by_freq``.
+      WeightUseError: a chosen ``nn.Embedding`` whose weight another module also holds (a tied LM head).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model= must be the nn.Module the loss calls, got {type(model).__name__}")
     names = set(dict_parameter_names(params))
     named = dict(model.named_modules())
     if modules is None:
-        chosen = [n for n, m in named.items() if layer_kind(m) is not None]
+        chosen = [n for n, m in named.items() if getattr(layer_kind(m), "default", False)]
     elif callable(modules):
         chosen = [n for n, m in named.items() if modules(n, m) and layer_kind(m) is not None]
     else:
@@ -228,7 +400,8 @@ def find_layers(
             if layer_kind(named[n]) is None:
                 raise ValueError(
                     f"modules: {n!r} is a {type(named[n]).__name__}, which the Kronecker family does not support "
-                    "(supported: nn.Linear, nn.Conv2d with groups=1 and zero padding, GPT-2 Conv1D); leave it "
+                    "(supported: nn.Linear, nn.Conv2d with groups=1 and zero padding, GPT-2 Conv1D, nn.Embedding); "
+                    "leave it "
                     "out of modules= and its parameters get a diagonal block"
                 )
     layers = []
@@ -245,6 +418,9 @@ def find_layers(
         kind = layer_kind(m)
         assert kind is not None  # every chosen module has a layer kind (filtered or refused above)
         assert isinstance(m.weight, torch.Tensor)  # supported layers hold their weight as a tensor
+        refused = kind.refusal(model, n, m)
+        if refused is not None:
+            raise refused
         out_f, in_f = kind.shape(m.weight)
         layers.append(LayerSpec(n, kind.name, w, b, out_f, in_f))
     covered = {s.weight for s in layers} | {s.bias for s in layers if s.bias}

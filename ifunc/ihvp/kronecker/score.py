@@ -16,6 +16,10 @@ contractions is chosen by a flop count:
   ``q·b·T·r·(out+in)``;
 * per-example gradient: ``DW = Σ_t g_t a_tᵀ`` then one matmul — ``b·T·out·in + q·b·out·in``.
 
+An ``nn.Embedding`` layer (one-hot inputs ``a_t = e_{x_t}``) is contracted by gathering the query's columns,
+``Σ_t g_tᵀ Q̃[:, x_t]`` (``q·b·T·out``), and its queries, self terms and eigenbasis skip the identity ``Q_A``
+(:mod:`ifunc.ihvp.kronecker._onehot`; each layer kind says how, :mod:`ifunc.ihvp.kronecker.layers`).
+
 Parameters outside the Kronecker layers (diagonal blocks) use ``vmap(grad)`` per-example gradients of
 those parameters only.
 """
@@ -32,9 +36,11 @@ from ..._data import as_source
 from ..._memory import release_free_memory
 from ..._types import Data, LossFn, Measurement, Params
 from ...grads import batch_grads, check_finite, check_summed
-from ._kernels import damped_div, layer_scores, low_rank, per_example_quadratic
+from ._kernels import damped_div, low_rank
+from .blocks import from_eigenbasis
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
+from .layers import kind_of
 
 __all__ = ["capture_chunk", "PreparedQueries", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_terms"]
 
@@ -80,6 +86,8 @@ class PreparedQueries(NamedTuple):
     diag: torch.Tensor  #: ``[q, Σ_diag numel]`` preconditioned query columns of the diagonal blocks
     #: module -> ``(Q̃ [q, out, in(+1)], its rank-r factors (U σ [q, out, r], V [q, r, in(+1)]) or None)``
     layers: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]
+    #: ``[q]``: each query's own ``∇f(z_q)ᵀ (G + λ)^{-1} ∇f(z_q)`` (exact, also with ``query_rank``)
+    terms: torch.Tensor
 
 
 def kronecker_prepare(
@@ -113,6 +121,7 @@ def kronecker_prepare(
     func = measurement or loss
     parts: dict[str, list] = {blk.spec.name: [] for blk in ihvp.blocks}
     cols: list[list] = [[] for _ in ihvp.diags]
+    terms: list[torch.Tensor] = []  # per query chunk, [b]
     queries = as_source(query, name="query", ordered=True)
     what = "loss(params, batch)" if measurement is None else "measurement(params, batch)"  # the callable passed
     check_summed(func, params, queries, what)  # before the probe, whose rows assume it
@@ -123,20 +132,27 @@ def kronecker_prepare(
     for _, offset, batch, _ in iter_chunks(queries, step):
         layer_parts, diag = capture_chunk(func, params, ihvp, batch, name="query", offset=offset)
         with torch.no_grad():
+            t = torch.zeros(batch_size(batch), dtype=ihvp.dtype, device=ihvp.device)
             for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
                 a, g = layer_parts[blk.spec.name]
                 if blk.Q_S is not None:
-                    assert blk.Q_A is not None  # a block's two bases are both set or both None (identity)
-                    g, a = g @ blk.Q_S, a @ blk.Q_A
-                R = damped_div(torch.einsum("bto,bti->boi", g, a), blk.eigenvalues, lam)
-                if query_rank is None and blk.Q_S is not None and not eigenbasis:  # to parameter space: Q_S R Q_Aᵀ
-                    R = blk.Q_S @ R @ blk.Q_A.T
+                    g = g @ blk.Q_S
+                if blk.Q_A is not None:
+                    a = a @ blk.Q_A
+                rotated = kind_of(blk.spec).contract(g, a, blk.spec.columns)
+                R = damped_div(rotated, blk.eigenvalues, lam)
+                t += (rotated * R).flatten(1).sum(dim=1)
+                del rotated
+                if query_rank is None and not eigenbasis:  # to parameter space: Q_S R Q_Aᵀ
+                    R = from_eigenbasis(blk, R)
                 parts[blk.spec.name].append(R)  # (the rank-r truncation is taken in the eigenbasis, below)
                 del a, g, R
                 release_free_memory()  # this layer's temporaries: what is held grows by one layer's queries only
             for j, (d, lam) in enumerate(zip(ihvp.diags, ihvp.diag_damping)):
                 G = diag[d.name].reshape(diag[d.name].shape[0], -1)
                 cols[j].append(damped_div(G, d.diag, lam))
+                t += (G * cols[j][-1]).sum(dim=1)
+            terms.append(t)
     with torch.no_grad():
         layers = {}
         for blk in ihvp.blocks:  # one layer's chunks at a time: the queries are held once, plus one layer
@@ -145,10 +161,8 @@ def kronecker_prepare(
             del chunks
             factors = None
             if query_rank is not None:
-                factors = low_rank(R, query_rank)
-                if blk.Q_S is not None:  # the factors back to parameter space: Q_S U, V Q_Aᵀ
-                    assert blk.Q_A is not None
-                    factors = (blk.Q_S @ factors[0], factors[1] @ blk.Q_A.T)
+                U, V = low_rank(R, query_rank)  # the factors back to parameter space: Q_S U, V Q_Aᵀ
+                factors = (U if blk.Q_S is None else blk.Q_S @ U, V if blk.Q_A is None else V @ blk.Q_A.T)
                 R = factors[0] @ factors[1]
             layers[blk.spec.name] = (R, factors)
             # the freed chunks sit in the C heap, sized unlike the concatenation: return them layer by layer
@@ -159,21 +173,35 @@ def kronecker_prepare(
             if cols
             else torch.zeros(n_q, 0, dtype=ihvp.dtype, device=ihvp.device)
         )
-    return PreparedQueries(diag, layers)
+    return PreparedQueries(diag, layers, torch.cat(terms))
 
 
 def kronecker_chunk_scores(
     loss: LossFn, params: Params, ihvp, prepared: PreparedQueries, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
     """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
-    layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    return _chunk_scores(ihvp, prepared, batch, captured, per_module)
+
+
+def kronecker_chunk_and_self_terms(
+    loss: LossFn, params: Params, ihvp, prepared: PreparedQueries, batch, *, per_module: bool = False, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kronecker_chunk_scores(...), kronecker_self_terms(...))`` of one train batch from one capture."""
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    return _chunk_scores(ihvp, prepared, batch, captured, per_module), _self_terms(ihvp, batch, captured, per_module)
+
+
+def _chunk_scores(ihvp, prepared: PreparedQueries, batch, captured, per_module: bool) -> torch.Tensor:
+    layer_parts, diag = captured
     group = {m: j for j, m in enumerate(ihvp.modules)}
     with torch.no_grad():
         b = batch_size(batch)
         out = prepared.diag.new_zeros(len(ihvp.modules) if per_module else 1, prepared.diag.shape[0], b)
         for blk in ihvp.blocks:  # the prepared queries are in parameter space: g, a as captured
             a, g = layer_parts[blk.spec.name]
-            out[group[blk.spec.name] if per_module else 0] += layer_scores(*prepared.layers[blk.spec.name], a, g)
+            scores = kind_of(blk.spec).scores(*prepared.layers[blk.spec.name], a, g)
+            out[group[blk.spec.name] if per_module else 0] += scores
         start = 0
         for d in ihvp.diags:
             G = diag[d.name].reshape(b, -1)
@@ -187,14 +215,19 @@ def kronecker_self_terms(
     loss: LossFn, params: Params, ihvp, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
     """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``."""
-    layer_parts, diag = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
+    return _self_terms(ihvp, batch, captured, per_module)
+
+
+def _self_terms(ihvp, batch, captured, per_module: bool) -> torch.Tensor:
+    layer_parts, diag = captured
     group = {m: j for j, m in enumerate(ihvp.modules)}
     with torch.no_grad():
         b = batch_size(batch)
         s = torch.zeros(len(ihvp.modules), b, dtype=ihvp.dtype, device=ihvp.device)
         for blk, lam in zip(ihvp.blocks, ihvp.block_damping):
             a, g = layer_parts[blk.spec.name]
-            s[group[blk.spec.name]] += per_example_quadratic(blk.eigenvalues, blk.Q_S, blk.Q_A, a, g, lam)
+            s[group[blk.spec.name]] += kind_of(blk.spec).quadratic(blk.eigenvalues, blk.Q_S, blk.Q_A, a, g, lam)
         for d, lam in zip(ihvp.diags, ihvp.diag_damping):
             G = diag[d.name].reshape(b, -1)
             s[group[d.group]] += damped_div(G * G, d.diag, lam).sum(dim=1)

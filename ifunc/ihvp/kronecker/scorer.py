@@ -21,7 +21,14 @@ from ..._types import LossFn, Params
 from .._scorer import ScoreOptions
 from .blocks import scatter
 from .budget import capture_chunk_size
-from .score import PreparedQueries, kronecker_chunk_scores, kronecker_prepare, kronecker_self_terms
+from .layers import kind_of
+from .score import (
+    PreparedQueries,
+    kronecker_chunk_and_self_terms,
+    kronecker_chunk_scores,
+    kronecker_prepare,
+    kronecker_self_terms,
+)
 from .tokens import check_per_token, token_chunk_scores
 
 __all__ = ["KroneckerScorer"]
@@ -123,8 +130,8 @@ class KroneckerScorer:
         ``out · in`` ones otherwise (its gradient in the eigenbasis, squared and weighted).
         """
         q, o = self.n_query if pairs else 0, self.options
-        shapes = [
-            (blk.spec.out_features, blk.spec.in_features + (blk.spec.bias is not None)) for blk in self.ihvp.blocks
+        shapes = [  # an embedding's contraction gathers one column per position: its width counts as 1
+            (blk.spec.out_features, kind_of(blk.spec).work_columns(blk.spec.columns)) for blk in self.ihvp.blocks
         ]
 
         def extra(T: int) -> int:
@@ -160,6 +167,20 @@ class KroneckerScorer:
             self.loss, self.params, self.ihvp, self.prepared, batch, per_module=o.per_module, offset=offset
         )
         return out if o.per_module else out[0]
+
+    def query_terms(self) -> torch.Tensor:
+        """``[n_query]``: each query's own ``∇f(z_q)ᵀ (G + λ)^{-1} ∇f(z_q)``, from :meth:`prepare`'s capture."""
+        return self.prepared.terms
+
+    def chunk_and_self_terms(self, batch, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chunk(batch, offset), self_terms(batch, offset))`` from one capture (per-token: two)."""
+        o = self.options
+        if o.per_token:  # the per-token capture splits diagonal blocks by their uses: a pass of its own
+            return self.chunk(batch, offset), self.self_terms(batch, offset)
+        block, terms = kronecker_chunk_and_self_terms(
+            self.loss, self.params, self.ihvp, self.prepared, batch, per_module=o.per_module, offset=offset
+        )
+        return (block if o.per_module else block[0]), terms
 
     def self_terms(self, batch, offset: int) -> torch.Tensor:
         return kronecker_self_terms(

@@ -13,7 +13,9 @@ and every later term that reads it) — the per-token decomposition of Grosse et
 computed from the captured ``a`` and ``g`` and the query preconditioned once in parameter space
 (:func:`~ifunc.ihvp.kronecker.score.kronecker_prepare`); no per-token or per-example gradient is materialised.
 A module called ``k`` times per forward (a shared block, a layer reused at several depths) contributes the sum
-of its ``k`` calls at each position, so shared modules keep true per-token scores.
+of its ``k`` calls at each position, so shared modules keep true per-token scores. A tracked ``nn.Embedding``
+(one-hot inputs) contributes ``g_tᵀ Q̃[:, x_t]`` at position ``t``, a gathered column of its query (0 at a padding
+position).
 
 Parameters with diagonal blocks (preconditioned query ``q̃ = ∇f / (diag + λ)``) are split over positions
 the same way, from hooks on the modules that use them: ``nn.Linear`` / ``Conv1D`` (``g_tᵀ Q̃ a_t`` and
@@ -35,8 +37,8 @@ import torch
 
 from ..._batches import batch_size, slice_batch
 from ...grads import batch_grads, check_finite
-from ._kernels import layer_token_scores
 from .capture import layer_capture, requiring_grad
+from .layers import kind_of
 from .score import PreparedQueries, checked
 from .uses import NotSplittable, UseKind, use_kind
 
@@ -47,7 +49,7 @@ def check_per_token(ihvp) -> None:
     """Raise unless every block of the Kronecker-family closure ``ihvp`` can be split per token by hooks."""
     state = ihvp
     if not state.blocks:
-        raise ValueError("per_token=True: the closure tracks no layer (nn.Linear, nn.Conv2d, Conv1D)")
+        raise ValueError("per_token=True: the closure tracks no layer (nn.Linear, nn.Conv2d, Conv1D, nn.Embedding)")
     bad = [f"{d.name} (in a {type(m).__name__})" for d, (_, m, _) in _diag_uses(state) if use_kind(m) is None]
     bad += [f"{d.name} (used by no module)" for d in state.diags if not any(u[0] is d for u in _diag_uses(state))]
     if bad:
@@ -206,7 +208,7 @@ def token_chunk_scores(
         out = prepared.diag.new_zeros(prepared.diag.shape[0], b, T)
         for blk in state.blocks:
             a, g, c = captured[blk.spec.name]  # the prepared queries are in parameter space: g, a as captured
-            s = layer_token_scores(*prepared.layers[blk.spec.name], a, g)
+            s = kind_of(blk.spec).token_scores(*prepared.layers[blk.spec.name], a, g)
             out += s.reshape(s.shape[0], b, len(c), T).sum(2)  # a module called k times: sum its calls
         if state.diags:
             out += _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T)
