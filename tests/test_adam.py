@@ -337,9 +337,21 @@ def test_amsgrad_switched_on_after_the_steps_is_named():
         ({"damping": "1e-3"}, TypeError, "damping must be a number"),
         ({"damping": -1.0}, ValueError, "damping must be a finite number >= 0"),
         ({"model": "model"}, TypeError, "model= must be the nn.Module"),
+        ({"modules": ["0"]}, ValueError, "modules= chooses layers of model=; pass model= too"),
     ],
 )
 def test_bad_options_are_named(kw, error, match):
     model, _, _, opt = _trained(steps=1)
     with pytest.raises(error, match=match):
         ifunc.ihvp_adam(ifunc.params_of(model), opt, **kw)
+
+
+def test_a_flat_vector_as_params_is_refused_by_name():
+    """A flat vector has no names or storages to match to the optimizer's parameters: refused, naming the fix
+    (matching it as one unknown leaf, then ``missing="identity"``, would give a meaningless identity closure)."""
+    model, _, _, opt = _trained(steps=1)
+    flat, _ = ifunc.flatten(ifunc.params_of(model))
+    with pytest.raises(TypeError, match=r"params is one tensor.*ifunc.params_of\(model\)"):
+        ifunc.ihvp_adam(flat, opt)
+    with pytest.raises(TypeError, match="params is one tensor"):
+        ifunc.ihvp_adam(flat, opt, missing="identity")

@@ -156,6 +156,8 @@ def test_identity_gives_dot_products():
     v = {k: torch.ones_like(t) for k, t in params.items()}
     assert all(torch.allclose(t, torch.full_like(t, 0.25)) for t in ih(v).values())
     torch.testing.assert_close(ifunc.attribute(loss, params, ih, data, data), G @ G.T / 4)
+    with pytest.raises(ValueError, match="modules= chooses layers of model=; pass model= too"):
+        ifunc.ihvp_identity(params, modules=["0"])  # never ignored silently
 
 
 # ---------------------------------------------------------------- fitting options

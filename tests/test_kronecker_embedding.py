@@ -215,6 +215,34 @@ def test_tied_embedding_is_refused_naming_both_uses():
     assert ih.info["blocks"]["tok.weight"] == ("diagonal", "tok")  # the default: a diagonal block, exact for both
 
 
+def test_a_tied_embedding_registered_after_its_head_is_refused_naming_both_uses_too():
+    """``params_of`` holds the shared tensor under the first module's name (the head's): the embedding's own weight
+    name is then absent, and the refusal must still name the tie, not ask to "track" an impossible name."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(D, V, bias=False)
+            self.emb = nn.Embedding(V, D)
+            self.emb.weight = self.head.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    model = HeadFirst().double().eval()
+    params = ifunc.params_of(model)
+    assert list(params) == ["head.weight"]
+    with pytest.raises(WeightUseError, match=r"'emb' is tied to \['head \(Linear\)'\]"):
+        find_layers(model, params, modules=["emb"])
+    shared = nn.Linear(D, D)
+    chain = nn.Sequential(shared, nn.Tanh(), nn.Linear(D, D))
+    chain[2].weight = shared.weight  # a Linear tied to an earlier one: its name is not in params either
+    with pytest.raises(
+        ValueError, match=r"'2.weight' of '2' is not in params \(params holds the same tensor as \['0.weight'\]"
+    ):
+        find_layers(chain, ifunc.params_of(chain), modules=["2"])
+
+
 @pytest.mark.parametrize(
     ("option", "match"), [({"max_norm": 1.0}, "max_norm=1.0"), ({"scale_grad_by_freq": True}, "scale_grad_by_freq")]
 )

@@ -2,9 +2,9 @@
 
 Adam keeps, per parameter entry, ``v = exp_avg_sq`` (an exponential average of squared mini-batch gradients)
 and steps along ``m̂ / (√v̂ + ε)`` with the bias-corrected ``v̂ = v / (1 − β₂^t)``. The closure inverts the
-diagonal ``D = (√v̂ + ε)^{2p}``: ``p = 1/2`` (default) is Adam's own denominator, so ``D⁻¹ g`` is Adam's step
-direction for the gradient ``g``; ``p = 1`` is ``(√v̂ + ε)²`` — ``v̂``, the running estimate of the (mini-batch)
-Fisher diagonal — which is what TrackStar and bergson score with (each side divided by ``√v̂ + ε``). Nothing is
+diagonal ``D = (√v̂ + ε)^{2p}``: ``p = 1`` (default) is ``(√v̂ + ε)²`` — ``v̂``, the running estimate of the
+(mini-batch) Fisher diagonal — which is what TrackStar and bergson score with (each side divided by ``√v̂ + ε``);
+``p = 1/2`` is Adam's own denominator, so ``D⁻¹ g`` is Adam's step direction for the gradient ``g``. Nothing is
 fitted: the closure reads the state once, at build, and is then a :class:`~ifunc.ihvp.kronecker.KroneckerIHVP`
 with identity bases, like :func:`ifunc.ihvp_diagonal` (same damping rule, conditioning check, ``with_damping``,
 ``describe`` and, with ``model=``, the fast Kronecker scorer).
@@ -188,7 +188,8 @@ def ihvp_adam(
       model: the ``nn.Module`` the loss calls: its supported layers become blocks (as in
         :func:`ifunc.ihvp_identity`; ``modules=`` chooses them), which enables the fast Kronecker scoring and
         ``per_module=True`` in :func:`ifunc.attribute`; also matches copied parameters by name.
-      modules: with ``model``, the layers to track (names or a predicate); default every supported layer.
+      modules: with ``model``, the layers to track (names or a predicate); default every supported layer but
+        ``nn.Embedding`` (tracked when named).
       missing: a leaf the optimizer does not hold, or holds without state (it never got a gradient):
         ``"error"`` (default), ``"identity"`` (``D = 1`` there) or ``"exclude"`` (a zero block: no influence).
 
@@ -207,7 +208,7 @@ def ihvp_adam(
       >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
       >>> ...                                             # train: loss.backward(); opt.step()
       >>> params = ifunc.params_of(model)
-      >>> ihvp = ifunc.ihvp_adam(params, opt, model=model)    # damping=0: Adam's own step direction
+      >>> ihvp = ifunc.ihvp_adam(params, opt, model=model)    # D = (√v̂ + ε)², λ by the damping rule
       >>> scores = ifunc.attribute(loss, params, ihvp, train, query)
 
     References:
@@ -220,6 +221,12 @@ def ihvp_adam(
         raise ValueError(f"ihvp_adam: missing must be one of {list(_MISSING)}, got {missing!r}")
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"ihvp_adam: model= must be the nn.Module the loss calls, got {type(model).__name__}")
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "ihvp_adam: params is one tensor (a flat vector?), which cannot be matched to the optimizer's "
+            "parameters; pass the pytree you score with, ifunc.params_of(model) (the closure still takes flat "
+            "vectors [d] and stacks [k, d])"
+        )
     unflatten = structure(params)  # checks the pytree (tensors, one dtype and device)
     names = parameter_names(unflatten)
     leaves = optree.tree_leaves(params, namespace="ifunc")
@@ -230,6 +237,8 @@ def ihvp_adam(
                       for n, leaf in named.items()])  # fmt: skip
     offsets = dict(zip(names, itertools.accumulate(unflatten.sizes, initial=0)))
     if model is None:
+        if modules is not None:
+            raise ValueError("ihvp_adam: modules= chooses layers of model=; pass model= too, or drop modules=")
         layers, uncovered = [], [n for n in names if n not in left_out]
     else:
         kept = {n: leaf for n, leaf in named.items() if n not in left_out}

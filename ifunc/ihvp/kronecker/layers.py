@@ -409,14 +409,26 @@ def find_layers(
         m = named[n]
         prefix = f"{n}." if n else ""
         w = prefix + "weight"
+        kind = layer_kind(m)
+        assert kind is not None  # every chosen module has a layer kind (filtered or refused above)
         if w not in names:
             if modules is not None and not callable(modules):
-                raise ValueError(f"modules: the weight {w!r} of {n!r} is not in params; track it or drop {n!r}")
+                refused = kind.refusal(model, n, m)  # a tied weight is held under its other module's name
+                if refused is not None:
+                    raise refused
+                aliases = [
+                    pn
+                    for pn, q in model.named_parameters(remove_duplicate=False)
+                    if q is getattr(m, "weight", None) and pn != w and pn in names
+                ]
+                tied = f" (params holds the same tensor as {aliases}: the weight is tied to another module)"
+                raise ValueError(
+                    f"modules: the weight {w!r} of {n!r} is not in params{tied if aliases else ''}; track it or "
+                    f"drop {n!r}"
+                )
             continue
         b = prefix + "bias"
         b = b if (b in names and getattr(m, "bias", None) is not None) else None
-        kind = layer_kind(m)
-        assert kind is not None  # every chosen module has a layer kind (filtered or refused above)
         assert isinstance(m.weight, torch.Tensor)  # supported layers hold their weight as a tensor
         refused = kind.refusal(model, n, m)
         if refused is not None:

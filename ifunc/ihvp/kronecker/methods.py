@@ -202,6 +202,8 @@ def ihvp_identity(
     lay = layout(params)
     names, excl, kept = split_excluded(params, exclude)
     if model is None:
+        if modules is not None:
+            raise ValueError("ihvp_identity: modules= chooses layers of model=; pass model= too, or drop modules=")
         layers, uncovered = [], [p for p in names if p not in excl]
     else:
         layers, uncovered = find_layers(model, kept, modules=modules)
