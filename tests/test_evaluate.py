@@ -399,9 +399,11 @@ def test_retrain_refuses_non_finite_outcomes_and_stores_nothing(tmp_path):
     assert len(train.calls) == 4
 
 
-def test_retrain_names_a_damaged_row(tmp_path):
+def test_retrain_retrains_only_a_damaged_row_and_names_it(tmp_path):
+    """A row failing its CRC-32 (the subsets are checked at open, so only damage can cause it) is named in a warning,
+    retrained and written again; the other rows are read, not retrained."""
     out = tmp_path / "outcomes.h5"
-    retrain(Counted(), query_errors, MASKS, out=out, progress=False)
+    reference = retrain(Counted(), query_errors, MASKS, out=out, progress=False)
     with h5py.File(out, "r") as f:
         offset = f["scores"].id.get_offset()
     with open(out, "r+b") as f:  # flip a byte of subset 1's first outcome (cells 4..7 of the one row)
@@ -409,8 +411,13 @@ def test_retrain_names_a_damaged_row(tmp_path):
         byte = f.read(1)
         f.seek(offset + 4 * 8)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ValueError, match="chunk 1 fails its checksum"):
-        retrain(Counted(), query_errors, MASKS, out=out, progress=False)
+    train = Counted()
+    with pytest.warns(UserWarning, match=r"stored outcome of subset 1 .* is damaged .*retrained"):
+        again = retrain(train, query_errors, MASKS, out=out, progress=False)
+    assert train.calls == [MASKS[1].nonzero().flatten().tolist()] and torch.equal(again, reference)
+    train = Counted()
+    assert torch.equal(retrain(train, query_errors, MASKS, out=out, progress=False), reference)  # repaired
+    assert train.calls == []
 
 
 @pytest.mark.parametrize(
@@ -418,12 +425,33 @@ def test_retrain_names_a_damaged_row(tmp_path):
     [
         (lambda w: torch.zeros(2, 2), r"measure must return a real vector \[q\].*shape \(2, 2\) for subset 0"),
         (lambda w: torch.zeros(0), "no outcome for subset 0"),
-        (lambda w: torch.tensor([True]), r"real vector \[q\]"),
+        (lambda w: torch.tensor([1j]), r"real vector \[q\]"),
     ],
 )
 def test_retrain_refuses_bad_measurements(measure, match):
     with pytest.raises(ValueError, match=match):
         retrain(Counted(), measure, MASKS, progress=False)
+
+
+def test_retrain_takes_per_query_correctness_as_zeros_and_ones():
+    outcomes = retrain(Counted(), lambda w: query_errors(w) < 1.0, MASKS, progress=False)
+    assert outcomes.dtype == torch.float64 and set(outcomes.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_lds_gives_identical_subsets_identical_predictions():
+    """Two equal rows of the mask must tie in the predictions as their (additive) outcomes tie: exactly 1."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-1000, 1000, (3, 40), generator=gen).double()  # integers: every sum exact
+    masks = random_subsets(40, 12, generator=gen)
+    masks = torch.cat([masks, masks[:4]])  # four subsets drawn twice
+    outcomes = -(masks.double() @ scores.T)
+    assert torch.equal(lds(scores, masks, outcomes), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fraction", [np.float32(0.5), torch.tensor(0.5), 0.5])
+def test_random_subsets_takes_any_real_scalar_as_fraction(fraction):
+    masks = random_subsets(10, 3, fraction=fraction, generator=torch.Generator().manual_seed(0))
+    assert masks.sum(dim=1).tolist() == [5, 5, 5]
 
 
 def test_retrain_takes_a_number_as_one_outcome():

@@ -10,6 +10,7 @@ against scores of the loss) pass ``-outcomes``.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -79,8 +80,11 @@ def random_subsets(n: int, m: int, *, fraction: float = 0.5, generator: torch.Ge
     """
     n = check_count(n, "n", "random_subsets")
     m = check_count(m, "m", "random_subsets")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    if isinstance(fraction, torch.Tensor) and fraction.numel() == 1 and not fraction.dtype.is_complex:
+        fraction = float(fraction)  # a 0-d tensor
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < float(fraction) <= 1:
         raise ValueError(f"random_subsets: fraction must be a number in (0, 1], got {fraction!r}")
+    fraction = float(fraction)  # a NumPy scalar too
     k = round(fraction * n)
     if k < 1:
         raise ValueError(f"random_subsets: fraction={fraction} of n={n} examples leaves the subsets empty; raise it")
@@ -102,7 +106,7 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, outcomes: torch.Tensor) -> 
     on ``S_s``. Ties get average ranks. It is 1 when the outcomes are an increasing function of an additive model
     ``c_q − a_q Σ_{i∈S} scores[q, i]`` (``a_q > 0``), −1 for the opposite sign convention, about 0 for scores that
     carry no information. The usual summary is the mean over queries, ``lds(...).nanmean()``, with its standard
-    error ``r.std() / √q``.
+    error over the ``q'`` queries that have one, ``r[r.isfinite()].std() / √q'``.
 
     Args:
       scores: ``[q, n]`` scores of ``q`` queries against the ``n`` training examples (e.g. :func:`ifunc.attribute`).
@@ -139,7 +143,10 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, outcomes: torch.Tensor) -> 
             f"{who}: outcomes must be [m={m}, q={q}] (one row per subset, one column per query), got "
             f"{tuple(outcomes.shape)}{hint}"
         )
-    predicted = -scores @ masks.to(torch.float64).T  # [q, m]
+    # identical subsets must get bitwise identical predictions (their outcomes tie, so must their ranks): one
+    # product per distinct subset, gathered back (a BLAS product may round two equal rows differently)
+    distinct, which = torch.unique(masks, dim=0, return_inverse=True)
+    predicted = (-scores @ distinct.to(torch.float64).T)[:, which]  # [q, m]
     return spearman(predicted, outcomes.T.contiguous())
 
 

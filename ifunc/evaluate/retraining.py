@@ -11,6 +11,7 @@ is the chunk size, which :func:`ifunc.store.recorded_chunk_size` reads back befo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -33,7 +34,9 @@ def _outcome(value, s: int, q: int | None) -> torch.Tensor:
         row = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value)
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"retrain: measure must return a tensor [q], got {type(value).__name__} ({err})") from None
-    if row.dtype == torch.bool or row.is_complex() or row.dim() > 1:
+    if row.dtype == torch.bool:
+        row = row.to(torch.float64)  # per-query correctness: 1.0 / 0.0
+    if row.is_complex() or row.dim() > 1:
         raise ValueError(
             f"retrain: measure must return a real vector [q] (one measurement per query), got {row.dtype} of shape "
             f"{tuple(row.shape)} for subset {s}; flatten it or reduce it to one number per query"
@@ -141,8 +144,17 @@ def retrain(
     def load_done(store: ScoreWriter) -> None:  # the rows a run before this one finished, each CRC-32 checked
         for s in sorted(store.done):
             if rows[s] is None:
-                store.check(s, fingerprint([indices[s]]))
-                rows[s] = torch.from_numpy(store.read(s)[0].copy())
+                try:
+                    store.check(s, fingerprint([indices[s]]))
+                    rows[s] = torch.from_numpy(store.read(s)[0].copy())
+                except ValueError as err:  # the subsets are in the meta, checked at open: this row is damaged
+                    warnings.warn(
+                        f"retrain: the stored outcome of subset {s} in {store.path} is damaged ("
+                        f"{str(err).split(';')[0]}); that subset is retrained and its row written again, the other "
+                        "rows are kept",
+                        stacklevel=3,
+                    )
+                    continue
                 bar.update(1)
 
     try:

@@ -207,7 +207,9 @@ def ihvp_identity(
         layers, uncovered = [], [p for p in names if p not in excl]
     else:
         layers, uncovered = find_layers(model, kept, modules=modules)
-    flat = optree.tree_leaves(params, namespace="ifunc")[0]  # dtype and device of the zero blocks
+    zero = optree.tree_leaves(params, namespace="ifunc")[0].new_zeros(())  # dtype and device of the zero blocks
+    # the blocks' zero curvature is one 0 broadcast (stride 0): a closure kept for its layer specs (a gradient
+    # index's query capture) holds no parameter-sized tensors
     blocks = [
         KronBlock(
             s,
@@ -215,12 +217,12 @@ def ihvp_identity(
             lay[s.bias] if s.bias else None,
             None,
             None,
-            flat.new_zeros(s.out_features, s.in_features + (s.bias is not None)),
+            zero.expand(s.out_features, s.in_features + (s.bias is not None)),
         )
         for s in layers
     ]
     diags = [
-        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], flat.new_zeros(params[p].numel()))
+        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], zero.expand(params[p].numel()))
         for p in uncovered
     ]
     fallback = {d.name: d.diag.view(params[d.name].shape) for d in diags}  # zero curvature, parameter's shape
