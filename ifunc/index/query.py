@@ -2,8 +2,10 @@
 
 ``ifunc.attribute(loss, params, ihvp, index, query)`` reads no training example. The closure's own scorer prepares
 the queries as always (``Q̃ = (H + λI)^{-1} ∇f(z_q)``, any method: explicit, CG, EK-FAC, ...), they are projected
-with the index's projection ``P`` (:func:`~ifunc.index.projection.project_flat`), and each stored chunk of rows
-``[b, dim]`` costs one matrix product:
+with the index's projection ``P`` (:func:`~ifunc.index.projection.project_flat`; a Kronecker closure whose layers
+are the index's, through its factors: ``(P_o Q_S) R (P_a Q_A)ᵀ`` per layer,
+:func:`~ifunc.index.projection.project_factored`, never forming ``Q̃``), and each stored chunk of rows ``[b, dim]``
+costs one matrix product:
 
 ``scores[q, i] = ⟨P Q̃_q, P g_i⟩ ≈ ⟨Q̃_q, g_i⟩ = Q̃_qᵀ ∇ℓ(z_i)``
 
