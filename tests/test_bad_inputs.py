@@ -566,7 +566,7 @@ INDEX_ROWS = [
         "index-built-over-a-score-store",  # attribute(out=)'s store is not an index to resume: named, left untouched
         lambda p, folder: _index(p, _scores_at(p, folder / "s.h5")),
         ValueError,
-        "is a score store, not a gradient index",
+        "is a score store file, not a gradient index file",
     ),
     (
         "scores-written-over-an-index",
@@ -574,7 +574,7 @@ INDEX_ROWS = [
             p.loss, p.params, BUILDERS["explicit"](p), p.data, (p.x[:2], p.y[:2]), out=_index(p, folder).path
         ),
         ValueError,
-        "is a gradient index, not a score store",
+        "is a gradient index file, not a score store file",
     ),
     (
         "index-damping-as-a-string",  # float("1e-3") would read it: a typo is refused, not guessed

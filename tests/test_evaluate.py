@@ -479,7 +479,7 @@ def test_retrain_refuses_a_score_store_of_another_kind(tmp_path):
     _, params, loss, (x, y) = mlp_problem(seed=0, n=6)
     ihvp = ifunc.ihvp_explicit(loss, params, (x, y), damping=0.1)
     ifunc.attribute(loss, params, ihvp, (x, y), (x[:2], y[:2]), out=tmp_path / "scores.h5", progress=False)
-    with pytest.raises(ValueError, match="is a score store, not a retraining outcomes"):
+    with pytest.raises(ValueError, match="is a score store file, not a retraining outcomes file"):
         retrain(Counted(), query_errors, MASKS, out=tmp_path / "scores.h5", progress=False)
 
 

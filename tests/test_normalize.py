@@ -208,13 +208,13 @@ def test_a_store_keeps_the_normalised_scores_resumes_them_and_refuses_another_no
         patch.setattr(store.ScoreWriter, "write", crash_after_two)
         ifunc.attribute(*args, normalize="relatif", out=path, chunk_size=3, progress=False)
     assert calls == [0, 1]
-    for other, shown in (("cosine", "'cosine'"), (None, "'<absent>'")):
+    for other, shown in (("cosine", "'cosine'"), (None, r"nothing \(not recorded: the default\)")):
         with pytest.raises(ValueError, match=f"normalize: file has 'relatif', this call has {shown}"):
             ifunc.attribute(*args, normalize=other, out=path, chunk_size=3, progress=False)
     assert ifunc.attribute(*args, normalize="relatif", out=path, chunk_size=3, progress=False) == path
     got = torch.from_numpy(ifunc.load_scores(path)).double()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # stored in float32
-    with pytest.raises(ValueError, match="normalize: file has '<absent>', this call has 'cosine'"):
+    with pytest.raises(ValueError, match=r"normalize: file has nothing \(not recorded: .*\), this call has 'cosine'"):
         raw = tmp_path / "raw.h5"
         ifunc.attribute(*args, out=raw, chunk_size=3, progress=False)
         ifunc.attribute(*args, normalize="cosine", out=raw, chunk_size=3, progress=False)

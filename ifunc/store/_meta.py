@@ -23,13 +23,21 @@ def _same(a, b) -> bool:
     return a == b
 
 
+class _Absent:
+    """A key one side does not record (an option left at its default, e.g. ``normalize=None``)."""
+
+    def __repr__(self) -> str:
+        return "nothing (not recorded: the default)"
+
+
+_ABSENT = _Absent()
+
+
 def _differences(found, wanted, where: str = "") -> Iterator[str]:
     if isinstance(found, dict) and isinstance(wanted, dict):
         for k in sorted(set(found) | set(wanted)):
             if where or k != "versions":
-                yield from _differences(
-                    found.get(k, "<absent>"), wanted.get(k, "<absent>"), f"{where}.{k}" if where else k
-                )
+                yield from _differences(found.get(k, _ABSENT), wanted.get(k, _ABSENT), f"{where}.{k}" if where else k)
     elif isinstance(found, list) and isinstance(wanted, list) and len(found) == len(wanted):
         for i, (a, b) in enumerate(zip(found, wanted)):
             yield from _differences(a, b, f"{where}[{i}]")

@@ -69,8 +69,8 @@ def _validate(f, path, wanted: dict, refuse_resume: str | None) -> None:
     if found.get("kind") != wanted.get("kind"):  # e.g. a gradient index where attribute's scores were stored
         found_kind, wanted_kind = found.get("kind") or "score store", wanted.get("kind") or "score store"
         raise ValueError(
-            f"{path} is a {found_kind}, not a {wanted_kind}: this call would mix the two, so it was left untouched. "
-            "Use another path, or overwrite=True to replace it"
+            f"{path} is a {found_kind} file, not a {wanted_kind} file: this call would mix the two, so it was left "
+            "untouched. Use another path, or overwrite=True to replace it"
         )
     differences = describe_difference(found, wanted)
     if differences:
