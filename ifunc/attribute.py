@@ -109,13 +109,14 @@ def attribute(
         refusal names its path, e.g. ``loss -> closure 'model' -> attribute 'foo'``). Change it whenever the
         loss, the measurement or the model changes: the store cannot check them then.
       progress: show a tqdm bar over train chunks (``None``: only on a terminal; ``False``: never).
-      dtype: dtype of the returned scores and of the columns a sink receives (default: the parameters'; a score
-        store keeps float32). With the generic scorer (every closure
-        but the Kronecker family's with ``model=``) it is also the precision of the contraction of the
-        preconditioned queries with the training gradients: ``torch.bfloat16`` halves the memory traffic of
-        the dominant ``[n_query, d] × [d, chunk]`` products and keeps about 3 significant digits, so use it
-        for ranking, not for exact values. Gradients and the iHVP solve stay in the parameters' dtype; the
-        Kronecker family's contractions too (only the result is cast).
+      dtype: dtype of the returned scores and of the columns a sink receives, and the precision of the score
+        contraction (default: the closure's dtype, which is the parameters' and float32 for ``torch.bfloat16`` /
+        ``torch.float16`` parameters; a score store keeps float32). The preconditioned queries and each chunk's
+        training gradients are cast to it before they meet: the generic scorer's ``[n_query, d] × [d, chunk]``
+        products, and the Kronecker family's per-layer ``Σ_t g_tᵀ Q̃ a_t`` (each layer in ``dtype``, the layers
+        summed in float32). ``torch.bfloat16`` halves the memory traffic of these products and keeps about 3
+        significant digits, so use it for ranking, not for exact values (measured in docs/language-models.md,
+        "Half precision"). Gradients, the iHVP solve and self terms stay in the closure's dtype.
       per_token: Kronecker family only: return ``[n_query, n_train, T]``, the contribution of each position
         ``t`` of each training sequence, ``s[q, i, t] = Σ_l g_{l,t}ᵀ Q̃_l a_{l,t}`` over the tracked layers
         (no per-token gradient is formed); ``s.sum(-1)`` equals the pairwise scores. A module called several
@@ -167,9 +168,14 @@ def attribute(
     ``train`` and ``query`` are read in order: a shuffling DataLoader is refused (its columns would be in a
     random order).
 
+    Half-precision models (``torch.bfloat16``, ``torch.float16`` parameters) run their forward and backward passes in
+    their own dtype; everything summed or solved (curvature statistics, the solve, the contraction unless ``dtype=``
+    asks for less) runs in float32, and the scores come back in float32.
+
     Returns:
-      ``[n_query, n_train]`` tensor in the parameters' dtype (``[n_query, n_train, T]`` with ``per_token``);
-      with ``out=`` the path of the finished store.
+      ``[n_query, n_train]`` tensor in ``dtype`` (default the closure's: the parameters' dtype, float32 for
+      half-precision parameters; ``[n_query, n_train, T]`` with ``per_token``); with ``out=`` the path of the
+      finished store.
 
     Raises:
       ValueError: an unknown ``normalize``, a negative self term under ``normalize``, and the bad inputs named
@@ -284,7 +290,8 @@ def self_influence(
       per_module: Kronecker family only: one row per block of the closure.
 
     Returns:
-      ``[n_train]`` (``[n_modules, n_train]`` with ``per_module``) in the parameters' dtype.
+      ``[n_train]`` (``[n_modules, n_train]`` with ``per_module``) in the closure's dtype (the parameters', float32
+      for half-precision parameters).
 
     Raises:
       NotImplementedError: a gradient index with a parameter-space closure, or with ``per_module``.

@@ -106,14 +106,24 @@ def batch_matvec(
 
     ``M_batch`` is ``∇² loss(θ, batch)`` (``"hessian"``), ``Σ_i J_iᵀ Λ_i J_i`` (``"ggn"``), ``Σ_i ∇ℓ_i ∇ℓ_iᵀ``
     (``"empirical_fisher"``) or ``Σ_i J_iᵀ g_i g_iᵀ J_i`` with labels drawn from ``generator`` (``"fisher"``);
-    :func:`curvature_operator` averages it over the batches. Returns the closure ``[k, d] -> [k, d]``.
+    :func:`curvature_operator` averages it over the batches. Returns the closure ``[k, d] -> [k, d]``: the
+    products run in the parameters' dtype (``V`` is cast to it) and come back in ``V``'s, so a float32 solver
+    iterates on a half-precision model (its products rounded to the model's precision, its sums in float32).
     """
+    product = _batch_products(loss, flat, unflatten, batch, curvature, generator)
+    if product is None:  # empirical Fisher: V ↦ (V Gᵀ) G with the gradients cast to V's dtype
+        G = batch_grads(lambda x, b: loss(unflatten(x), b), flat, batch)  # [b, d]
+        return lambda V: (V @ G.to(V.dtype).T) @ G.to(V.dtype)
+    return lambda V: product(V.to(flat.dtype)).to(V.dtype)
+
+
+def _batch_products(loss, flat, unflatten, batch, curvature, generator):
+    """:func:`batch_matvec` in the parameters' dtype (``V`` already cast); None for the empirical Fisher."""
     if curvature == "hessian":
         g = grad(lambda x: loss(unflatten(x), batch).reshape(()))
         return vmap(lambda v: jvp(g, (flat,), (v,))[1])
     if curvature == "empirical_fisher":
-        G = batch_grads(lambda x, b: loss(unflatten(x), b), flat, batch)  # [b, d]
-        return lambda V: (V @ G.T) @ G
+        return None
     assert isinstance(loss, OutputLoss)  # "ggn" / "fisher": resolve_curvature checked the split
     outputs, lo = loss.outputs, loss.loss_on_outputs
     f_out = lambda x: outputs(unflatten(x), batch)  # noqa: E731

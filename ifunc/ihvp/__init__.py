@@ -9,7 +9,7 @@ Besides the methods, the scoring layer takes from here what a closure offers it:
 from ._base import IHVP, ConvergenceError, describe_closure
 from ._damping import block_damping, check_conditioning
 from ._operator import check_same_data, rank_partition
-from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for
+from ._scorer import GenericScorer, ScoreOptions, Scorer, scorer_for, solve_dtype
 from .adam import ihvp_adam
 from .arnoldi import ihvp_arnoldi, lanczos
 from .cg import CGResult, cg_solve, ihvp_cg
@@ -39,6 +39,7 @@ __all__ = [
     "ScoreOptions",
     "GenericScorer",
     "scorer_for",
+    "solve_dtype",
     "rank_partition",
     "check_same_data",
     "block_damping",

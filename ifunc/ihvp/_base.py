@@ -11,7 +11,7 @@ import torch
 
 from ..functional import Unflatten
 from ._damping import RuleDamping, check_damping
-from ._scorer import GenericScorer, ScoreOptions
+from ._scorer import GenericScorer, ScoreOptions, solve_dtype
 
 __all__ = ["IHVP", "ConvergenceError", "check_rank", "plain", "summary", "describe_closure"]
 
@@ -50,8 +50,12 @@ class IHVP:
 
     Accepts a flat vector ``[d]``, a stack ``[k, d]`` (solved together), or a pytree shaped like the
     parameters (optionally with a leading ``k`` on every leaf), and returns the same form. Inputs need no
-    grad; the closure works under ``torch.no_grad()``. Inputs are cast to the parameters' dtype for the
+    grad; the closure works under ``torch.no_grad()``. Inputs are cast to the closure's :attr:`dtype` for the
     solve and the result is cast back to the input's dtype.
+
+    Half precision: with ``torch.bfloat16`` or ``torch.float16`` parameters the closure solves in float32
+    (:attr:`dtype` is float32: what it holds, its inner products and sums); the curvature products it takes
+    through the model run in the model's own dtype and are accumulated in float32.
 
     Attributes:
       name: the method (``"explicit"``, ``"cg"``, ...).
@@ -59,7 +63,9 @@ class IHVP:
       dim: d, the number of parameters.
       info: method-specific values fixed at build time (eigenvalues, rank, scale, ...); ``info["blocks"]``
         maps each parameter name to ``(method, block name)``.
-      dtype, device: the parameters' dtype and device.
+      dtype: the dtype of the solve and of what the closure holds: the parameters' dtype, float32 for
+        half-precision parameters (:func:`~ifunc.ihvp.solve_dtype`).
+      device: the parameters' device.
       identity: ``None``, or a name set by the user (``ihvp.identity = "..."``) that changes whenever the data
         the curvature was built on does; a score store records it and refuses to resume under another one.
 
@@ -92,7 +98,7 @@ class IHVP:
         self.unflatten = unflatten
         self.dim = unflatten.dim
         self._like = like  # dtype/device reference (a 0-d tensor)
-        self.dtype: torch.dtype = like.dtype  #: the parameters' dtype, in which the closure solves
+        self.dtype: torch.dtype = like.dtype  #: the dtype of the solve: the parameters', at least float32
         self.device: torch.device = like.device  #: the parameters' device
         self._rebuild = rebuild
         self.info = dict(info or {})
@@ -114,10 +120,11 @@ class IHVP:
         """The one constructor of every closure: ``v -> solve(v)`` for ``V [k, d] -> [k, d]``.
 
         Args:
-          solve: the flat solve ``[k, d] -> [k, d]`` in the parameters' dtype.
+          solve: the flat solve ``[k, d] -> [k, d]`` in the closure's dtype (the parameters', at least float32).
           name: the method. damping: λ (a mapping block -> λ for per-block damping).
           unflatten: the parameters' layout; like: any tensor in the parameters' dtype and device (only
-            those are kept). info: the method's values fixed at build time. rebuild: ``λ -> closure`` for
+            those are kept; a half dtype becomes float32, :func:`~ifunc.ihvp.solve_dtype`). info: the method's
+            values fixed at build time. rebuild: ``λ -> closure`` for
             :meth:`with_damping` (None: fixed damping).
           rule: how ``damping=None`` chose λ; its entries are appended to ``info``.
           fields: the subclass's ``FIELDS``, each exactly once.
@@ -131,7 +138,7 @@ class IHVP:
             name=name,
             damping=damping,
             unflatten=unflatten,
-            like=like.new_zeros(()),
+            like=like.new_zeros((), dtype=solve_dtype(like.dtype)),
             rebuild=rebuild,
             info=info,
             **fields,

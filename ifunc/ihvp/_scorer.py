@@ -5,7 +5,8 @@ scorer) × (a sink). The scorer comes from the closure, ``ihvp.scorer(loss, para
 family returns its own (:mod:`ifunc.ihvp.kronecker.scorer`), every other closure and any callable
 ``[k, d] -> [k, d]`` gets :class:`GenericScorer` (:func:`scorer_for`).
 
-The generic scorer takes per-example gradients ``Q [q, d]`` of the queries (``vmap(grad)``), solves them once as
+The generic scorer takes per-example gradients ``Q [q, d]`` of the queries (``vmap(grad)``, in the parameters'
+dtype; cast to :func:`solve_dtype`, float32 for a half-precision model, before the solve), solves them once as
 one block, ``Q̃ = (H + λI)^{-1} Q``, and contracts every chunk of training gradients ``G [b, d]`` with it:
 ``scores = Q̃ Gᵀ [q, b]``. Self-influence ``s_i = g_iᵀ (H + λI)^{-1} g_i`` solves each chunk as one ``[b, d]``
 block. Under ``torchrun`` a solve may itself be collective (CG and LiSSA all-reduce their curvature products),
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Protocol
 
+import optree
 import torch
 
 from .. import distributed
@@ -32,11 +34,24 @@ from .._types import LossFn, Measurement, Params
 from ..functional import structure
 from ..grads import chunk_size_for, iter_per_sample_grads
 
-__all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "NEEDS_KRONECKER", "ITERATIVE"]
+__all__ = ["ScoreOptions", "Scorer", "GenericScorer", "scorer_for", "solve_dtype", "NEEDS_KRONECKER", "ITERATIVE"]
+
+
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype closures solve in and statistics accumulate in for parameters of ``dtype``: at least float32.
+
+    A half-precision model (``torch.bfloat16``, unit roundoff ``2^-8``; ``torch.float16``, ``2^-11``) computes its
+    gradients and curvature products in its own dtype, but a sum of many of them, an inner product of a Krylov
+    solver or a damped division ``x / (Λ + λ)`` in half precision loses what ``λ`` adds (``1 + 10^-3`` is ``1`` in
+    bfloat16); float32 and float64 parameters keep their dtype.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
 
 #: the error of an option only the Kronecker family's captured scoring has
 NEEDS_KRONECKER = (
-    "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity)"
+    "a Kronecker-family closure built with model= (ifunc.ihvp_ekfac / ihvp_kfac / ihvp_diagonal / ihvp_identity / "
+    "ihvp_adam)"
 )
 
 
@@ -50,7 +65,7 @@ class ScoreOptions(NamedTuple):
 
     measurement: Measurement | None = None
     max_memory: int | None = None
-    dtype: torch.dtype | None = None  #: precision of the generic scorer's contraction
+    dtype: torch.dtype | None = None  #: precision of the score contraction (None: the closure's, solve_dtype)
     query_rank: int | None = None
     per_module: bool = False
     per_token: bool = False
@@ -133,6 +148,7 @@ class GenericScorer:
         if dim is not None and dim != d:
             raise ValueError(f"ihvp was built for {dim} parameters but params have {d}")
         self.solve, self.loss, self.params, self.options, self.dim = solve, loss, params, options, d
+        self.work = solve_dtype(_params_dtype(params))  # of the solve: gradients are cast to it first
         self.iterative = iterative
         self.held = 0  # bytes of the prepared queries, held beside every train chunk
 
@@ -155,7 +171,8 @@ class GenericScorer:
                 )
             )
         )
-        Q = distributed.broadcast_from_rank0(Q)  # identical right-hand sides on every rank: the solve may be collective
+        # identical right-hand sides on every rank (the solve may be collective), in the solve's dtype
+        Q = distributed.broadcast_from_rank0(Q.to(self.work))
         with torch.no_grad():
             Qp = self.solve(Q)
             self.q_terms = torch.einsum("qd,qd->q", Q, Qp)  # before the cast to dtype=: in the solve's precision
@@ -178,6 +195,7 @@ class GenericScorer:
         )
 
     def _grads(self, batch, offset: int) -> list[torch.Tensor]:
+        """The chunk's per-example gradients in the parameters' dtype (cast where they meet the queries)."""
         size = batch_size(batch)  # one chunk of the loop is one vmap chunk
         return list(iter_per_sample_grads(self.loss, self.params, batch, chunk_size=size, name="train", offset=offset))
 
@@ -189,24 +207,32 @@ class GenericScorer:
         alone (one process, or a closure that is not :attr:`iterative`)."""
         G = torch.cat(self._grads(batch, offset))
         with torch.no_grad():
-            return self.Qp @ G.to(self.Qp.dtype).T, _quadratic(G, self.solve)
+            return self.Qp @ G.to(self.Qp.dtype).T, _quadratic(G.to(self.work), self.solve)
 
     def self_terms(self, batch, offset: int) -> torch.Tensor:
         """``[1, b]``: ``g_iᵀ (H + λI)^{-1} g_i``; with :attr:`splits_examples` rank ``r`` takes the ``r``-th slice
         of the chunk's gradients (every rank solves the whole chunk's), else the chunk is solved here."""
         if not self.splits_examples:
             with torch.no_grad():
-                return _quadratic(torch.cat(self._grads(batch, offset)), self.solve)
+                return _quadratic(torch.cat(self._grads(batch, offset)).to(self.work), self.solve)
         b, (rank, size) = batch_size(batch), distributed.world()
         widths = [len(range(b)[r::size]) for r in range(size)]  # contiguous slices of ⌈b / W⌉ or ⌊b / W⌋
         start = sum(widths[:rank])
         local = None
         if widths[rank]:
             part = slice_batch(batch, start, start + widths[rank])
-            local = torch.cat(self._grads(part, offset + start))
+            local = torch.cat(self._grads(part, offset + start)).to(self.work)
         G = distributed.gather_rows(local, widths, self.dim)  # one process: its own slice
         with torch.no_grad():
             return _quadratic(G, self.solve)
+
+
+def _params_dtype(params: Params) -> torch.dtype:
+    """The dtype of the first floating-point leaf of ``params`` (a flat vector: its own)."""
+    if isinstance(params, torch.Tensor):
+        return params.dtype
+    leaves = [t for t in optree.tree_leaves(params, namespace="ifunc") if isinstance(t, torch.Tensor)]
+    return next((t.dtype for t in leaves if t.is_floating_point()), torch.get_default_dtype())
 
 
 def _quadratic(G: torch.Tensor, solve: Callable) -> torch.Tensor:

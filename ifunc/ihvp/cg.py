@@ -18,7 +18,8 @@ __all__ = ["ihvp_cg", "cg_solve", "CGResult", "DEFAULT_TOL"]
 
 #: :func:`ihvp_cg` accepts a ``tol`` below the rounding of the dtype (``tol=1e-12`` in float32) as met when the
 #: true relative residual stalls at or below ``FLOOR_EPS · ε`` (ε the dtype's machine epsilon: 4.8e-7 in float32,
-#: 8.9e-16 in float64, 3.1e-2 in bfloat16): no solve in that dtype does better.
+#: 8.9e-16 in float64, 3.1e-2 in bfloat16): no solve in that dtype does better. A half-precision model solves in
+#: float32 but its curvature products carry its own rounding: ε is then the model's (bfloat16, float16).
 FLOOR_EPS = 4
 
 #: The default relative tolerance of :func:`cg_solve` and :func:`ihvp_cg`: stop a right-hand side ``b``
@@ -160,7 +161,8 @@ def ihvp_cg(
         is ``ihvp.damping``; ``info["damping_trace"]`` holds the estimate.
       tol, atol: stop when ``‖(H + λI)x − v‖ <= max(tol‖v‖, atol)`` for every right-hand side (the true residual,
         checked after the iterations; a ``tol`` below the dtype's rounding counts as met at ``4 ε``, see
-        :data:`FLOOR_EPS`). This bounds the residual, not the error of ``x``, which can be larger by
+        :data:`FLOOR_EPS`; a half-precision model iterates in float32 on products rounded to its own dtype, whose
+        ε counts). This bounds the residual, not the error of ``x``, which can be larger by
         up to the condition number of ``H + λI``.
       maxiter: iteration cap, an int >= 1, default ``min(10 d, 1000)`` (restarts included).
       preconditioner: callable ``[k, d] -> [k, d]`` approximating ``(H + λI)^{-1}`` (e.g. another iHVP,
@@ -223,9 +225,11 @@ def ihvp_cg(
                     "rounding; use damping > 0 (or more), or compute in float64"
                 ) from None
             rels = res.residual / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
-            # a tol below the dtype's rounding is met by a column whose restarts stalled within FLOOR_EPS ε of it
+            # a tol below the dtype's rounding is met by a column whose restarts stalled within FLOOR_EPS ε of it;
+            # the rounding is the coarser of the solve's and the curvature products' (a half-precision model's)
+            rounding = max((V.dtype, op.flat_params.dtype), key=lambda t: torch.finfo(t).eps)
             at_floor = (
-                res.stalled & (rels <= FLOOR_EPS * torch.finfo(V.dtype).eps) if res.stalled is not None else False
+                res.stalled & (rels <= FLOOR_EPS * torch.finfo(rounding).eps) if res.stalled is not None else False
             )
             ok = res.converged | at_floor
             if not bool(ok.all()):
@@ -235,7 +239,7 @@ def ihvp_cg(
                     raise ConvergenceError(
                         f"ihvp_cg: {failed} of {V.shape[0]} right-hand sides did not converge: the true relative "
                         f"residual ‖(H + λI)x − v‖/‖v‖ stalls at {float(rel):.3e} > tol={tol:g} (restarting CG from x "
-                        f"no longer reduces it): {V.dtype} rounding cannot reach tol={tol:g} on this problem "
+                        f"no longer reduces it): {rounding} rounding cannot reach tol={tol:g} on this problem "
                         f"(damping {lam:g}). Use a looser tol (>= {2 * float(rel):.1e}), more damping, or float64 "
                         "(model.double() and float64 data)"
                     )

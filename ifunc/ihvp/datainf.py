@@ -15,6 +15,7 @@ from ..likelihood import replayable
 from ._base import IHVP
 from ._blocks import blocks_info, resolve_blocks
 from ._damping import check_damping, resolve_damping
+from ._scorer import solve_dtype
 
 __all__ = ["ihvp_datainf"]
 
@@ -103,7 +104,7 @@ def ihvp_datainf(
             check_scalar(loss(unflatten(flat), chunk))
             check_summed(lambda x, b: loss(unflatten(x), b), flat, source)
         G = example_gradients(loss, flat, unflatten, chunk, curvature=curvature, generator=gen, offset=offset)
-        parts.append(G.detach())
+        parts.append(G.detach().to(solve_dtype(G.dtype)))  # a half-precision model's gradients held in float32
     S = torch.cat(parts)  # [n, d]
     n = S.shape[0]
     pieces = [(block.index, S[:, block.index], (S[:, block.index] ** 2).sum(1)) for block in groups]

@@ -14,6 +14,7 @@ from ._blocks import Blocks, EigenFactor, eigen_blocks_ihvp, resolve_blocks
 from ._damping import check_conditioning, resolve_damping
 from ._eigen import eigen_solve
 from ._operator import data_operator
+from ._scorer import solve_dtype
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
 
@@ -28,11 +29,12 @@ def operator_matrix(
 ) -> torch.Tensor:
     """Dense ``M[index][:, index]`` (default all of ``M``) from products with unit vectors, ``chunk`` at a time.
 
-    Memory ``O(chunk·d + |index|²)``; ``|index|`` operator products in total.
+    Memory ``O(chunk·d + |index|²)``; ``|index|`` operator products in total. The matrix is returned in
+    ``like``'s dtype, at least float32 (the products of a half-precision model are rounded to its precision).
     """
     index = torch.arange(d, device=like.device) if index is None else index
     m = index.numel()
-    out = torch.empty(m, m, dtype=like.dtype, device=like.device)
+    out = torch.empty(m, m, dtype=solve_dtype(like.dtype), device=like.device)  # half-precision columns: float32
     for start in range(0, m, chunk):
         cols = index[start : start + chunk]
         E = torch.zeros(cols.numel(), d, dtype=like.dtype, device=like.device)

@@ -18,6 +18,7 @@ from ._damping import check_damping, hutchinson_trace, resolve_damping
 from ._lissa_schedule import MAX_DEFAULT_DEPTH, LissaDivergenceError, schedule, top_eigenvalue
 from ._lissa_steps import fresh, step_operators
 from ._operator import data_operator, data_signature
+from ._scorer import solve_dtype
 
 __all__ = ["ihvp_lissa", "LissaDivergenceError", "DEFAULT_TOL", "MAX_DEFAULT_DEPTH"]
 
@@ -83,9 +84,11 @@ def ihvp_lissa(
       depth: recursion steps, an int >= 1; default ``None`` = the fewest that reach ``tol`` (see above),
         re-derived by ``with_damping``. ``info["depth"]`` holds the one used.
       tol: the relative residual every right-hand side must reach, in (0, 1); default :data:`DEFAULT_TOL`
-        (1e-2, the level at which CG keeps rankings, see :func:`ifunc.ihvp_cg`). ``None``: no check. It bounds
-        the RESIDUAL ``‖(H + λI)x − v‖/‖v‖`` (as for CG), not the error of ``x``: that can be larger by up to the
-        condition number of ``H + λI`` (a ``v`` with a small part along the flat directions). With
+        (1e-2, the level at which CG keeps rankings, see :func:`ifunc.ihvp_cg`). ``None``: no check. A
+        half-precision model (its curvature products rounded to bfloat16 / float16, the recursion in float32) meets
+        any ``tol`` at ``4 ε`` of its dtype (bfloat16: 0.031, float16: 0.0039), the residual its products can show.
+        It bounds the RESIDUAL ``‖(H + λI)x − v‖/‖v‖`` (as for CG), not the error of ``x``: that can be larger by
+        up to the condition number of ``H + λI`` (a ``v`` with a small part along the flat directions). With
         ``curvature="hessian"`` the default ``depth`` assumes the smallest eigenvalue of ``H + λI`` is about λ
         (a PSD ``H``); negative curvature makes it smaller and the residual check is what catches the difference.
       repeat: runs averaged, an int >= 1; only mini-batch runs differ, so with all of the data every step
@@ -160,9 +163,15 @@ def ihvp_lissa(
         loss, data, full, operator, block_op, batch_size=batch_size, repeat=repeat, who=who
     )
 
+    # a half-precision model's curvature products are rounded to its dtype, coarser than the float32 solve: the
+    # residual they measure cannot fall below a few of its units, so a tol below 4 ε of the model's dtype is met there
+    products_eps = torch.finfo(like.dtype).eps
+    floor = 4 * products_eps if products_eps > torch.finfo(solve_dtype(like.dtype)).eps else 0.0
+
     def build(lam: float, rule=None) -> IHVP:
         lam = check_damping(lam, allow_zero=False)
-        s, rho, needed, steps = schedule(lam, top, scale=scale, depth=depth, tol=tol, who=who)
+        reach = None if tol is None else max(tol, floor)  # the depth to reach what the products can show
+        s, rho, needed, steps = schedule(lam, top, scale=scale, depth=depth, tol=reach, who=who)
         # full-data updates ‖M^j v‖ are log-convex in j (1.01: rounding); mini-batch ones are noisy (a heuristic)
         growth = 1.01 if full_steps else 10.0
         scale_is = f"scale={s:g}" if scale is not None else f"the default scale 1.5 (λ_max + λ) = {s:.3e}"
@@ -184,7 +193,7 @@ def ihvp_lissa(
 
         def run(V: torch.Tensor, gen: torch.Generator, index: int) -> tuple[torch.Tensor, float]:
             ops = step_operator(gen, index)
-            eps, tiny = 100 * torch.finfo(V.dtype).eps, torch.finfo(V.dtype).tiny
+            eps, tiny = 100 * max(torch.finfo(V.dtype).eps, products_eps), torch.finfo(V.dtype).tiny
             x, first, ratio = V.clone(), V.norm(dim=1), 0.0
             for j in range(steps):
                 new = V + (1 - lam / s) * x - next(ops)(x) / s
@@ -216,7 +225,7 @@ def ihvp_lissa(
                 return X
             residual = (V - operator(X) - lam * X).norm(dim=1) / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
             worst = float(residual.max())
-            if worst <= tol:
+            if worst <= max(tol, floor):
                 return X
             if ratio > growth or (full_steps and worst > 1):
                 raise diverged(f"relative residual {worst:.3e} after {steps} steps, growing")

@@ -13,6 +13,7 @@ from ._base import IHVP
 from ._blocks import Blocks, EigenFactor, eigen_blocks_ihvp, resolve_blocks, restrict
 from ._damping import hutchinson_trace, resolve_damping, trace_beyond
 from ._operator import data_operator
+from ._scorer import solve_dtype
 
 __all__ = ["ihvp_nystrom", "nystrom_sketch"]
 
@@ -75,7 +76,12 @@ def _sketch(
     dtype,
     device,
     name: str,
+    products: torch.dtype | None = None,
 ) -> Sketch:
+    """The sketch of :func:`nystrom_sketch`; ``products``: the dtype the operator's products are rounded to when
+    coarser than ``dtype`` (a half-precision model's, None: ``dtype``): the level of the rounding the Cholesky
+    retry may shift past, while the stabilising shift ``ν`` keeps ``dtype``'s ε (a shift of ``√d ε‖Y‖`` at
+    bfloat16's ε would swamp every eigenvalue below a few percent of the largest)."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{name}: dtype must be a floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
     rank = check_count(rank, "rank", name)
@@ -100,7 +106,8 @@ def _sketch(
         # eigenvalues of Ωᵀ H Ω just below 0 from the rounding of the products: shift past them, and only
         # call the operator indefinite when its negative part is above that rounding level.
         lowest = float(torch.linalg.eigvalsh(core)[0])
-        rounding = d * eps * float(torch.linalg.matrix_norm(Y, ord=2))
+        coarse = max(eps, torch.finfo(products).eps) if products is not None else eps
+        rounding = d * coarse * float(torch.linalg.matrix_norm(Y, ord=2))
         if -lowest <= 100 * rounding:
             nu = nu + 2 * max(-lowest, 0.0)
             chol, info = torch.linalg.cholesky_ex(core + nu * torch.eye(rank, dtype=core.dtype, device=core.device))
@@ -192,9 +199,10 @@ def ihvp_nystrom(
             d_b,
             r,
             generator=generator,
-            dtype=op.flat_params.dtype,
+            dtype=solve_dtype(op.flat_params.dtype),  # a half-precision model's sketch vectors in float32
             device=op.flat_params.device,
             name="ihvp_nystrom",
+            products=op.flat_params.dtype,
         )
         factors.append(EigenFactor(sketch.U, sketch.eigenvalues, r < d_b))
         sketches.append((matvec, d_b, sketch))

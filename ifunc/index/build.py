@@ -30,7 +30,7 @@ from .._types import Data, LossFn, Params
 from .._version import __version__
 from ..functional import structure
 from ..grads import chunk_size_for, iter_per_sample_grads
-from ..ihvp import check_same_data, ihvp_identity, rank_partition
+from ..ihvp import check_same_data, ihvp_identity, rank_partition, solve_dtype
 from ..ihvp.kronecker.budget import capture_chunk_size
 from ..ihvp.kronecker.fit import split_excluded
 from ..ihvp.kronecker.score import capture_chunk
@@ -117,15 +117,18 @@ def _projector(
 ) -> Callable[[Any, int], torch.Tensor]:
     """``compute(batch, offset) -> [dim, b]``: the projected gradients of a chunk's examples, one per column.
 
+    The gradients (captured ``a, g`` or per-example) are projected in the parameters' dtype, at least float32.
+
     The projection's draws are held for the projector's life, or in ``cache`` (per dtype and device) across calls
     when they take at most ``CACHED_BYTES``.
     """
     P = plan.projection
     first = optree.tree_leaves(params, namespace="ifunc")[0]
-    key = ("draws", first.dtype, str(first.device))
+    work = solve_dtype(first.dtype)  # a half-precision model's gradients are projected in float32
+    key = ("draws", work, str(first.device))
     held = None if cache is None else cache.get(key)
     if held is None:
-        held = hold_draws(P, dtype=first.dtype, device=first.device, max_bytes=HELD_BYTES)
+        held = hold_draws(P, dtype=work, device=first.device, max_bytes=HELD_BYTES)
         if cache is not None and sum(_bytes(v) for v in held.values()) <= CACHED_BYTES:
             cache[key] = held
 
@@ -138,7 +141,7 @@ def _projector(
         b = batch_size(batch)
         (G,) = iter_per_sample_grads(loss, params, batch, chunk_size=b, name=name, offset=offset)  # [b, d]
         with torch.no_grad():
-            return project_flat(P, G, params, held=held).T
+            return project_flat(P, G.to(work), params, held=held).T
 
     return per_example if plan.closure is None else captured
 

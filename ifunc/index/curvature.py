@@ -23,7 +23,7 @@ import torch
 
 from .. import distributed
 from ..functional import structure
-from ..ihvp import IHVP, GenericScorer, ScoreOptions, block_damping, check_conditioning
+from ..ihvp import IHVP, GenericScorer, ScoreOptions, block_damping, check_conditioning, solve_dtype
 from .build import query_projector
 from .handle import GradientIndex, projection_digest
 from .projection import Projection
@@ -123,7 +123,7 @@ class ProjectedScorer:
                 "ihvp_projected scores whole queries from a gradient index: drop per_module, per_token, query_rank="
             )
         self.closure, self.dtype = closure, options.dtype
-        self.params_dtype = structure(params).dtypes[0]
+        self.params_dtype = solve_dtype(structure(params).dtypes[0])  # of the self terms (half params: float32)
         self.raw = GenericScorer(lambda V: V, None, loss, params, options._replace(dtype=None))
         #: with the closure's model: ``(batch, offset) -> [dim, b]``, the queries projected as the rows were built
         self.project_queries = None
@@ -155,7 +155,8 @@ class ProjectedScorer:
         return out.to(self.dtype or out.dtype)
 
     def self_quadratic(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[b, dim] -> [1, b]``: ``r_iᵀ (F̃ + λI)^{-1} r_i`` in the closure's dtype, returned in the parameters'."""
+        """``[b, dim] -> [1, b]``: ``r_iᵀ (F̃ + λI)^{-1} r_i`` in the closure's dtype, returned in the parameters' (at
+        least float32)."""
         R = rows.to(self.closure.device, self.closure.dtype)
         with torch.no_grad():
             return (R * self.closure.solve(R)).sum(dim=1)[None].to(rows.device, self.params_dtype)
@@ -201,7 +202,8 @@ def ihvp_projected(
         every Kronecker closure does); the closure keeps that, so later queries with it skip the check.
       damping: λ added to every block; ``None``: per block ``λ_b = 0.1 × mean eigenvalue of F̃_b`` (the rule of the
         Kronecker family). ``with_damping(λ)`` re-damps every block with one λ without refitting.
-      dtype: the dtype the closure solves in (its eigenvectors are kept in it; inputs are cast to it and back).
+      dtype: the dtype the closure solves in (its eigenvectors are kept in it; inputs are cast to it and back):
+        float32 or float64, whatever the model's dtype.
 
     Returns:
       A :class:`ProjectedIHVP` (``dim = index.dim``) taking ``[dim]``, ``[k, dim]``; ``info`` holds ``n``, the
@@ -209,7 +211,7 @@ def ihvp_projected(
 
     Raises:
       TypeError: ``index`` is not a :class:`~ifunc.index.GradientIndex`; damping not a number; ``dtype`` not a
-        floating-point dtype.
+        floating-point dtype, or a half-precision one (``torch.bfloat16``, ``torch.float16``).
       ValueError: an empty index; a block of more than ``MAX_BLOCK`` (8,192) coordinates; a negative damping;
         ``damping=None`` on a block with no curvature; a block whose damped curvature is not positive definite
         (e.g. ``damping=0`` with fewer examples than coordinates).
@@ -227,6 +229,12 @@ def ihvp_projected(
         )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"ihvp_projected: dtype must be a floating-point torch.dtype (torch.float64), got {dtype!r}")
+    if dtype.itemsize < 4:
+        raise TypeError(
+            f"ihvp_projected: dtype={dtype} would solve in half precision, where λ vanishes beside the eigenvalues "
+            "(1 + 1e-3 is 1 in bfloat16); solve in torch.float32 or torch.float64 (the default), and ask attribute("
+            "..., dtype=torch.bfloat16) for a half-precision score contraction"
+        )
     if index.n == 0:
         raise ValueError(f"ihvp_projected: {index.path} holds no examples, so there is no curvature to fit")
     blocks = projected_blocks(index.projection)

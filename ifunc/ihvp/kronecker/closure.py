@@ -31,6 +31,7 @@ from ..._types import Params
 from ...functional import structure
 from .._base import IHVP, summary
 from .._damping import block_damping, check_conditioning, check_damping
+from .._scorer import solve_dtype
 from ._kernels import damped_div
 from .blocks import DiagBlock, KronBlock, gather, precondition_layer, scatter
 from .scorer import KroneckerScorer
@@ -89,7 +90,8 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
     """The closure over ``blocks`` and ``diags``; ``check``: the fit's :class:`~.capture.UseCheck` of its loss."""
     unflatten = structure(params)  # no copy of the parameters: the closure keeps only their layout, dtype, device
     first = optree.tree_leaves(params, namespace="ifunc")[0]
-    dtype, like = first.dtype, first.new_zeros(())
+    dtype = solve_dtype(first.dtype)  # of the factors and the solve: float32 for a half-precision model
+    like = first.new_zeros((), dtype=dtype)
     blocks = tuple(
         b._replace(
             Q_S=None if b.Q_S is None else b.Q_S.to(dtype),

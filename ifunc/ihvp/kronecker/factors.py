@@ -14,6 +14,7 @@ import torch
 
 from ... import store
 from ..._data import params_fingerprint
+from .._scorer import solve_dtype
 from .layers import LayerSpec, kind_of
 
 __all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
@@ -112,7 +113,8 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
 
     Args:
       path: the ``.h5`` file.
-      params: the parameters the factors will be used with (their dtype/device are used for the tensors).
+      params: the parameters the factors will be used with (their dtype/device are used for the tensors; float32
+        for half-precision parameters, as :func:`fit_kronecker_factors` returns them).
       check_params: also require the parameter *values* to match (fingerprint); names and shapes are
         always checked.
 
@@ -139,7 +141,7 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
     like = optree.tree_leaves(params, namespace="ifunc")[0]  # dtype and device of the loaded tensors
 
     def to(a):
-        return torch.from_numpy(a).to(device=like.device, dtype=like.dtype)
+        return torch.from_numpy(a).to(device=like.device, dtype=solve_dtype(like.dtype))  # half params: float32
 
     layers = tuple(LayerSpec(*spec) for spec in meta["layers"])
     factors = {}

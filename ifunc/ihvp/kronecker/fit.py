@@ -109,10 +109,12 @@ def fit_kronecker_factors(
       diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
         it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
       eigen_dtype: dtype of the eigendecompositions, of the sums of ``D`` and ``Λ`` and of the returned eigenvalues,
-        ``D`` and ``Λ``. The covariances ``A, S`` are summed over chunks in the params' dtype (at least float32),
-        like each chunk's product and the gradients themselves (for GPT-2 small's MLP layers the sums are 0.96 GB
-        in float32, 1.9 GB in float64), and decomposed one layer at a time in ``eigen_dtype``. The returned
-        covariances and eigenbases ``Q_A, Q_S`` are in the params' dtype, where the closures use them.
+        ``D`` and ``Λ``. The covariances ``A, S`` are summed over chunks in the params' dtype, at least float32,
+        like each chunk's product (for GPT-2 small's MLP layers the sums are 0.96 GB in float32, 1.9 GB in
+        float64), and decomposed one layer at a time in ``eigen_dtype``. The returned covariances and eigenbases
+        ``Q_A, Q_S`` are in the params' dtype, at least float32, where the closures use them. A half-precision
+        model (``torch.bfloat16``, ``torch.float16``) computes its activations and gradients in its own dtype; they
+        are cast to float32 before any product, so ``A``, ``S``, ``D``, ``Λ`` and the bases are float32 or wider.
       keep_covariances: return ``A`` and ``S`` too; ``False`` keeps only their eigendecompositions (all any closure
         uses) and frees each layer's covariances once decomposed (:func:`ifunc.ihvp_ekfac` and friends fitting
         from data pass ``False``: for GPT-2 small's MLP layers ``A, S`` are 0.96 GB in float32).
@@ -124,7 +126,8 @@ def fit_kronecker_factors(
 
     Raises:
       ValueError / TypeError: unknown curvature, a loss without outputs for ``"ggn"``/``"fisher"``,
-        non-finite factors, uncovered parameters with ``fallback=False``.
+        non-finite factors, uncovered parameters with ``fallback=False``, an ``eigen_dtype`` other than float32 or
+        float64.
       ExampleDimError / WeightUseError / ExampleMixError (``ValueError``): a tracked layer whose input has no
         dimension of the examples, whose weight is also used outside its calls (tied, functional, a custom
         ``forward``), or whose input rows are not the examples in order and apart (a model that sorts or mixes the
@@ -169,6 +172,12 @@ def fit_checked(
     what it checked of ``loss``'s use of the layers (:class:`~.capture.UseCheck`, kept by the closure built from the
     fit)."""
     chunk_size = check_chunk_size(chunk_size)
+    if eigen_dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"eigen_dtype must be torch.float64 (the default) or torch.float32, got {eigen_dtype!r}: the "
+            "eigendecompositions and the Λ sums need at least float32 (a bfloat16 / float16 model's factors are "
+            "fitted in float32 anyway; leave eigen_dtype at its default)"
+        )
     n_samples = check_count(n_samples, "n_samples", "fit_kronecker_factors")
     names, excl, kept = split_excluded(params, exclude)
     if not kept:
@@ -242,9 +251,10 @@ def fit_checked(
                 gs = rec.output_grads(root, u, retain_graph=j < len(directions) - 1, wrt=wrt) if layers else {}
                 if wrt:
                     check.observe(loss, params, model, batch, rec, {s.name: (acts[s.name], gs[s.name]) for s in layers})
-                for s in layers:
-                    a, g, st, kind = acts[s.name], gs[s.name], acc[s.name], kind_of(s)
-                    if rotations is None:  # chunk products in the params' dtype, D sums in eigen_dtype
+                for s in layers:  # a half-precision model's a, g cast to float32 first: every product and sum too
+                    kind = kind_of(s)
+                    a, g, st = kind.cast(acts[s.name], cov_dtype), gs[s.name].to(cov_dtype), acc[s.name]
+                    if rotations is None:  # chunk products in cov_dtype, D sums in eigen_dtype
                         gf = g.reshape(-1, g.shape[-1])
                         _add(st, "S", gf.T @ gf, w, cov_dtype)
                         if diagonal:
@@ -255,11 +265,11 @@ def fit_checked(
                 if rotations is None and uncovered:
                     func = loss if u is None else loss.outputs
                     for k, v in batch_grads(func, params, batch, cotangent=u, wrt=uncovered).items():
-                        fb[k] += w * (v**2).sum(0).to(eigen_dtype)
+                        fb[k] += w * v.to(cov_dtype).square().sum(0).to(eigen_dtype)
             if rotations is None:
                 n += int(next(iter(acts.values())).shape[0]) if acts else batch_size(batch)
                 for s in layers:
-                    a = acts[s.name]
+                    a = kind_of(s).cast(acts[s.name], cov_dtype)
                     _add(acc[s.name], "A", kind_of(s).input_moment(a, s.columns), 1.0 / a.shape[1], cov_dtype)
 
     one_pass(None)
@@ -273,7 +283,7 @@ def fit_checked(
         n,
         owners,
         diagonal=diagonal,
-        dtype=dtype,
+        dtype=cov_dtype,  # the bases of a half-precision model in float32: orthogonal to float32's rounding
         eigen_dtype=eigen_dtype,
         keep_covariances=keep_covariances,
         progress=progress,

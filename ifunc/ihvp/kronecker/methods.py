@@ -222,8 +222,7 @@ def ihvp_identity(
         for s in layers
     ]
     diags = [
-        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], zero.expand(params[p].numel()))
-        for p in uncovered
+        DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], zero.expand(params[p].numel())) for p in uncovered
     ]
     fallback = {d.name: d.diag.view(params[d.name].shape) for d in diags}  # zero curvature, parameter's shape
     factors = KroneckerFactors(tuple(layers), {}, fallback, excl, 0, "identity")

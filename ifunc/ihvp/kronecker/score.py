@@ -63,7 +63,10 @@ def checked(loss, params, ihvp, batch) -> UseCheck:
 
 
 def capture_chunk(loss, params, ihvp, batch, *, name: str, offset: int):
-    """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example."""
+    """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example.
+
+    Returned in the closure's dtype (a half-precision model's, computed in its own dtype, cast to float32).
+    """
     check = checked(loss, params, ihvp, batch)
     diag_names = [d.name for d in ihvp.diags]
     inputs_grads = {}
@@ -75,9 +78,11 @@ def capture_chunk(loss, params, ihvp, batch, *, name: str, offset: int):
         gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
         check_finite(list(gs.values()), name, offset)
         inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in check.layers}
-        check.observe(loss, params, ihvp.model, batch, rec, inputs_grads)
+        check.observe(loss, params, ihvp.model, batch, rec, inputs_grads)  # in the model's dtype, as computed
+        kinds = {s.name: kind_of(s) for s in check.layers}
+        inputs_grads = {k: (kinds[k].cast(a, ihvp.dtype), g.to(ihvp.dtype)) for k, (a, g) in inputs_grads.items()}
     diag = batch_grads(loss, params, batch, wrt=diag_names, name=name, offset=offset) if diag_names else {}
-    return inputs_grads, diag
+    return inputs_grads, {k: v.to(ihvp.dtype) for k, v in diag.items()}
 
 
 class PreparedQueries(NamedTuple):
@@ -193,18 +198,23 @@ def kronecker_chunk_and_self_terms(
 
 
 def _chunk_scores(ihvp, prepared: PreparedQueries, batch, captured, per_module: bool) -> torch.Tensor:
+    """``[n_modules or 1, n_query, b]``: each layer contracted in the prepared queries' dtype (``attribute(dtype=)``),
+    the layers summed in at least float32."""
     layer_parts, diag = captured
     group = {m: j for j, m in enumerate(ihvp.modules)}
+    dt = prepared.diag.dtype  # of the contraction
     with torch.no_grad():
         b = batch_size(batch)
-        out = prepared.diag.new_zeros(len(ihvp.modules) if per_module else 1, prepared.diag.shape[0], b)
+        shape = (len(ihvp.modules) if per_module else 1, prepared.diag.shape[0], b)
+        out = prepared.diag.new_zeros(shape, dtype=torch.promote_types(dt, torch.float32))
         for blk in ihvp.blocks:  # the prepared queries are in parameter space: g, a as captured
             a, g = layer_parts[blk.spec.name]
-            scores = kind_of(blk.spec).scores(*prepared.layers[blk.spec.name], a, g)
+            kind = kind_of(blk.spec)
+            scores = kind.scores(*prepared.layers[blk.spec.name], kind.cast(a, dt), g.to(dt))
             out[group[blk.spec.name] if per_module else 0] += scores
         start = 0
         for d in ihvp.diags:
-            G = diag[d.name].reshape(b, -1)
+            G = diag[d.name].reshape(b, -1).to(dt)
             stop = start + G.shape[1]
             out[group[d.group] if per_module else 0] += prepared.diag[:, start:stop] @ G.T
             start = stop

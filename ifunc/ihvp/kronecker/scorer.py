@@ -7,8 +7,10 @@ other scorer (:class:`ifunc.ihvp.Scorer`). The queries are preconditioned once p
 layer inputs ``a`` and output gradients ``g``: ``Σ_l Σ_t g_tᵀ Q̃_l a_t`` per pair
 (:func:`~ifunc.ihvp.kronecker.score.kronecker_chunk_scores`), per position with ``per_token``
 (:func:`~ifunc.ihvp.kronecker.tokens.token_chunk_scores`), and ``Σ_l Σ (Q_Sᵀ DW Q_A)² / (Λ + λ)`` for
-self-influence (:func:`~ifunc.ihvp.kronecker.score.kronecker_self_terms`). Contractions run in the parameters'
-dtype (``options.dtype`` only casts the result).
+self-influence (:func:`~ifunc.ihvp.kronecker.score.kronecker_self_terms`). The queries are preconditioned and the self
+terms computed in the closure's dtype (the parameters', float32 for a half-precision model); the pairwise and
+per-token contractions run in ``options.dtype`` when given (``attribute(dtype=torch.bfloat16)``: the prepared
+queries and each chunk's captured ``a, g`` cast to it, the layers summed in float32), else in the closure's.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class KroneckerScorer:
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
         self.prepared: PreparedQueries = self._prepared(query, chunk_size, eigenbasis=False)
+        self.scoring = _cast(self.prepared, self.options.dtype)  # what the chunks are contracted with
         self.n_query = int(self.prepared.diag.shape[0])
         return self.n_query
 
@@ -161,10 +164,10 @@ class KroneckerScorer:
         o = self.options
         if o.per_token:
             return token_chunk_scores(
-                self.loss, self.params, self.ihvp, self.prepared, batch, token_mask=o.token_mask, offset=offset
+                self.loss, self.params, self.ihvp, self.scoring, batch, token_mask=o.token_mask, offset=offset
             )
         out = kronecker_chunk_scores(
-            self.loss, self.params, self.ihvp, self.prepared, batch, per_module=o.per_module, offset=offset
+            self.loss, self.params, self.ihvp, self.scoring, batch, per_module=o.per_module, offset=offset
         )
         return out if o.per_module else out[0]
 
@@ -178,7 +181,7 @@ class KroneckerScorer:
         if o.per_token:  # the per-token capture splits diagonal blocks by their uses: a pass of its own
             return self.chunk(batch, offset), self.self_terms(batch, offset)
         block, terms = kronecker_chunk_and_self_terms(
-            self.loss, self.params, self.ihvp, self.prepared, batch, per_module=o.per_module, offset=offset
+            self.loss, self.params, self.ihvp, self.scoring, batch, per_module=o.per_module, offset=offset
         )
         return (block if o.per_module else block[0]), terms
 
@@ -186,3 +189,14 @@ class KroneckerScorer:
         return kronecker_self_terms(
             self.loss, self.params, self.ihvp, batch, per_module=self.options.per_module, offset=offset
         )
+
+
+def _cast(prepared: PreparedQueries, dtype: torch.dtype | None) -> PreparedQueries:
+    """The prepared queries in ``dtype`` (None or their own: themselves, no copy); the self terms keep theirs."""
+    if dtype is None or dtype == prepared.diag.dtype:
+        return prepared
+    layers = {
+        name: (R.to(dtype), None if lr is None else (lr[0].to(dtype), lr[1].to(dtype)))
+        for name, (R, lr) in prepared.layers.items()
+    }
+    return PreparedQueries(prepared.diag.to(dtype), layers, prepared.terms)

@@ -205,10 +205,12 @@ def token_chunk_scores(
     calls.update({mn: [_split(m).positions(x, y) for x, y, _ in used[mn]] for _, (mn, m, _) in uses})
     T = _positions(calls)
     with torch.no_grad():
-        out = prepared.diag.new_zeros(prepared.diag.shape[0], b, T)
+        dt = prepared.diag.dtype  # of the contraction; positions and layers are summed in at least float32
+        out = prepared.diag.new_zeros(prepared.diag.shape[0], b, T, dtype=torch.promote_types(dt, torch.float32))
         for blk in state.blocks:
             a, g, c = captured[blk.spec.name]  # the prepared queries are in parameter space: g, a as captured
-            s = kind_of(blk.spec).token_scores(*prepared.layers[blk.spec.name], a, g)
+            kind = kind_of(blk.spec)
+            s = kind.token_scores(*prepared.layers[blk.spec.name], kind.cast(a, dt), g.to(dt))
             out += s.reshape(s.shape[0], b, len(c), T).sum(2)  # a module called k times: sum its calls
         if state.diags:
             out += _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T)
@@ -234,8 +236,10 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
     per_param = {d.name: prepared.diag.new_zeros(n, b, T) for d in state.diags}
     for d, (mn, m, role) in uses:
         for x, _y, gy in used[mn]:
+            dt = prepared.diag.dtype  # the module's input and output gradient in the queries' dtype (ids stay ints)
+            x = x.to(dt) if x.is_floating_point() else x
             try:
-                per_param[d.name] += _split(m).token_scores(m, role, cols[d.name], x, gy, b)
+                per_param[d.name] += _split(m).token_scores(m, role, cols[d.name], x, gy.to(dt), b)
             except NotSplittable as err:
                 raise ValueError(
                     f"per_token=True: the use of {d.name!r} by {mn!r} cannot be split per example: "
@@ -245,9 +249,17 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
         G = batch_grads(loss, params, batch, wrt=[d.name for d in state.diags], name="train")
     total = prepared.diag.new_zeros(n, b, T)
     for d in state.diags:
-        ref = cols[d.name].reshape(n, -1) @ G[d.name].reshape(b, -1).T
+        Gd = G[d.name].reshape(b, -1)
+        # a gradient summed in the model's dtype, or a split contracted in dtype=, differs from the other by its
+        # rounding: 1e-4 in float32 and float64, 4 units of a half dtype's roundoff (bfloat16 ε = 2^-7: 0.031) of
+        # Σ|q̃||g|
+        eps = max(torch.finfo(Gd.dtype).eps, torch.finfo(prepared.diag.dtype).eps)
+        tol = max(1e-4, 4 * eps)
+        Gd = Gd.to(prepared.diag.dtype)
+        ref = cols[d.name].reshape(n, -1) @ Gd.T
         got = per_param[d.name].sum(-1)
-        if float((got - ref).abs().max()) > 1e-4 * float(ref.abs().max()) + 1e-12:
+        scale = float(ref.abs().max()) if tol == 1e-4 else float((cols[d.name].reshape(n, -1).abs() @ Gd.abs().T).max())
+        if float((got - ref).abs().max()) > tol * scale + 1e-12:
             raise ValueError(
                 f"per_token=True: the per-token split of {d.name!r} misses part of its gradient (it is used outside "
                 "nn.Linear / Conv1D / nn.Embedding / nn.LayerNorm / RMSNorm calls, or its output is changed "
