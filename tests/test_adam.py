@@ -5,6 +5,8 @@ dense solve of ``diag(D) + λI`` on drawn problems, ``ifunc.attribute``, and its
 (``tests/methods.py``, ``"adam"``) runs it through the closure contract and the index tests.
 """
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -355,3 +357,22 @@ def test_a_flat_vector_as_params_is_refused_by_name():
         ifunc.ihvp_adam(flat, opt)
     with pytest.raises(TypeError, match="params is one tensor"):
         ifunc.ihvp_adam(flat, opt, missing="identity")
+
+
+def test_damping_zero_is_accepted_however_wide_the_diagonal_in_float32():
+    """A diagonal inverse ``v_j / D_j`` is exact to one rounding at any condition number: entries never seen in
+    training (``v = 0``, ``D = ε^{2p}``) next to large ones neither refuse ``damping=0`` nor warn, in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))  # float32; tokens 5..9 never seen: v = 0
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randint(0, 5, (8,))).sum().backward()
+    opt.step()
+    params = ifunc.params_of(model)
+    for power in (0.5, 1.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ihvp = ifunc.ihvp_adam(params, opt, damping=0, power=power)
+        D = ifunc.flatten({k: (opt.state[p]["exp_avg_sq"] / (1 - 0.999)).sqrt().add(1e-8) ** (2 * power)
+                           for k, p in model.named_parameters()})[0]  # fmt: skip
+        V = torch.randn(3, D.numel())
+        assert rel_error(ihvp(V), V / D) < 1e-6

@@ -209,6 +209,7 @@ def check_conditioning(
     who: str,
     what: str = "the curvature",
     stacklevel: int = 4,
+    elementwise: bool = False,
 ) -> None:
     """The one check of a damped inverse ``(C + λI)^{-1}`` from the eigenvalues ``w`` of ``C`` (``what``).
 
@@ -224,6 +225,10 @@ def check_conditioning(
       (values of order ``1 / ε``);
     - ``λ > 0`` and ``c >= L``: a ``UserWarning`` (the solve is inaccurate in ``dtype``, not meaningless);
     - otherwise, and for an empty block: nothing.
+
+    ``elementwise=True``: ``C`` is diagonal in the coordinates the solve works in (a diagonal block: ``v_j / (w_j +
+    λ)``), so every entry of the inverse is exact to one rounding at any condition number: only the first case
+    applies (e.g. Adam's ``(√v̂ + ε)²`` at ``λ = 0``).
 
     Raises:
       ValueError: the first two cases, with the damping that fixes them.
@@ -249,7 +254,7 @@ def check_conditioning(
             f"{who}: {what} plus λI is not positive definite at damping {damping:g} (eigenvalues of {what} from "
             f"{lowest:.3e} to {highest:.3e}): its inverse does not exist; {fix}"
         )
-    if high / low < limit:
+    if elementwise or high / low < limit:
         return
     if damping == 0:
         raise ValueError(

@@ -109,8 +109,9 @@ def build_closure(name: str, params: Params, blocks, diags, model, damping, extr
         others = [(d.diag, f"the block of parameter {d.name!r}") for d in diags]
         bl = tuple(block_damping(values, lam, what, who=name) for values, what in layers)
         dl = tuple(block_damping(values, lam, what, who=name) for values, what in others)
-        for (values, what), l_ in zip(layers + others, bl + dl):
-            check_conditioning(values, l_, dtype, who=name, what=what)
+        diagonal = [b.Q_S is None and b.Q_A is None for b in blocks] + [True] * len(diags)  # v / (w + λ), exact
+        for (values, what), l_, plain in zip(layers + others, bl + dl, diagonal):
+            check_conditioning(values, l_, dtype, who=name, what=what, elementwise=plain)
 
         def solve(V: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(V)
