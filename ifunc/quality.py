@@ -10,7 +10,7 @@ from ._errors import check_count
 from .ihvp import IHVP
 from .likelihood import default_generator
 
-__all__ = ["ihvp_error", "IHVPError", "spearman"]
+__all__ = ["ihvp_error", "IHVPError", "spearman", "pearson"]
 
 
 class IHVPError(NamedTuple):
@@ -31,21 +31,29 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return average[inverse]
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of ``[m, n]`` tensors: ``[m]``; NaN for a constant row.
+
+    ``r = Σ_j (a_j − ā)(b_j − b̄) / (‖a − ā‖ ‖b − b̄‖)`` per row.
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(
+            f"pearson: expected two [m, n] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise Spearman rank correlation of ``[m, n]`` tensors (ties get average ranks): ``[m]``.
 
-    ``ρ = corr(rank(a_q), rank(b_q))`` (Pearson correlation of the ranks); NaN for a constant row.
+    ``ρ = corr(rank(a_q), rank(b_q))`` (:func:`pearson` of the ranks); NaN for a constant row.
     """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(
             f"spearman: expected two [m, n] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    out = []
-    for row_a, row_b in zip(a, b):
-        ra, rb = _ranks(row_a), _ranks(row_b)
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        out.append((ra @ rb) / (ra.norm() * rb.norm()))
-    return torch.stack(out)
+    return pearson(torch.stack([_ranks(row) for row in a]), torch.stack([_ranks(row) for row in b]))
 
 
 def _as_flat(name: str, value, ihvp: IHVP) -> torch.Tensor:

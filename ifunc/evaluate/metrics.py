@@ -17,7 +17,7 @@ import torch
 
 from .._errors import check_count
 from ..likelihood import default_generator
-from ..quality import spearman
+from ..quality import pearson, spearman
 
 __all__ = ["random_subsets", "lds", "loo_correlation", "LOOCorrelation", "mislabel_auc"]
 
@@ -157,12 +157,6 @@ class LOOCorrelation(NamedTuple):
     spearman: torch.Tensor  #: ``[q]`` Spearman (rank) correlation of the same pairs
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Pearson correlation of two ``[q, k]`` tensors (NaN for a constant row)."""
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
-
-
 def loo_correlation(
     scores: torch.Tensor, loo_outcomes: torch.Tensor, base_outcome: torch.Tensor, *, examples=None
 ) -> LOOCorrelation:
@@ -226,7 +220,7 @@ def loo_correlation(
         )
     change = (loo - base).T.contiguous()  # [q, k]
     predicted = scores[:, index.long()]
-    return LOOCorrelation(_pearson(predicted, change), spearman(predicted, change))
+    return LOOCorrelation(pearson(predicted, change), spearman(predicted, change))
 
 
 def mislabel_auc(self_scores: torch.Tensor, flipped: torch.Tensor) -> float:
