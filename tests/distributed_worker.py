@@ -36,6 +36,35 @@ def problem(dtype: torch.dtype = torch.float64):
     return model, params, loss, train, query
 
 
+class Branches(torch.nn.Module):
+    """Two layers reading the same input (as an attention block's query, key and value projections do) and a head:
+    their input covariances are equal bit for bit, so the fit decomposes that ``A`` once for both."""
+
+    def __init__(self, dtype: torch.dtype, seed: int = 5):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.left, self.right, self.head = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.to(dtype)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) / p.shape[-1] ** 0.5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.left(x)) * torch.tanh(self.right(x)))
+
+
+def branches_problem(dtype: torch.dtype = torch.float64):
+    """``(model, params, loss, train)``: :class:`Branches` on the data of :func:`problem`."""
+    _, _, _, train, _ = problem(dtype)
+    model = Branches(dtype)
+    params = ifunc.params_of(model)
+    loss = ifunc.output_loss(
+        lambda p, b: ifunc.call(model, p, b[0]),
+        lambda out, b: torch.nn.functional.cross_entropy(out, b[1], reduction="sum"),
+    )
+    return model, params, loss, train
+
+
 def closures(model, params, loss, train) -> dict:
     """Every Kronecker method and the operator-based ones, each fitted from the data (under torchrun: sharded)."""
     dtype = next(iter(params.values())).dtype
@@ -104,6 +133,11 @@ def compute(out_dir, dtype: torch.dtype) -> dict:
         for layer, lf in f.factors.items():
             for field in FACTOR_FIELDS:
                 res[f"{name}/{layer}/{field}"] = getattr(lf, field)
+    branches, bparams, bloss, btrain = branches_problem(dtype)  # shared input covariances: decomposed once
+    shared = ifunc.fit_kronecker_factors(bloss, bparams, btrain, model=branches, chunk_size=4)
+    for layer, lf in shared.factors.items():
+        for field in FACTOR_FIELDS:
+            res[f"shared/{layer}/{field}"] = getattr(lf, field)
     scoring = {"chunk_size": 4, "progress": False}
     for name, ihvp in closures(model, params, loss, train).items():
         res[f"scores/{name}"] = ifunc.attribute(loss, params, ihvp, train, query, **scoring)

@@ -32,7 +32,6 @@ from .distributed_worker import DTYPES, FACTOR_FIELDS, METHODS, SELF
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TOL = {"float32": 1e-4, "float64": 1e-9}
-EIGEN = ("eig_A", "eig_S", "diag", "ekfac")  # in eigen_dtype (float64); the rest in the params' dtype
 
 
 def _command(script, *args, nproc=2) -> list[str]:
@@ -172,11 +171,24 @@ def test_factors_equal_single_process(launched, dtype, curvature):
     assert len(keys) == 2 * len(FACTOR_FIELDS)  # two layers
     for res in ranks:
         assert res[f"{dtype}/n_{curvature}"] == one[f"{dtype}/n_{curvature}"] == 30
-        for k in keys:
-            want = torch.float64 if k.rsplit("/", 1)[1] in EIGEN else DTYPES[dtype]
-            assert res[k].dtype == one[k].dtype == want, k
+        for k in keys:  # eigen_dtype's default is the params' precision: every field in the params' dtype
+            assert res[k].dtype == one[k].dtype == DTYPES[dtype], k
             assert rel_error(res[k].double(), one[k].double()) < TOL[dtype], k
     for k in keys:  # every rank holds the same factors, bit for bit
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layers_with_one_input_share_its_decomposition_across_ranks(launched, dtype):
+    """``left`` and ``right`` read the same input: one rank decomposes their ``A``, the other rank's layer takes it."""
+    ranks, one = launched
+    for res in (*ranks, one):
+        for field in ("A", "eig_A", "Q_A"):
+            assert torch.equal(res[f"{dtype}/shared/left/{field}"], res[f"{dtype}/shared/right/{field}"]), field
+        assert not torch.equal(res[f"{dtype}/shared/left/S"], res[f"{dtype}/shared/right/S"])
+    for k in [k for k in one if k.startswith(f"{dtype}/shared/")]:
+        assert rel_error(ranks[0][k].double(), one[k].double()) < TOL[dtype], k
         assert torch.equal(ranks[0][k], ranks[1][k]), k
 
 
@@ -210,7 +222,8 @@ def test_scores_equal_single_process(launched, dtype, what):
 @pytest.mark.slow
 def test_worker_covers_every_case(launched):
     ranks, one = launched
-    scored = {k.split("/", 1)[1] for k in one if k.split("/")[1] not in ("ggn", "fisher", "n_ggn", "n_fisher")}
+    fits = ("ggn", "fisher", "n_ggn", "n_fisher", "shared")  # factors, compared by the tests above
+    scored = {k.split("/", 1)[1] for k in one if k.split("/")[1] not in fits}
     kinds = {f"{kind}/{m}" for kind in ("bf16", "written", "rewritten", "topk") for m in ("ekfac", "cg")}
     assert scored == set(SCORES) | kinds | {"topk/index"}
     assert set(ranks[0]) == set(one) | {"refused", "params_refused", "collectives"}

@@ -119,7 +119,8 @@ def test_kronecker_statistics_and_bases_of_a_half_model_are_float32_or_wider(dty
     for name, layer in f.factors.items():
         assert layer.A is not None and layer.S is not None and layer.Q_A is not None and layer.ekfac is not None
         assert {layer.A.dtype, layer.S.dtype, layer.Q_A.dtype, layer.Q_S.dtype} == {torch.float32}
-        assert {layer.eig_A.dtype, layer.eig_S.dtype, layer.ekfac.dtype} == {torch.float64}  # eigen_dtype
+        assert {layer.eig_A.dtype, layer.eig_S.dtype, layer.ekfac.dtype} == {torch.float32}  # default eigen_dtype
+        assert f.eigen_dtype == "float32" and f64.eigen_dtype == "float64"
         ref = f64.factors[name]
         assert ref.A is not None and ref.S is not None
         assert rel_error(layer.A.double(), ref.A) < MLP_TOL * U[dtype]

@@ -11,7 +11,7 @@ def test_factors_repr_shows_shapes():
     assert text == (
         "KroneckerFactors(curvature='ggn', n=12, layers={'0': 'A [4, 4], S [5, 5], diag [5, 4], ekfac [5, 4]', "
         "'2': 'A [6, 6], S [4, 4], diag [4, 6], ekfac [4, 6]'}, fallback={'4.weight': '[2, 4]'}, "
-        "excluded=('4.bias',))"
+        "excluded=('4.bias',), eigen_dtype='float64')"
     )
     assert "tensor" not in text and str(f) == text
     ident = ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1)  # the factors still work as a tuple

@@ -17,7 +17,7 @@ from ..._data import params_fingerprint
 from .._scorer import solve_dtype
 from .layers import LayerSpec, kind_of
 
-__all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors"]
+__all__ = ["LayerFactors", "KroneckerFactors", "save_factors", "load_factors", "dtype_name"]
 
 FORMAT = "ifunc-factors"
 _LAYER_FIELDS = ("A", "S", "eig_A", "Q_A", "eig_S", "Q_S", "diag", "ekfac")
@@ -52,6 +52,9 @@ class KroneckerFactors(NamedTuple):
     excluded: tuple[str, ...]  #: parameter names excluded by the user
     n: int  #: number of examples averaged over
     curvature: str
+    #: dtype the eigendecompositions ran in (``"float32"`` / ``"float64"``); None: not recorded (a file saved by a
+    #: release that did not record it, whose default was float64, or factors built by hand)
+    eigen_dtype: str | None = None
 
     def __repr__(self) -> str:
         """Shapes, not values: ``KroneckerFactors(curvature='ggn', n=100, layers={'fc1': 'A [5, 5], S [16, 16]'})``."""
@@ -70,10 +73,16 @@ class KroneckerFactors(NamedTuple):
             parts = [f"{what} {shape(t)}" for what, t in named if t is not None]
             layers[spec.name] = ", ".join(parts)
         fallback = {k: shape(v) for k, v in self.fallback.items()}
+        eig = "" if self.eigen_dtype is None else f", eigen_dtype={self.eigen_dtype!r}"
         return (
             f"KroneckerFactors(curvature={self.curvature!r}, n={self.n}, layers={layers}, fallback={fallback}, "
-            f"excluded={self.excluded!r})"
+            f"excluded={self.excluded!r}{eig})"
         )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: how factor files and metadata name a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _param_signature(params) -> tuple[str, dict]:
@@ -100,6 +109,7 @@ def save_factors(path, factors: KroneckerFactors, params, *, overwrite: bool = F
         "curvature": factors.curvature,
         "excluded": list(factors.excluded),
         "layers": [list(spec) for spec in factors.layers],
+        "eigen_dtype": factors.eigen_dtype,
     }
     groups = {
         f"layers/{name}": {field: getattr(lf, field) for field in _LAYER_FIELDS} for name, lf in factors.factors.items()
@@ -162,4 +172,5 @@ def load_factors(path, params, *, check_params: bool = True) -> KroneckerFactors
             ekfac=to(g["ekfac"]) if "ekfac" in g else None,
         )
     fallback = {name: to(a) for name, a in groups.get("fallback", {}).items()}
-    return KroneckerFactors(layers, factors, fallback, tuple(meta["excluded"]), meta["n"], meta["curvature"])
+    excluded = tuple(meta["excluded"])
+    return KroneckerFactors(layers, factors, fallback, excluded, meta["n"], meta["curvature"], meta.get("eigen_dtype"))

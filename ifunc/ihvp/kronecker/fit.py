@@ -43,11 +43,12 @@ from ..._types import Data, LossFn, Params
 from ...grads import batch_grads, check_summed
 from ...likelihood import default_generator
 from .._operator import check_same_data, rank_partition
+from .._scorer import solve_dtype
 from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .cotangents import CURVATURES, draws, resolve
 from .eigenbases import layer_eigenbases
-from .factors import KroneckerFactors
+from .factors import KroneckerFactors, dtype_name
 from .layers import dict_parameter_names, find_layers, kind_of
 
 __all__ = ["fit_kronecker_factors", "fit_checked", "split_excluded", "CURVATURES"]
@@ -109,12 +110,18 @@ def fit_kronecker_factors(
       diagonal: also fit ``D = E[DW²]`` of every layer (needed by :func:`ifunc.ihvp_diagonal`; for sequences
         it costs as much as ``Λ``, so :func:`ifunc.ihvp_ekfac` and :func:`ifunc.ihvp_kfac` fit without it).
       eigen_dtype: dtype of the eigendecompositions, of the sums of ``D`` and ``Λ`` and of the returned eigenvalues,
-        ``D`` and ``Λ``. The covariances ``A, S`` are summed over chunks in the params' dtype, at least float32,
+        ``D`` and ``Λ``; ``None`` (default): the params' precision, at least float32 (float32 for float32, bfloat16
+        and float16 models, float64 for float64 ones). ``torch.float64`` for a float32 model decomposes in float64
+        anyway (2-4x slower on large factors; the scores agree with float32's to a Spearman of 0.999+ on the
+        benchmarked language models, see docs/benchmarks.md). The choice is ``factors.eigen_dtype`` and is saved
+        with the factors. The covariances ``A, S`` are summed over chunks in the params' dtype, at least float32,
         like each chunk's product (for GPT-2 small's MLP layers the sums are 0.96 GB in float32, 1.9 GB in
-        float64), and decomposed one layer at a time in ``eigen_dtype``. The returned covariances and eigenbases
-        ``Q_A, Q_S`` are in the params' dtype, at least float32, where the closures use them. A half-precision
-        model (``torch.bfloat16``, ``torch.float16``) computes its activations and gradients in its own dtype; they
-        are cast to float32 before any product, so ``A``, ``S``, ``D``, ``Λ`` and the bases are float32 or wider.
+        float64), and decomposed one layer at a time (factors of 1,024 rows or more on all threads, smaller ones
+        on one; layers with bit-identical input covariances share one decomposition). The returned covariances and
+        eigenbases ``Q_A, Q_S`` are in the params' dtype, at least float32, where the closures use them. A
+        half-precision model (``torch.bfloat16``, ``torch.float16``) computes its activations and gradients in its
+        own dtype; they are cast to float32 before any product, so ``A``, ``S``, ``D``, ``Λ`` and the bases are
+        float32 or wider.
       keep_covariances: return ``A`` and ``S`` too; ``False`` keeps only their eigendecompositions (all any closure
         uses) and frees each layer's covariances once decomposed (:func:`ifunc.ihvp_ekfac` and friends fitting
         from data pass ``False``: for GPT-2 small's MLP layers ``A, S`` are 0.96 GB in float32).
@@ -164,7 +171,7 @@ def fit_checked(
     chunk_size: int | None = None,
     max_memory: int | None = None,
     diagonal: bool = True,
-    eigen_dtype: torch.dtype = torch.float64,
+    eigen_dtype: torch.dtype | None = None,
     keep_covariances: bool = True,
     progress: bool | None = None,
 ) -> tuple[KroneckerFactors, UseCheck]:
@@ -172,11 +179,11 @@ def fit_checked(
     what it checked of ``loss``'s use of the layers (:class:`~.capture.UseCheck`, kept by the closure built from the
     fit)."""
     chunk_size = check_chunk_size(chunk_size)
-    if eigen_dtype not in (torch.float32, torch.float64):
+    if eigen_dtype not in (None, torch.float32, torch.float64):
         raise TypeError(
-            f"eigen_dtype must be torch.float64 (the default) or torch.float32, got {eigen_dtype!r}: the "
-            "eigendecompositions and the Λ sums need at least float32 (a bfloat16 / float16 model's factors are "
-            "fitted in float32 anyway; leave eigen_dtype at its default)"
+            f"eigen_dtype must be torch.float64, torch.float32 or None (the default: the params' precision, at "
+            f"least float32), got {eigen_dtype!r}: the eigendecompositions and the Λ sums need at least float32 (a "
+            "bfloat16 / float16 model's factors are fitted in float32 anyway; leave eigen_dtype at its default)"
         )
     n_samples = check_count(n_samples, "n_samples", "fit_kronecker_factors")
     names, excl, kept = split_excluded(params, exclude)
@@ -191,6 +198,7 @@ def fit_checked(
         )
     dtype = next(iter(params.values())).dtype
     device = next(iter(params.values())).device
+    eigen_dtype = solve_dtype(dtype) if eigen_dtype is None else eigen_dtype  # the params' precision, >= float32
     gen = generator if generator is not None else default_generator(device)
     start_state = gen.get_state()
     curvature, sample = resolve(loss, curvature, sample)  # checks an explicit choice; None: decided on the outputs
@@ -298,5 +306,6 @@ def fit_checked(
             assert isinstance(total, torch.Tensor)  # every layer added a chunk (the data is not empty)
             factors[s.name] = factors[s.name]._replace(ekfac=total.div_(n))
         release_free_memory()
-    out = KroneckerFactors(tuple(check.layers), factors, {k: v / n for k, v in fb.items()}, excl, n, curvature)
+    diagonals = {k: v / n for k, v in fb.items()}  # of the parameters no layer covers
+    out = KroneckerFactors(tuple(check.layers), factors, diagonals, excl, n, curvature, dtype_name(eigen_dtype))
     return out, check

@@ -64,7 +64,12 @@ def _from_factors(method: str, params, factors: KroneckerFactors, model, damping
         DiagBlock(p, p.rsplit(".", 1)[0] if "." in p else "", lay[p], v.reshape(-1))
         for p, v in factors.fallback.items()
     ]
-    info = {"blocks": _blocks_info(params, factors, method), "curvature": factors.curvature, "n": factors.n}
+    info = {
+        "blocks": _blocks_info(params, factors, method),
+        "curvature": factors.curvature,
+        "n": factors.n,
+        "eigen_dtype": factors.eigen_dtype,  # the factors' eigendecompositions' dtype (None: not recorded)
+    }
     return build_closure(method, params, blocks, diags, model, damping, info, check=check)
 
 
@@ -96,7 +101,8 @@ _FIT_DOC = """
 
     Returns:
       :class:`IHVP` closure (flat ``[d]``, ``[k, d]`` or pytree); ``info["blocks"]`` says which block handles
-      each parameter, ``info["damping"]`` the λ of each block.
+      each parameter, ``info["damping"]`` the λ of each block, ``info["eigen_dtype"]`` the dtype the factors'
+      eigendecompositions ran in (``"float32"`` / ``"float64"``; None: factors that do not record it).
 """
 
 
