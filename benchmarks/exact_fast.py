@@ -14,6 +14,13 @@ and ``1e-2``. For every method: build time, ``attribute`` time (query gradients,
 gradients and the contraction), total, and the Spearman correlation of its ``[n_query, n_train]`` scores with the
 exact ones (``ihvp_explicit`` at the same λ), per query: min and mean over the queries. Methods run interleaved,
 round by round, so machine load hits them alike; the load average is printed.
+
+``explicit (before: products+eigh)`` is the former dense path (``d`` curvature-product columns, then ``eigh``), run
+next to the current one (Jacobians or gradients, then Cholesky). pyDVL's direct solve with
+``SecondOrderMode.GAUSS_NEWTON`` forms ``Σ_i g_i g_iᵀ / (d (B − 1))`` from per-example loss gradients (the empirical
+Fisher, with B its batches: see :func:`pydvl_scale`), so ``explicit, pyDVL's matrix (EF)`` is ``ihvp_explicit`` on
+that matrix at the matching λ, and the line after each table compares the two score matrices directly (pyDVL's
+influences have our sign).
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lds  # noqa: E402  (the benchmark next to this one: data, model and training)
 
 import ifunc  # noqa: E402
+from ifunc._data import DataSource  # noqa: E402
+from ifunc.ihvp._blocks import resolve_blocks  # noqa: E402
+from ifunc.ihvp._dense import dense_curvature  # noqa: E402
+from ifunc.ihvp._dense_solve import DenseSolver, dense_ihvp  # noqa: E402
 from ifunc.quality import spearman  # noqa: E402
+
+PYDVL_BATCH = 64
 
 
 def make_problem(name: str):
@@ -53,8 +66,29 @@ def make_problem(name: str):
     return model, loss, ifunc.params_of(model), (x, y), (xq, yq)
 
 
-def ours(loss, params, train, model, lam):
-    """label -> build(); ``lam=None`` is the damping rule."""
+def former_explicit(loss, params, train, lam):
+    """``ihvp_explicit`` as it was before the Jacobian path: ``d`` curvature-product columns, then ``eigh``."""
+    op = ifunc.curvature_operator(loss, params, train)
+    flat, unflatten = ifunc.flatten(params)
+    groups = resolve_blocks("full", unflatten)
+    matrices, _, _ = dense_curvature(loss, op, DataSource(train), groups, way="products")
+    solver = DenseSolver(matrices, psd=True, dtype=flat.dtype, who="ihvp_explicit")
+    solver._eigendecompose()  # every solve from the eigendecomposition, as the former closure did
+    lam = lam if lam is not None else 0.1 * solver.trace() / flat.numel()
+    return dense_ihvp(solver, groups, lam, name="explicit", unflatten=unflatten, like=flat.new_zeros(()), info={})
+
+
+def pydvl_scale(d: int, n: int) -> float:
+    """pyDVL 0.10's ``gauss_newton`` is ``Σ_i g_i g_iᵀ`` (per-example loss gradients: the empirical Fisher, not the
+    GGN) divided by ``d · (batches − 1)`` instead of ``n`` (it counts the rows of each batch's ``[d, d]`` product and
+    skips the first batch): its matrix is ``F_emp · n / (d (B − 1))``, so its regularisation λ is our damping
+    ``λ · d (B − 1) / n`` on ``F_emp``, and its scores are ours times ``d (B − 1) / n``."""
+    batches = -(-n // PYDVL_BATCH)
+    return d * (batches - 1) / n
+
+
+def ours(loss, params, train, model, lam, peer_lam: float):
+    """label -> build(); ``lam=None`` is the damping rule; ``peer_lam`` the λ pyDVL is given (the rule's value)."""
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     op = lambda: ifunc.curvature_operator(loss, params, train)  # noqa: E731
 
@@ -73,8 +107,13 @@ def ours(loss, params, train, model, lam):
         pre = ifunc.ihvp_ekfac(loss, params, train, model=model, damping=cg.damping)
         return ifunc.ihvp_cg(loss, params, train, damping=cg.damping, tol=1e-2, preconditioner=pre)
 
+    d, n = ifunc.flatten(params)[0].numel(), len(train[1])
     return {
         "explicit": lambda: ifunc.ihvp_explicit(loss, params, train, damping=lam),
+        "explicit (before: products+eigh)": lambda: former_explicit(loss, params, train, lam),
+        "explicit, pyDVL's matrix (EF)": lambda: ifunc.ihvp_explicit(
+            loss, params, train, curvature="empirical_fisher", damping=peer_lam * pydvl_scale(d, n)
+        ),
         "cg (default, tol 1e-5)": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam),
         "cg tol 1e-3": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam, tol=1e-3),
         "cg tol 1e-2": lambda: ifunc.ihvp_cg(loss, params, train, damping=lam, tol=1e-2),
@@ -103,7 +142,7 @@ def pydvl_methods(model, train, lam: float):
         return {}
     from torch.utils.data import DataLoader, TensorDataset
 
-    loader = DataLoader(TensorDataset(*train), batch_size=64)
+    loader = DataLoader(TensorDataset(*train), batch_size=PYDVL_BATCH)
     kw = dict(regularization=lam, second_order_mode=SecondOrderMode.GAUSS_NEWTON)
 
     def build(cls, **extra):
@@ -124,8 +163,8 @@ def timed(loss, params, build, train, query, peer: bool):
     ihvp = build()
     built = time.perf_counter() - start
     start = time.perf_counter()
-    if peer:  # pyDVL's scores are influences of up-weighting on the query *loss*: ours are their negation
-        scores = -ihvp.influences(query[0], query[1], train[0], train[1]).detach()
+    if peer:  # pyDVL's influences <H^{-1} ∇ℓ(z_q), ∇ℓ(z_i)> have our sign: both are + for a helpful example
+        scores = ihvp.influences(query[0], query[1], train[0], train[1]).detach()
     else:
         scores = ifunc.attribute(loss, params, ihvp, train, query, progress=False)
     return built, time.perf_counter() - start, scores, getattr(ihvp, "damping", None)
@@ -150,7 +189,7 @@ def main(argv=None):
         print(f"   exact reference built in {time.perf_counter() - start:.2f} s")
         for lam, lam_label in ((None, f"rule λ = {lam_rule:.3g}"), (1e-2, "λ = 1e-2")):
             ref = ifunc.attribute(loss, params, exact.with_damping(lam or lam_rule), train, query, progress=False)
-            table = {k: (v, False) for k, v in ours(loss, params, train, model, lam).items()}
+            table = {k: (v, False) for k, v in ours(loss, params, train, model, lam, lam or lam_rule).items()}
             if not args.no_peers:
                 table.update({k: (v, True) for k, v in pydvl_methods(model, train, lam or lam_rule).items()})
             if args.only:
@@ -183,6 +222,17 @@ def main(argv=None):
                     f"   {label:32s} {built:8.2f} {attr:8.2f} {min(totals):9.2f} {statistics.median(totals):7.2f} "
                     f"{ratio} {float(rho.min()):7.4f} {float(rho.mean()):7.4f}",
                     flush=True,
+                )
+            peer, mine = results.get("pyDVL direct", []), results.get("explicit, pyDVL's matrix (EF)", [])
+            peer = [r for r in peer if not isinstance(r, Exception)]
+            mine = [r for r in mine if not isinstance(r, Exception)]
+            if peer and mine:  # the conventions aligned: same matrix, same λ, same sign; scores differ by a scale
+                a, b = peer[0][2].double(), mine[0][2].double() * pydvl_scale(d, len(train[1]))
+                rho = spearman(a, b)
+                print(
+                    f"   pyDVL direct vs ifunc explicit on pyDVL's matrix (empirical Fisher, λ matched): ρ min "
+                    f"{float(rho.min()):.4f} mean {float(rho.mean()):.4f}, max |Δ| / max |s| "
+                    f"{float((a - b).abs().max() / b.abs().max()):.1e}"
                 )
     print(f"\nload average after: {os.getloadavg()}")
     print("* the recommended setting: ihvp_cg(..., tol=1e-2, preconditioner=nystrom_preconditioner(op, rank=100))")

@@ -12,11 +12,12 @@ their Fisher estimates differ by sampling noise); for ifunc, how far per-token s
 pairwise ones.
 
 Floors, measured in the same run (the machine is shared, so its speed moves): the float32 GEMM rate on the
-benchmark's threads, and the float64 eigendecompositions of one layer's factors (one thread, as the fit runs
-them). The fit's FLOP floor counts two forward passes, two backward passes to the layer outputs (no weight
-gradients are needed), the covariance products, the eigenbasis rotations and per-sequence products of the
-EK-FAC pass; pairwise and per-token scores: one forward + backward over the training data (the queries are rotated
-back to parameter space once, so the training data is not rotated) and
+benchmark's threads, and the eigendecompositions of one block's factors as ifunc's fit runs them by default
+(float32 for this float32 model; factors of 1,024 rows or more on the benchmark's threads, smaller ones on one),
+with the float64 one-thread figure beside it. The fit's FLOP floor counts two forward passes, two backward passes
+to the layer outputs (no weight gradients are needed), the covariance products, the eigenbasis rotations and
+per-sequence products of the EK-FAC pass; pairwise and per-token scores: one forward + backward over the training
+data (the queries are rotated back to parameter space once, so the training data is not rotated) and
 the ``q·n·T·out·in`` contraction.
 
 Kronfluence (``pip install kronfluence``, 1.0.1) needs ``nn.Linear`` layers: the benchmark converts GPT-2's
@@ -227,16 +228,21 @@ def profile_fit(args) -> None:
     stats.sort_stats("cumulative").print_stats(40)
 
 
-def eigh_seconds(sizes: list[int]) -> float:
-    """Seconds of float64 eigendecompositions of SPD matrices of ``sizes`` on one thread (as the fit runs them)."""
-    torch.set_num_threads(1)
+def eigh_seconds(sizes: list[int], dtype: torch.dtype, threads: int) -> float:
+    """Seconds of ``dtype`` eigendecompositions of SPD matrices of ``sizes``, as ifunc's fit runs them
+    (:func:`ifunc.ihvp.kronecker.eigenbases.symmetric_eig`: 1,024 rows or more on ``threads``, smaller on one)."""
+    from ifunc.ihvp.kronecker.eigenbases import symmetric_eig
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     total = 0.0
     for n in sizes:
         x = torch.randn(2 * n, n, dtype=torch.float64)
-        m = x.T @ x
+        m = (x.T @ x).to(dtype)
         t = time.perf_counter()
-        torch.linalg.eigh(m)
+        symmetric_eig(m, dtype)
         total += time.perf_counter() - t
+    torch.set_num_threads(before)
     return total
 
 
@@ -310,8 +316,13 @@ def main() -> None:
         flush=True,
     )
     rate0 = gemm_rate(args.threads)
-    eig = eigh_seconds([769, 3072, 3073, 768])
-    print(f"float32 GEMM {rate0:.0f} GFLOP/s; float64 eigh of one block's factors {eig:.1f} s", flush=True)
+    eig = eigh_seconds([769, 3072, 3073, 768], torch.float32, args.threads)  # ifunc's default for a float32 model
+    eig64 = eigh_seconds([769, 3072, 3073, 768], torch.float64, 1)
+    print(
+        f"float32 GEMM {rate0:.0f} GFLOP/s; eigh of one block's factors: float32 as the fit runs them {eig:.1f} s "
+        f"(float64 on one thread {eig64:.1f} s)",
+        flush=True,
+    )
     res: dict = {}
     scores: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -130,7 +130,8 @@ SDPA_ERROR = (
 
 BUILDERS = {
     "cg": lambda loss, p, data: ifunc.ihvp_cg(loss, p, data, damping=0.1),
-    "explicit": lambda loss, p, data: ifunc.ihvp_explicit(loss, p, data, damping=0.1),
+    # the Hessian's columns are forward-over-reverse products (the GGN and the Fishers are built without forward mode)
+    "explicit": lambda loss, p, data: ifunc.ihvp_explicit(loss, p, data, damping=0.1, curvature="hessian"),
     "arnoldi": lambda loss, p, data: ifunc.ihvp_arnoldi(loss, p, data, rank=2, damping=0.1),
     "nystrom": lambda loss, p, data: ifunc.ihvp_nystrom(loss, p, data, rank=2, damping=0.1),
     "lissa": lambda loss, p, data: ifunc.ihvp_lissa(loss, p, data, damping=0.1, depth=2, tol=None),

@@ -14,7 +14,7 @@ et al. 2023) of the curvature block being inverted. Two modes, one factor, one w
 
 How the whole-closure methods get ``tr(C)``:
 
-- explicit: the sum of its eigenvalues (exact);
+- explicit: the trace of its dense matrix (exact);
 - DataInf: ``(1/n) Σ_i ‖g_i‖²`` from the per-example gradients it already holds (exact);
 - Arnoldi, Nyström: the trace of the curvature on the Krylov space / sketch they built (exact) plus a
   Hutchinson estimate of the rest, with probes projected out of that space (exact at ``rank = d``);

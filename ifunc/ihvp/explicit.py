@@ -2,52 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from .._data import DataSource
 from .._types import Data, LossFn, Params
 from ..curvature import resolve_curvature
 from ..functional import flatten
 from ._base import IHVP
-from ._blocks import Blocks, EigenFactor, eigen_blocks_ihvp, resolve_blocks
-from ._damping import check_conditioning, resolve_damping
-from ._eigen import eigen_solve
+from ._blocks import Blocks, blocks_info, resolve_blocks
+from ._damping import resolve_damping
+from ._dense import dense_curvature
+from ._dense_solve import DenseSolver, dense_ihvp
 from ._operator import data_operator
-from ._scorer import solve_dtype
 
 __all__ = ["ihvp_explicit", "ihvp_from_matrix"]
-
-
-def operator_matrix(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    d: int,
-    *,
-    like: torch.Tensor,
-    index: torch.Tensor | None = None,
-    chunk: int = 256,
-) -> torch.Tensor:
-    """Dense ``M[index][:, index]`` (default all of ``M``) from products with unit vectors, ``chunk`` at a time.
-
-    Memory ``O(chunk·d + |index|²)``; ``|index|`` operator products in total. The matrix is returned in
-    ``like``'s dtype, at least float32 (the products of a half-precision model are rounded to its precision).
-    """
-    index = torch.arange(d, device=like.device) if index is None else index
-    m = index.numel()
-    out = torch.empty(m, m, dtype=solve_dtype(like.dtype), device=like.device)  # half-precision columns: float32
-    for start in range(0, m, chunk):
-        cols = index[start : start + chunk]
-        E = torch.zeros(cols.numel(), d, dtype=like.dtype, device=like.device)
-        E[torch.arange(cols.numel()), cols] = 1
-        out[start : start + cols.numel()] = matvec(E)[:, index]
-    return (out + out.T) / 2
 
 
 def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | None = None) -> IHVP:
     """iHVP closure of a given symmetric ``[d, d]`` matrix ``M``: ``v -> (M + λI)^{-1} v``.
 
-    The eigendecomposition ``M = Q diag(w) Qᵀ`` runs once in float64; each call costs ``O(k d²)`` and
-    :meth:`IHVP.with_damping` reuses it. ``damping=None`` (default): ``λ = 0.1 · mean(w) = 0.1 · tr(M) / d``.
+    ``M + λI = L Lᵀ`` is factorised once in float64 (Cholesky, ``d³/3`` flops); each call costs ``O(k d²)``.
+    :meth:`IHVP.with_damping` factorises again, and from the third damping on eigendecomposes ``M`` once, after
+    which every damping is free. ``info["eigenvalues"]`` is computed when first read. ``damping=None``
+    (default): ``λ = 0.1 · mean eigenvalue = 0.1 · tr(M) / d`` (exact from the diagonal). The conditioning check
+    is that of an eigendecomposition, decided from cheap bounds where they suffice (see
+    :mod:`ifunc.ihvp._dense_solve`).
+
+    Args:
+      matrix: ``[d, d]``, symmetric (it is symmetrised as ``(M + Mᵀ) / 2``), finite.
+      params: pytree or flat vector ``[d]`` giving the layout, dtype and device of the closure.
+      damping: λ >= 0, or ``None`` for the rule above.
+
+    Returns:
+      :class:`IHVP` closure with ``info["eigenvalues"]`` (float64, ascending).
 
     Raises:
       ValueError: ``M`` is not ``[d, d]`` for the ``d`` of ``params``, is not finite, ``M + λI`` is
@@ -55,6 +42,10 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | N
 
     Warns:
       UserWarning: the damped condition number is beyond what the parameters' dtype solves accurately.
+
+    Example:
+      >>> ihvp = ifunc.ihvp_from_matrix(H, params, damping=1e-3)
+      >>> x = ihvp(v)                        # (H + 1e-3 I)^{-1} v
     """
     flat, unflatten = flatten(params)
     d = flat.numel()
@@ -63,24 +54,11 @@ def ihvp_from_matrix(matrix: torch.Tensor, params: Params, *, damping: float | N
     if not torch.isfinite(matrix).all():
         raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
     M = matrix.detach().to(torch.float64)
-    w, Q = torch.linalg.eigh((M + M.T) / 2)
-    lam, rule = resolve_damping(damping, lambda: (float(w.sum()), "exact"), d, who="ihvp_from_matrix")
+    solver = DenseSolver([(M + M.T) / 2], psd=False, dtype=flat.dtype, who="ihvp_explicit")
+    lam, rule = resolve_damping(damping, lambda: (solver.trace(), "exact"), d, who="ihvp_from_matrix")
+    groups = resolve_blocks("full", unflatten, device=flat.device)
     like = flat.new_zeros(())  # the closure keeps the parameters' dtype and device, not their values
-
-    def build(lam: float, rule=None) -> IHVP:
-        check_conditioning(w, lam, like.dtype, who="ihvp_explicit")
-        return IHVP.make(
-            lambda V: eigen_solve(Q, w, lam, V),
-            name="explicit",
-            damping=lam,
-            unflatten=unflatten,
-            like=like,
-            rebuild=build,
-            info={"eigenvalues": w},
-            rule=rule,
-        )
-
-    return build(lam, rule)
+    return dense_ihvp(solver, groups, lam, name="explicit", unflatten=unflatten, like=like, info={}, rule=rule)
 
 
 def ihvp_explicit(
@@ -96,20 +74,30 @@ def ihvp_explicit(
     """Exact ``v -> (H + λI)^{-1} v`` from the dense mean curvature matrix.
 
     ``H = (1/n) Σ_i ∇² ℓ_i`` over the ``n`` examples of ``data`` (the Hessian, or the Gauss-Newton matrix
-    with ``curvature="ggn"``, or a Fisher, see :func:`ifunc.curvature_operator`). Forms ``H`` (``d``
-    HVP-columns, ``O(d²)`` memory), eigendecomposes it in float64 once; each call then costs ``O(k d²)``.
-    Changing the damping is free (``with_damping``).
+    with ``curvature="ggn"``, or a Fisher, see :func:`ifunc.curvature_operator`), ``O(d²)`` memory, formed the
+    fastest exact way the curvature allows (:mod:`ifunc.ihvp._dense`): ``Gᵀ G / n`` from per-example gradients
+    ``G [n, d]`` for the Fishers (``n d²`` flops); ``Jᵀ (Λ J) / n`` from per-example output Jacobians ``J_i [m, d]``
+    and output Hessians ``Λ_i [m, m]`` for the GGN (``n m d²`` flops, at the matrix-product rate); ``d`` batched
+    curvature products otherwise (the Hessian, a loss without the output split). The same matrix either way, to
+    rounding.
+
+    The solve (:mod:`ifunc.ihvp._dense_solve`, float64; the closure holds ``H`` and the factor, ``2 d²`` floats): a
+    Cholesky factorisation of ``H + λI`` (``d³/3`` flops); each call then costs ``O(k d²)``. ``with_damping``
+    factorises again, and from the third damping on the closure eigendecomposes ``H`` once, after which every
+    damping is free. ``info["eigenvalues"]`` is computed when first
+    read. The conditioning is checked as an eigendecomposition would check it, from cheap bounds where they prove
+    the solve accurate and from the eigenvalues otherwise.
 
     With ``blocks="layer"`` (or a mapping parameter name -> group) only the diagonal blocks ``H_bb`` are
-    formed (``d`` HVPs in total, ``O(Σ_b d_b²)`` memory) and each is inverted on its own: the cross-block
-    curvature is dropped, ``[(H + λI)^{-1} v]_b ≈ (H_bb + λI)^{-1} v_b``.
+    formed (``O(Σ_b d_b²)`` memory) and each is inverted on its own: the cross-block curvature is dropped,
+    ``[(H + λI)^{-1} v]_b ≈ (H_bb + λI)^{-1} v_b``.
 
     Args:
       loss: ``loss(params, batch) -> scalar`` summed over the batch (or an :func:`ifunc.output_loss`).
       params: pytree or flat vector ``[d]``.
       data: batch, list of batches, Dataset or DataLoader.
       damping: λ >= 0, or ``None`` (default) for ``λ = 0.1 × the mean eigenvalue = 0.1 · tr(H) / d``, exact from
-        the eigenvalues (with ``blocks``: of the block diagonal, whose trace is ``tr(H)``, so one λ for all
+        the diagonal (with ``blocks``: of the block diagonal, whose trace is ``tr(H)``, so one λ for all
         blocks). The λ used is ``ihvp.damping``.
       curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``; default ``"ggn"`` for an
         ``output_loss``, else ``"hessian"``.
@@ -133,31 +121,24 @@ def ihvp_explicit(
     Example:
       >>> ihvp = ifunc.ihvp_explicit(loss, params, (x, y), damping=1e-3)
       >>> x = ihvp(v)                      # (H + 1e-3 I)^{-1} v
-      >>> ihvp.with_damping(1e-2)(v)       # no recomputation
+      >>> ihvp.with_damping(1e-2)(v)       # a new Cholesky factorisation of the same H
     """
     curvature = resolve_curvature(loss, curvature)
     flat, unflatten = flatten(params)
     groups = resolve_blocks(blocks, unflatten, device=flat.device)
-    # columns from batched curvature products (vmapped, 256 at a time): 7x faster and 5x less memory than
-    # torch.func.hessian / a dense output Hessian on a 2.4k-parameter MLP with 1,000 examples
-    op = data_operator(loss, params, data, curvature=curvature, generator=generator)
+    op = data_operator(loss, params, data, curvature=curvature, generator=generator)  # checks the loss and data
+    source = DataSource(data, name="data", ordered=curvature == "fisher")
+    matrices, _, psd = dense_curvature(loss, op, source, groups, generator=generator)
+    solver = DenseSolver(matrices, psd=psd, dtype=flat.dtype, who="ihvp_explicit")
     d = flat.numel()
-    factors = []
-    for block in groups:
-        M = operator_matrix(op.matvec, d, like=flat, index=block.index).to(torch.float64)
-        if not torch.isfinite(M).all():
-            raise ValueError("the curvature matrix contains NaN/inf: check the loss and the data")
-        w, Q = torch.linalg.eigh(M)
-        factors.append(EigenFactor(Q, w, False))
-    trace = lambda: (sum(float(f.w.sum()) for f in factors), "exact")  # noqa: E731
-    lam, rule = resolve_damping(damping, trace, d, who="ihvp_explicit")
-    return eigen_blocks_ihvp(
-        factors,
+    lam, rule = resolve_damping(damping, lambda: (solver.trace(), "exact"), d, who="ihvp_explicit")
+    return dense_ihvp(
+        solver,
         groups,
         lam,
         name="explicit",
         unflatten=unflatten,
         like=flat.new_zeros(()),
-        info={"curvature": curvature},
+        info={"blocks": blocks_info("explicit", groups), "curvature": curvature},
         rule=rule,
     )
