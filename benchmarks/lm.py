@@ -21,6 +21,7 @@ Kronfluence is not an ifunc dependency: ``pip install kronfluence`` by hand; wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -143,6 +144,7 @@ def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
         "rss": rss,
         "per_token_r32": t4 - t3,
         "spearman_r32": spearman(low, tok),
+        "pass": model_pass(model, train),
     }, {"pairwise": pair, "per_token": tok}
 
 
@@ -244,24 +246,54 @@ def spawn(which: str, method: str, problem: str, out: str, threads: int) -> dict
 def flop_floors(n: int, q: int) -> dict:
     """FLOPs of the unavoidable work of each EK-FAC stage (the eigendecompositions, ≤ 513², take < 0.1 s).
 
-    A forward pass and a backward pass to the layer outputs (no weight gradients) per pass over the data; the
-    fit: two passes, the covariance products ``a aᵀ``, ``g gᵀ`` and, for Λ, the eigenbasis rotations of ``a, g``
-    and the per-sequence ``Σ_t g aᵀ``; pairwise: one pass, ``Σ_t g aᵀ`` and the ``[q, n]`` contraction; per-token:
-    one pass and the ``q·n·T·out·in`` contraction.
+    A forward pass and a backward pass to the layer outputs (no weight gradients) per pass over the data. Per token,
+    the forward is ``2·weights`` in the Linear layers and ``2·2·T·d`` in each block's attention (``q kᵀ`` and
+    ``p v``); the backward is ``2·weights`` less the input gradient of the first tracked layer (nothing before it is
+    tracked), and four attention products (``dp = dy vᵀ``, ``dv = pᵀ dy``, ``dq = ds k``, ``dk = dsᵀ q``). The fit:
+    two passes, the covariance products ``a aᵀ``, ``g gᵀ`` and, for Λ, the eigenbasis rotations of ``a, g`` and the
+    per-sequence ``Σ_t g aᵀ``; pairwise: one pass, then per layer the cheapest exact contraction, ``Σ_t g aᵀ`` per
+    sequence (``2·T·out·in``) and its products with the ``q`` queries (``2·q·out·in``), cheaper than applying every
+    query at every position (``2·q·T·out·in``); per-token: one pass and that ``q·n·T·out·in`` contraction.
     """
     T = CONTEXT
     layers = [(WIDTH + 1, 3 * WIDTH), (WIDTH + 1, WIDTH), (WIDTH + 1, 4 * WIDTH), (4 * WIDTH + 1, WIDTH)] * BLOCKS
     layers.append((WIDTH + 1, VOCAB))  # (in + bias, out) of every tracked Linear
     weights = sum((i - 1) * o for i, o in layers)
-    per_token = 2 * weights + BLOCKS * 2 * 2 * T * WIDTH  # forward: the layers and attention's two products
-    passes = 2 * per_token * n * T  # forward + backward to the layer outputs
+    attention = BLOCKS * 2 * 2 * T * WIDTH  # per token: q kᵀ and p v, each 2·T·d
+    first = (layers[0][0] - 1) * layers[0][1]  # the first tracked layer's weights: no input gradient needed
+    passes = n * T * ((2 * weights + attention) + (2 * (weights - first) + 2 * attention))
     squares = 2 * n * T * sum(i * i + o * o for i, o in layers)
     dw = 2 * n * T * sum(i * o for i, o in layers)
     return {
         "fit": 2 * passes + 2 * squares + dw,
         "pairwise": passes + dw + 2 * q * n * sum(i * o for i, o in layers),
         "per_token": passes + 2 * q * n * T * sum(i * o for i, o in layers),
+        "pass": passes,
     }
+
+
+def model_pass(model: nn.Module, train: torch.Tensor, chunk: int = 64) -> float:
+    """Seconds of plain PyTorch's forward + backward to the tracked layers' outputs over ``train`` (the floor's pass,
+    as eager PyTorch runs it: its GELU, softmax, masking, LayerNorm and copies are not GEMM work)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    outs: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        outs.append(output)
+
+    t0 = time.perf_counter()
+    for s in range(0, len(train), chunk):
+        outs.clear()
+        hooks = [m.register_forward_hook(keep) for m in linears]
+        try:
+            with torch.enable_grad():
+                batch = train[s : s + chunk]
+                value = lm_loss(model(batch[:, :-1]), batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.autograd.grad(value, outs)
+    return time.perf_counter() - t0
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -276,10 +308,11 @@ def sum_error(scores: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--small", action="store_true", help="400 train / 10 query sequences, 60 training steps")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ekfac,kfac,identity")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", metavar="DIR", help="keep the trained problem and every library's scores in DIR")
     ap.add_argument("--worker", choices=["ifunc", "kronfluence"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--problem", help=argparse.SUPPRESS)
@@ -303,7 +336,9 @@ def main() -> None:
     )
     rate0 = gemm_rate(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as tmp:
         problem = os.path.join(tmp, "problem.pt")
         make_problem(n_train, n_query, steps, problem)
         for method in args.methods.split(","):
@@ -316,7 +351,7 @@ def main() -> None:
                     print(
                         f"{method:8s} {lib:11s} fit {res[lib]['fit']:7.2f} s  pairwise {res[lib]['pairwise']:7.2f} s"
                         f"  per-token {res[lib]['per_token']:7.2f} s  peak RSS {res[lib]['rss']:6.0f} MB  "
-                        f"per-token sum error {sum_error(scores[lib]):.1e}",
+                        f"per-token sum error {sum_error(scores[lib]):.1e}  load average {os.getloadavg()[0]:.1f}",
                         flush=True,
                     )
             rows.append((method, res, scores))
@@ -347,6 +382,16 @@ def main() -> None:
             print(
                 f"| {method} | Spearman ifunc vs Kronfluence (pairwise / per-token) | "
                 f"{spearman(a['pairwise'], b['pairwise']):.4f} | {spearman(a['per_token'], b['per_token']):.4f} | |"
+            )
+        if method == "ekfac":
+            rest = ours["pairwise"] - ours["pass"]
+            print(
+                f"| {method} | plain PyTorch pass: forward + backward to the layer outputs (s) | {ours['pass']:.2f} | "
+                f"| | {ours['pass'] / floors['pass']:.2f} |"
+            )
+            print(
+                f"| {method} | pairwise less that pass: queries, capture, contraction (s) | {rest:.2f} | | | "
+                f"{rest / (floors['pairwise'] - floors['pass']):.2f} |"
             )
         print(
             f"| {method} | ifunc per-token with query_rank=32 (s; Spearman vs full rank) | "

@@ -22,6 +22,10 @@ An ``nn.Embedding`` layer (one-hot inputs ``a_t = e_{x_t}``) is contracted by ga
 
 Parameters outside the Kronecker layers (diagonal blocks) use ``vmap(grad)`` per-example gradients of
 those parameters only.
+
+A NaN/inf in a training example's captured ``a`` or ``g`` reaches every one of its scores, so a chunk checks its
+``[q, b]`` block (or self terms) once and inspects the captured values, to name the example, only when that block is
+not finite (:func:`check_outputs`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from .budget import capture_chunk_size, check_chunk_size
 from .capture import UseCheck, layer_capture, probe_layers, requiring_grad
 from .layers import kind_of
 
-__all__ = ["capture_chunk", "PreparedQueries", "kronecker_prepare", "kronecker_chunk_scores", "kronecker_self_terms"]
+__all__ = [
+    "capture_chunk",
+    "check_outputs",
+    "PreparedQueries",
+    "kronecker_prepare",
+    "kronecker_chunk_scores",
+    "kronecker_self_terms",
+]
 
 
 def checked(loss, params, ihvp, batch) -> UseCheck:
@@ -62,24 +73,27 @@ def checked(loss, params, ihvp, batch) -> UseCheck:
     return check
 
 
-def capture_chunk(loss, params, ihvp, batch, *, name: str, offset: int):
+def capture_chunk(loss, params, ihvp, batch, *, name: str, offset: int, check: bool = True):
     """For one batch: ``({module: (a, g)}, {param: per-example grads})`` of ``loss``; NaN/inf raise by example.
 
     Returned in the closure's dtype (a half-precision model's, computed in its own dtype, cast to float32).
+    ``check=False`` leaves the captured ``g`` unchecked for a caller that checks what it computes from them instead
+    (:func:`check_outputs`); the diagonal blocks' per-example gradients are checked either way.
     """
-    check = checked(loss, params, ihvp, batch)
+    use = checked(loss, params, ihvp, batch)
     diag_names = [d.name for d in ihvp.diags]
     inputs_grads = {}
-    if check.layers:
+    if use.layers:
         p = requiring_grad(params)
-        with layer_capture(ihvp.model, check.layers, examples=batch_size(batch)) as rec, torch.enable_grad():
+        with layer_capture(ihvp.model, use.layers, examples=batch_size(batch)) as rec, torch.enable_grad():
             value = loss(p, batch)
         rec.check()
-        gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
-        check_finite(list(gs.values()), name, offset)
-        inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in check.layers}
-        check.observe(loss, params, ihvp.model, batch, rec, inputs_grads)  # in the model's dtype, as computed
-        kinds = {s.name: kind_of(s) for s in check.layers}
+        gs = rec.output_grads(value, retain_graph=False, wrt=use.wrt(p))
+        if check:
+            check_finite(list(gs.values()), name, offset)
+        inputs_grads = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name]) for s in use.layers}
+        use.observe(loss, params, ihvp.model, batch, rec, inputs_grads)  # in the model's dtype, as computed
+        kinds = {s.name: kind_of(s) for s in use.layers}
         inputs_grads = {k: (kinds[k].cast(a, ihvp.dtype), g.to(ihvp.dtype)) for k, (a, g) in inputs_grads.items()}
     diag = batch_grads(loss, params, batch, wrt=diag_names, name=name, offset=offset) if diag_names else {}
     return inputs_grads, {k: v.to(ihvp.dtype) for k, v in diag.items()}
@@ -181,20 +195,50 @@ def kronecker_prepare(
     return PreparedQueries(diag, layers, torch.cat(terms))
 
 
+def check_outputs(outputs: list[torch.Tensor], layers: dict, offset: int) -> None:
+    """Raise naming the first training example whose captured ``a`` or ``g`` has a NaN/inf, when ``outputs`` do.
+
+    One ``isfinite`` over what a chunk's capture produced (its ``[q, b]`` score block, its ``[b]`` self terms) stands
+    in for a check of every captured ``g``: each score or term of example ``i`` is a sum of products with every entry
+    of its ``a_{i,t}`` and ``g_{i,t}``, and a NaN/inf in a factor makes the product non-finite whatever the other
+    factor is (``0·NaN = 0·inf = NaN``), so a non-finite gradient ``DW_i = Σ_t g_{i,t} a_{i,t}ᵀ`` always shows. Only
+    then (or for an empty block, which shows nothing) are ``layers`` (``{module: (a, g, ...)}``) inspected, by example.
+    Outputs that are non-finite although every captured value is finite are left to the caller: the contraction
+    overflowed (:func:`ifunc._score_loop.run_chunks` says so).
+
+    Raises:
+      ValueError: ``non-finite gradient for example {offset + i} of train data``, ``i`` the first such example.
+    """
+    if all(t.numel() and bool(torch.isfinite(t).all()) for t in outputs):
+        return
+    tensors = [t for parts in layers.values() for t in parts[:2] if t.is_floating_point()]
+    check_finite(tensors, "train", offset)
+
+
 def kronecker_chunk_scores(
     loss: LossFn, params: Params, ihvp, prepared: PreparedQueries, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
-    """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example."""
-    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
-    return _chunk_scores(ihvp, prepared, batch, captured, per_module)
+    """Scores of one train batch: ``[n_modules or 1, n_query, b]``; ``offset`` = index of its first example.
+
+    A NaN/inf in a captured gradient raises by example (checked on the scores, :func:`check_outputs`).
+    """
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset, check=False)
+    block = _chunk_scores(ihvp, prepared, batch, captured, per_module)
+    check_outputs([block], captured[0], offset)
+    return block
 
 
 def kronecker_chunk_and_self_terms(
     loss: LossFn, params: Params, ihvp, prepared: PreparedQueries, batch, *, per_module: bool = False, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kronecker_chunk_scores(...), kronecker_self_terms(...))`` of one train batch from one capture."""
-    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
-    return _chunk_scores(ihvp, prepared, batch, captured, per_module), _self_terms(ihvp, batch, captured, per_module)
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset, check=False)
+    block, terms = (
+        _chunk_scores(ihvp, prepared, batch, captured, per_module),
+        _self_terms(ihvp, batch, captured, per_module),
+    )
+    check_outputs([block, terms], captured[0], offset)
+    return block, terms
 
 
 def _chunk_scores(ihvp, prepared: PreparedQueries, batch, captured, per_module: bool) -> torch.Tensor:
@@ -224,9 +268,14 @@ def _chunk_scores(ihvp, prepared: PreparedQueries, batch, captured, per_module: 
 def kronecker_self_terms(
     loss: LossFn, params: Params, ihvp, batch, *, per_module: bool = False, offset: int = 0
 ) -> torch.Tensor:
-    """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``."""
-    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset)
-    return _self_terms(ihvp, batch, captured, per_module)
+    """``s[i] = Σ_l Σ (Q_Sᵀ DW_i Q_A)² / (Λ + λ)`` (+ diagonal blocks) of one train batch: ``[n_modules or 1, b]``.
+
+    A NaN/inf in a captured gradient raises by example (checked on the terms, :func:`check_outputs`).
+    """
+    captured = capture_chunk(loss, params, ihvp, batch, name="train", offset=offset, check=False)
+    terms = _self_terms(ihvp, batch, captured, per_module)
+    check_outputs([terms], captured[0], offset)
+    return terms
 
 
 def _self_terms(ihvp, batch, captured, per_module: bool) -> torch.Tensor:

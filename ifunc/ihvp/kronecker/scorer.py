@@ -21,6 +21,7 @@ from ... import distributed
 from ..._data import DataSource
 from ..._types import LossFn, Params
 from .._scorer import ScoreOptions
+from ._kernels import input_major
 from .blocks import scatter
 from .budget import capture_chunk_size
 from .layers import kind_of
@@ -64,7 +65,8 @@ class KroneckerScorer:
         return distributed.broadcast_from_rank0(prepared)  # the same on every rank
 
     def prepare(self, query: DataSource, chunk_size: int | None) -> int:
-        self.prepared: PreparedQueries = self._prepared(query, chunk_size, eigenbasis=False)
+        # each layer's queries stored input-major (the layout the pairwise contraction reads fastest), once
+        self.prepared: PreparedQueries = _input_major(self._prepared(query, chunk_size, eigenbasis=False))
         self.scoring = _cast(self.prepared, self.options.dtype)  # what the chunks are contracted with
         self.n_query = int(self.prepared.diag.shape[0])
         return self.n_query
@@ -192,7 +194,8 @@ class KroneckerScorer:
 
 
 def _cast(prepared: PreparedQueries, dtype: torch.dtype | None) -> PreparedQueries:
-    """The prepared queries in ``dtype`` (None or their own: themselves, no copy); the self terms keep theirs."""
+    """The prepared queries in ``dtype`` (None or their own: themselves, no copy; a copy keeps the layout); the self
+    terms keep theirs."""
     if dtype is None or dtype == prepared.diag.dtype:
         return prepared
     layers = {
@@ -200,3 +203,13 @@ def _cast(prepared: PreparedQueries, dtype: torch.dtype | None) -> PreparedQueri
         for name, (R, lr) in prepared.layers.items()
     }
     return PreparedQueries(prepared.diag.to(dtype), layers, prepared.terms)
+
+
+def _input_major(prepared: PreparedQueries) -> PreparedQueries:
+    """The prepared queries with each layer's ``Q̃`` stored input-major (:func:`~._kernels.input_major`): the same
+    values, laid out once for the contraction of every chunk."""
+    layers = {}
+    for name in list(prepared.layers):
+        R, lr = prepared.layers.pop(name)  # one layer's old layout freed before the next is copied
+        layers[name] = (input_major(R), lr)
+    return PreparedQueries(prepared.diag, layers, prepared.terms)

@@ -36,10 +36,10 @@ from typing import Callable
 import torch
 
 from ..._batches import batch_size, slice_batch
-from ...grads import batch_grads, check_finite
+from ...grads import batch_grads
 from .capture import layer_capture, requiring_grad
 from .layers import kind_of
-from .score import PreparedQueries, checked
+from .score import PreparedQueries, check_outputs, checked
 from .uses import NotSplittable, UseKind, use_kind
 
 __all__ = ["check_per_token", "token_chunk_scores"]
@@ -178,8 +178,7 @@ def _capture(loss, params, ihvp, batch, uses, offset: int):
     with layer_capture(ihvp.model, check.layers, extra, examples=b, widen=widen) as rec, torch.enable_grad():
         value = loss(p, batch)
     rec.check()
-    gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))
-    check_finite(list(gs.values()), "train", offset)
+    gs = rec.output_grads(value, retain_graph=False, wrt=check.wrt(p))  # NaN/inf: checked on the scores
     captured = {s.name: (rec.activations(s, gs[s.name].dtype), gs[s.name], rec.positions(s)) for s in check.layers}
     check.observe(loss, params, ihvp.model, batch, rec, {n: (a, g) for n, (a, g, _) in captured.items()})
     return captured, rec.call_grads()
@@ -188,7 +187,10 @@ def _capture(loss, params, ihvp, batch, uses, offset: int):
 def token_chunk_scores(
     loss, params, ihvp, prepared: PreparedQueries, batch, *, token_mask: Callable | None = None, offset: int = 0
 ) -> torch.Tensor:
-    """Per-token scores of one train batch, ``[n_query, b, T]`` (sum over T = the pairwise scores)."""
+    """Per-token scores of one train batch, ``[n_query, b, T]`` (sum over T = the pairwise scores).
+
+    A NaN/inf in a captured gradient raises by example (checked on the scores, :func:`~.score.check_outputs`).
+    """
     state = ihvp
     uses = _diag_uses(state)
     captured, used = _capture(loss, params, state, batch, uses, offset)
@@ -212,8 +214,9 @@ def token_chunk_scores(
             kind = kind_of(blk.spec)
             s = kind.token_scores(*prepared.layers[blk.spec.name], kind.cast(a, dt), g.to(dt))
             out += s.reshape(s.shape[0], b, len(c), T).sum(2)  # a module called k times: sum its calls
+        check_outputs([out], captured, offset)  # before the mask: a NaN/inf at a masked position raises too
         if state.diags:
-            out += _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T)
+            out += _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T, offset)
         if token_mask is not None:
             mask = token_mask(batch)
             if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, T):
@@ -225,7 +228,7 @@ def token_chunk_scores(
     return out
 
 
-def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -> torch.Tensor:
+def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T, offset: int) -> torch.Tensor:
     """Diagonal-block contributions per position, checked against the per-example-gradient scores."""
     n = prepared.diag.shape[0]
     cols, start = {}, 0
@@ -246,7 +249,7 @@ def _diag_token_scores(loss, params, state, prepared, batch, uses, used, b, T) -
                     f"{err}; exclude={[d.name]} it from the closure"
                 ) from None
     with torch.enable_grad():
-        G = batch_grads(loss, params, batch, wrt=[d.name for d in state.diags], name="train")
+        G = batch_grads(loss, params, batch, wrt=[d.name for d in state.diags], name="train", offset=offset)
     total = prepared.diag.new_zeros(n, b, T)
     for d in state.diags:
         Gd = G[d.name].reshape(b, -1)
