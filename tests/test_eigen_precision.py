@@ -135,13 +135,39 @@ def test_a_float32_decomposition_that_fails_is_redone_in_float64(monkeypatch):
 
     def flaky(A):
         if A.dtype == torch.float32:
-            raise RuntimeError("linalg.eigh: the algorithm failed to converge")  # as torch.linalg.LinAlgError
+            raise eigenbases.LinAlgError("linalg.eigh: the algorithm failed to converge")
         return eigh(A)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     w, Q = eigenbases.symmetric_eig(M, torch.float32)
     assert w.dtype == Q.dtype == torch.float32
     torch.testing.assert_close(w, torch.tensor([1.0, 3.0], dtype=torch.float32))
-    with pytest.raises(RuntimeError, match="failed to converge"):  # float64 failing too is not hidden
+    with pytest.raises(eigenbases.LinAlgError, match="failed to converge"):  # float64 failing too is not hidden
         monkeypatch.setattr(torch.linalg, "eigh", lambda A: flaky(A.float()))
         eigenbases.symmetric_eig(M, torch.float64)
+    model, params, loss, data = mlp_problem(sizes=(3, 5, 2))
+    # every factor's eigh fails (2-D); the GGN's batched per-example output Hessians (3-D) still decompose
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: flaky(A.float()) if A.dim() == 2 else eigh(A))
+    with pytest.raises(ValueError, match=r"eigendecomposition of a factor of layer '0' failed in float64 too"):
+        ifunc.fit_kronecker_factors(loss, params, data, model=model)
+
+
+def test_other_errors_inside_eigh_are_not_retried(monkeypatch):
+    def no_memory(A):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_memory)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        eigenbases.symmetric_eig(torch.eye(3, dtype=torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_store_metadata_names_float32_bases_only(dtype):
+    """Factors decomposed in float64 (and old ones that do not say) describe themselves as before the field existed,
+    so their stores resume; float32 bases are told apart."""
+    model, params, loss, data = mlp_problem(sizes=(3, 5, 2), dtype=dtype)
+    f = ifunc.fit_kronecker_factors(loss, params, data, model=model)
+    described = ifunc.ihvp_ekfac(loss, params, f, model=model, damping=0.1).describe()["method_info"]
+    assert described.get("eigen_dtype") == ("float32" if dtype == torch.float32 else None)
+    old = f._replace(eigen_dtype=None)
+    assert "eigen_dtype" not in ifunc.ihvp_ekfac(loss, params, old, model=model, damping=0.1).describe()["method_info"]

@@ -204,3 +204,50 @@ def test_from_matrix_agrees_with_a_dense_solve_at_every_damping(d, log_cond, see
         closure = ihvp.with_damping(lam)
         expected = torch.linalg.solve(A + lam * torch.eye(d), V.T).T
         torch.testing.assert_close(closure(V), expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_a_store_summary_of_a_psd_curvature_needs_no_eigendecomposition(monkeypatch):
+    """``describe`` (a score store's metadata) summarises GGN/Fisher eigenvalues from the matrix: tr M, ‖M‖_F²."""
+    _, params, loss, data = mlp_problem(seed=6, sizes=(3, 4, 2), n=7)
+    for curvature in ("ggn", "empirical_fisher"):
+        ihvp = ifunc.ihvp_explicit(loss, params, data, damping=0.1, curvature=curvature, blocks="layer")
+        calls = []
+        eigvalsh = torch.linalg.eigvalsh
+        monkeypatch.setattr(torch.linalg, "eigvalsh", lambda M: calls.append(1) or eigvalsh(M))
+        described = ihvp.describe()
+        assert calls == []  # the summary came from the matrices
+        monkeypatch.undo()
+        got = described["curvature"]["info eigenvalues"]
+        w = ihvp.info["eigenvalues"]  # now computed: the summary is theirs, to rounding
+        assert got[0] == w.numel()
+        torch.testing.assert_close(torch.tensor(got[1:]), torch.tensor([float(w.abs().sum()), float(w.square().sum())]))
+        assert "eigenvalues" not in described["method_info"]
+        assert ihvp.describe() == described  # the same metadata before and after the eigenvalues were computed
+
+
+def test_an_indefinite_hessian_is_summarised_by_its_eigenvalues():
+    _, params, loss, data = mlp_problem(seed=6, sizes=(3, 4, 2), n=7)
+    ihvp = ifunc.ihvp_explicit(loss, params, data, damping=10.0, curvature="hessian")
+    w = ihvp.info["eigenvalues"]
+    assert bool((w < 0).any())  # Σ|w| is not the trace here
+    got = ihvp.describe()["curvature"]["info eigenvalues"]
+    assert got == [w.numel(), float(w.abs().sum()), float(w.square().sum())]
+
+
+def test_a_float32_softmax_ggn_is_known_to_be_psd():
+    """A softmax output Hessian is singular: its float32 rounding sits at -u·‖Λ‖, still PSD (no eigvalsh at build)."""
+    _, params, loss, data = mlp_problem(seed=2, sizes=(5, 8, 6), n=30, dtype=torch.float32)
+    op = ifunc.curvature_operator(loss, params, data, curvature="ggn")
+    _, way, psd = dense_curvature(loss, op, DataSource(data), resolve_blocks("full", op.unflatten))
+    assert way == "jacobians" and psd
+
+
+def test_many_outputs_per_parameter_choose_the_columns():
+    """``m`` outputs per example beyond ``d / 8``: the ``[m, m]`` Hessians and ``n m d²`` cost more than columns."""
+    params, loss, data = _sequence_problem()  # m = 2 positions x 5 classes = 10 outputs, d = 41
+    op = ifunc.curvature_operator(loss, params, data, curvature="ggn")
+    groups = resolve_blocks("full", op.unflatten)
+    assert dense_curvature(loss, op, DataSource(data), groups)[1] == "products"
+    forced, way, _ = dense_curvature(loss, op, DataSource(data), groups, way="jacobians")  # still possible, asked
+    assert way == "jacobians"
+    _close(forced[0], dense_curvature(loss, op, DataSource(data), groups)[0][0], torch.float64)

@@ -107,14 +107,15 @@ def test_the_default_kronecker_chunk_is_capped_in_bytes_with_the_same_factors(mo
         torch.testing.assert_close(got.factors[name].ekfac, f.ekfac)
 
 
-def test_float32_factors_keep_bases_in_the_params_dtype_and_eigenvalues_in_float64():
+@pytest.mark.parametrize("eigen_dtype", [None, torch.float64], ids=["default", "float64"])
+def test_float32_factors_keep_bases_in_the_params_dtype_and_eigenvalues_in_eigen_dtype(eigen_dtype):
     model, params, loss, (x, y) = mlp_problem(seed=6, sizes=(4, 8, 3), n=20, dtype=torch.float32)
-    f = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model).factors["2"]
+    f = ifunc.fit_kronecker_factors(loss, params, (x, y), model=model, eigen_dtype=eigen_dtype).factors["2"]
     assert f.A.dtype == f.S.dtype == f.Q_A.dtype == f.Q_S.dtype == torch.float32
     assert f.ekfac is not None
-    assert f.eig_A.dtype == f.eig_S.dtype == f.ekfac.dtype == torch.float64
+    assert f.eig_A.dtype == f.eig_S.dtype == f.ekfac.dtype == (eigen_dtype or torch.float32)  # default: the params'
     w, Q = torch.linalg.eigh(f.S.double())  # the float64 decomposition, cast (up to the signs of the vectors)
-    torch.testing.assert_close(f.eig_S, w.clamp_min(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(f.eig_S.double(), w.clamp_min(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close((f.Q_S.double().T @ Q).abs(), torch.eye(len(w), dtype=torch.float64), atol=1e-4, rtol=0)
 
 

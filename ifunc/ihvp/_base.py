@@ -33,6 +33,13 @@ def summary(t: torch.Tensor) -> list:
     return [t.numel(), float(t.abs().sum()), float(t.square().sum())]
 
 
+def _summary_of(info, key: str) -> list | None:
+    """What ``info.summary_of(key)`` gives (the summary of an entry not yet computed), None for a plain dict."""
+    of = getattr(info, "summary_of", None)
+    known = of(key) if callable(of) else None
+    return known if isinstance(known, list) else None
+
+
 def plain(v):
     """``v`` as JSON-able values: numbers, strings, None, lists and string-keyed dicts of them; any other object
     by its type only, ``"<TypeName>"`` (its repr may hold a memory address)."""
@@ -172,8 +179,16 @@ class IHVP:
 
     def _curvature_summary(self) -> dict[str, list]:
         """``{label: [numel, Σ|x|, Σx²]}`` of every curvature tensor the closure holds: ``"info {key}"`` for each
-        tensor in ``info`` (eigenvalues)."""
-        return {f"info {k}": summary(v) for k, v in self.info.items() if isinstance(v, torch.Tensor)}
+        tensor in ``info`` (eigenvalues). An ``info`` entry computed only when read (a dense closure's eigenvalues)
+        is summarised without computing it when ``info.summary_of(key)`` can (see :class:`LazyInfo`)."""
+        out = {}
+        for k in self.info:
+            known = _summary_of(self.info, k)
+            if known is not None:
+                out[f"info {k}"] = known
+            elif isinstance(self.info[k], torch.Tensor):
+                out[f"info {k}"] = summary(self.info[k])
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What defines this closure, JSON-able, for a score store's metadata.
@@ -192,7 +207,9 @@ class IHVP:
             "method": self.name,
             "damping": {k: float(v) for k, v in damping.items()} if isinstance(damping, dict) else damping,
             "method_info": {
-                k: plain(v) for k, v in self.info.items() if k != "damping" and not isinstance(v, torch.Tensor)
+                k: plain(self.info[k])
+                for k in self.info
+                if k != "damping" and _summary_of(self.info, k) is None and not isinstance(self.info[k], torch.Tensor)
             },
             "curvature": curvature,
             "identity": None if self.identity is None else str(self.identity),

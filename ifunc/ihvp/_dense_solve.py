@@ -47,11 +47,26 @@ INVERSE_PROBES = 4
 
 
 class LazyInfo(Mapping):
-    """``ihvp.info``: fixed entries plus entries computed when first read (``key -> () -> value``), then kept."""
+    """``ihvp.info``: fixed entries plus entries computed when first read (``key -> () -> value``), then kept.
 
-    def __init__(self, fixed: Mapping[str, Any], lazy: Mapping[str, Callable[[], Any]]):
+    ``summaries`` (``key -> () -> [numel, Σ|x|, Σx²]``) give a score store's metadata the summary of a lazy entry
+    without computing it (:meth:`summary_of`; :meth:`IHVP.describe` asks it first).
+    """
+
+    def __init__(
+        self,
+        fixed: Mapping[str, Any],
+        lazy: Mapping[str, Callable[[], Any]],
+        summaries: Mapping[str, Callable[[], list | None]] | None = None,
+    ):
         self._values = dict(fixed)
         self._lazy = {k: f for k, f in lazy.items() if k not in self._values}
+        self._summaries = dict(summaries or {})
+
+    def summary_of(self, key: str) -> list | None:
+        """``[numel, Σ|x|, Σx²]`` of entry ``key`` without computing it, or None (then read the entry)."""
+        make = self._summaries.get(key)
+        return None if make is None else make()
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._values and key in self._lazy:
@@ -129,6 +144,15 @@ class DenseSolver:
             self._eigenvalues = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._eigenvalues
 
+    def eigen_summary(self) -> list | None:
+        """``[d, Σ|w|, Σw²]`` of the eigenvalues, from the matrices, for a PSD curvature: ``Σ|w| = Σw = tr M`` and
+        ``Σw² = ‖M‖_F²`` (exact identities; no eigendecomposition). None otherwise (an indefinite Hessian's ``Σ|w|``
+        needs its eigenvalues)."""
+        if not self.psd:
+            return None
+        d = sum(int(M.shape[0]) for M in self.matrices)
+        return [d, self.trace(), sum(float(M.square().sum()) for M in self.matrices)]
+
     def _eigendecompose(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._eigh is None:
             self._eigh = [torch.linalg.eigh(M) for M in self.matrices]
@@ -200,7 +224,8 @@ def dense_ihvp(
 ) -> IHVP:
     """The :class:`IHVP` of a :class:`DenseSolver` over ``blocks``; ``with_damping`` reuses what it factorised.
 
-    ``info["eigenvalues"]`` is computed when first read (and by :meth:`IHVP.describe`, which summarises it).
+    ``info["eigenvalues"]`` is computed when first read; :meth:`IHVP.describe` summarises a PSD curvature's from the
+    matrices (:meth:`DenseSolver.eigen_summary`), an indefinite one's by computing them.
     """
 
     fixed = {"name": name, "unflatten": unflatten, "like": like, "info": info}  # the same for every damping
@@ -208,7 +233,8 @@ def dense_ihvp(
     def build(lam: float, rule: RuleDamping | None = None) -> IHVP:
         lam = check_damping(lam)
         closure = IHVP.make(join(solver.solves(lam), blocks), damping=lam, rebuild=build, rule=rule, **fixed)
-        closure.info = LazyInfo(closure.info, {"eigenvalues": solver.eigenvalues})  # pyright: ignore[reportAttributeAccessIssue]
+        lazy = LazyInfo(closure.info, {"eigenvalues": solver.eigenvalues}, {"eigenvalues": solver.eigen_summary})
+        closure.info = lazy  # pyright: ignore[reportAttributeAccessIssue]
         return closure
 
     return build(damping, rule)

@@ -71,9 +71,16 @@ class KroneckerIHVP(IHVP):
 
     def describe(self) -> dict[str, Any]:
         """:meth:`IHVP.describe`, with ``"damping"`` the λ of every block, ``{block name: λ}`` (also after
-        ``with_damping`` gave them one λ) and the layer and diagonal blocks in ``"curvature"``."""
+        ``with_damping`` gave them one λ) and the layer and diagonal blocks in ``"curvature"``.
+
+        ``eigen_dtype`` is recorded only when it is not float64: factors that do not record it were decomposed in
+        float64 (the default before the params' precision was), so a store written from them resumes with float64
+        factors, and one written with float32 bases is told apart."""
         per_block = self.info["damping"]
-        return {**super().describe(), "damping": {k: float(v) for k, v in per_block.items()}}
+        out = {**super().describe(), "damping": {k: float(v) for k, v in per_block.items()}}
+        if out["method_info"].get("eigen_dtype") in (None, "float64"):
+            out["method_info"].pop("eigen_dtype", None)
+        return out
 
     def scorer(self, loss, params, options):
         """The captured-contraction scorer (:class:`KroneckerScorer`) with a ``model``, else the generic one."""

@@ -31,6 +31,9 @@ from ._kernels import one_thread
 from .factors import LayerFactors
 from .layers import LayerSpec, kind_of
 
+#: ``torch.linalg.LinAlgError`` (a ``RuntimeError``; not in the type stubs): a factorisation that failed to converge
+LinAlgError: type[RuntimeError] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+
 __all__ = ["layer_eigenbases", "symmetric_eig", "shared_inputs", "THREADED_EIGH"]
 
 THREADED_EIGH = 1024  #: rows from which a factor's ``eigh`` runs on all threads (1.7-2.1x faster there on 2 cores)
@@ -46,7 +49,7 @@ def symmetric_eig(M: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     with threads:
         try:
             return torch.linalg.eigh((M + M.T) / 2)
-        except RuntimeError:  # LinAlgError: float32's iterations may stall on a badly scaled matrix; float64 converges
+        except LinAlgError:  # float32's iterations may stall on a badly scaled matrix; float64 converges
             if dtype == torch.float64:
                 raise
             w, Q = torch.linalg.eigh((M.double() + M.double().T) / 2)
@@ -137,8 +140,14 @@ def layer_eigenbases(
 
     def eig(name):
         A, S, D = stats[name]
-        eA, QA = input_eig(name, A)
-        eS, QS = symmetric_eig(S, eigen_dtype)
+        try:
+            eA, QA = input_eig(name, A)
+            eS, QS = symmetric_eig(S, eigen_dtype)
+        except LinAlgError as err:  # in float64 too: name the layer (its factors are finite: checked above)
+            raise ValueError(
+                f"the eigendecomposition of a factor of layer {name!r} failed in float64 too ({err}); its covariances "
+                "are finite but too badly scaled: check the layer's inputs and output-gradients for huge values"
+            ) from err
         # kept in the params' dtype (where the closures and the Λ pass use them), or not at all: the eigen_dtype
         # copies of a large layer are freed as soon as they are decomposed
         stats[name] = (A.to(dtype), S.to(dtype), D) if keep_covariances else (None, None, D)
