@@ -112,8 +112,9 @@ def fit_kronecker_factors(
       eigen_dtype: dtype of the eigendecompositions, of the sums of ``D`` and ``Λ`` and of the returned eigenvalues,
         ``D`` and ``Λ``; ``None`` (default): the params' precision, at least float32 (float32 for float32, bfloat16
         and float16 models, float64 for float64 ones). ``torch.float64`` for a float32 model decomposes in float64
-        anyway (2-4x slower on large factors; the scores agree with float32's to a Spearman of 0.999+ on the
-        benchmarked language models, see docs/benchmarks.md). The choice is ``factors.eigen_dtype`` and is saved
+        anyway (2-4x slower on large factors; on the benchmarked language models the scores of float32 bases rank
+        the training data as float64's do, closer than two label samples of the Fisher agree: docs/benchmarks.md,
+        "How precise the eigenbases must be"). The choice is ``factors.eigen_dtype`` and is saved
         with the factors. The covariances ``A, S`` are summed over chunks in the params' dtype, at least float32,
         like each chunk's product (for GPT-2 small's MLP layers the sums are 0.96 GB in float32, 1.9 GB in
         float64), and decomposed one layer at a time (factors of 1,024 rows or more on all threads, smaller ones
