@@ -78,15 +78,15 @@ def ihvp_explicit(
     fastest exact way the curvature allows (:mod:`ifunc.ihvp._dense`): ``Gᵀ G / n`` from per-example gradients
     ``G [n, d]`` for the Fishers (``n d²`` flops); ``Jᵀ (Λ J) / n`` from per-example output Jacobians ``J_i [m, d]``
     and output Hessians ``Λ_i [m, m]`` for the GGN (``n m d²`` flops, at the matrix-product rate); ``d`` batched
-    curvature products otherwise (the Hessian, a loss without the output split). The same matrix either way, to
-    rounding.
+    curvature products otherwise (the Hessian, a loss without the output split, more than ``d / 8`` outputs per
+    example). The same matrix either way, to rounding.
 
     The solve (:mod:`ifunc.ihvp._dense_solve`, float64; the closure holds ``H`` and the factor, ``2 d²`` floats): a
     Cholesky factorisation of ``H + λI`` (``d³/3`` flops); each call then costs ``O(k d²)``. ``with_damping``
     factorises again, and from the third damping on the closure eigendecomposes ``H`` once, after which every
-    damping is free. ``info["eigenvalues"]`` is computed when first
-    read. The conditioning is checked as an eigendecomposition would check it, from cheap bounds where they prove
-    the solve accurate and from the eigenvalues otherwise.
+    damping is free. ``info["eigenvalues"]`` is computed when first read (``ihvp.info`` is a read-only mapping).
+    The conditioning is checked as an eigendecomposition would check it, from cheap bounds where they prove the
+    solve accurate and from the eigenvalues otherwise.
 
     With ``blocks="layer"`` (or a mapping parameter name -> group) only the diagonal blocks ``H_bb`` are
     formed (``O(Σ_b d_b²)`` memory) and each is inverted on its own: the cross-block curvature is dropped,
