@@ -83,11 +83,7 @@ def lm_workload(small: bool) -> None:
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "eigen_precision_lm.pt")
     lm.make_problem(n_train, n_query, steps, path)
     problem = torch.load(path)
-    model = lm.GPT()
-    model.load_state_dict(problem["state"])
-    model.eval()
-    params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[:, :-1]), lm.lm_loss)
+    model, params, loss = lm.trained(problem)
     exclude = ifunc.language.untracked(model, params)
     train, query = problem["train"], problem["query"]
     for method in ("ekfac", "kfac"):

@@ -99,11 +99,7 @@ def lm_workload(n: int, q: int, steps: int, dense: bool, tmp: str) -> Workload:
     if not os.path.exists(path):
         lm.make_problem(n, 1, steps, path)
     problem = torch.load(path)
-    model = lm.GPT()
-    model.load_state_dict(problem["state"])
-    model.eval()
-    params = ifunc.params_of(model)
-    loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[:, :-1]), lm.lm_loss)
+    model, params, loss = lm.trained(problem)
     untracked = ifunc.language.untracked(model, params)
     exclude = [k for k in params if k not in untracked] if dense else untracked
     name = "lm-dense" if dense else "lm"

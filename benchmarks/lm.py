@@ -109,11 +109,8 @@ def make_problem(n_train: int, n_query: int, steps: int, path: str) -> None:
     torch.save({"state": model.state_dict(), "train": train, "query": query}, path)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
+def trained(problem: dict):
+    """``(model, params, loss)``: the trained GPT of a problem file (eval mode) and its summed next-token loss."""
     import ifunc
 
     model = GPT()
@@ -121,6 +118,17 @@ def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
     model.eval()
     params = ifunc.params_of(model)
     loss = ifunc.output_loss(lambda p, b: ifunc.call(model, p, b[:, :-1]), lm_loss)
+    return model, params, loss
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ifunc(problem: dict, method: str) -> tuple[dict, dict]:
+    import ifunc
+
+    model, params, loss = trained(problem)
     exclude = ifunc.language.untracked(model, params)  # embeddings, LayerNorms: as Kronfluence
     train, query = problem["train"], problem["query"]
     t0 = time.perf_counter()
